@@ -1,0 +1,139 @@
+//! File products on object storage: Parquet, CSV, newline-delimited JSON and
+//! Arrow IPC, one file or a directory of files, as DataFusion listing tables.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::file_format::FileFormat as DataFusionFileFormat;
+use datafusion::datasource::file_format::arrow::ArrowFormat;
+use datafusion::datasource::file_format::csv::CsvFormat;
+use datafusion::datasource::file_format::json::JsonFormat;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use url::Url;
+
+use crate::config::{ColumnContract, CsvOptions, FileFormat};
+
+/// Opens a file product: infers the files' schema and, when the product
+/// declares columns, checks them against it and exposes exactly those columns.
+pub(crate) async fn open_file_product(
+    state: &dyn Session,
+    url: &Url,
+    format: FileFormat,
+    csv: &CsvOptions,
+    declared: &[ColumnContract],
+) -> Result<Arc<dyn TableProvider>, String> {
+    let table_url = ListingTableUrl::parse(url.as_str()).map_err(|e| e.to_string())?;
+    let file_format: Arc<dyn DataFusionFileFormat> = match format {
+        // The session's Parquet options: plain string types, filter pushdown.
+        FileFormat::Parquet => {
+            Arc::new(ParquetFormat::default().with_options(state.default_table_options().parquet))
+        }
+        FileFormat::Csv => Arc::new(
+            CsvFormat::default()
+                .with_has_header(csv.has_header)
+                .with_delimiter(csv.delimiter)
+                .with_quote(csv.quote),
+        ),
+        FileFormat::Json => Arc::new(JsonFormat::default()),
+        FileFormat::Arrow => Arc::new(ArrowFormat),
+    };
+    // A directory holds the files of the product's format; a single file is
+    // taken whatever its extension.
+    let extension = if table_url.is_collection() {
+        format.extension()
+    } else {
+        ""
+    };
+    let options = ListingOptions::new(file_format).with_file_extension(extension);
+    let listing = ListingTableConfig::new(table_url).with_listing_options(options);
+    let inferred = listing
+        .clone()
+        .infer_schema(state)
+        .await
+        .map_err(|e| format!("cannot read the files' schema: {}", root_message(&e)))?;
+    let file_schema = inferred
+        .file_schema
+        .clone()
+        .ok_or_else(|| "no schema could be inferred".to_string())?;
+    if file_schema.fields().is_empty() {
+        return Err(format!("no {} files found", extension_label(format)));
+    }
+
+    let config = if declared.is_empty() {
+        inferred
+    } else {
+        let schema = contract_schema(&file_schema, declared, format)?;
+        listing.with_schema(schema)
+    };
+    let table = ListingTable::try_new(config).map_err(|e| e.to_string())?;
+    Ok(Arc::new(table))
+}
+
+fn extension_label(format: FileFormat) -> &'static str {
+    match format {
+        FileFormat::Parquet => "Parquet",
+        FileFormat::Csv => "CSV",
+        FileFormat::Json => "JSON",
+        FileFormat::Arrow => "Arrow IPC",
+    }
+}
+
+/// The schema a product exposes under its declared columns. Self-describing
+/// formats (Parquet, Arrow) keep the files' types, which must match the
+/// contract; text formats (CSV, JSON) are parsed into the declared types.
+fn contract_schema(
+    file_schema: &Schema,
+    declared: &[ColumnContract],
+    format: FileFormat,
+) -> Result<SchemaRef, String> {
+    let self_describing = matches!(format, FileFormat::Parquet | FileFormat::Arrow);
+    let mut fields = Vec::with_capacity(declared.len());
+    for column in declared {
+        let Ok(found) = file_schema.field_with_name(&column.name) else {
+            return Err(format!(
+                "declared column `{}` is missing from the files (they have: {})",
+                column.name,
+                file_schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        if self_describing {
+            if !type_satisfies(found.data_type(), &column.data_type) {
+                return Err(format!(
+                    "column `{}` is declared {} but the files hold {}",
+                    column.name,
+                    column.data_type,
+                    found.data_type()
+                ));
+            }
+            fields.push(found.clone());
+        } else {
+            fields.push(Field::new(&column.name, column.data_type.clone(), true));
+        }
+    }
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+/// Whether stored data of type `actual` satisfies a declared type: equal, or
+/// the same family of strings or binaries.
+pub(crate) fn type_satisfies(actual: &DataType, declared: &DataType) -> bool {
+    use DataType::*;
+    actual == declared
+        || matches!(
+            (declared, actual),
+            (Utf8, LargeUtf8 | Utf8View) | (Binary, LargeBinary | BinaryView)
+        )
+}
+
+/// The innermost message of a DataFusion error, without the wrapping layers.
+pub(crate) fn root_message(error: &datafusion::error::DataFusionError) -> String {
+    error.find_root().to_string()
+}

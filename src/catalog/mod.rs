@@ -1,0 +1,295 @@
+//! The catalog: data products resolved to DataFusion table providers, served
+//! to callers as catalog `mesh` with one schema per domain and one table per
+//! product.
+
+mod files;
+mod views;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Weak};
+
+use parking_lot::RwLock;
+
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
+use datafusion::datasource::ViewTable;
+use datafusion::error::{DataFusionError, Result as DataFusionResult};
+use datafusion::execution::SessionState;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use object_store::ObjectStore;
+use url::Url;
+
+use crate::config::{DomainConfig, MeshConfig, ProductConfig, ProductSource, StorageConfig};
+
+/// The catalog name every product lives under.
+pub const CATALOG_NAME: &str = "mesh";
+
+/// `domain.product`, the address of a data product.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProductName {
+    pub domain: String,
+    pub product: String,
+}
+
+impl fmt::Display for ProductName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.domain, self.product)
+    }
+}
+
+/// How a product produces rows.
+#[derive(Debug, Clone)]
+pub enum ProductData {
+    /// A source table, shared by every caller.
+    Table(Arc<dyn TableProvider>),
+    /// A consumer-aligned product, planned in each caller's session.
+    View { sql: String },
+}
+
+/// A published data product.
+#[derive(Debug, Clone)]
+pub struct Product {
+    pub name: ProductName,
+    pub config: ProductConfig,
+    /// The schema as published (before any caller's policies).
+    pub schema: SchemaRef,
+    pub data: ProductData,
+}
+
+/// A domain with the products it publishes.
+#[derive(Debug, Clone)]
+pub struct Domain {
+    pub config: DomainConfig,
+    pub products: BTreeMap<String, Arc<Product>>,
+}
+
+/// A product that could not be published, and why.
+#[derive(Debug, Clone)]
+pub struct PublicationProblem {
+    pub product: ProductName,
+    pub file: std::path::PathBuf,
+    pub reason: String,
+}
+
+impl fmt::Display for PublicationProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}): {}",
+            self.product,
+            self.file.display(),
+            self.reason
+        )
+    }
+}
+
+/// Every published product, and the runtime that reaches their storage.
+#[derive(Debug)]
+pub struct Mesh {
+    pub domains: BTreeMap<String, Domain>,
+    runtime: Arc<RuntimeEnv>,
+}
+
+impl Mesh {
+    /// Opens every product of `config`. Products that cannot be opened are
+    /// left out and reported; the rest of the mesh is published.
+    pub async fn open(config: &MeshConfig) -> Result<(Self, Vec<PublicationProblem>), String> {
+        let runtime = Arc::new(RuntimeEnv::default());
+        for domain in &config.domains {
+            for (name, storage) in &domain.storage {
+                if let StorageConfig::ObjectStore { url } = storage {
+                    register_store(&runtime, url)
+                        .map_err(|e| format!("{}: storage.{name}: {e}", domain.file.display()))?;
+                }
+            }
+        }
+        let state = crate::query::base_session_state(Arc::clone(&runtime));
+
+        let mut problems = Vec::new();
+        let mut domains = BTreeMap::new();
+        for domain_config in &config.domains {
+            let mut products = BTreeMap::new();
+            for product in &domain_config.products {
+                let name = ProductName {
+                    domain: domain_config.name.clone(),
+                    product: product.name.clone(),
+                };
+                let opened = match &product.source {
+                    ProductSource::Files {
+                        url, format, csv, ..
+                    } => files::open_file_product(&state, url, *format, csv, &product.columns)
+                        .await
+                        .map(|table| (table.schema(), ProductData::Table(table))),
+                    ProductSource::Table { storage, .. } => Err(format!(
+                        "storage `{storage}`: SQL and Flight SQL sources are not available in this build"
+                    )),
+                    // Views are checked once every table is open.
+                    ProductSource::View { sql } => Ok((
+                        Arc::new(arrow::datatypes::Schema::empty()),
+                        ProductData::View { sql: sql.clone() },
+                    )),
+                };
+                match opened {
+                    Ok((schema, data)) => {
+                        products.insert(
+                            product.name.clone(),
+                            Arc::new(Product {
+                                name,
+                                config: product.clone(),
+                                schema,
+                                data,
+                            }),
+                        );
+                    }
+                    Err(reason) => problems.push(PublicationProblem {
+                        product: name,
+                        file: domain_config.file.clone(),
+                        reason,
+                    }),
+                }
+            }
+            domains.insert(
+                domain_config.name.clone(),
+                Domain {
+                    config: domain_config.clone(),
+                    products,
+                },
+            );
+        }
+
+        let mut mesh = Self { domains, runtime };
+        views::resolve_views(&mut mesh, &mut problems).await;
+        Ok((mesh, problems))
+    }
+
+    /// The runtime (object stores, memory pool) queries run in.
+    pub fn runtime(&self) -> Arc<RuntimeEnv> {
+        Arc::clone(&self.runtime)
+    }
+
+    pub fn product(&self, domain: &str, product: &str) -> Option<&Arc<Product>> {
+        self.domains.get(domain)?.products.get(product)
+    }
+
+    /// Every product, in name order.
+    pub fn products(&self) -> impl Iterator<Item = &Arc<Product>> {
+        self.domains.values().flat_map(|d| d.products.values())
+    }
+}
+
+fn register_store(runtime: &RuntimeEnv, url: &Url) -> Result<(), String> {
+    let store: Arc<dyn ObjectStore> = match url.scheme() {
+        "file" => return Ok(()),
+        "memory" => Arc::new(object_store::memory::InMemory::new()),
+        "s3" => {
+            let bucket = url
+                .host_str()
+                .ok_or_else(|| format!("`{url}` names no bucket"))?;
+            Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(|e| format!("cannot configure S3 for `{url}`: {e}"))?,
+            )
+        }
+        other => return Err(format!("unsupported scheme `{other}`")),
+    };
+    let root = Url::parse(&format!(
+        "{}://{}",
+        url.scheme(),
+        url.host_str().unwrap_or("")
+    ))
+    .map_err(|e| e.to_string())?;
+    runtime.register_object_store(&root, store);
+    Ok(())
+}
+
+/// Catalog `mesh` as one caller sees it.
+pub struct MeshCatalog {
+    mesh: Arc<Mesh>,
+    /// The caller's session, in which view products are planned, so that
+    /// views read other products with the caller's own visibility.
+    session: Weak<RwLock<SessionState>>,
+}
+
+impl fmt::Debug for MeshCatalog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshCatalog").finish_non_exhaustive()
+    }
+}
+
+impl MeshCatalog {
+    pub fn new(mesh: Arc<Mesh>, session: Weak<RwLock<SessionState>>) -> Self {
+        Self { mesh, session }
+    }
+}
+
+impl CatalogProvider for MeshCatalog {
+    fn schema_names(&self) -> Vec<String> {
+        self.mesh.domains.keys().cloned().collect()
+    }
+
+    fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
+        self.mesh.domains.get(name)?;
+        Some(Arc::new(DomainSchema {
+            mesh: Arc::clone(&self.mesh),
+            domain: name.to_string(),
+            session: self.session.clone(),
+        }))
+    }
+}
+
+/// One domain's products as tables.
+struct DomainSchema {
+    mesh: Arc<Mesh>,
+    domain: String,
+    session: Weak<RwLock<SessionState>>,
+}
+
+impl fmt::Debug for DomainSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DomainSchema")
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl SchemaProvider for DomainSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.mesh
+            .domains
+            .get(&self.domain)
+            .map(|d| d.products.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    async fn table(&self, name: &str) -> DataFusionResult<Option<Arc<dyn TableProvider>>> {
+        let Some(product) = self.mesh.product(&self.domain, name) else {
+            return Ok(None);
+        };
+        match &product.data {
+            ProductData::Table(table) => Ok(Some(Arc::clone(table))),
+            ProductData::View { sql } => {
+                let session = self.session.upgrade().ok_or_else(|| {
+                    DataFusionError::Internal("the caller's session has ended".into())
+                })?;
+                let state = session.read().clone();
+                let plan = state.create_logical_plan(sql).await.map_err(|e| {
+                    DataFusionError::Plan(format!(
+                        "view product {} cannot be planned: {}",
+                        product.name,
+                        e.find_root()
+                    ))
+                })?;
+                Ok(Some(Arc::new(ViewTable::new(plan, Some(sql.clone())))))
+            }
+        }
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.mesh.product(&self.domain, name).is_some()
+    }
+}

@@ -1,0 +1,169 @@
+//! The TOML shapes of the gateway file and the domain files, exactly as written
+//! by people. Unknown keys are refused; nothing here is validated beyond syntax.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GatewayFile {
+    #[serde(default)]
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub server: ServerSection,
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub governance: GovernanceSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServerSection {
+    pub flight_addr: Option<String>,
+    pub http_addr: Option<String>,
+    pub tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsSection {
+    pub cert_file: String,
+    pub key_file: String,
+    pub client_ca_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuthSection {
+    pub issuer: String,
+    pub audience: String,
+    pub hs256_secret: Option<String>,
+    pub jwks_file: Option<String>,
+    pub token_ttl: Option<String>,
+    pub groups_claim: Option<String>,
+    #[serde(default)]
+    pub users: Vec<UserEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UserEntry {
+    pub name: String,
+    pub password_hash: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LimitsSection {
+    pub query_timeout: Option<String>,
+    pub memory_per_query: Option<String>,
+    pub max_concurrent_queries: Option<usize>,
+    pub max_sql_length: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GovernanceSection {
+    pub default_access: Option<String>,
+    #[serde(default)]
+    pub tag_policies: Vec<TagPolicyEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TagPolicyEntry {
+    pub tag: String,
+    pub mask: Option<String>,
+    #[serde(default)]
+    pub deny: bool,
+    pub unless: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DomainFile {
+    pub name: String,
+    pub owner: Option<String>,
+    pub kind: Option<String>,
+    pub description: Option<String>,
+    #[serde(default)]
+    pub storage: BTreeMap<String, StorageEntry>,
+    #[serde(default)]
+    pub products: Vec<ProductEntry>,
+    #[serde(default)]
+    pub policies: Vec<PolicyEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub(crate) enum StorageEntry {
+    ObjectStore { url: String },
+    Postgres { url: String },
+    Sqlite { path: String },
+    FlightSql { url: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ProductEntry {
+    pub name: String,
+    pub description: Option<String>,
+    pub version: Option<String>,
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub storage: Option<String>,
+    pub table: Option<String>,
+    pub location: Option<String>,
+    pub format: Option<String>,
+    pub csv: Option<CsvEntry>,
+    pub sql: Option<String>,
+    pub freshness: Option<String>,
+    #[serde(default)]
+    pub columns: Vec<ColumnEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CsvEntry {
+    pub has_header: Option<bool>,
+    pub delimiter: Option<String>,
+    pub quote: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ColumnEntry {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub data_type: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PolicyEntry {
+    pub product: String,
+    pub access: Option<String>,
+    pub row_filter: Option<String>,
+    #[serde(default)]
+    pub columns: BTreeMap<String, ColumnPolicyEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ColumnPolicyEntry {
+    pub mask: Option<String>,
+    #[serde(default)]
+    pub deny: bool,
+    pub unless: Option<String>,
+}

@@ -1,0 +1,629 @@
+//! The Flight SQL front end: a thin adapter that decodes each command, calls
+//! the typed core (auth, query), and encodes the answer. No planning and no
+//! policy live here.
+
+mod auth_layer;
+mod handle;
+mod metadata;
+mod status;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow::ipc::writer::IpcWriteOptions;
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetCrossReference,
+    CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys, CommandGetPrimaryKeys,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandGetXdbcTypeInfo,
+    CommandPreparedStatementQuery, CommandPreparedStatementUpdate, CommandStatementIngest,
+    CommandStatementQuery, CommandStatementSubstraitPlan, CommandStatementUpdate,
+    DoPutPreparedStatementResult, ProstMessageExt, SqlInfo, TicketStatementQuery,
+};
+use arrow_flight::{
+    Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
+    IpcMessage, SchemaAsIpc, Ticket,
+};
+use futures::{Stream, TryStreamExt};
+use prost::Message;
+use tonic::{Request, Response, Status, Streaming};
+
+pub use auth_layer::AuthLayer;
+use handle::{StatementHandle, single_parameter_row};
+use status::ProtocolError;
+
+use crate::auth::{AuthenticatorRef, CallerIdentity};
+use crate::catalog::CATALOG_NAME;
+use crate::query::{PreparedQuery, QueryEngine, QueryError};
+
+/// Largest gRPC message accepted from clients (parameter uploads).
+const MAX_DECODING_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+
+/// The Flight SQL service of one gateway.
+#[derive(Debug, Clone)]
+pub struct MeshFlightService {
+    authenticator: AuthenticatorRef,
+    engine: Arc<QueryEngine>,
+}
+
+type FlightDataStream = <MeshFlightService as FlightService>::DoGetStream;
+
+impl MeshFlightService {
+    pub fn new(authenticator: AuthenticatorRef, engine: Arc<QueryEngine>) -> Self {
+        Self {
+            authenticator,
+            engine,
+        }
+    }
+
+    /// The gRPC server for this service. Wrap it in [`AuthLayer`].
+    pub fn into_server(self) -> FlightServiceServer<Self> {
+        FlightServiceServer::new(self).max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+    }
+
+    /// Plans a statement handle for its caller, parameters bound.
+    async fn plan_handle(
+        &self,
+        handle_bytes: &[u8],
+        caller: &CallerIdentity,
+    ) -> Result<(crate::query::CallerSession, PreparedQuery), Status> {
+        let handle = StatementHandle::decode_for(handle_bytes, caller)?;
+        let session = self.engine.session(caller);
+        let prepared = session.prepare(&handle.sql).await?;
+        let bound = prepared.bind(handle.parameter_values()?)?;
+        Ok((session, bound))
+    }
+
+    /// Executes a planned query into a Flight data stream.
+    async fn stream_query(
+        &self,
+        session: crate::query::CallerSession,
+        query: PreparedQuery,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        let stream = session.execute(query).await?;
+        let schema = stream.schema();
+        let batches = stream.map_err(|e| FlightError::Tonic(Box::new(Status::from(e))));
+        Ok(encode_stream(schema, batches))
+    }
+}
+
+/// The identity the auth layer attached to the request.
+fn caller<T>(request: &Request<T>) -> Result<CallerIdentity, Status> {
+    request
+        .extensions()
+        .get::<CallerIdentity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no verified caller on this request"))
+}
+
+fn encode_stream(
+    schema: SchemaRef,
+    batches: impl Stream<Item = Result<RecordBatch, FlightError>> + Send + 'static,
+) -> Response<FlightDataStream> {
+    let stream = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(batches)
+        .map_err(Status::from);
+    Response::new(Box::pin(stream))
+}
+
+fn single_batch(batch: RecordBatch) -> Response<FlightDataStream> {
+    encode_stream(batch.schema(), futures::stream::once(async { Ok(batch) }))
+}
+
+fn schema_bytes(schema: &Schema) -> Result<bytes::Bytes, Status> {
+    let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
+        .try_into()
+        .map_err(|e: arrow::error::ArrowError| ProtocolError::Encoding(e.to_string()))?;
+    Ok(bytes)
+}
+
+/// A FlightInfo with one endpoint (no location: reuse this connection) whose
+/// ticket is `ticket`; records unknown, so no count is disclosed before the
+/// query runs.
+fn flight_info(
+    schema: &Schema,
+    ticket: Any,
+    descriptor: FlightDescriptor,
+) -> Result<Response<FlightInfo>, Status> {
+    let info = FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|e| ProtocolError::Encoding(e.to_string()))?
+        .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket.encode_to_vec())))
+        .with_descriptor(descriptor)
+        .with_total_records(-1)
+        .with_total_bytes(-1);
+    Ok(Response::new(info))
+}
+
+fn read_only(what: &str) -> Status {
+    ProtocolError::ReadOnly(format!("{what} is refused: meshgate is read-only")).into()
+}
+
+/// Session actions of the Flight protocol, answered with their own messages.
+mod session_actions {
+    use std::collections::HashMap;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct SetSessionOptionsRequest {
+        #[prost(map = "string, bytes", tag = "1")]
+        pub session_options: HashMap<String, Vec<u8>>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct SetSessionOptionsResult {
+        #[prost(map = "string, message", tag = "1")]
+        pub errors: HashMap<String, SessionOptionError>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct SessionOptionError {
+        /// `INVALID_NAME` = 1: meshgate has no client-settable options.
+        #[prost(int32, tag = "1")]
+        pub value: i32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct CloseSessionResult {
+        /// `CLOSED` = 1.
+        #[prost(int32, tag = "1")]
+        pub status: i32,
+    }
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for MeshFlightService {
+    type FlightService = MeshFlightService;
+
+    async fn do_handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<
+        Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
+        Status,
+    > {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let authenticator = Arc::clone(&self.authenticator);
+        // argon2 is deliberately slow: keep it off the async workers.
+        let (_, token) =
+            tokio::task::spawn_blocking(move || authenticator.login(header.as_deref()))
+                .await
+                .map_err(|_| Status::internal("login was interrupted"))??;
+        let answer = HandshakeResponse {
+            protocol_version: 0,
+            payload: token.clone().into(),
+        };
+        let stream: Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>> =
+            Box::pin(futures::stream::iter([Ok(answer)]));
+        let mut response = Response::new(stream);
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Status::internal("minted token is not a valid header value"))?;
+        response.metadata_mut().insert("authorization", value);
+        Ok(response)
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let caller = caller(&request)?;
+        let session = self.engine.session(&caller);
+        let prepared = session.prepare(&query.query).await?;
+        if prepared.parameter_count() > 0 {
+            return Err(QueryError::Parameters(
+                "the statement has placeholders: use a prepared statement and bind values".into(),
+            )
+            .into());
+        }
+        let handle = StatementHandle::new(&caller, &query.query).encode();
+        let ticket = TicketStatementQuery {
+            statement_handle: handle,
+        };
+        flight_info(
+            &prepared.result_schema(),
+            ticket.as_any(),
+            request.into_inner(),
+        )
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        command: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let caller = caller(&request)?;
+        let (_, bound) = self
+            .plan_handle(&command.prepared_statement_handle, &caller)
+            .await?;
+        flight_info(
+            &bound.result_schema(),
+            command.as_any(),
+            request.into_inner(),
+        )
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        flight_info(&schema, query.as_any(), request.into_inner())
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        flight_info(&schema, query.as_any(), request.into_inner())
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        flight_info(&schema, query.as_any(), request.into_inner())
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        flight_info(&schema, query.as_any(), request.into_inner())
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder(&metadata::SQL_INFO).schema();
+        flight_info(&schema, query.as_any(), request.into_inner())
+    }
+
+    async fn get_flight_info_primary_keys(
+        &self,
+        query: CommandGetPrimaryKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        flight_info(
+            &metadata::PRIMARY_KEYS_SCHEMA,
+            query.as_any(),
+            request.into_inner(),
+        )
+    }
+
+    async fn get_flight_info_exported_keys(
+        &self,
+        query: CommandGetExportedKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        flight_info(
+            &metadata::FOREIGN_KEYS_SCHEMA,
+            query.as_any(),
+            request.into_inner(),
+        )
+    }
+
+    async fn get_flight_info_imported_keys(
+        &self,
+        query: CommandGetImportedKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        flight_info(
+            &metadata::FOREIGN_KEYS_SCHEMA,
+            query.as_any(),
+            request.into_inner(),
+        )
+    }
+
+    async fn get_flight_info_cross_reference(
+        &self,
+        query: CommandGetCrossReference,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        flight_info(
+            &metadata::FOREIGN_KEYS_SCHEMA,
+            query.as_any(),
+            request.into_inner(),
+        )
+    }
+
+    async fn get_flight_info_xdbc_type_info(
+        &self,
+        query: CommandGetXdbcTypeInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query
+            .clone()
+            .into_builder(&metadata::XDBC_TYPE_INFO)
+            .schema();
+        flight_info(&schema, query.as_any(), request.into_inner())
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        let caller = caller(&request)?;
+        let (session, bound) = self.plan_handle(&ticket.statement_handle, &caller).await?;
+        self.stream_query(session, bound).await
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        command: CommandPreparedStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        let caller = caller(&request)?;
+        let (session, bound) = self
+            .plan_handle(&command.prepared_statement_handle, &caller)
+            .await?;
+        self.stream_query(session, bound).await
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        caller(&request)?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG_NAME);
+        Ok(single_batch(builder.build().map_err(encoding)?))
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        let caller = caller(&request)?;
+        let mut builder = query.into_builder();
+        for domain in self.engine.visible_domains(&caller) {
+            builder.append(CATALOG_NAME, domain);
+        }
+        Ok(single_batch(builder.build().map_err(encoding)?))
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        let caller = caller(&request)?;
+        let mut builder = query.into_builder();
+        for product in self.engine.visible_products(&caller) {
+            builder
+                .append(
+                    CATALOG_NAME,
+                    &product.name.domain,
+                    &product.name.product,
+                    product.table_type,
+                    &product.schema,
+                )
+                .map_err(encoding)?;
+        }
+        Ok(single_batch(builder.build().map_err(encoding)?))
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        caller(&request)?;
+        let mut builder = query.into_builder();
+        builder.append("TABLE");
+        builder.append("VIEW");
+        Ok(single_batch(builder.build().map_err(encoding)?))
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        caller(&request)?;
+        let batch = query
+            .into_builder(&metadata::SQL_INFO)
+            .build()
+            .map_err(encoding)?;
+        Ok(single_batch(batch))
+    }
+
+    async fn do_get_primary_keys(
+        &self,
+        _query: CommandGetPrimaryKeys,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        caller(&request)?;
+        Ok(single_batch(metadata::empty_batch(
+            &metadata::PRIMARY_KEYS_SCHEMA,
+        )))
+    }
+
+    async fn do_get_exported_keys(
+        &self,
+        _query: CommandGetExportedKeys,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        caller(&request)?;
+        Ok(single_batch(metadata::empty_batch(
+            &metadata::FOREIGN_KEYS_SCHEMA,
+        )))
+    }
+
+    async fn do_get_imported_keys(
+        &self,
+        _query: CommandGetImportedKeys,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        caller(&request)?;
+        Ok(single_batch(metadata::empty_batch(
+            &metadata::FOREIGN_KEYS_SCHEMA,
+        )))
+    }
+
+    async fn do_get_cross_reference(
+        &self,
+        _query: CommandGetCrossReference,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        caller(&request)?;
+        Ok(single_batch(metadata::empty_batch(
+            &metadata::FOREIGN_KEYS_SCHEMA,
+        )))
+    }
+
+    async fn do_get_xdbc_type_info(
+        &self,
+        query: CommandGetXdbcTypeInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        caller(&request)?;
+        let batch = query
+            .into_builder(&metadata::XDBC_TYPE_INFO)
+            .build()
+            .map_err(encoding)?;
+        Ok(single_batch(batch))
+    }
+
+    async fn do_put_statement_update(
+        &self,
+        _command: CommandStatementUpdate,
+        _request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        Err(read_only("an update statement"))
+    }
+
+    async fn do_put_statement_ingest(
+        &self,
+        _command: CommandStatementIngest,
+        _request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        Err(read_only("bulk ingestion"))
+    }
+
+    async fn do_put_prepared_statement_update(
+        &self,
+        _command: CommandPreparedStatementUpdate,
+        _request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        Err(read_only("a prepared update"))
+    }
+
+    async fn do_put_substrait_plan(
+        &self,
+        _command: CommandStatementSubstraitPlan,
+        _request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        Err(read_only("a Substrait plan upload"))
+    }
+
+    async fn do_put_prepared_statement_query(
+        &self,
+        command: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        let caller = caller(&request)?;
+        let handle = StatementHandle::decode_for(&command.prepared_statement_handle, &caller)?;
+        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(
+            request.into_inner().map_err(FlightError::from),
+        )
+        .try_collect()
+        .await
+        .map_err(|e| ProtocolError::BadRequest(format!("cannot read the bound parameters: {e}")))?;
+        let row = single_parameter_row(batches)?;
+        let handle = handle.with_parameters(&row)?;
+        // Check the values against the statement now, so a bad bind fails here.
+        let session = self.engine.session(&caller);
+        session
+            .prepare(&handle.sql)
+            .await?
+            .bind(handle.parameter_values()?)?;
+        Ok(DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(handle.encode()),
+        })
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let caller = caller(&request)?;
+        let session = self.engine.session(&caller);
+        let prepared = session.prepare(&query.query).await?;
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: StatementHandle::new(&caller, &query.query).encode(),
+            dataset_schema: schema_bytes(&prepared.result_schema())?,
+            parameter_schema: schema_bytes(&prepared.parameter_schema())?,
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        query: ActionClosePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<(), Status> {
+        let caller = caller(&request)?;
+        // Handles hold no server state; closing only checks the handle.
+        StatementHandle::decode_for(&query.prepared_statement_handle, &caller)?;
+        Ok(())
+    }
+
+    async fn do_action_fallback(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
+        caller(&request)?;
+        let action = request.into_inner();
+        let body: Vec<u8> = match action.r#type.as_str() {
+            "CloseSession" => session_actions::CloseSessionResult { status: 1 }.encode_to_vec(),
+            "GetSessionOptions" => Vec::new(),
+            "SetSessionOptions" => {
+                let wanted = session_actions::SetSessionOptionsRequest::decode(action.body)
+                    .map_err(|_| ProtocolError::BadRequest("malformed SetSessionOptions".into()))?;
+                let errors: HashMap<_, _> = wanted
+                    .session_options
+                    .into_keys()
+                    .map(|name| (name, session_actions::SessionOptionError { value: 1 }))
+                    .collect();
+                session_actions::SetSessionOptionsResult { errors }.encode_to_vec()
+            }
+            other => {
+                return Err(ProtocolError::BadRequest(format!("unknown action `{other}`")).into());
+            }
+        };
+        let result = arrow_flight::Result { body: body.into() };
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(result)]))))
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+fn encoding(error: impl std::fmt::Display) -> Status {
+    ProtocolError::Encoding(error.to_string()).into()
+}

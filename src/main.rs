@@ -1,0 +1,281 @@
+//! The `meshgate` command: serve, check, and the helpers around them.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshgate::auth::{Authenticator, CallerIdentity, hash_password};
+use meshgate::config::MeshConfig;
+use meshgate::demo;
+use meshgate::server::Gateway;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshgate",
+    version,
+    about = "A federated SQL gateway for a data mesh (Arrow Flight SQL)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the mesh over Flight SQL. Without --config, serves the demo mesh.
+    Serve {
+        /// The gateway config file (meshgate.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen here instead of `server.flight_addr` (port 0 picks a free port).
+        #[arg(long)]
+        flight_addr: Option<SocketAddr>,
+        /// Scale factor of the demo data generated on first start.
+        #[arg(long, default_value_t = demo::DEFAULT_DEMO_SCALE)]
+        demo_scale: f64,
+    },
+    /// Validate the config and show what would be published.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value_t = demo::DEFAULT_DEMO_SCALE)]
+        demo_scale: f64,
+    },
+    /// Hash a password (read from stdin) for `[[auth.users]]`.
+    HashPassword,
+    /// Mint a bearer token for a local user, with the configured secret.
+    Token {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write the demo mesh (config and data) into a directory.
+    Demo {
+        dir: PathBuf,
+        #[arg(long, default_value_t = demo::DEFAULT_DEMO_SCALE)]
+        scale: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<ExitCode, String> {
+    match command {
+        Command::Serve {
+            config,
+            flight_addr,
+            demo_scale,
+        } => serve(config, flight_addr, demo_scale).await,
+        Command::Check { config, demo_scale } => check(config, demo_scale).await,
+        Command::HashPassword => {
+            let password = read_password()?;
+            println!("{}", hash_password(&password));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { user, config } => {
+            let config = load_config(config, None)?;
+            let authenticator = Authenticator::new(&config.auth).map_err(|e| e.to_string())?;
+            let token = if config.auth.hs256_secret.is_none() {
+                return Err("minting needs auth.hs256_secret in the config".into());
+            } else if config.auth.users.iter().any(|u| u.name == user) {
+                authenticator.mint_for_local_user(&user)
+            } else {
+                authenticator.mint(&CallerIdentity {
+                    user,
+                    groups: Vec::new(),
+                    attributes: Default::default(),
+                })
+            }
+            .map_err(|e| e.to_string())?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { dir, scale } => {
+            let config = demo::write_demo_config(&dir).map_err(|e| e.to_string())?;
+            demo::ensure_demo_data(&dir, scale)?;
+            println!(
+                "demo mesh written; serve it with: meshgate serve --config {}",
+                config.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Reads a password from stdin: prompted on a terminal, one line otherwise.
+fn read_password() -> Result<String, String> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("password: ");
+        std::io::stderr().flush().ok();
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let password = line.trim_end_matches(['\n', '\r']).to_string();
+    if password.is_empty() {
+        return Err("empty password".into());
+    }
+    Ok(password)
+}
+
+/// The config to use: the given file, or the demo mesh (generated if needed).
+fn load_config(config: Option<PathBuf>, demo_scale: Option<f64>) -> Result<MeshConfig, String> {
+    let path = match config {
+        Some(path) => path,
+        None => {
+            let dir = demo_dir()?;
+            if let Some(scale) = demo_scale {
+                if demo::ensure_demo_data(&dir, scale)? {
+                    eprintln!(
+                        "generated the demo data (scale factor {scale}) in {}",
+                        dir.join("data").display()
+                    );
+                }
+            }
+            dir.join("meshgate.toml")
+        }
+    };
+    MeshConfig::load(&path).map_err(|e| e.to_string())
+}
+
+/// `config/demo` in the working directory (a checkout), or the embedded demo
+/// written to the user's data directory.
+fn demo_dir() -> Result<PathBuf, String> {
+    let local = Path::new("config/demo");
+    if local.join("meshgate.toml").exists() {
+        return Ok(local.to_path_buf());
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .ok_or("cannot find a directory for the demo mesh: set HOME or pass --config")?;
+    let dir = base.join("meshgate/demo");
+    demo::write_demo_config(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+async fn serve(
+    config: Option<PathBuf>,
+    flight_addr: Option<SocketAddr>,
+    demo_scale: f64,
+) -> Result<ExitCode, String> {
+    let is_demo = config.is_none();
+    let config = load_config(config, Some(demo_scale))?;
+    if config.server.http_addr.is_some() {
+        tracing::warn!("server.http_addr is set, but this build serves no HTTP endpoint yet");
+    }
+    let addr = flight_addr.unwrap_or(config.server.flight_addr);
+    let gateway = Gateway::open(config).await.map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let products = gateway.engine.mesh().products().count();
+    println!("meshgate listening on grpc://{local} (Flight SQL), {products} products published");
+    if is_demo {
+        println!("demo users: alice/alice-demo, bob/bob-demo, carol/carol-demo, dave/dave-demo");
+        println!(
+            "connect: adbc_driver_flightsql.dbapi.connect(\"grpc://{local}\", db_kwargs={{\"username\": \"alice\", \"password\": \"alice-demo\"}})"
+        );
+    }
+    std::io::stdout().flush().ok();
+    gateway
+        .serve(listener, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutting down");
+}
+
+async fn check(config: Option<PathBuf>, demo_scale: f64) -> Result<ExitCode, String> {
+    let config = load_config(config, Some(demo_scale))?;
+    let gateway = Gateway::open(config).await.map_err(|e| e.to_string())?;
+    let mesh = gateway.engine.mesh();
+    for domain in mesh.domains.values() {
+        println!(
+            "domain {} ({})",
+            domain.config.name,
+            domain.config.file.display()
+        );
+        for product in domain.products.values() {
+            let columns: Vec<String> = product
+                .schema
+                .fields()
+                .iter()
+                .map(|f| format!("{} {}", f.name(), f.data_type()))
+                .collect();
+            println!("  publish {}: {}", product.name, columns.join(", "));
+        }
+    }
+    if gateway.problems.is_empty() {
+        println!(
+            "ok: {} products would be published",
+            mesh.products().count()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for problem in &gateway.problems {
+            println!("  refuse {problem}");
+        }
+        println!(
+            "{} product(s) would not be published",
+            gateway.problems.len()
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}

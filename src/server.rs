@@ -1,0 +1,73 @@
+//! Serving: opening a gateway from its config and running the Flight SQL
+//! endpoint until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::auth::{AuthError, Authenticator, AuthenticatorRef};
+use crate::catalog::{Mesh, PublicationProblem};
+use crate::config::MeshConfig;
+use crate::flight::{AuthLayer, MeshFlightService};
+use crate::query::QueryEngine;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("auth: {0}")]
+    Auth(#[from] AuthError),
+    #[error("catalog: {0}")]
+    Catalog(String),
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// An opened gateway: authenticator and query engine over the mesh.
+#[derive(Debug)]
+pub struct Gateway {
+    pub config: MeshConfig,
+    pub authenticator: AuthenticatorRef,
+    pub engine: Arc<QueryEngine>,
+    /// Products that could not be published, and why.
+    pub problems: Vec<PublicationProblem>,
+}
+
+impl Gateway {
+    pub async fn open(config: MeshConfig) -> Result<Self, ServerError> {
+        let authenticator = Arc::new(Authenticator::new(&config.auth)?);
+        let (mesh, problems) = Mesh::open(&config).await.map_err(ServerError::Catalog)?;
+        for problem in &problems {
+            tracing::error!(product = %problem.product, reason = %problem.reason, "product not published");
+        }
+        let engine = Arc::new(QueryEngine::new(Arc::new(mesh), config.limits.clone()));
+        Ok(Self {
+            config,
+            authenticator,
+            engine,
+            problems,
+        })
+    }
+
+    /// Serves Flight SQL on `listener` until `shutdown` completes.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        let service =
+            MeshFlightService::new(Arc::clone(&self.authenticator), Arc::clone(&self.engine));
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_adaptive_window(Some(true))
+            .layer(AuthLayer::new(Arc::clone(&self.authenticator)))
+            .add_service(service.into_server())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        Ok(())
+    }
+}
