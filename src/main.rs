@@ -156,13 +156,13 @@ fn load_config(config: Option<PathBuf>, demo_scale: Option<f64>) -> Result<MeshC
         Some(path) => path,
         None => {
             let dir = demo_dir()?;
-            if let Some(scale) = demo_scale {
-                if demo::ensure_demo_data(&dir, scale)? {
-                    eprintln!(
-                        "generated the demo data (scale factor {scale}) in {}",
-                        dir.join("data").display()
-                    );
-                }
+            if let Some(scale) = demo_scale
+                && demo::ensure_demo_data(&dir, scale)?
+            {
+                eprintln!(
+                    "generated the demo data (scale factor {scale}) in {}",
+                    dir.join("data").display()
+                );
             }
             dir.join("meshgate.toml")
         }

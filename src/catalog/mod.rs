@@ -236,7 +236,7 @@ impl CatalogProvider for MeshCatalog {
         Some(Arc::new(DomainSchema {
             mesh: Arc::clone(&self.mesh),
             domain: name.to_string(),
-            session: self.session.clone(),
+            session: Weak::clone(&self.session),
         }))
     }
 }

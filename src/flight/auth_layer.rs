@@ -32,7 +32,7 @@ impl<S> Layer<S> for AuthLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Authenticated {
             inner,
-            authenticator: self.authenticator.clone(),
+            authenticator: std::sync::Arc::clone(&self.authenticator),
         }
     }
 }

@@ -261,7 +261,7 @@ impl FlightSqlService for MeshFlightService {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         flight_info(&schema, query.as_any(), request.into_inner())
     }
 
@@ -288,7 +288,7 @@ impl FlightSqlService for MeshFlightService {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         flight_info(&schema, query.as_any(), request.into_inner())
     }
 
@@ -354,10 +354,7 @@ impl FlightSqlService for MeshFlightService {
         query: CommandGetXdbcTypeInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let schema = query
-            .clone()
-            .into_builder(&metadata::XDBC_TYPE_INFO)
-            .schema();
+        let schema = query.into_builder(&metadata::XDBC_TYPE_INFO).schema();
         flight_info(&schema, query.as_any(), request.into_inner())
     }
 
@@ -566,6 +563,14 @@ impl FlightSqlService for MeshFlightService {
         Ok(DoPutPreparedStatementResult {
             prepared_statement_handle: Some(handle.encode()),
         })
+    }
+
+    async fn do_put_error_callback(
+        &self,
+        _request: Request<PeekableFlightDataStream>,
+        error: arrow_flight::sql::server::DoPutError,
+    ) -> Result<Response<<Self as FlightService>::DoPutStream>, Status> {
+        Err(ProtocolError::BadRequest(format!("DoPut: {error}")).into())
     }
 
     async fn do_action_create_prepared_statement(

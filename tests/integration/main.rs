@@ -1,1 +1,8 @@
+//! Integration tests: a real gateway on port 0, real Flight clients.
 
+mod auth;
+mod cli;
+mod fixture;
+mod flight_sql;
+mod queries;
+mod refusals;

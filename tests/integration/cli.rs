@@ -1,0 +1,126 @@
+//! The `meshgate` command: `check` on good and broken configs.
+
+use std::process::Command;
+
+use crate::fixture::demo_data;
+
+fn meshgate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meshgate"))
+}
+
+#[test]
+fn check_lists_what_the_demo_would_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    meshgate::demo::write_demo_config(dir.path()).unwrap();
+    std::os::unix::fs::symlink(demo_data().join("data"), dir.path().join("data")).unwrap();
+    let output = meshgate()
+        .args(["check", "--config"])
+        .arg(dir.path().join("meshgate.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("publish sales.orders: o_orderkey Int64"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("publish supply.supplier:"), "{stdout}");
+    assert!(
+        stdout.contains("ok: 9 products would be published"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_on_a_broken_config_names_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    meshgate::demo::write_demo_config(dir.path()).unwrap();
+    let crm = dir.path().join("domains/crm.toml");
+    let text = std::fs::read_to_string(&crm).unwrap();
+    std::fs::write(
+        &crm,
+        text.replacen("storage = \"lake\"", "storage = \"warehouse\"", 1),
+    )
+    .unwrap();
+    let output = meshgate()
+        .args(["check", "--config"])
+        .arg(dir.path().join("meshgate.toml"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("crm.toml"), "{stderr}");
+    assert!(
+        stderr.contains("products[0] (`customer`).storage"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("warehouse"), "{stderr}");
+}
+
+#[test]
+fn check_reports_a_product_whose_files_break_its_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    meshgate::demo::write_demo_config(dir.path()).unwrap();
+    std::os::unix::fs::symlink(demo_data().join("data"), dir.path().join("data")).unwrap();
+    let crm = dir.path().join("domains/crm.toml");
+    let text = std::fs::read_to_string(&crm).unwrap();
+    std::fs::write(
+        &crm,
+        text.replace(
+            "{ name = \"c_custkey\", type = \"Int64\" }",
+            "{ name = \"c_custkey\", type = \"Utf8\" }",
+        ),
+    )
+    .unwrap();
+    let output = meshgate()
+        .args(["check", "--config"])
+        .arg(dir.path().join("meshgate.toml"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("refuse crm.customer"), "{stdout}");
+    assert!(
+        stdout.contains("c_custkey") && stdout.contains("declared Utf8"),
+        "{stdout}"
+    );
+    // The view that reads it is withdrawn too, and says why.
+    assert!(
+        stdout.contains("refuse sales.revenue_by_nation"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn hash_password_and_token_helpers_work() {
+    use std::io::Write;
+    let mut child = meshgate()
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("$argon2id$"));
+
+    let dir = tempfile::tempdir().unwrap();
+    meshgate::demo::write_demo_config(dir.path()).unwrap();
+    let output = meshgate()
+        .args(["token", "--user", "alice", "--config"])
+        .arg(dir.path().join("meshgate.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let token = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(token.trim().split('.').count(), 3);
+}

@@ -1,0 +1,513 @@
+//! The Flight SQL surface (DESIGN §6): every RPC, as a client sees it.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema, UInt32Type};
+use arrow::ipc::convert::try_schema_from_ipc_buffer;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetCrossReference,
+    CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys, CommandGetPrimaryKeys,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandGetXdbcTypeInfo,
+    CommandPreparedStatementQuery, CommandStatementUpdate, DoPutPreparedStatementResult,
+    ProstMessageExt, SqlInfo,
+};
+use arrow_flight::{FlightDescriptor, PutResult};
+use futures::{StreamExt, TryStreamExt};
+use prost::Message;
+use tonic::Code;
+
+use crate::fixture::{TestClient, TestServer, pretty, row_count};
+
+fn strings(batches: &[RecordBatch], column: &str) -> Vec<String> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let array = b.column_by_name(column).unwrap().as_string::<i32>().clone();
+            (0..array.len()).map(move |i| array.value(i).to_string())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn catalogs_schemas_and_table_types_list_the_mesh() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+
+    let (_, catalogs) = client
+        .command(CommandGetCatalogs {}.as_any())
+        .await
+        .unwrap();
+    assert_eq!(strings(&catalogs, "catalog_name"), ["mesh"]);
+
+    let all = CommandGetDbSchemas {
+        catalog: None,
+        db_schema_filter_pattern: None,
+    };
+    let (_, schemas) = client.command(all.as_any()).await.unwrap();
+    assert_eq!(
+        strings(&schemas, "db_schema_name"),
+        ["crm", "sales", "supply"]
+    );
+    let filtered = CommandGetDbSchemas {
+        catalog: Some("mesh".into()),
+        db_schema_filter_pattern: Some("s%".into()),
+    };
+    let (_, schemas) = client.command(filtered.as_any()).await.unwrap();
+    assert_eq!(strings(&schemas, "db_schema_name"), ["sales", "supply"]);
+    let elsewhere = CommandGetDbSchemas {
+        catalog: Some("other".into()),
+        db_schema_filter_pattern: None,
+    };
+    let (_, schemas) = client.command(elsewhere.as_any()).await.unwrap();
+    assert_eq!(row_count(&schemas), 0);
+
+    let (_, types) = client
+        .command(CommandGetTableTypes {}.as_any())
+        .await
+        .unwrap();
+    assert_eq!(strings(&types, "table_type"), ["TABLE", "VIEW"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn get_tables_lists_products_with_their_schemas() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    let command = CommandGetTables {
+        catalog: None,
+        db_schema_filter_pattern: None,
+        table_name_filter_pattern: None,
+        table_types: vec![],
+        include_schema: true,
+    };
+    let (_, tables) = client.command(command.as_any()).await.unwrap();
+    let names: Vec<String> = strings(&tables, "db_schema_name")
+        .into_iter()
+        .zip(strings(&tables, "table_name"))
+        .map(|(s, t)| format!("{s}.{t}"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "crm.customer",
+            "crm.nation",
+            "crm.region",
+            "sales.lineitem",
+            "sales.orders",
+            "sales.revenue_by_nation",
+            "supply.part",
+            "supply.partsupp",
+            "supply.supplier"
+        ]
+    );
+    let types = strings(&tables, "table_type");
+    assert_eq!(types[5], "VIEW");
+    assert_eq!(types[4], "TABLE");
+
+    let schemas = tables[0]
+        .column_by_name("table_schema")
+        .unwrap()
+        .as_binary::<i32>();
+    let nation = try_schema_from_ipc_buffer(schemas.value(1)).unwrap();
+    assert_eq!(
+        nation,
+        Schema::new(vec![
+            Field::new("n_nationkey", DataType::Int64, true),
+            Field::new("n_name", DataType::Utf8, true),
+            Field::new("n_regionkey", DataType::Int64, true),
+            Field::new("n_comment", DataType::Utf8, true),
+        ])
+    );
+    let orders = try_schema_from_ipc_buffer(schemas.value(4)).unwrap();
+    assert_eq!(
+        orders.field_with_name("o_totalprice").unwrap().data_type(),
+        &DataType::Decimal128(15, 2)
+    );
+    assert_eq!(
+        orders.field_with_name("o_comment").unwrap().data_type(),
+        &DataType::Utf8
+    );
+
+    // Filters: a name pattern and a table type; without include_schema.
+    let command = CommandGetTables {
+        catalog: Some("mesh".into()),
+        db_schema_filter_pattern: Some("sales".into()),
+        table_name_filter_pattern: Some("%order%".into()),
+        table_types: vec!["TABLE".into()],
+        include_schema: false,
+    };
+    let (info, tables) = client.command(command.as_any()).await.unwrap();
+    assert_eq!(strings(&tables, "table_name"), ["orders"]);
+    assert!(
+        info.try_decode_schema()
+            .unwrap()
+            .field_with_name("table_schema")
+            .is_err()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sql_info_describes_a_read_only_server() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    let command = CommandGetSqlInfo {
+        info: vec![
+            SqlInfo::FlightSqlServerName as u32,
+            SqlInfo::FlightSqlServerReadOnly as u32,
+            SqlInfo::FlightSqlServerTransaction as u32,
+            SqlInfo::SqlIdentifierQuoteChar as u32,
+        ],
+    };
+    let (info, batches) = client.command(command.as_any()).await.unwrap();
+    let schema = info.try_decode_schema().unwrap();
+    assert_eq!(schema.field(0).name(), "info_name");
+    assert_eq!(schema.field(0).data_type(), &DataType::UInt32);
+    assert!(matches!(schema.field(1).data_type(), DataType::Union(_, _)));
+    let names: Vec<u32> = batches[0]
+        .column(0)
+        .as_primitive::<UInt32Type>()
+        .values()
+        .to_vec();
+    assert_eq!(names, [0, 3, 8, 504]);
+    let text = pretty(&batches);
+    assert!(
+        text.contains("| 0         | {string_value=meshgate} |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("| 3         | {bool_value=true}       |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("| 504       | {string_value=\"}        |"),
+        "{text}"
+    );
+
+    // With no filter (as JDBC asks), every standard code is answered.
+    let (_, all) = client
+        .command(CommandGetSqlInfo { info: vec![] }.as_any())
+        .await
+        .unwrap();
+    assert!(row_count(&all) >= 90, "{} codes", row_count(&all));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn xdbc_type_info_and_key_rpcs_are_well_formed() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    let (_, types) = client
+        .command(CommandGetXdbcTypeInfo { data_type: None }.as_any())
+        .await
+        .unwrap();
+    let names = strings(&types, "type_name");
+    for expected in ["BIGINT", "VARCHAR", "DECIMAL", "DATE", "TIMESTAMP"] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
+
+    let primary = CommandGetPrimaryKeys {
+        catalog: None,
+        db_schema: Some("sales".into()),
+        table: "orders".into(),
+    };
+    let (info, rows) = client.command(primary.as_any()).await.unwrap();
+    assert_eq!(row_count(&rows), 0);
+    let schema = info.try_decode_schema().unwrap();
+    assert_eq!(schema.field(2).name(), "table_name");
+    assert_eq!(schema.field(5).name(), "key_sequence");
+
+    let keys: [Any; 3] = [
+        CommandGetExportedKeys {
+            catalog: None,
+            db_schema: None,
+            table: "orders".into(),
+        }
+        .as_any(),
+        CommandGetImportedKeys {
+            catalog: None,
+            db_schema: None,
+            table: "orders".into(),
+        }
+        .as_any(),
+        CommandGetCrossReference {
+            pk_catalog: None,
+            pk_db_schema: None,
+            pk_table: "customer".into(),
+            fk_catalog: None,
+            fk_db_schema: None,
+            fk_table: "orders".into(),
+        }
+        .as_any(),
+    ];
+    for command in keys {
+        let (info, rows) = client.command(command).await.unwrap();
+        assert_eq!(row_count(&rows), 0);
+        let schema = info.try_decode_schema().unwrap();
+        assert_eq!(schema.fields().len(), 13);
+        assert_eq!(schema.field(11).name(), "update_rule");
+    }
+    server.stop().await;
+}
+
+async fn create_prepared(
+    client: &mut TestClient,
+    sql: &str,
+) -> Result<ActionCreatePreparedStatementResult, tonic::Status> {
+    let request = ActionCreatePreparedStatementRequest {
+        query: sql.into(),
+        transaction_id: None,
+    };
+    let bodies = client
+        .action("CreatePreparedStatement", request.as_any().encode_to_vec())
+        .await?;
+    let any = Any::decode(bodies[0].as_ref()).unwrap();
+    Ok(any.unpack().unwrap().unwrap())
+}
+
+async fn bind(
+    client: &mut TestClient,
+    handle: bytes::Bytes,
+    parameters: RecordBatch,
+) -> Result<bytes::Bytes, tonic::Status> {
+    let command = CommandPreparedStatementQuery {
+        prepared_statement_handle: handle,
+    };
+    let descriptor = FlightDescriptor::new_cmd(command.as_any().encode_to_vec());
+    let flight_data: Vec<_> = FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(descriptor))
+        .build(futures::stream::iter([Ok(parameters)]))
+        .try_collect()
+        .await
+        .unwrap();
+    let request = client.request(futures::stream::iter(flight_data));
+    let results: Vec<PutResult> = client
+        .inner
+        .do_put(request)
+        .await?
+        .into_inner()
+        .try_collect()
+        .await?;
+    let result = DoPutPreparedStatementResult::decode(results[0].app_metadata.as_ref()).unwrap();
+    Ok(result.prepared_statement_handle.unwrap())
+}
+
+fn one_int64(value: i64) -> RecordBatch {
+    RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new("0", DataType::Int64, true)])),
+        vec![Arc::new(Int64Array::from(vec![value]))],
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn prepared_statements_bind_parameters_and_rebind() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    for sql in [
+        "SELECT n_name FROM crm.nation WHERE n_nationkey = ?",
+        "SELECT n_name FROM crm.nation WHERE n_nationkey = $1",
+    ] {
+        let prepared = create_prepared(&mut client, sql).await.unwrap();
+        let dataset = try_schema_from_ipc_buffer(&prepared.dataset_schema).unwrap();
+        assert_eq!(dataset.field(0).name(), "n_name");
+        let parameters = try_schema_from_ipc_buffer(&prepared.parameter_schema).unwrap();
+        assert_eq!(parameters.fields().len(), 1, "one field per placeholder");
+        assert_eq!(parameters.field(0).data_type(), &DataType::Int64);
+
+        // Unbound: a clear error, not a crash.
+        let unbound = CommandPreparedStatementQuery {
+            prepared_statement_handle: prepared.prepared_statement_handle.clone(),
+        };
+        let error = client.command(unbound.as_any()).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument);
+
+        for (key, name) in [(6, "FRANCE"), (7, "GERMANY")] {
+            let handle = bind(
+                &mut client,
+                prepared.prepared_statement_handle.clone(),
+                one_int64(key),
+            )
+            .await
+            .unwrap();
+            let command = CommandPreparedStatementQuery {
+                prepared_statement_handle: handle,
+            };
+            let (_, rows) = client.command(command.as_any()).await.unwrap();
+            assert_eq!(strings(&rows, "n_name"), [name]);
+        }
+        let close = ActionClosePreparedStatementRequest {
+            prepared_statement_handle: prepared.prepared_statement_handle,
+        };
+        client
+            .action("ClosePreparedStatement", close.as_any().encode_to_vec())
+            .await
+            .unwrap();
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn parameters_of_other_types_are_cast_to_the_placeholder_type() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    let prepared = create_prepared(
+        &mut client,
+        "SELECT r_name FROM crm.region WHERE r_regionkey = ? AND r_name <> ?",
+    )
+    .await
+    .unwrap();
+    let parameters = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("0", DataType::Utf8, true),
+            Field::new("1", DataType::Utf8, true),
+        ])),
+        vec![
+            Arc::new(arrow::array::StringArray::from(vec!["3"])),
+            Arc::new(arrow::array::StringArray::from(vec!["AFRICA"])),
+        ],
+    )
+    .unwrap();
+    let handle = bind(
+        &mut client,
+        prepared.prepared_statement_handle.clone(),
+        parameters,
+    )
+    .await
+    .unwrap();
+    let (_, rows) = client
+        .command(
+            CommandPreparedStatementQuery {
+                prepared_statement_handle: handle,
+            }
+            .as_any(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(strings(&rows, "r_name"), ["EUROPE"]);
+
+    // Too few values, and a value that cannot be cast, fail at bind time.
+    let too_few = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new("0", DataType::Utf8, true)])),
+        vec![Arc::new(arrow::array::StringArray::from(vec!["3"]))],
+    )
+    .unwrap();
+    let error = bind(
+        &mut client,
+        prepared.prepared_statement_handle.clone(),
+        too_few,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert!(
+        error.message().contains("2 placeholder(s) but 1 value(s)"),
+        "{}",
+        error.message()
+    );
+    let uncastable = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("0", DataType::Utf8, true),
+            Field::new("1", DataType::Utf8, true),
+        ])),
+        vec![
+            Arc::new(arrow::array::StringArray::from(vec!["three"])),
+            Arc::new(arrow::array::StringArray::from(vec!["AFRICA"])),
+        ],
+    )
+    .unwrap();
+    let error = bind(&mut client, prepared.prepared_statement_handle, uncastable)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert!(
+        error.message().contains("value three for $1"),
+        "{}",
+        error.message()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn writes_through_do_put_are_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    let command = CommandStatementUpdate {
+        query: "DELETE FROM sales.orders".into(),
+        transaction_id: None,
+    };
+    let descriptor = FlightDescriptor::new_cmd(command.as_any().encode_to_vec());
+    let data: Vec<_> = FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(descriptor))
+        .with_schema(Arc::new(Schema::empty()))
+        .build(futures::stream::empty())
+        .try_collect()
+        .await
+        .unwrap();
+    let request = client.request(futures::stream::iter(data));
+    let error = client.inner.do_put(request).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("read-only"), "{}", error.message());
+    // A DoPut that names no command at all is a clear error too.
+    let request = client.request(futures::stream::iter(Vec::<arrow_flight::FlightData>::new()));
+    let error = client.inner.do_put(request).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn session_actions_are_answered() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    let closed = client.action("CloseSession", vec![]).await.unwrap();
+    assert_eq!(
+        closed[0].as_ref(),
+        [0x08, 0x01],
+        "CloseSessionResult{{status: CLOSED}}"
+    );
+    let options = client.action("GetSessionOptions", vec![]).await.unwrap();
+    assert_eq!(options.len(), 1);
+    let unknown = client.action("Frobnicate", vec![]).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    let actions: Vec<_> = client
+        .inner
+        .list_actions(client.request(arrow_flight::Empty {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert!(actions.len() >= 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn view_types_are_converted_and_empty_results_keep_their_schema() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    let rows = client
+        .query("SELECT arrow_cast(r_name, 'Utf8View') AS v, arrow_cast(r_name, 'Dictionary(Int32, Utf8)') AS d FROM crm.region ORDER BY r_regionkey")
+        .await
+        .unwrap();
+    let schema = rows[0].schema();
+    assert_eq!(schema.field(0).data_type(), &DataType::Utf8);
+    assert_eq!(schema.field(1).data_type(), &DataType::Utf8);
+    assert_eq!(strings(&rows, "v")[0], "AFRICA");
+
+    let command = arrow_flight::sql::CommandStatementQuery {
+        query: "SELECT r_name FROM crm.region WHERE r_regionkey < 0".into(),
+        transaction_id: None,
+    };
+    let (info, rows) = client.command(command.as_any()).await.unwrap();
+    assert_eq!(row_count(&rows), 0);
+    assert_eq!(info.total_records, -1);
+    let schema = info.try_decode_schema().unwrap();
+    assert_eq!(schema.field(0).name(), "r_name");
+    server.stop().await;
+}

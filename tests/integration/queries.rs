@@ -1,0 +1,165 @@
+//! Queries over the mesh: names (DESIGN §1), formats, joins across domains.
+
+use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
+use tonic::Code;
+
+use crate::fixture::{TestServer, demo_data, pretty, row_count};
+
+/// The same question asked of the files directly, with DataFusion alone.
+async fn direct(sql: &str) -> String {
+    let data = demo_data().join("data");
+    let context = SessionContext::new();
+    let path = |p: &str| data.join(p).to_string_lossy().to_string();
+    context
+        .register_parquet(
+            "orders",
+            path("sales/orders/"),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .unwrap();
+    context
+        .register_parquet(
+            "customer",
+            path("crm/customer.parquet"),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .unwrap();
+    context
+        .register_csv("nation", path("crm/nation.csv"), CsvReadOptions::default())
+        .await
+        .unwrap();
+    context
+        .register_json(
+            "supplier",
+            path("supply/supplier.json"),
+            JsonReadOptions::default(),
+        )
+        .await
+        .unwrap();
+    let batches = context.sql(sql).await.unwrap().collect().await.unwrap();
+    pretty(&batches)
+}
+
+#[tokio::test]
+async fn a_join_across_three_domains_and_three_formats_matches_the_files() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    // Parquet (a directory and a file), CSV and newline-delimited JSON.
+    let through_gateway = "SELECT n.n_name, count(*) AS orders, sum(o.o_totalprice) AS revenue \
+        FROM sales.orders o \
+        JOIN crm.customer c ON o.o_custkey = c.c_custkey \
+        JOIN crm.nation n ON c.c_nationkey = n.n_nationkey \
+        WHERE n.n_nationkey IN (SELECT s_nationkey FROM supply.supplier WHERE s_acctbal > 0) \
+        GROUP BY n.n_name ORDER BY orders DESC, n.n_name";
+    let rows = client.query(through_gateway).await.unwrap();
+    assert!(row_count(&rows) > 5);
+    let expected = direct(
+        &through_gateway
+            .replace("sales.orders", "orders")
+            .replace("crm.customer", "customer")
+            .replace("crm.nation", "nation")
+            .replace("supply.supplier", "supplier"),
+    )
+    .await;
+    assert_eq!(pretty(&rows), expected);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn arrow_ipc_and_view_products_are_readable() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    let rows = client
+        .query("SELECT count(*) AS n, count(DISTINCT ps_suppkey) AS suppliers FROM supply.partsupp")
+        .await
+        .unwrap();
+    // TPC-H: 4 suppliers per part, 200 000 parts per scale factor.
+    let parts = (200_000.0 * crate::fixture::SCALE) as i64;
+    assert_eq!(
+        pretty(&rows),
+        format!(
+            "+------+-----------+\n| n    | suppliers |\n+------+-----------+\n| {} | {}       |\n+------+-----------+",
+            parts * 4,
+            (10_000.0 * crate::fixture::SCALE) as i64
+        )
+    );
+    let view = client
+        .query("SELECT sum(orders) AS orders FROM sales.revenue_by_nation")
+        .await
+        .unwrap();
+    let orders = client
+        .query("SELECT count(*) AS orders FROM sales.orders")
+        .await
+        .unwrap();
+    assert_eq!(pretty(&view), pretty(&orders));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn product_names_follow_sql_identifier_rules() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    for name in [
+        "crm.region",
+        "mesh.crm.region",
+        "CRM.Region",
+        "\"crm\".\"region\"",
+        "MESH.crm.REGION",
+    ] {
+        let rows = client
+            .query(&format!("SELECT count(*) FROM {name}"))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(row_count(&rows), 1, "{name}");
+    }
+    for name in [
+        "\"CRM\".\"Region\"",
+        "crm.regions",
+        "nowhere.region",
+        "other.crm.region",
+        "region",
+    ] {
+        let error = client
+            .query(&format!("SELECT count(*) FROM {name}"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::NotFound, "{name}: {error:?}");
+        assert!(error.message().contains("not found"), "{}", error.message());
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_sql_gets_the_parser_message_and_unknown_columns_are_invalid() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    let error = client.query("SELEC 1").await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error.message().starts_with("SQL syntax error: Expected"),
+        "{}",
+        error.message()
+    );
+    let error = client
+        .query("SELECT no_such_column FROM crm.region")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error.message().contains("no_such_column"),
+        "{}",
+        error.message()
+    );
+    let error = client.query("SELECT 1/0").await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    let error = client.query("").await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    let deep = format!("SELECT {}1{}", "(".repeat(5000), ")".repeat(5000));
+    let error = client.query(&deep).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    // The server is still there.
+    assert_eq!(row_count(&client.query("SELECT 1").await.unwrap()), 1);
+    server.stop().await;
+}
