@@ -13,6 +13,27 @@ use crate::config::MeshConfig;
 use crate::flight::{AuthLayer, MeshFlightService};
 use crate::query::QueryEngine;
 
+/// Policies are not enforced by this build: a config that declares any is
+/// refused rather than served without them.
+fn refuse_unenforced_policies(config: &MeshConfig) -> Result<(), ServerError> {
+    let declared = config.domains.iter().find(|d| !d.policies.is_empty());
+    if let Some(domain) = declared {
+        return Err(ServerError::Catalog(format!(
+            "{}: policies: access policies are not enforced by this build; refusing to serve them unenforced",
+            domain.file.display()
+        )));
+    }
+    if !config.governance.tag_policies.is_empty()
+        || config.governance.default_access == crate::config::DefaultAccess::Deny
+    {
+        return Err(ServerError::Catalog(format!(
+            "{}: governance: tag policies and default_access = \"deny\" are not enforced by this build",
+            config.gateway_file.display()
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
@@ -39,6 +60,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn open(config: MeshConfig) -> Result<Self, ServerError> {
+        refuse_unenforced_policies(&config)?;
         let authenticator = Arc::new(Authenticator::new(&config.auth)?);
         let (mesh, problems) = Mesh::open(&config).await.map_err(ServerError::Catalog)?;
         for problem in &problems {
