@@ -2,12 +2,13 @@
 //! file formats, generated on first start so that `meshgate serve` needs no
 //! external server.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
+use arrow::array::{AsArray, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -60,11 +61,16 @@ pub fn write_demo_config(dir: &Path) -> std::io::Result<PathBuf> {
     Ok(dir.join("meshgate.toml"))
 }
 
+/// The file that marks complete demo data of this layout and scale.
+pub fn data_marker(dir: &Path, scale: f64) -> PathBuf {
+    dir.join("data").join(format!(".complete-v2-sf{scale}"))
+}
+
 /// Generates the demo data under `dir/data` unless it is already there at
 /// this scale. Returns whether it generated anything.
 pub fn ensure_demo_data(dir: &Path, scale: f64) -> Result<bool, String> {
     let data = dir.join("data");
-    let marker = data.join(format!(".complete-sf{scale}"));
+    let marker = data_marker(dir, scale);
     if marker.exists() {
         return Ok(false);
     }
@@ -105,11 +111,15 @@ fn generate(data: &Path, scale: f64) -> Result<(), GenerateError> {
         LineItemArrow::schema_ref(),
         LineItemArrow::new(LineItemGenerator::new(scale, 1, 1)),
     )?;
-    // crm: customers in Parquet, the small reference tables in CSV.
+    // crm: customers in Parquet (with their region's name, which the demo's
+    // row filters use), the small reference tables in CSV.
+    let regions = customer_regions(scale)?;
+    let customer_schema = with_region(&CustomerArrow::schema_ref());
+    let customers = CustomerArrow::new(CustomerGenerator::new(scale, 1, 1));
     write_parquet(
         &data.join("crm/customer.parquet"),
-        CustomerArrow::schema_ref(),
-        CustomerArrow::new(CustomerGenerator::new(scale, 1, 1)),
+        Arc::clone(&customer_schema),
+        customers.map(move |batch| add_region(batch?, &customer_schema, &regions)),
     )?;
     write_csv(
         &data.join("crm/nation.csv"),
@@ -138,6 +148,55 @@ fn generate(data: &Path, scale: f64) -> Result<(), GenerateError> {
         PartSuppArrow::new(PartSuppGenerator::new(scale, 1, 1)),
     )?;
     Ok(())
+}
+
+/// Region name by nation key, from the generated nation and region tables.
+fn customer_regions(scale: f64) -> Result<HashMap<i64, String>, ArrowError> {
+    let mut region_names = HashMap::new();
+    for batch in RegionArrow::new(RegionGenerator::new(scale, 1, 1)) {
+        let batch = to_wire_batch(batch?, &wire_schema(&RegionArrow::schema_ref()))?;
+        let keys = batch.column(0).as_primitive::<Int64Type>();
+        let names = batch.column(1).as_string::<i32>();
+        for row in 0..batch.num_rows() {
+            region_names.insert(keys.value(row), names.value(row).to_string());
+        }
+    }
+    let mut by_nation = HashMap::new();
+    for batch in NationArrow::new(NationGenerator::new(scale, 1, 1)) {
+        let batch = batch?;
+        let nations = batch.column(0).as_primitive::<Int64Type>();
+        let regions = batch.column(2).as_primitive::<Int64Type>();
+        for row in 0..batch.num_rows() {
+            if let Some(name) = region_names.get(&regions.value(row)) {
+                by_nation.insert(nations.value(row), name.clone());
+            }
+        }
+    }
+    Ok(by_nation)
+}
+
+fn with_region(schema: &SchemaRef) -> SchemaRef {
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new("c_region", DataType::Utf8, false));
+    Arc::new(Schema::new(fields))
+}
+
+fn add_region(
+    batch: RecordBatch,
+    schema: &SchemaRef,
+    regions: &HashMap<i64, String>,
+) -> Result<RecordBatch, ArrowError> {
+    let nations = batch
+        .column_by_name("c_nationkey")
+        .ok_or_else(|| ArrowError::SchemaError("customer has no c_nationkey".into()))?
+        .as_primitive::<Int64Type>();
+    let region: StringArray = nations
+        .iter()
+        .map(|n| n.and_then(|n| regions.get(&n).map(String::as_str)))
+        .collect();
+    let mut columns = batch.columns().to_vec();
+    columns.push(Arc::new(region));
+    RecordBatch::try_new(Arc::clone(schema), columns)
 }
 
 /// Batches in plain types (Utf8 rather than Utf8View), as every reader knows them.

@@ -22,10 +22,12 @@
 //! flight    FlightData stream with one schema, equal to FlightInfo's
 //! ```
 
+pub mod audit;
 pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod flight;
+pub mod policy;
 pub mod query;
 pub mod server;

@@ -7,32 +7,12 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::audit::AuditLog;
 use crate::auth::{AuthError, Authenticator, AuthenticatorRef};
 use crate::catalog::{Mesh, PublicationProblem};
 use crate::config::MeshConfig;
 use crate::flight::{AuthLayer, MeshFlightService};
 use crate::query::QueryEngine;
-
-/// Policies are not enforced by this build: a config that declares any is
-/// refused rather than served without them.
-fn refuse_unenforced_policies(config: &MeshConfig) -> Result<(), ServerError> {
-    let declared = config.domains.iter().find(|d| !d.policies.is_empty());
-    if let Some(domain) = declared {
-        return Err(ServerError::Catalog(format!(
-            "{}: policies: access policies are not enforced by this build; refusing to serve them unenforced",
-            domain.file.display()
-        )));
-    }
-    if !config.governance.tag_policies.is_empty()
-        || config.governance.default_access == crate::config::DefaultAccess::Deny
-    {
-        return Err(ServerError::Catalog(format!(
-            "{}: governance: tag policies and default_access = \"deny\" are not enforced by this build",
-            config.gateway_file.display()
-        )));
-    }
-    Ok(())
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -60,13 +40,21 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn open(config: MeshConfig) -> Result<Self, ServerError> {
-        refuse_unenforced_policies(&config)?;
         let authenticator = Arc::new(Authenticator::new(&config.auth)?);
         let (mesh, problems) = Mesh::open(&config).await.map_err(ServerError::Catalog)?;
         for problem in &problems {
             tracing::error!(product = %problem.product, reason = %problem.reason, "product not published");
         }
-        let engine = Arc::new(QueryEngine::new(Arc::new(mesh), config.limits.clone()));
+        let audit = Arc::new(
+            AuditLog::open(&config.audit)
+                .map_err(|e| ServerError::Catalog(format!("audit.output: cannot open: {e}")))?,
+        );
+        let engine = Arc::new(QueryEngine::new(
+            Arc::new(mesh),
+            config.limits.clone(),
+            audit,
+            config.governance.admin_groups.clone(),
+        ));
         Ok(Self {
             config,
             authenticator,

@@ -21,7 +21,9 @@ use datafusion::execution::runtime_env::RuntimeEnv;
 use object_store::ObjectStore;
 use url::Url;
 
+use crate::auth::CallerIdentity;
 use crate::config::{DomainConfig, MeshConfig, ProductConfig, ProductSource, StorageConfig};
+use crate::policy::{CallerProductView, PolicyTable, ProductPolicy, compile_product_policy};
 
 /// The catalog name every product lives under.
 pub const CATALOG_NAME: &str = "mesh";
@@ -56,6 +58,27 @@ pub struct Product {
     /// The schema as published (before any caller's policies).
     pub schema: SchemaRef,
     pub data: ProductData,
+    /// The product's policies, compiled against its schema.
+    pub policy: ProductPolicy,
+}
+
+impl Product {
+    /// What `caller` may see of this product. A policy that cannot be bound
+    /// for the caller hides the product (fail closed).
+    pub fn view_for(&self, caller: &CallerIdentity) -> CallerProductView {
+        match self.policy.for_caller(caller, &self.schema) {
+            Ok(view) => view,
+            Err(error) => {
+                tracing::warn!(product = %self.name, user = %caller.user, %error, "policy could not be bound; product hidden");
+                CallerProductView {
+                    visible: false,
+                    row_filter: None,
+                    columns: Vec::new(),
+                    applied: Vec::new(),
+                }
+            }
+        }
+    }
 }
 
 /// A domain with the products it publishes.
@@ -140,6 +163,7 @@ impl Mesh {
                                 config: product.clone(),
                                 schema,
                                 data,
+                                policy: ProductPolicy::default(),
                             }),
                         );
                     }
@@ -161,6 +185,7 @@ impl Mesh {
 
         let mut mesh = Self { domains, runtime };
         views::resolve_views(&mut mesh, &mut problems).await;
+        compile_policies(&mut mesh, config, &mut problems);
         Ok((mesh, problems))
     }
 
@@ -176,6 +201,45 @@ impl Mesh {
     /// Every product, in name order.
     pub fn products(&self) -> impl Iterator<Item = &Arc<Product>> {
         self.domains.values().flat_map(|d| d.products.values())
+    }
+}
+
+/// Compiles each product's policies; a product whose policies do not compile
+/// is withdrawn, never served without them.
+fn compile_policies(mesh: &mut Mesh, config: &MeshConfig, problems: &mut Vec<PublicationProblem>) {
+    for domain_config in &config.domains {
+        let Some(domain) = mesh.domains.get_mut(&domain_config.name) else {
+            continue;
+        };
+        let mut withdrawn = Vec::new();
+        for (name, product) in domain.products.iter_mut() {
+            let policies: Vec<_> = domain_config
+                .policies
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| &p.product == name)
+                .collect();
+            match compile_product_policy(
+                &domain_config.name,
+                &product.config,
+                &product.schema,
+                &policies,
+                &config.governance.tag_policies,
+                config.governance.default_access,
+            ) {
+                Ok(policy) => Arc::make_mut(product).policy = policy,
+                Err(reason) => withdrawn.push((name.clone(), reason)),
+            }
+        }
+        for (name, reason) in withdrawn {
+            if let Some(product) = domain.products.remove(&name) {
+                problems.push(PublicationProblem {
+                    product: product.name.clone(),
+                    file: domain_config.file.clone(),
+                    reason: format!("policy does not compile: {reason}"),
+                });
+            }
+        }
     }
 }
 
@@ -206,46 +270,96 @@ fn register_store(runtime: &RuntimeEnv, url: &Url) -> Result<(), String> {
     Ok(())
 }
 
-/// Catalog `mesh` as one caller sees it.
+/// What a session read, for the audit log.
+#[derive(Debug, Default, Clone)]
+pub struct ReadLog {
+    pub products: std::collections::BTreeSet<String>,
+    pub policies: std::collections::BTreeSet<String>,
+}
+
+/// Catalog `mesh` as one caller sees it: products the caller may not access
+/// do not exist, and the others are wrapped in the caller's policies.
 pub struct MeshCatalog {
     mesh: Arc<Mesh>,
+    caller: Arc<CallerIdentity>,
     /// The caller's session, in which view products are planned, so that
-    /// views read other products with the caller's own visibility.
+    /// views read other products with the caller's own policies.
     session: Weak<RwLock<SessionState>>,
+    reads: Arc<parking_lot::Mutex<ReadLog>>,
 }
 
 impl fmt::Debug for MeshCatalog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MeshCatalog").finish_non_exhaustive()
+        f.debug_struct("MeshCatalog")
+            .field("caller", &self.caller.user)
+            .finish_non_exhaustive()
     }
 }
 
 impl MeshCatalog {
-    pub fn new(mesh: Arc<Mesh>, session: Weak<RwLock<SessionState>>) -> Self {
-        Self { mesh, session }
+    pub fn new(
+        mesh: Arc<Mesh>,
+        caller: Arc<CallerIdentity>,
+        session: Weak<RwLock<SessionState>>,
+        reads: Arc<parking_lot::Mutex<ReadLog>>,
+    ) -> Self {
+        Self {
+            mesh,
+            caller,
+            session,
+            reads,
+        }
+    }
+
+    fn domain_schema(&self, name: &str) -> DomainSchema {
+        DomainSchema {
+            mesh: Arc::clone(&self.mesh),
+            caller: Arc::clone(&self.caller),
+            domain: name.to_string(),
+            session: Weak::clone(&self.session),
+            reads: Arc::clone(&self.reads),
+        }
+    }
+
+    /// The products of `domain` the caller can see, in name order.
+    pub fn visible_products(&self, domain: &str) -> Vec<String> {
+        self.domain_schema(domain).table_names()
+    }
+
+    /// A product's table as the caller sees it, if they can.
+    pub async fn product_table(
+        &self,
+        domain: &str,
+        product: &str,
+    ) -> DataFusionResult<Option<Arc<dyn TableProvider>>> {
+        self.domain_schema(domain).table(product).await
     }
 }
 
 impl CatalogProvider for MeshCatalog {
     fn schema_names(&self) -> Vec<String> {
-        self.mesh.domains.keys().cloned().collect()
+        self.mesh
+            .domains
+            .keys()
+            .filter(|d| !self.visible_products(d).is_empty())
+            .cloned()
+            .collect()
     }
 
     fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
-        self.mesh.domains.get(name)?;
-        Some(Arc::new(DomainSchema {
-            mesh: Arc::clone(&self.mesh),
-            domain: name.to_string(),
-            session: Weak::clone(&self.session),
-        }))
+        // Every name resolves, so that an unknown domain and a domain the
+        // caller cannot see give the same "table not found".
+        Some(Arc::new(self.domain_schema(name)))
     }
 }
 
-/// One domain's products as tables.
+/// One domain's products as tables, for one caller.
 struct DomainSchema {
     mesh: Arc<Mesh>,
+    caller: Arc<CallerIdentity>,
     domain: String,
     session: Weak<RwLock<SessionState>>,
+    reads: Arc<parking_lot::Mutex<ReadLog>>,
 }
 
 impl fmt::Debug for DomainSchema {
@@ -256,22 +370,41 @@ impl fmt::Debug for DomainSchema {
     }
 }
 
+impl DomainSchema {
+    fn visible(&self, name: &str) -> Option<(&Arc<Product>, CallerProductView)> {
+        let product = self.mesh.product(&self.domain, name)?;
+        let view = product.view_for(&self.caller);
+        view.visible.then_some((product, view))
+    }
+}
+
 #[async_trait]
 impl SchemaProvider for DomainSchema {
     fn table_names(&self) -> Vec<String> {
         self.mesh
             .domains
             .get(&self.domain)
-            .map(|d| d.products.keys().cloned().collect())
+            .map(|d| {
+                d.products
+                    .keys()
+                    .filter(|name| self.visible(name).is_some())
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     async fn table(&self, name: &str) -> DataFusionResult<Option<Arc<dyn TableProvider>>> {
-        let Some(product) = self.mesh.product(&self.domain, name) else {
+        let Some((product, view)) = self.visible(name) else {
             return Ok(None);
         };
-        match &product.data {
-            ProductData::Table(table) => Ok(Some(Arc::clone(table))),
+        {
+            let mut reads = self.reads.lock();
+            reads.products.insert(product.name.to_string());
+            reads.policies.extend(view.applied.iter().cloned());
+        }
+        let table = match &product.data {
+            ProductData::Table(table) => Arc::clone(table),
             ProductData::View { sql } => {
                 let session = self.session.upgrade().ok_or_else(|| {
                     DataFusionError::Internal("the caller's session has ended".into())
@@ -284,12 +417,17 @@ impl SchemaProvider for DomainSchema {
                         e.find_root()
                     ))
                 })?;
-                Ok(Some(Arc::new(ViewTable::new(plan, Some(sql.clone())))))
+                Arc::new(ViewTable::new(plan, Some(sql.clone())))
             }
-        }
+        };
+        Ok(Some(PolicyTable::wrap(
+            product.name.to_string(),
+            table,
+            &view,
+        )))
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.mesh.product(&self.domain, name).is_some()
+        self.visible(name).is_some()
     }
 }

@@ -45,6 +45,7 @@ pub struct MeshConfig {
     pub auth: AuthConfig,
     pub limits: Limits,
     pub governance: Governance,
+    pub audit: crate::audit::AuditOutput,
     pub domains: Vec<DomainConfig>,
 }
 
@@ -113,6 +114,8 @@ pub enum DefaultAccess {
 #[derive(Debug, Clone)]
 pub struct Governance {
     pub default_access: DefaultAccess,
+    /// Members see EXPLAIN ANALYZE in full, below policy barriers too.
+    pub admin_groups: Vec<String>,
     pub tag_policies: Vec<TagPolicyConfig>,
 }
 
@@ -293,6 +296,15 @@ impl MeshConfig {
         let auth = load_auth(file, &base, gateway.auth)?;
         let limits = load_limits(file, gateway.limits)?;
         let governance = load_governance(file, gateway.governance)?;
+        let audit = match gateway.audit.output.as_deref() {
+            None | Some("stdout") => crate::audit::AuditOutput::Stdout,
+            Some("stderr") => crate::audit::AuditOutput::Stderr,
+            Some("off") => crate::audit::AuditOutput::Off,
+            Some("") => {
+                return Err(ConfigError::new(file, "audit.output: must not be empty"));
+            }
+            Some(path) => crate::audit::AuditOutput::File(base.join(path)),
+        };
 
         let mut domains: Vec<DomainConfig> = Vec::new();
         for (index, pattern) in gateway.domains.iter().enumerate() {
@@ -340,6 +352,7 @@ impl MeshConfig {
             auth,
             limits,
             governance,
+            audit,
             domains,
         })
     }
@@ -504,6 +517,7 @@ fn load_governance(
     }
     Ok(Governance {
         default_access,
+        admin_groups: governance.admin_groups,
         tag_policies,
     })
 }

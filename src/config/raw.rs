@@ -17,6 +17,15 @@ pub(crate) struct GatewayFile {
     pub limits: LimitsSection,
     #[serde(default)]
     pub governance: GovernanceSection,
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuditSection {
+    /// `stdout`, `stderr`, `off`, or a file path.
+    pub output: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +81,8 @@ pub(crate) struct LimitsSection {
 #[serde(deny_unknown_fields)]
 pub(crate) struct GovernanceSection {
     pub default_access: Option<String>,
+    #[serde(default)]
+    pub admin_groups: Vec<String>,
     #[serde(default)]
     pub tag_policies: Vec<TagPolicyEntry>,
 }

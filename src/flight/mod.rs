@@ -74,9 +74,10 @@ impl MeshFlightService {
         &self,
         handle_bytes: &[u8],
         caller: &CallerIdentity,
+        request_client: Option<std::net::SocketAddr>,
     ) -> Result<(crate::query::CallerSession, PreparedQuery), Status> {
         let handle = StatementHandle::decode_for(handle_bytes, caller)?;
-        let session = self.engine.session(caller);
+        let session = self.engine.session(caller, request_client);
         let prepared = session.prepare(&handle.sql).await?;
         let bound = prepared.bind(handle.parameter_values()?)?;
         Ok((session, bound))
@@ -221,7 +222,7 @@ impl FlightSqlService for MeshFlightService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let caller = caller(&request)?;
-        let session = self.engine.session(&caller);
+        let session = self.engine.session(&caller, request.remote_addr());
         let prepared = session.prepare(&query.query).await?;
         if prepared.parameter_count() > 0 {
             return Err(QueryError::Parameters(
@@ -247,7 +248,11 @@ impl FlightSqlService for MeshFlightService {
     ) -> Result<Response<FlightInfo>, Status> {
         let caller = caller(&request)?;
         let (_, bound) = self
-            .plan_handle(&command.prepared_statement_handle, &caller)
+            .plan_handle(
+                &command.prepared_statement_handle,
+                &caller,
+                request.remote_addr(),
+            )
             .await?;
         flight_info(
             &bound.result_schema(),
@@ -364,7 +369,9 @@ impl FlightSqlService for MeshFlightService {
         request: Request<Ticket>,
     ) -> Result<Response<FlightDataStream>, Status> {
         let caller = caller(&request)?;
-        let (session, bound) = self.plan_handle(&ticket.statement_handle, &caller).await?;
+        let (session, bound) = self
+            .plan_handle(&ticket.statement_handle, &caller, request.remote_addr())
+            .await?;
         self.stream_query(session, bound).await
     }
 
@@ -375,7 +382,11 @@ impl FlightSqlService for MeshFlightService {
     ) -> Result<Response<FlightDataStream>, Status> {
         let caller = caller(&request)?;
         let (session, bound) = self
-            .plan_handle(&command.prepared_statement_handle, &caller)
+            .plan_handle(
+                &command.prepared_statement_handle,
+                &caller,
+                request.remote_addr(),
+            )
             .await?;
         self.stream_query(session, bound).await
     }
@@ -411,7 +422,7 @@ impl FlightSqlService for MeshFlightService {
     ) -> Result<Response<FlightDataStream>, Status> {
         let caller = caller(&request)?;
         let mut builder = query.into_builder();
-        for product in self.engine.visible_products(&caller) {
+        for product in self.engine.visible_products(&caller).await {
             builder
                 .append(
                     CATALOG_NAME,
@@ -545,6 +556,7 @@ impl FlightSqlService for MeshFlightService {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
         let caller = caller(&request)?;
+        let client = request.remote_addr();
         let handle = StatementHandle::decode_for(&command.prepared_statement_handle, &caller)?;
         let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(
             request.into_inner().map_err(FlightError::from),
@@ -555,7 +567,7 @@ impl FlightSqlService for MeshFlightService {
         let row = single_parameter_row(batches)?;
         let handle = handle.with_parameters(&row)?;
         // Check the values against the statement now, so a bad bind fails here.
-        let session = self.engine.session(&caller);
+        let session = self.engine.session(&caller, client);
         session
             .prepare(&handle.sql)
             .await?
@@ -579,7 +591,7 @@ impl FlightSqlService for MeshFlightService {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let caller = caller(&request)?;
-        let session = self.engine.session(&caller);
+        let session = self.engine.session(&caller, request.remote_addr());
         let prepared = session.prepare(&query.query).await?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: StatementHandle::new(&caller, &query.query).encode(),

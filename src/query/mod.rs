@@ -7,6 +7,7 @@ mod wire;
 
 use std::collections::HashMap;
 use std::future::Future as _;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -27,9 +28,11 @@ use futures::{Stream, StreamExt};
 pub(crate) use session::base_session_state;
 pub use wire::{to_wire_batch, wire_schema, wire_type};
 
+use crate::audit::{AuditLogRef, AuditRecord};
 use crate::auth::CallerIdentity;
-use crate::catalog::{Mesh, ProductData, ProductName};
+use crate::catalog::{Mesh, MeshCatalog, ProductData, ProductName, ReadLog};
 use crate::config::Limits;
+use crate::policy::render_plan;
 
 /// Why a query could not run. Messages are safe to show the caller.
 #[derive(Debug, thiserror::Error)]
@@ -139,11 +142,24 @@ pub struct VisibleProduct {
 pub struct QueryEngine {
     mesh: Arc<Mesh>,
     limits: Limits,
+    audit: AuditLogRef,
+    /// Groups whose members see EXPLAIN ANALYZE below policy barriers.
+    admin_groups: Vec<String>,
 }
 
 impl QueryEngine {
-    pub fn new(mesh: Arc<Mesh>, limits: Limits) -> Self {
-        Self { mesh, limits }
+    pub fn new(
+        mesh: Arc<Mesh>,
+        limits: Limits,
+        audit: AuditLogRef,
+        admin_groups: Vec<String>,
+    ) -> Self {
+        Self {
+            mesh,
+            limits,
+            audit,
+            admin_groups,
+        }
     }
 
     pub fn mesh(&self) -> &Arc<Mesh> {
@@ -151,40 +167,73 @@ impl QueryEngine {
     }
 
     /// A session for one caller and one request.
-    pub fn session(&self, caller: &CallerIdentity) -> CallerSession {
+    pub fn session(&self, caller: &CallerIdentity, client: Option<SocketAddr>) -> CallerSession {
+        let caller = Arc::new(caller.clone());
+        let reads = Arc::new(parking_lot::Mutex::new(ReadLog::default()));
+        let (context, catalog) =
+            session::caller_context(&self.mesh, Arc::clone(&caller), Arc::clone(&reads));
+        let is_admin = self.admin_groups.iter().any(|g| caller.has_group(g));
         CallerSession {
-            context: session::caller_context(&self.mesh),
-            caller: caller.clone(),
+            context,
+            catalog,
+            is_admin,
+            caller,
+            client,
+            reads,
             limits: self.limits.clone(),
+            audit: Arc::clone(&self.audit),
         }
     }
 
-    /// The domains the caller can see, in name order.
-    pub fn visible_domains(&self, _caller: &CallerIdentity) -> Vec<String> {
-        self.mesh.domains.keys().cloned().collect()
+    /// The domains the caller can see (those with a product they can see).
+    pub fn visible_domains(&self, caller: &CallerIdentity) -> Vec<String> {
+        let session = self.session(caller, None);
+        datafusion::catalog::CatalogProvider::schema_names(session.catalog.as_ref())
     }
 
-    /// The products the caller can see, in name order.
-    pub fn visible_products(&self, _caller: &CallerIdentity) -> Vec<VisibleProduct> {
-        self.mesh
-            .products()
-            .map(|product| VisibleProduct {
-                name: product.name.clone(),
-                table_type: match product.data {
-                    ProductData::Table(_) => "TABLE",
-                    ProductData::View { .. } => "VIEW",
-                },
-                description: product.config.description.clone(),
-                schema: wire_schema(&product.schema),
-            })
-            .collect()
+    /// The products the caller can see, with their schemas as the caller
+    /// sees them (denied columns absent, masked columns typed by their mask).
+    pub async fn visible_products(&self, caller: &CallerIdentity) -> Vec<VisibleProduct> {
+        let session = self.session(caller, None);
+        let mut visible = Vec::new();
+        for (domain, entry) in &self.mesh.domains {
+            for name in session.catalog.visible_products(domain) {
+                let Some(product) = entry.products.get(&name) else {
+                    continue;
+                };
+                // A view that does not plan for this caller is not usable by them.
+                let Ok(Some(table)) = session.catalog.product_table(domain, &name).await else {
+                    continue;
+                };
+                visible.push(VisibleProduct {
+                    name: product.name.clone(),
+                    table_type: match product.data {
+                        ProductData::Table(_) => "TABLE",
+                        ProductData::View { .. } => "VIEW",
+                    },
+                    description: product.config.description.clone(),
+                    schema: wire_schema(&table.schema()),
+                });
+            }
+        }
+        visible
     }
+}
+
+/// EXPLAIN, with or without ANALYZE, rendered by meshgate so that nothing
+/// below a policy barrier is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Explain {
+    Plan,
+    Analyze,
 }
 
 /// A planned statement, with its placeholders still unbound.
 #[derive(Debug, Clone)]
 pub struct PreparedQuery {
+    sql: Arc<str>,
     plan: LogicalPlan,
+    explain: Option<(Explain, SchemaRef)>,
     /// The placeholder types, in order (`$1`, `$2`, ...); `Null` when the
     /// planner could not infer one.
     parameter_types: Vec<DataType>,
@@ -193,7 +242,10 @@ pub struct PreparedQuery {
 impl PreparedQuery {
     /// The schema of the result rows, as sent on the wire.
     pub fn result_schema(&self) -> SchemaRef {
-        wire_schema(self.plan.schema().as_arrow())
+        match &self.explain {
+            Some((_, schema)) => wire_schema(schema),
+            None => wire_schema(self.plan.schema().as_arrow()),
+        }
     }
 
     /// One field per placeholder, named by position.
@@ -248,7 +300,9 @@ impl PreparedQuery {
             .with_param_values(ParamValues::from(values))
             .map_err(|e| QueryError::Parameters(e.find_root().to_string()))?;
         Ok(PreparedQuery {
+            sql: Arc::clone(&self.sql),
             plan,
+            explain: self.explain.clone(),
             parameter_types: Vec::new(),
         })
     }
@@ -257,8 +311,14 @@ impl PreparedQuery {
 /// One caller's session.
 pub struct CallerSession {
     context: SessionContext,
-    caller: CallerIdentity,
+    catalog: Arc<MeshCatalog>,
+    /// Sees EXPLAIN below policy barriers.
+    is_admin: bool,
+    caller: Arc<CallerIdentity>,
+    client: Option<SocketAddr>,
+    reads: Arc<parking_lot::Mutex<ReadLog>>,
     limits: Limits,
+    audit: AuditLogRef,
 }
 
 impl std::fmt::Debug for CallerSession {
@@ -274,8 +334,17 @@ impl CallerSession {
         &self.caller
     }
 
-    /// Parses, guards and plans `sql`.
+    /// Parses, guards and plans `sql`. A failure is audited.
     pub async fn prepare(&self, sql: &str) -> Result<PreparedQuery, QueryError> {
+        let started = Instant::now();
+        let result = self.plan_sql(sql).await;
+        if let Err(error) = &result {
+            self.audit(sql, started, 0, "error", Some(error.to_string()));
+        }
+        result
+    }
+
+    async fn plan_sql(&self, sql: &str) -> Result<PreparedQuery, QueryError> {
         if sql.len() > self.limits.max_sql_length {
             return Err(QueryError::Refused(format!(
                 "SQL text of {} bytes exceeds the limit of {} bytes",
@@ -311,41 +380,193 @@ impl CallerSession {
             .with_allow_statements(false)
             .verify_plan(&plan)
             .map_err(|e| QueryError::Refused(e.find_root().to_string()))?;
+        let (plan, explain) = match plan {
+            LogicalPlan::Explain(explain) => {
+                let schema = Arc::new(explain.schema.as_arrow().clone());
+                (explain.plan.as_ref().clone(), Some((Explain::Plan, schema)))
+            }
+            LogicalPlan::Analyze(analyze) => {
+                let schema = Arc::new(analyze.schema.as_arrow().clone());
+                (
+                    analyze.input.as_ref().clone(),
+                    Some((Explain::Analyze, schema)),
+                )
+            }
+            plan => (plan, None),
+        };
         let parameter_types = parameter_types(&plan)?;
         Ok(PreparedQuery {
+            sql: Arc::from(sql),
             plan,
+            explain,
             parameter_types,
         })
     }
 
     /// Executes a fully bound query. The stream yields wire-typed, non-empty
-    /// batches and fails with [`QueryError::Timeout`] past the query timeout.
+    /// batches, fails with [`QueryError::Timeout`] past the query timeout,
+    /// and writes the audit record when it ends or is dropped.
     pub async fn execute(&self, query: PreparedQuery) -> Result<QueryStream, QueryError> {
+        let started = Instant::now();
+        let result = self.start(&query, started).await;
+        match result {
+            Ok(inner) => Ok(QueryStream {
+                inner,
+                schema: query.result_schema(),
+                deadline: tokio::time::Instant::from_std(started + self.limits.query_timeout),
+                timeout: self.limits.query_timeout,
+                sleep: None,
+                audit: Some(PendingAudit {
+                    session: self.audit_context(&query.sql),
+                    started,
+                    rows: 0,
+                    failure: None,
+                    finished: false,
+                }),
+            }),
+            Err(error) => {
+                self.audit(&query.sql, started, 0, "error", Some(error.to_string()));
+                Err(error)
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        query: &PreparedQuery,
+        started: Instant,
+    ) -> Result<SendableRecordBatchStream, QueryError> {
         if query.parameter_count() > 0 {
             return Err(QueryError::Parameters(format!(
                 "the statement has {} unbound placeholder(s): bind values first",
                 query.parameter_count()
             )));
         }
-        let schema = query.result_schema();
-        let started = Instant::now();
         let timeout = self.limits.query_timeout;
+        let state = self.context.state();
         let planning = async {
-            let state = self.context.state();
             let physical = state.create_physical_plan(&query.plan).await?;
-            datafusion::physical_plan::execute_stream(physical, state.task_ctx())
+            match &query.explain {
+                None => Ok(datafusion::physical_plan::execute_stream(
+                    physical,
+                    state.task_ctx(),
+                )?),
+                Some((mode, schema)) => {
+                    if *mode == Explain::Analyze {
+                        // Run to completion so that metrics are complete.
+                        let mut stream = datafusion::physical_plan::execute_stream(
+                            Arc::clone(&physical),
+                            state.task_ctx(),
+                        )?;
+                        while let Some(batch) = stream.next().await {
+                            batch?;
+                        }
+                    }
+                    let logical = state.optimize(&query.plan)?;
+                    explain_stream(
+                        schema,
+                        &logical.display_indent().to_string(),
+                        &render_plan(&physical, *mode == Explain::Analyze, !self.is_admin),
+                    )
+                }
+            }
         };
-        let inner = tokio::time::timeout(timeout, planning)
-            .await
-            .map_err(|_| QueryError::Timeout(timeout))??;
-        Ok(QueryStream {
-            inner,
-            schema,
-            deadline: tokio::time::Instant::from_std(started + timeout),
-            timeout,
-            sleep: None,
-        })
+        match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), planning).await {
+            Ok(result) => result.map_err(QueryError::from),
+            Err(_) => Err(QueryError::Timeout(timeout)),
+        }
     }
+
+    fn audit_context(&self, sql: &str) -> AuditContext {
+        AuditContext {
+            log: Arc::clone(&self.audit),
+            user: self.caller.user.clone(),
+            client: self.client.map(|c| c.to_string()),
+            sql: sql.to_string(),
+            reads: Arc::clone(&self.reads),
+        }
+    }
+
+    fn audit(
+        &self,
+        sql: &str,
+        started: Instant,
+        rows: u64,
+        outcome: &'static str,
+        error: Option<String>,
+    ) {
+        self.audit_context(sql).write(started, rows, outcome, error);
+    }
+}
+
+/// What an audit record needs from the session that ran the query.
+struct AuditContext {
+    log: AuditLogRef,
+    user: String,
+    client: Option<String>,
+    sql: String,
+    reads: Arc<parking_lot::Mutex<ReadLog>>,
+}
+
+impl AuditContext {
+    fn write(&self, started: Instant, rows: u64, outcome: &'static str, error: Option<String>) {
+        let reads = self.reads.lock().clone();
+        self.log.record(&AuditRecord {
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            user: self.user.clone(),
+            client: self.client.clone(),
+            sql: self.sql.clone(),
+            products: reads.products.into_iter().collect(),
+            policies: reads.policies.into_iter().collect(),
+            rows,
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            outcome,
+            error,
+        });
+    }
+}
+
+/// The audit record of a running query, written when its stream ends.
+struct PendingAudit {
+    session: AuditContext,
+    started: Instant,
+    rows: u64,
+    failure: Option<String>,
+    finished: bool,
+}
+
+impl Drop for PendingAudit {
+    fn drop(&mut self) {
+        let outcome = match (&self.failure, self.finished) {
+            (Some(_), _) => "error",
+            (None, true) => "ok",
+            (None, false) => "cancelled",
+        };
+        self.session
+            .write(self.started, self.rows, outcome, self.failure.take());
+    }
+}
+
+/// The two rows of an EXPLAIN answer.
+fn explain_stream(
+    schema: &SchemaRef,
+    logical: &str,
+    physical: &str,
+) -> datafusion::error::Result<SendableRecordBatchStream> {
+    use arrow::array::StringArray;
+    let batch = RecordBatch::try_new(
+        Arc::clone(schema),
+        vec![
+            Arc::new(StringArray::from(vec!["logical_plan", "physical_plan"])),
+            Arc::new(StringArray::from(vec![logical, physical])),
+        ],
+    )?;
+    Ok(Box::pin(
+        datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+            Arc::clone(schema),
+            futures::stream::iter([Ok(batch)]),
+        ),
+    ))
 }
 
 fn parameter_types(plan: &LogicalPlan) -> Result<Vec<DataType>, QueryError> {
@@ -382,6 +603,7 @@ pub struct QueryStream {
     deadline: tokio::time::Instant,
     timeout: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    audit: Option<PendingAudit>,
 }
 
 impl std::fmt::Debug for QueryStream {
@@ -396,6 +618,16 @@ impl QueryStream {
     pub fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
+
+    /// Notes a failure for the audit record and passes it on.
+    fn failed(&mut self, error: QueryError) -> QueryError {
+        if let Some(audit) = &mut self.audit
+            && audit.failure.is_none()
+        {
+            audit.failure = Some(error.to_string());
+        }
+        error
+    }
 }
 
 impl Stream for QueryStream {
@@ -407,8 +639,8 @@ impl Stream for QueryStream {
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if sleep.as_mut().poll(cx).is_ready() {
-            let timeout = self.timeout;
-            return Poll::Ready(Some(Err(QueryError::Timeout(timeout))));
+            let error = QueryError::Timeout(self.timeout);
+            return Poll::Ready(Some(Err(self.failed(error))));
         }
         loop {
             match self.inner.poll_next_unpin(cx) {
@@ -418,12 +650,27 @@ impl Stream for QueryStream {
                         continue;
                     }
                     let schema = Arc::clone(&self.schema);
-                    return Poll::Ready(Some(
-                        to_wire_batch(batch, &schema).map_err(|e| classify_arrow(&e)),
-                    ));
+                    let converted = to_wire_batch(batch, &schema).map_err(|e| classify_arrow(&e));
+                    return Poll::Ready(Some(match converted {
+                        Ok(batch) => {
+                            if let Some(audit) = &mut self.audit {
+                                audit.rows += batch.num_rows() as u64;
+                            }
+                            Ok(batch)
+                        }
+                        Err(error) => Err(self.failed(error)),
+                    }));
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(classify(&e)))),
-                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) => {
+                    let error = classify(&e);
+                    return Poll::Ready(Some(Err(self.failed(error))));
+                }
+                Poll::Ready(None) => {
+                    if let Some(audit) = &mut self.audit {
+                        audit.finished = true;
+                    }
+                    return Poll::Ready(None);
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }

@@ -9,7 +9,8 @@ use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-use crate::catalog::{CATALOG_NAME, Mesh, MeshCatalog};
+use crate::auth::CallerIdentity;
+use crate::catalog::{CATALOG_NAME, Mesh, MeshCatalog, ReadLog};
 
 /// The schema unqualified names resolve in; it holds no products, so every
 /// product is named `domain.product` (or `mesh.domain.product`).
@@ -36,10 +37,20 @@ pub(crate) fn base_session_state(runtime: Arc<RuntimeEnv>) -> SessionState {
         .build()
 }
 
-/// A session in which `mesh` resolves products for one caller.
-pub(crate) fn caller_context(mesh: &Arc<Mesh>) -> SessionContext {
+/// A session in which `mesh` resolves products for one caller, and the
+/// catalog it resolves them through.
+pub(crate) fn caller_context(
+    mesh: &Arc<Mesh>,
+    caller: Arc<CallerIdentity>,
+    reads: Arc<parking_lot::Mutex<ReadLog>>,
+) -> (SessionContext, Arc<MeshCatalog>) {
     let context = SessionContext::new_with_state(base_session_state(mesh.runtime()));
-    let catalog = MeshCatalog::new(Arc::clone(mesh), context.state_weak_ref());
-    context.register_catalog(CATALOG_NAME, Arc::new(catalog));
-    context
+    let catalog = Arc::new(MeshCatalog::new(
+        Arc::clone(mesh),
+        caller,
+        context.state_weak_ref(),
+        reads,
+    ));
+    context.register_catalog(CATALOG_NAME, Arc::clone(&catalog) as _);
+    (context, catalog)
 }

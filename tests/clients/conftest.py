@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -32,17 +33,27 @@ def demo_server():
     with tempfile.TemporaryDirectory(prefix="meshgate-clients-") as tmp:
         root = pathlib.Path(tmp)
         subprocess.run([binary, "demo", str(root), "--scale", SCALE], check=True, capture_output=True)
+        # stdout carries the listening line, then the audit log: keep it in a
+        # file so that the server never blocks on a full pipe.
+        out_path = root / "stdout.log"
+        out = open(out_path, "w")
         process = subprocess.Popen(
             [binary, "serve", "--config", str(root / "meshgate.toml"), "--flight-addr", "127.0.0.1:0"],
-            stdout=subprocess.PIPE,
+            stdout=out,
             stderr=subprocess.DEVNULL,
-            text=True,
         )
         try:
-            first = process.stdout.readline()
+            deadline = time.monotonic() + 60
+            first = ""
+            while time.monotonic() < deadline and process.poll() is None:
+                first = out_path.read_text().split("\n")[0]
+                if first.startswith("meshgate listening on grpc://"):
+                    break
+                time.sleep(0.05)
             assert first.startswith("meshgate listening on grpc://"), first
             uri = first.split()[3]
             yield DemoServer(uri, root)
         finally:
             process.terminate()
             process.wait(timeout=30)
+            out.close()

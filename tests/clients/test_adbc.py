@@ -38,11 +38,45 @@ def expected_join(data):
 
 
 def test_cross_domain_join_matches_the_files(demo_server):
-    with connect(demo_server) as conn, conn.cursor() as cur:
+    # carol (crm) sees every customer.
+    with connect(demo_server, "carol") as conn, conn.cursor() as cur:
         cur.execute(JOIN)
         rows = cur.fetchall()
     assert len(rows) == 25
     assert rows == expected_join(demo_server.data)
+
+
+def test_policies_shape_what_each_user_sees(demo_server):
+    sql = "SELECT c_region, count(*) FROM crm.customer GROUP BY c_region ORDER BY 1"
+    with connect(demo_server, "alice") as conn, conn.cursor() as cur:
+        cur.execute(sql)
+        assert [r[0] for r in cur.fetchall()] == ["EUROPE"]
+        cur.execute("SELECT c_phone FROM crm.customer LIMIT 1")
+        assert cur.fetchall() == [("***",)]
+        cur.execute("SELECT * FROM crm.customer LIMIT 1")
+        assert "c_acctbal" not in [d[0] for d in cur.description]
+    with connect(demo_server, "bob") as conn, conn.cursor() as cur:
+        cur.execute(sql)
+        assert [r[0] for r in cur.fetchall()] == ["AMERICA"]
+        cur.execute("SELECT c_phone FROM crm.customer LIMIT 1")
+        assert cur.fetchall()[0][0] != "***"
+    with connect(demo_server, "carol") as conn, conn.cursor() as cur:
+        cur.execute(sql)
+        assert len(cur.fetchall()) == 5
+        cur.execute("SELECT c_acctbal FROM crm.customer LIMIT 1")
+        assert isinstance(cur.fetchall()[0][0], decimal.Decimal)
+        with pytest.raises(adbc_driver_manager.ProgrammingError, match="table 'mesh.supply.part' not found"):
+            cur.execute("SELECT * FROM supply.part")
+    with connect(demo_server, "dave") as conn:
+        objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
+        tables = {
+            (s["db_schema_name"], t["table_name"])
+            for c in objects
+            for s in c["catalog_db_schemas"]
+            for t in s["db_schema_tables"]
+        }
+        assert ("supply", "part") in tables
+        assert ("crm", "customer") not in tables and ("sales", "orders") not in tables
 
 
 def test_arrow_results_have_plain_types(demo_server):

@@ -26,7 +26,7 @@ pub(crate) const SCALE: f64 = 0.01;
 pub(crate) fn demo_data() -> PathBuf {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let dir = base.join(format!("meshgate-demo-sf{SCALE}"));
-    if dir.join(format!("data/.complete-sf{SCALE}")).exists() {
+    if meshgate::demo::data_marker(&dir, SCALE).exists() {
         return dir;
     }
     // Generate aside and move into place, so parallel test processes never
@@ -34,10 +34,15 @@ pub(crate) fn demo_data() -> PathBuf {
     let scratch = base.join(format!("meshgate-demo-scratch-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     meshgate::demo::ensure_demo_data(&scratch, SCALE).expect("generate demo data");
-    if std::fs::rename(&scratch, &dir).is_err() {
+    if meshgate::demo::data_marker(&dir, SCALE).exists() {
         let _ = std::fs::remove_dir_all(&scratch);
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+        if std::fs::rename(&scratch, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
     }
-    assert!(dir.join(format!("data/.complete-sf{SCALE}")).exists());
+    assert!(meshgate::demo::data_marker(&dir, SCALE).exists());
     dir
 }
 
@@ -45,7 +50,8 @@ pub(crate) fn demo_data() -> PathBuf {
 pub(crate) struct TestServer {
     pub(crate) addr: std::net::SocketAddr,
     /// The config directory, removed when the server is dropped.
-    _dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) gateway: Arc<Gateway>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -68,6 +74,7 @@ impl TestServer {
             "hs256_secret = \"${MESHGATE_JWT_SECRET:-meshgate-demo-secret-do-not-use-in-production}\"",
             &format!("hs256_secret = \"{SECRET}\"\njwks_file = \"{}\"", keys.display()),
         );
+        let text = text.replace("output = \"stdout\"", "output = \"audit.jsonl\"");
         std::fs::write(&gateway_file, text).unwrap();
         customize(dir.path());
 
@@ -88,7 +95,8 @@ impl TestServer {
         });
         Self {
             addr,
-            _dir: dir,
+            dir,
+            gateway,
             shutdown: Some(shutdown),
             task: Some(task),
         }
@@ -115,6 +123,43 @@ impl TestServer {
             .expect("demo user logs in");
         client.authorization = Some(format!("Bearer {token}"));
         client
+    }
+
+    /// A client holding a token minted for any identity.
+    pub(crate) async fn as_identity(
+        &self,
+        user: &str,
+        groups: &[&str],
+        attributes: &[(&str, &str)],
+    ) -> TestClient {
+        let identity = meshgate::auth::CallerIdentity {
+            user: user.to_string(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let token = self.gateway.authenticator.mint(&identity).unwrap();
+        self.client().await.with_token(&token)
+    }
+
+    /// A caller whom no demo policy restricts.
+    pub(crate) async fn unrestricted(&self) -> TestClient {
+        self.as_identity(
+            "root",
+            &["analyst", "crm", "compliance", "pii_reader", "supply"],
+            &[],
+        )
+        .await
+    }
+
+    /// The audit records written so far.
+    pub(crate) fn audit_records(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     pub(crate) async fn stop(mut self) {

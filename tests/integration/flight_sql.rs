@@ -271,7 +271,7 @@ async fn create_prepared(
     Ok(any.unpack().unwrap().unwrap())
 }
 
-async fn bind(
+pub(crate) async fn bind(
     client: &mut TestClient,
     handle: bytes::Bytes,
     parameters: RecordBatch,
@@ -298,7 +298,7 @@ async fn bind(
     Ok(result.prepared_statement_handle.unwrap())
 }
 
-fn one_int64(value: i64) -> RecordBatch {
+pub(crate) fn one_int64(value: i64) -> RecordBatch {
     RecordBatch::try_new(
         Arc::new(Schema::new(vec![Field::new("0", DataType::Int64, true)])),
         vec![Arc::new(Int64Array::from(vec![value]))],

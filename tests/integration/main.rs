@@ -4,5 +4,6 @@ mod auth;
 mod cli;
 mod fixture;
 mod flight_sql;
+mod policies;
 mod queries;
 mod refusals;

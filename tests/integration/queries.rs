@@ -45,7 +45,7 @@ async fn direct(sql: &str) -> String {
 #[tokio::test]
 async fn a_join_across_three_domains_and_three_formats_matches_the_files() {
     let server = TestServer::start().await;
-    let mut client = server.login("alice").await;
+    let mut client = server.unrestricted().await;
     // Parquet (a directory and a file), CSV and newline-delimited JSON.
     let through_gateway = "SELECT n.n_name, count(*) AS orders, sum(o.o_totalprice) AS revenue \
         FROM sales.orders o \
@@ -70,7 +70,7 @@ async fn a_join_across_three_domains_and_three_formats_matches_the_files() {
 #[tokio::test]
 async fn arrow_ipc_and_view_products_are_readable() {
     let server = TestServer::start().await;
-    let mut client = server.login("alice").await;
+    let mut client = server.unrestricted().await;
     let rows = client
         .query("SELECT count(*) AS n, count(DISTINCT ps_suppkey) AS suppliers FROM supply.partsupp")
         .await

@@ -1,0 +1,291 @@
+//! Compiling policy text into typed DataFusion expressions, once, when the
+//! config loads. Each expression is parsed and type-checked against the
+//! product's schema; a policy that does not compile withdraws its product
+//! (fail closed) with a message naming domain, product and policy.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, DFSchema};
+use datafusion::logical_expr::simplify::SimplifyContext;
+use datafusion::logical_expr::{
+    ColumnarValue, Expr, ExprSchemable, ScalarUDF, Volatility, create_udf,
+};
+use datafusion::optimizer::simplify_expressions::ExprSimplifier;
+use datafusion::prelude::SessionContext;
+
+use super::{ColumnAction, ColumnRule, PolicyRule, ProductPolicy};
+use crate::config::{DefaultAccess, PolicyConfig, ProductConfig, TagPolicyConfig};
+
+pub(crate) const CURRENT_USER: &str = "current_user";
+pub(crate) const USER_ATTR: &str = "user_attr";
+pub(crate) const HAS_GROUP: &str = "has_group";
+
+/// The caller functions, as planning stubs: they are replaced by typed
+/// literals for each caller and never run.
+fn caller_functions() -> Vec<ScalarUDF> {
+    let unbound = |name: &'static str| {
+        Arc::new(move |_: &[ColumnarValue]| {
+            datafusion::common::exec_err!("{name}() is bound per caller and cannot run here")
+        })
+    };
+    vec![
+        create_udf(
+            CURRENT_USER,
+            vec![],
+            DataType::Utf8,
+            Volatility::Stable,
+            unbound(CURRENT_USER),
+        ),
+        create_udf(
+            USER_ATTR,
+            vec![DataType::Utf8],
+            DataType::Utf8,
+            Volatility::Stable,
+            unbound(USER_ATTR),
+        ),
+        create_udf(
+            HAS_GROUP,
+            vec![DataType::Utf8],
+            DataType::Boolean,
+            Volatility::Stable,
+            unbound(HAS_GROUP),
+        ),
+    ]
+}
+
+/// Parses and checks policy expressions against one schema.
+struct ExprCompiler {
+    context: SessionContext,
+    schema: Arc<DFSchema>,
+}
+
+/// What an expression is for, which decides what it may contain.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ExprRole {
+    /// `access`, `unless`: about the caller only, boolean.
+    CallerCondition,
+    /// `row_filter`: over the product's columns, boolean.
+    RowFilter,
+    /// `mask`: over the product's columns, any type.
+    Mask,
+}
+
+impl ExprCompiler {
+    fn new(schema: &Schema) -> Result<Self, String> {
+        let context = SessionContext::new();
+        for function in caller_functions() {
+            context.register_udf(function);
+        }
+        let schema = DFSchema::try_from(schema.clone()).map_err(|e| e.to_string())?;
+        Ok(Self {
+            context,
+            schema: Arc::new(schema),
+        })
+    }
+
+    fn compile(&self, sql: &str, role: ExprRole) -> Result<Expr, String> {
+        let state = self.context.state();
+        let expr = state
+            .create_logical_expr(sql, &self.schema)
+            .map_err(|e| e.find_root().to_string())?;
+        let simplifier = ExprSimplifier::new(
+            SimplifyContext::builder()
+                .with_schema(Arc::clone(&self.schema))
+                .build(),
+        );
+        let expr = simplifier
+            .coerce(expr, &self.schema)
+            .map_err(|e| e.find_root().to_string())?;
+        check_shape(&expr)?;
+        let data_type = expr
+            .get_type(&self.schema)
+            .map_err(|e| e.find_root().to_string())?;
+        if role != ExprRole::Mask && !matches!(data_type, DataType::Boolean | DataType::Null) {
+            return Err(format!(
+                "must be a boolean expression, but `{sql}` is {data_type}"
+            ));
+        }
+        if role == ExprRole::CallerCondition && !expr.column_refs().is_empty() {
+            return Err(format!(
+                "may use only current_user(), user_attr() and has_group(), not columns: `{sql}`"
+            ));
+        }
+        Ok(expr)
+    }
+}
+
+/// Refuses what a policy expression may not contain, and caller functions
+/// whose argument is not a string literal.
+fn check_shape(expr: &Expr) -> Result<(), String> {
+    let mut problem = None;
+    expr.apply(|e| {
+        let found = match e {
+            Expr::AggregateFunction(_) => Some("aggregate functions are not allowed".to_string()),
+            Expr::WindowFunction(_) => Some("window functions are not allowed".to_string()),
+            Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_) => {
+                Some("subqueries are not allowed".to_string())
+            }
+            Expr::Placeholder(_) => Some("placeholders are not allowed".to_string()),
+            Expr::ScalarFunction(function)
+                if matches!(function.func.name(), USER_ATTR | HAS_GROUP)
+                    && !matches!(function.args.as_slice(), [Expr::Literal(value, _)] if value.data_type() == DataType::Utf8) =>
+            {
+                Some(format!("{}() takes one string literal", function.func.name()))
+            }
+            _ => None,
+        };
+        match found {
+            Some(message) => {
+                problem = Some(message);
+                Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop)
+            }
+            None => Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue),
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    match problem {
+        Some(message) => Err(message),
+        None => Ok(()),
+    }
+}
+
+/// Compiles every policy that applies to one product.
+pub(crate) fn compile_product_policy(
+    domain: &str,
+    product: &ProductConfig,
+    schema: &Schema,
+    policies: &[(usize, &PolicyConfig)],
+    tag_policies: &[TagPolicyConfig],
+    default_access: DefaultAccess,
+) -> Result<ProductPolicy, String> {
+    let compiler = ExprCompiler::new(schema)?;
+    let name = format!("{domain}.{}", product.name);
+    let mut compiled = ProductPolicy {
+        default_access,
+        ..ProductPolicy::default()
+    };
+    let unless = |index: usize, text: &Option<String>, key: &str| -> Result<Option<Expr>, String> {
+        text.as_deref()
+            .map(|sql| {
+                compiler
+                    .compile(sql, ExprRole::CallerCondition)
+                    .map_err(|e| format!("policies[{index}].{key}.unless: {e}"))
+            })
+            .transpose()
+    };
+
+    for (index, policy) in policies {
+        let index = *index;
+        if let Some(sql) = &policy.access {
+            let expr = compiler
+                .compile(sql, ExprRole::CallerCondition)
+                .map_err(|e| format!("policies[{index}].access: {e}"))?;
+            compiled.access.push(PolicyRule {
+                id: format!("{name}#policies[{index}].access"),
+                expr,
+            });
+        }
+        if let Some(sql) = &policy.row_filter {
+            let expr = compiler
+                .compile(sql, ExprRole::RowFilter)
+                .map_err(|e| format!("policies[{index}].row_filter: {e}"))?;
+            compiled.row_filters.push(PolicyRule {
+                id: format!("{name}#policies[{index}].row_filter"),
+                expr,
+            });
+        }
+        for (column, rule) in &policy.columns {
+            let key = format!("columns.{column}");
+            let Some(position) = schema.index_of(column).ok() else {
+                return Err(format!(
+                    "policies[{index}].{key}: product `{name}` has no column `{column}`"
+                ));
+            };
+            let action = if rule.deny {
+                ColumnAction::Deny
+            } else {
+                let sql = rule.mask.as_deref().unwrap_or("NULL");
+                let expr = compiler
+                    .compile(sql, ExprRole::Mask)
+                    .map_err(|e| format!("policies[{index}].{key}.mask: {e}"))?;
+                ColumnAction::Mask(expr)
+            };
+            compiled.columns.push(ColumnRule {
+                id: format!("{name}#policies[{index}].{key}"),
+                column: position,
+                action,
+                unless: unless(index, &rule.unless, &key)?,
+            });
+        }
+    }
+
+    for (index, tag_policy) in tag_policies.iter().enumerate() {
+        for declared in product
+            .columns
+            .iter()
+            .filter(|c| c.tags.iter().any(|t| t == &tag_policy.tag))
+        {
+            let Ok(position) = schema.index_of(&declared.name) else {
+                continue;
+            };
+            let key = format!(
+                "governance.tag_policies[{index}] (tag `{}`)",
+                tag_policy.tag
+            );
+            let action = if tag_policy.deny {
+                ColumnAction::Deny
+            } else {
+                let sql = tag_policy.mask.as_deref().unwrap_or("NULL");
+                ColumnAction::Mask(
+                    compile_tag_mask(schema, &declared.name, sql)
+                        .map_err(|e| format!("{key}.mask on `{}`: {e}", declared.name))?,
+                )
+            };
+            let unless = tag_policy
+                .unless
+                .as_deref()
+                .map(|sql| {
+                    compiler
+                        .compile(sql, ExprRole::CallerCondition)
+                        .map_err(|e| format!("{key}.unless: {e}"))
+                })
+                .transpose()?;
+            compiled.columns.push(ColumnRule {
+                id: format!("{key} on {name}.{}", declared.name),
+                column: position,
+                action,
+                unless,
+            });
+        }
+    }
+    Ok(compiled)
+}
+
+/// A tag policy's mask names the tagged column's value `value`.
+fn compile_tag_mask(schema: &Schema, column: &str, sql: &str) -> Result<Expr, String> {
+    const VALUE: &str = "value";
+    let data_type = schema
+        .field_with_name(column)
+        .map_err(|e| e.to_string())?
+        .data_type()
+        .clone();
+    let mut fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .filter(|f| f.name() != VALUE)
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(VALUE, data_type, true));
+    let with_value = Schema::new(fields);
+    let expr = ExprCompiler::new(&with_value)?.compile(sql, ExprRole::Mask)?;
+    expr.transform(|e| match e {
+        Expr::Column(c) if c.name == VALUE => Ok(Transformed::yes(Expr::Column(
+            Column::new_unqualified(column),
+        ))),
+        other => Ok(Transformed::no(other)),
+    })
+    .map(|t| t.data)
+    .map_err(|e| e.to_string())
+}

@@ -1,0 +1,232 @@
+//! A product's table as a restricted caller sees it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use arrow::datatypes::{Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::DFSchema;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::error::Result;
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::Column as ColumnExpr;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::filter::FilterExec;
+
+use super::leakproof::is_leakproof;
+use super::{CallerProductView, ColumnView, PolicyExec};
+
+/// Wraps a product's table with the caller's row filter, masks and denials.
+/// Its statistics are unknown, so no answer is computed from source metadata.
+#[derive(Debug)]
+pub struct PolicyTable {
+    product: String,
+    inner: Arc<dyn TableProvider>,
+    /// For each column of the caller's schema: its index in the product's
+    /// schema, and how the caller sees it.
+    columns: Vec<(usize, ColumnView)>,
+    row_filter: Option<Expr>,
+    schema: SchemaRef,
+}
+
+impl PolicyTable {
+    /// The table for `view`; the product's own table when nothing restricts the caller.
+    pub fn wrap(
+        product: String,
+        inner: Arc<dyn TableProvider>,
+        view: &CallerProductView,
+    ) -> Arc<dyn TableProvider> {
+        if view.is_unrestricted() {
+            return inner;
+        }
+        let base = inner.schema();
+        let schema = view.caller_schema(&base);
+        let columns = view
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !matches!(c, ColumnView::Denied))
+            .map(|(index, c)| (index, c.clone()))
+            .collect();
+        Arc::new(Self {
+            product,
+            inner,
+            columns,
+            row_filter: view.row_filter.clone(),
+            schema,
+        })
+    }
+
+    /// Whether a caller's filter may run below the row filter: it must be
+    /// leakproof and read only columns the caller sees unmasked.
+    fn may_push_down(&self, filter: &Expr) -> bool {
+        let base = self.inner.schema();
+        is_leakproof(filter)
+            && filter.column_refs().iter().all(|column| {
+                self.columns.iter().any(|(index, view)| {
+                    matches!(view, ColumnView::Plain) && base.field(*index).name() == &column.name
+                })
+            })
+    }
+}
+
+#[async_trait]
+impl TableProvider for PolicyTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        let candidates: Vec<&Expr> = filters
+            .iter()
+            .copied()
+            .filter(|f| self.may_push_down(f))
+            .collect();
+        let inner = self.inner.supports_filters_pushdown(&candidates)?;
+        let mut inner = inner.into_iter();
+        Ok(filters
+            .iter()
+            .map(|f| {
+                if !self.may_push_down(f) {
+                    return TableProviderFilterPushDown::Unsupported;
+                }
+                match inner.next() {
+                    // Applied again above the barrier: the source's answer
+                    // only narrows what it reads.
+                    Some(
+                        TableProviderFilterPushDown::Exact | TableProviderFilterPushDown::Inexact,
+                    ) => TableProviderFilterPushDown::Inexact,
+                    _ => TableProviderFilterPushDown::Unsupported,
+                }
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let wanted: Vec<usize> = match projection {
+            Some(projection) => projection.clone(),
+            None => (0..self.columns.len()).collect(),
+        };
+        let base = self.inner.schema();
+
+        // The raw columns the barrier needs: the row filter's, and those
+        // the requested columns are computed from.
+        let mut needed: BTreeSet<usize> = BTreeSet::new();
+        let add_refs = |expr: &Expr, needed: &mut BTreeSet<usize>| {
+            for column in expr.column_refs() {
+                if let Ok(index) = base.index_of(&column.name) {
+                    needed.insert(index);
+                }
+            }
+        };
+        if let Some(filter) = &self.row_filter {
+            add_refs(filter, &mut needed);
+        }
+        for filter in filters {
+            add_refs(filter, &mut needed);
+        }
+        for &position in &wanted {
+            match &self.columns[position].1 {
+                ColumnView::Masked { expr, .. } => add_refs(expr, &mut needed),
+                _ => {
+                    needed.insert(self.columns[position].0);
+                }
+            }
+        }
+        let base_projection: Vec<usize> = needed.into_iter().collect();
+
+        // A limit may pass only when no row is hidden.
+        let inner_limit = if self.row_filter.is_none() {
+            limit
+        } else {
+            None
+        };
+        let input = self
+            .inner
+            .scan(state, Some(&base_projection), filters, inner_limit)
+            .await?;
+        let input_schema = input.schema();
+        let df_schema = DFSchema::try_from(input_schema.as_ref().clone())?;
+
+        // Below the barrier: the row filter and the caller's leakproof
+        // filters, as a filter the physical optimizer pushes into the scan
+        // (row-group and page pruning, late materialization).
+        let below: Vec<Expr> = self
+            .row_filter
+            .iter()
+            .cloned()
+            .chain(filters.iter().map(unqualified))
+            .collect();
+        let input: Arc<dyn ExecutionPlan> = match conjunction(below) {
+            Some(predicate) => Arc::new(FilterExec::try_new(
+                state.create_physical_expr(predicate, &df_schema)?,
+                input,
+            )?),
+            None => input,
+        };
+
+        // The barrier applies the row filter again, so that hiding rows never
+        // depends on how the optimizer treats the filter below it.
+        let row_filter = self
+            .row_filter
+            .as_ref()
+            .map(|f| state.create_physical_expr(f.clone(), &df_schema))
+            .transpose()?;
+        let mut exprs: Vec<Arc<dyn PhysicalExpr>> = Vec::with_capacity(wanted.len());
+        for &position in &wanted {
+            let (index, view) = &self.columns[position];
+            let expr = match view {
+                ColumnView::Masked { expr, .. } => {
+                    state.create_physical_expr(expr.clone(), &df_schema)?
+                }
+                _ => {
+                    let name = base.field(*index).name();
+                    Arc::new(ColumnExpr::new(name, input_schema.index_of(name)?)) as _
+                }
+            };
+            exprs.push(expr);
+        }
+        let output = Arc::new(Schema::new(
+            wanted
+                .iter()
+                .map(|&p| self.schema.field(p).clone())
+                .collect::<Vec<_>>(),
+        ));
+        Ok(Arc::new(PolicyExec::new(
+            self.product.clone(),
+            input,
+            row_filter,
+            exprs,
+            output,
+        )))
+    }
+}
+
+/// The expression with its columns unqualified, as the scan's schema names them.
+fn unqualified(expr: &Expr) -> Expr {
+    expr.clone()
+        .transform(|e| match e {
+            Expr::Column(column) if column.relation.is_some() => Ok(Transformed::yes(
+                Expr::Column(datafusion::common::Column::new_unqualified(column.name)),
+            )),
+            other => Ok(Transformed::no(other)),
+        })
+        .map(|t| t.data)
+        .unwrap_or_else(|_| expr.clone())
+}

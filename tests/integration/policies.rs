@@ -1,0 +1,841 @@
+//! Query-time access policies (DESIGN §3): one test per rule, an adversarial
+//! suite, and pruning under policies. The `hr` domain below has known rows:
+//!
+//! | id | name | region | salary | dept | divisor | code |
+//! |  1 | Ann  | EU     | 100    | eng  | 1       | 1    |
+//! |  2 | Bob  | EU     | 200    | ops  | 2       | 2    |
+//! |  3 | Cid  | US     | 300    | eng  | 0       | abc  |
+//! |  4 | Dee  | US     | 400    | ops  | 0       | xyz  |
+//! |  5 | Eve  | APAC   | 500    | eng  | 0       | q    |
+//!
+//! Row filters: own region (or `hr_admin`), AND `salary < 450`. So an EU
+//! analyst sees 1-2, a US analyst 3-4, an HR admin 1-4, nobody sees Eve.
+//! Hidden rows carry `divisor = 0` and non-numeric `code`s, so any caller
+//! expression evaluated on a hidden row fails the query.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::ipc::convert::try_schema_from_ipc_buffer;
+use arrow_flight::sql::{
+    ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult, Any,
+    CommandGetDbSchemas, CommandGetTables, CommandStatementQuery, ProstMessageExt,
+};
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+use prost::Message;
+use tonic::Code;
+
+use crate::fixture::{TestClient, TestServer, pretty, row_count};
+
+const HR_DOMAIN: &str = r#"
+name = "hr"
+owner = "hr@acme.example"
+description = "People"
+
+[storage.files]
+type = "object_store"
+url = "file://../hrdata"
+
+[[products]]
+name = "employees"
+description = "One row per employee"
+storage = "files"
+location = "employees.parquet"
+format = "parquet"
+columns = [
+  { name = "id", type = "Int64" },
+  { name = "name", type = "Utf8" },
+  { name = "region", type = "Utf8" },
+  { name = "salary", type = "Int64" },
+  { name = "email", type = "Utf8", tags = ["pii"] },
+  { name = "ssn", type = "Utf8", tags = ["pii"] },
+  { name = "dept", type = "Utf8" },
+  { name = "divisor", type = "Int64" },
+  { name = "code", type = "Utf8" },
+]
+
+[[products]]
+name = "salaries_secret"
+storage = "files"
+location = "employees.parquet"
+format = "parquet"
+
+[[products]]
+name = "eng_headcount"
+sql = "SELECT region, count(*) AS n, sum(salary) AS total FROM hr.employees WHERE dept = 'eng' GROUP BY region"
+
+[[policies]]
+product = "employees"
+access = "has_group('hr') OR has_group('analyst')"
+row_filter = "region = user_attr('region') OR has_group('hr_admin')"
+columns.email = { mask = "regexp_replace(email, '^[^@]+', '***')", unless = "has_group('pii_reader')" }
+columns.ssn = { deny = true, unless = "has_group('compliance')" }
+
+[[policies]]
+product = "employees"
+row_filter = "salary < 450"
+
+[[policies]]
+product = "salaries_secret"
+access = "has_group('hr_admin')"
+
+[[policies]]
+product = "eng_headcount"
+access = "has_group('hr') OR has_group('analyst')"
+"#;
+
+fn write_employees(dir: &Path) {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("region", DataType::Utf8, false),
+        Field::new("salary", DataType::Int64, false),
+        Field::new("email", DataType::Utf8, false),
+        Field::new("ssn", DataType::Utf8, false),
+        Field::new("dept", DataType::Utf8, false),
+        Field::new("divisor", DataType::Int64, false),
+        Field::new("code", DataType::Utf8, false),
+    ]));
+    let strings = |v: &[&str]| Arc::new(StringArray::from(v.to_vec())) as _;
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(Int64Array::from(vec![1, 2, 3, 4, 5])),
+            strings(&["Ann", "Bob", "Cid", "Dee", "Eve"]),
+            strings(&["EU", "EU", "US", "US", "APAC"]),
+            Arc::new(Int64Array::from(vec![100, 200, 300, 400, 500])),
+            strings(&[
+                "ann@acme.example",
+                "bob@acme.example",
+                "cid@acme.example",
+                "dee@acme.example",
+                "eve@acme.example",
+            ]),
+            strings(&[
+                "111-11-1111",
+                "222-22-2222",
+                "333-33-3333",
+                "444-44-4444",
+                "555-55-5555",
+            ]),
+            strings(&["eng", "ops", "eng", "ops", "eng"]),
+            Arc::new(Int64Array::from(vec![1, 2, 0, 0, 0])),
+            strings(&["1", "2", "abc", "xyz", "q"]),
+        ],
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    // One row per row group, so that pruning is visible.
+    let properties = WriterProperties::builder()
+        .set_max_row_group_row_count(Some(1))
+        .build();
+    let file = std::fs::File::create(dir.join("employees.parquet")).unwrap();
+    let mut writer = ArrowWriter::try_new(file, schema, Some(properties)).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+async fn hr_server() -> TestServer {
+    TestServer::start_with(|dir| {
+        std::fs::write(dir.join("domains/hr.toml"), HR_DOMAIN).unwrap();
+        write_employees(&dir.join("hrdata"));
+    })
+    .await
+}
+
+async fn eu(server: &TestServer) -> TestClient {
+    server
+        .as_identity("erin", &["analyst"], &[("region", "EU")])
+        .await
+}
+
+async fn us_pii(server: &TestServer) -> TestClient {
+    server
+        .as_identity("uma", &["analyst", "pii_reader"], &[("region", "US")])
+        .await
+}
+
+async fn hr_admin(server: &TestServer) -> TestClient {
+    server
+        .as_identity("hana", &["hr", "hr_admin", "compliance"], &[])
+        .await
+}
+
+async fn outsider(server: &TestServer) -> TestClient {
+    server.as_identity("otto", &[], &[]).await
+}
+
+fn lines(text: &str) -> String {
+    text.trim()
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn rows(client: &mut TestClient, sql: &str) -> String {
+    match client.query(sql).await {
+        Ok(batches) => pretty(&batches),
+        Err(status) => panic!("{sql}: {status:?}"),
+    }
+}
+
+async fn error(client: &mut TestClient, sql: &str) -> tonic::Status {
+    match client.query(sql).await {
+        Ok(batches) => panic!("{sql}: expected an error, got\n{}", pretty(&batches)),
+        Err(status) => status,
+    }
+}
+
+async fn table_names(client: &mut TestClient) -> Vec<String> {
+    let command = CommandGetTables {
+        catalog: None,
+        db_schema_filter_pattern: None,
+        table_name_filter_pattern: None,
+        table_types: vec![],
+        include_schema: true,
+    };
+    let (_, batches) = client.command(command.as_any()).await.unwrap();
+    let text = pretty(&batches);
+    text.lines()
+        .skip(3)
+        .filter(|l| l.starts_with('|'))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            format!("{}.{}", cells[2], cells[3])
+        })
+        .collect()
+}
+
+async fn table_schema(client: &mut TestClient, domain: &str, table: &str) -> Schema {
+    let command = CommandGetTables {
+        catalog: None,
+        db_schema_filter_pattern: Some(domain.into()),
+        table_name_filter_pattern: Some(table.into()),
+        table_types: vec![],
+        include_schema: true,
+    };
+    let (_, batches) = client.command(command.as_any()).await.unwrap();
+    use arrow::array::AsArray;
+    let column = batches[0]
+        .column_by_name("table_schema")
+        .unwrap()
+        .as_binary::<i32>();
+    try_schema_from_ipc_buffer(column.value(0)).unwrap()
+}
+
+fn field_names(schema: &Schema) -> Vec<&str> {
+    schema.fields().iter().map(|f| f.name().as_str()).collect()
+}
+
+#[tokio::test]
+async fn rule_1_access_hides_products_from_planning_and_metadata() {
+    let server = hr_server().await;
+    let mut eu = eu(&server).await;
+    let mut outsider = outsider(&server).await;
+
+    // Not accessible reads exactly like never defined.
+    let secret = error(&mut eu, "SELECT * FROM hr.salaries_secret").await;
+    let missing = error(&mut eu, "SELECT * FROM hr.salaries_nothing").await;
+    assert_eq!(secret.code(), Code::NotFound);
+    assert_eq!(
+        secret.message().replace("salaries_secret", "X"),
+        missing.message().replace("salaries_nothing", "X")
+    );
+    let hidden = error(&mut outsider, "SELECT * FROM hr.employees").await;
+    assert_eq!(hidden.code(), Code::NotFound);
+
+    let names = table_names(&mut eu).await;
+    assert!(names.contains(&"hr.employees".to_string()));
+    assert!(!names.contains(&"hr.salaries_secret".to_string()));
+    let names = table_names(&mut outsider).await;
+    assert!(!names.iter().any(|n| n.starts_with("hr.")), "{names:?}");
+    // A domain with nothing the caller can see is not listed either.
+    let schemas = CommandGetDbSchemas {
+        catalog: None,
+        db_schema_filter_pattern: None,
+    };
+    let (_, batches) = outsider.command(schemas.as_any()).await.unwrap();
+    assert!(!pretty(&batches).contains("| hr "), "{}", pretty(&batches));
+    let (_, batches) = eu.command(schemas.as_any()).await.unwrap();
+    assert!(pretty(&batches).contains("| hr "));
+
+    let mut admin = hr_admin(&server).await;
+    assert_eq!(
+        row_count(
+            &admin
+                .query("SELECT * FROM hr.salaries_secret")
+                .await
+                .unwrap()
+        ),
+        5
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rule_2_denied_columns_do_not_exist() {
+    let server = hr_server().await;
+    let mut eu = eu(&server).await;
+    let star = rows(&mut eu, "SELECT * FROM hr.employees ORDER BY id").await;
+    assert!(!star.contains("ssn") && !star.contains("111-11"), "{star}");
+
+    // Every spelling fails exactly as it does for a column that never existed.
+    for spelling in [
+        "SELECT ssn FROM hr.employees",
+        "SELECT e.ssn FROM hr.employees e",
+        "SELECT \"ssn\" FROM hr.employees",
+        "SELECT employees.ssn FROM hr.employees",
+        "SELECT hr.employees.ssn FROM hr.employees",
+        "SELECT id FROM hr.employees WHERE ssn = '111-11-1111'",
+        "SELECT id FROM hr.employees ORDER BY ssn",
+        "SELECT count(*) FROM hr.employees GROUP BY ssn",
+        "SELECT a.id FROM hr.employees a JOIN hr.employees b USING (ssn)",
+        "SELECT a.id FROM hr.employees a JOIN hr.employees b ON a.ssn = b.ssn",
+        "SELECT id FROM hr.employees WHERE id IN (SELECT id FROM hr.employees WHERE ssn IS NOT NULL)",
+    ] {
+        let denied = error(&mut eu, spelling).await;
+        let never = error(&mut eu, &spelling.replace("ssn", "nonexistent")).await;
+        assert_eq!(denied.code(), never.code(), "{spelling}");
+        // (DataFusion may suggest a similar visible column; the suggestion
+        // depends on the name typed, never on what is hidden.)
+        assert_eq!(
+            without_suggestion(denied.message()).replace("ssn", "X"),
+            without_suggestion(never.message()).replace("nonexistent", "X"),
+            "{spelling}"
+        );
+        assert!(
+            !denied.message().contains("ssn'"),
+            "{spelling}: {}",
+            denied.message()
+        );
+    }
+
+    // Schemas: GetTables, GetFlightInfo, prepared statements.
+    let schema = table_schema(&mut eu, "hr", "employees").await;
+    assert_eq!(
+        field_names(&schema),
+        [
+            "id", "name", "region", "salary", "email", "dept", "divisor", "code"
+        ]
+    );
+    let command = CommandStatementQuery {
+        query: "SELECT * FROM hr.employees".into(),
+        transaction_id: None,
+    };
+    let info = eu.flight_info(command.as_any()).await.unwrap();
+    assert!(
+        info.try_decode_schema()
+            .unwrap()
+            .field_with_name("ssn")
+            .is_err()
+    );
+    let prepared = prepare(&mut eu, "SELECT * FROM hr.employees")
+        .await
+        .unwrap();
+    let dataset = try_schema_from_ipc_buffer(&prepared.dataset_schema).unwrap();
+    assert!(dataset.field_with_name("ssn").is_err());
+
+    // Compliance sees the column (masked by the pii tag policy, see rule 5).
+    let mut admin = hr_admin(&server).await;
+    let schema = table_schema(&mut admin, "hr", "employees").await;
+    assert!(schema.field_with_name("ssn").is_ok());
+    server.stop().await;
+}
+
+fn without_suggestion(message: &str) -> String {
+    match (message.find(" Did you mean '"), message.find("?\n")) {
+        (Some(start), Some(end)) if end > start => {
+            format!("{}{}", &message[..start], &message[end + 1..])
+        }
+        _ => message.to_string(),
+    }
+}
+
+async fn prepare(
+    client: &mut TestClient,
+    sql: &str,
+) -> Result<ActionCreatePreparedStatementResult, tonic::Status> {
+    let request = ActionCreatePreparedStatementRequest {
+        query: sql.into(),
+        transaction_id: None,
+    };
+    let bodies = client
+        .action("CreatePreparedStatement", request.as_any().encode_to_vec())
+        .await?;
+    Ok(Any::decode(bodies[0].as_ref())
+        .unwrap()
+        .unpack()
+        .unwrap()
+        .unwrap())
+}
+
+#[tokio::test]
+async fn rule_3_everything_the_caller_writes_sees_masked_values() {
+    let server = hr_server().await;
+    let mut eu = eu(&server).await;
+    assert_eq!(
+        lines(&rows(&mut eu, "SELECT id, email FROM hr.employees ORDER BY id").await),
+        lines(
+            "
+            +----+------------------+
+            | id | email            |
+            +----+------------------+
+            | 1  | ***@acme.example |
+            | 2  | ***@acme.example |
+            +----+------------------+"
+        )
+    );
+    // WHERE, LIKE, GROUP BY, JOIN keys, functions and aggregates see the mask.
+    assert_eq!(
+        row_count(
+            &eu.query("SELECT id FROM hr.employees WHERE email = 'ann@acme.example'")
+                .await
+                .unwrap()
+        ),
+        0
+    );
+    assert_eq!(
+        row_count(
+            &eu.query("SELECT id FROM hr.employees WHERE email LIKE 'ann%'")
+                .await
+                .unwrap()
+        ),
+        0
+    );
+    assert_eq!(
+        row_count(
+            &eu.query("SELECT id FROM hr.employees WHERE starts_with(email, 'a')")
+                .await
+                .unwrap()
+        ),
+        0
+    );
+    assert_eq!(
+        lines(
+            &rows(
+                &mut eu,
+                "SELECT email, count(*) AS n FROM hr.employees GROUP BY email"
+            )
+            .await
+        ),
+        lines(
+            "
+            +------------------+---+
+            | email            | n |
+            +------------------+---+
+            | ***@acme.example | 2 |
+            +------------------+---+"
+        )
+    );
+    assert_eq!(
+        lines(
+            &rows(
+                &mut eu,
+                "SELECT count(*) AS n FROM hr.employees a JOIN hr.employees b ON a.email = b.email"
+            )
+            .await
+        ),
+        lines(
+            "
+            +---+
+            | n |
+            +---+
+            | 4 |
+            +---+"
+        )
+    );
+    assert_eq!(
+        lines(
+            &rows(
+                &mut eu,
+                "SELECT max(email) AS m, min(length(email)) AS l FROM hr.employees"
+            )
+            .await
+        ),
+        lines(
+            "
+            +------------------+----+
+            | m                | l  |
+            +------------------+----+
+            | ***@acme.example | 16 |
+            +------------------+----+"
+        )
+    );
+    // The PII reader sees raw values.
+    let mut reader = us_pii(&server).await;
+    assert!(
+        rows(&mut reader, "SELECT email FROM hr.employees")
+            .await
+            .contains("cid@acme.example")
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rule_4_row_filter_hides_rows_and_callers_expressions_never_see_them() {
+    let server = hr_server().await;
+    let mut eu = eu(&server).await;
+    assert_eq!(
+        lines(
+            &rows(
+                &mut eu,
+                "SELECT id, name, region FROM hr.employees ORDER BY id"
+            )
+            .await
+        ),
+        lines(
+            "
+            +----+------+--------+
+            | id | name | region |
+            +----+------+--------+
+            | 1  | Ann  | EU     |
+            | 2  | Bob  | EU     |
+            +----+------+--------+"
+        )
+    );
+    // Hidden rows hold divisor = 0 and non-numeric codes: evaluating these on
+    // them would fail. They succeed, so they only ever saw visible rows.
+    for sql in [
+        "SELECT id FROM hr.employees WHERE 10 / divisor > 0 ORDER BY id",
+        "SELECT id FROM hr.employees WHERE CAST(code AS BIGINT) > 0 ORDER BY id",
+        "SELECT id FROM hr.employees WHERE CASE WHEN region = 'US' THEN 1 / 0 ELSE 1 END = 1 ORDER BY id",
+    ] {
+        assert_eq!(
+            lines(&rows(&mut eu, sql).await),
+            lines(
+                "
+                +----+
+                | id |
+                +----+
+                | 1  |
+                | 2  |
+                +----+"
+            ),
+            "{sql}"
+        );
+    }
+    // A NULL row filter result hides the row: no region attribute, no rows.
+    let mut stateless = server.as_identity("nora", &["analyst"], &[]).await;
+    assert_eq!(
+        row_count(&stateless.query("SELECT * FROM hr.employees").await.unwrap()),
+        0
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rule_5_policies_combine() {
+    let server = hr_server().await;
+    // Row filters AND-ed: the admin is exempt from the region filter but not
+    // from `salary < 450`.
+    let mut admin = hr_admin(&server).await;
+    assert_eq!(
+        lines(
+            &rows(
+                &mut admin,
+                "SELECT id, email, ssn FROM hr.employees ORDER BY id"
+            )
+            .await
+        ),
+        lines(
+            "
+            +----+------------------+-----+
+            | id | email            | ssn |
+            +----+------------------+-----+
+            | 1  | ***@acme.example | *** |
+            | 2  | ***@acme.example | *** |
+            | 3  | ***@acme.example | *** |
+            | 4  | ***@acme.example | *** |
+            +----+------------------+-----+"
+        )
+    );
+    // Deny beats mask; the global tag policy applies in every domain; with
+    // both exemptions the raw value shows.
+    let mut both = server
+        .as_identity("cora", &["hr", "hr_admin", "compliance", "pii_reader"], &[])
+        .await;
+    assert!(
+        rows(&mut both, "SELECT ssn FROM hr.employees WHERE id = 3")
+            .await
+            .contains("333-33-3333")
+    );
+    let mut eu = eu(&server).await;
+    let error = error(&mut eu, "SELECT ssn FROM hr.employees").await;
+    assert_eq!(error.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rule_6_policies_hold_everywhere() {
+    let server = hr_server().await;
+    let mut eu = eu(&server).await;
+    let two = |sql: &str| (sql.to_string(), "2".to_string());
+    for (sql, expected) in [
+        two("SELECT count(*) FROM (SELECT * FROM hr.employees) t"),
+        two("SELECT count(*) FROM hr.employees WHERE id IN (SELECT id FROM hr.employees)"),
+        two("WITH e AS (SELECT * FROM hr.employees) SELECT count(*) FROM e"),
+        two("WITH employees AS (SELECT * FROM hr.employees) SELECT count(*) FROM employees"),
+        ("SELECT count(*) FROM (SELECT id FROM hr.employees UNION ALL SELECT id FROM hr.employees) t".into(), "4".into()),
+        two("SELECT count(*) FROM (SELECT id FROM hr.employees INTERSECT SELECT id FROM mesh.hr.employees) t"),
+        ("SELECT count(*) FROM (SELECT 3 AS id EXCEPT SELECT id FROM hr.employees) t".into(), "1".into()),
+        two("SELECT max(n) FROM (SELECT row_number() OVER (ORDER BY id) AS n FROM hr.employees) t"),
+        two("SELECT max(c) FROM (SELECT count(*) OVER () AS c FROM hr.employees) t"),
+        ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) SELECT count(*) FROM r JOIN hr.employees e ON e.id = r.n".into(), "2".into()),
+        ("SELECT count(*) FROM hr.employees a JOIN hr.employees b ON a.region = b.region".into(), "4".into()),
+        two("SELECT count(*) FROM hr.employees e JOIN crm.region r ON e.id = r.r_regionkey + 1"),
+        ("SELECT sum(n) FROM hr.eng_headcount".into(), "1".into()),
+    ] {
+        let batches = eu.query(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        let text = pretty(&batches);
+        let value = text.lines().nth(3).unwrap().trim_matches(|c| c == '|' || c == ' ');
+        assert_eq!(value, expected, "{sql}\n{text}");
+    }
+    // The view applies each caller's policies to what it reads.
+    let mut admin = hr_admin(&server).await;
+    assert_eq!(
+        lines(
+            &rows(
+                &mut admin,
+                "SELECT region, n, total FROM hr.eng_headcount ORDER BY region"
+            )
+            .await
+        ),
+        lines(
+            "
+            +--------+---+-------+
+            | region | n | total |
+            +--------+---+-------+
+            | EU     | 1 | 100   |
+            | US     | 1 | 300   |
+            +--------+---+-------+"
+        )
+    );
+    // Prepared statements with parameters.
+    let prepared = prepare(&mut eu, "SELECT name FROM hr.employees WHERE id = ?")
+        .await
+        .unwrap();
+    for (id, expected) in [(1, 1), (3, 0)] {
+        let handle = crate::flight_sql::bind(
+            &mut eu,
+            prepared.prepared_statement_handle.clone(),
+            crate::flight_sql::one_int64(id),
+        )
+        .await
+        .unwrap();
+        let command = arrow_flight::sql::CommandPreparedStatementQuery {
+            prepared_statement_handle: handle,
+        };
+        let (_, batches) = eu.command(command.as_any()).await.unwrap();
+        assert_eq!(row_count(&batches), expected, "id {id}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rule_7_nothing_leaks() {
+    let server = hr_server().await;
+    let mut eu = eu(&server).await;
+    // Counts and statistics: never from the source's metadata.
+    assert_eq!(
+        lines(
+            &rows(
+                &mut eu,
+                "SELECT count(*) AS n, min(salary) AS lo, max(salary) AS hi FROM hr.employees"
+            )
+            .await
+        ),
+        lines(
+            "
+            +---+-----+-----+
+            | n | lo  | hi  |
+            +---+-----+-----+
+            | 2 | 100 | 200 |
+            +---+-----+-----+"
+        )
+    );
+    // EXPLAIN and EXPLAIN ANALYZE stop at the policy barrier.
+    for sql in [
+        "EXPLAIN SELECT * FROM hr.employees WHERE id > 0",
+        "EXPLAIN VERBOSE SELECT * FROM hr.employees WHERE id > 0",
+        "EXPLAIN ANALYZE SELECT * FROM hr.employees WHERE id > 0",
+        "EXPLAIN ANALYZE VERBOSE SELECT count(*) FROM hr.employees",
+    ] {
+        let text = rows(&mut eu, sql).await;
+        assert!(
+            text.contains("PolicyExec: product=hr.employees"),
+            "{sql}\n{text}"
+        );
+        for secret in [
+            "DataSourceExec",
+            "employees.parquet",
+            "salary < 450",
+            "hr_admin",
+            "US",
+            "APAC",
+            "row_groups",
+            "output_rows=5",
+            "output_rows=4",
+            "output_rows=3",
+        ] {
+            assert!(!text.contains(secret), "{sql} shows {secret}:\n{text}");
+        }
+    }
+    // FlightInfo never counts rows.
+    let command = CommandStatementQuery {
+        query: "SELECT * FROM hr.employees".into(),
+        transaction_id: None,
+    };
+    assert_eq!(
+        eu.flight_info(command.as_any())
+            .await
+            .unwrap()
+            .total_records,
+        -1
+    );
+    // Error texts list only visible columns.
+    let error = error(&mut eu, "SELECT no_such FROM hr.employees").await;
+    assert!(!error.message().contains("ssn"), "{}", error.message());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rule_8_read_only_and_sandboxed() {
+    let server = hr_server().await;
+    let mut eu = eu(&server).await;
+    for sql in [
+        "DELETE FROM hr.employees",
+        "INSERT INTO hr.employees SELECT * FROM hr.employees",
+        "CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION '../hrdata/employees.parquet'",
+        "SELECT * FROM '../hrdata/employees.parquet'",
+        "SELECT * FROM read_parquet('../hrdata/employees.parquet')",
+        "SET datafusion.execution.parquet.pushdown_filters = false",
+        "SELECT * FROM information_schema.columns",
+        "SHOW COLUMNS FROM hr.employees",
+    ] {
+        let status = error(&mut eu, sql).await;
+        assert!(
+            matches!(status.code(), Code::InvalidArgument | Code::NotFound),
+            "{sql}: {status:?}"
+        );
+        assert!(
+            !status.message().contains("ssn"),
+            "{sql}: {}",
+            status.message()
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rule_9_every_query_is_audited() {
+    let server = hr_server().await;
+    let mut eu = eu(&server).await;
+    rows(&mut eu, "SELECT id, email FROM hr.employees").await;
+    error(&mut eu, "SELECT 1 / 0").await;
+    error(&mut eu, "SELECT * FROM hr.salaries_secret").await;
+    let records = server.audit_records();
+    let ok = records
+        .iter()
+        .find(|r| r["sql"] == "SELECT id, email FROM hr.employees")
+        .expect("the query is audited");
+    assert_eq!(ok["user"], "erin");
+    assert_eq!(ok["outcome"], "ok");
+    assert_eq!(ok["rows"], 2);
+    assert_eq!(ok["products"], serde_json::json!(["hr.employees"]));
+    let policies: Vec<String> = serde_json::from_value(ok["policies"].clone()).unwrap();
+    assert!(
+        policies
+            .iter()
+            .any(|p| p == "hr.employees#policies[0].row_filter"),
+        "{policies:?}"
+    );
+    assert!(
+        policies
+            .iter()
+            .any(|p| p == "hr.employees#policies[1].row_filter"),
+        "{policies:?}"
+    );
+    assert!(
+        policies
+            .iter()
+            .any(|p| p == "hr.employees#policies[0].columns.email"),
+        "{policies:?}"
+    );
+    assert!(
+        policies
+            .iter()
+            .any(|p| p == "hr.employees#policies[0].columns.ssn"),
+        "{policies:?}"
+    );
+    assert!(ok["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(ok["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(ok["time"].as_str().unwrap().ends_with('Z'));
+    for failed in ["SELECT 1 / 0", "SELECT * FROM hr.salaries_secret"] {
+        let record = records
+            .iter()
+            .find(|r| r["sql"] == failed)
+            .expect("failures are audited");
+        assert_eq!(record["outcome"], "error", "{failed}");
+        assert!(record["error"].as_str().is_some());
+    }
+    // A hidden product is not named as read.
+    let hidden = records
+        .iter()
+        .find(|r| r["sql"] == "SELECT * FROM hr.salaries_secret")
+        .unwrap();
+    assert_eq!(hidden["products"], serde_json::json!([]));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn pushdown_under_policies_still_prunes_row_groups() {
+    let server = hr_server().await;
+    // An administrator sees EXPLAIN ANALYZE below the barrier, and is still
+    // bound by the row filter.
+    let mut platform = server
+        .as_identity("pat", &["analyst", "platform"], &[("region", "EU")])
+        .await;
+    let text = rows(
+        &mut platform,
+        "EXPLAIN ANALYZE SELECT name FROM hr.employees WHERE id = 2",
+    )
+    .await;
+    assert!(text.contains("DataSourceExec"), "{text}");
+    assert!(text.contains("PolicyExec"), "{text}");
+    // 5 row groups of one row: the leakproof `id = 2` reached the scan and
+    // pruned 4 of them by statistics.
+    assert!(
+        text.contains("row_groups_pruned_statistics=5 total → 1 matched"),
+        "{text}"
+    );
+    let answer = rows(&mut platform, "SELECT name FROM hr.employees WHERE id = 2").await;
+    assert!(answer.contains("Bob"));
+    // The row filter prunes too: only EU row groups are read.
+    let text = rows(
+        &mut platform,
+        "EXPLAIN ANALYZE SELECT count(*) FROM hr.employees",
+    )
+    .await;
+    assert!(
+        text.contains("row_groups_pruned_statistics=5 total → 2 matched"),
+        "{text}"
+    );
+    // A predicate that is not leakproof stays above the barrier: nothing is
+    // pruned by it, and it never sees the hidden rows (divisor = 0).
+    let text = rows(
+        &mut platform,
+        "EXPLAIN ANALYZE SELECT name FROM hr.employees WHERE 10 / divisor = 10",
+    )
+    .await;
+    assert!(
+        text.contains("row_groups_pruned_statistics=5 total → 2 matched"),
+        "{text}"
+    );
+    let below = text.split("PolicyExec").nth(1).unwrap();
+    assert!(!below.contains("/ divisor"), "{text}");
+    server.stop().await;
+}
