@@ -445,7 +445,7 @@ impl CallerSession {
         let timeout = self.limits.query_timeout;
         let state = self.context.state();
         let planning = async {
-            let physical = state.create_physical_plan(&query.plan).await?;
+            let physical = self.physical_plan(query).await?;
             match &query.explain {
                 None => Ok(datafusion::physical_plan::execute_stream(
                     physical,
@@ -463,18 +463,30 @@ impl CallerSession {
                         }
                     }
                     let logical = state.optimize(&query.plan)?;
-                    explain_stream(
+                    Ok(explain_stream(
                         schema,
                         &logical.display_indent().to_string(),
                         &render_plan(&physical, *mode == Explain::Analyze, !self.is_admin),
-                    )
+                    )?)
                 }
             }
         };
         match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), planning).await {
-            Ok(result) => result.map_err(QueryError::from),
+            Ok(result) => result,
             Err(_) => Err(QueryError::Timeout(timeout)),
         }
+    }
+
+    /// The physical plan of a bound query (of the explained query, for EXPLAIN).
+    pub async fn physical_plan(
+        &self,
+        query: &PreparedQuery,
+    ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>, QueryError> {
+        Ok(self
+            .context
+            .state()
+            .create_physical_plan(&query.plan)
+            .await?)
     }
 
     fn audit_context(&self, sql: &str) -> AuditContext {

@@ -1,5 +1,6 @@
 //! Integration tests: a real gateway on port 0, real Flight clients.
 
+mod adversarial;
 mod auth;
 mod cli;
 mod fixture;

@@ -138,7 +138,7 @@ fn write_employees(dir: &Path) {
     writer.close().unwrap();
 }
 
-async fn hr_server() -> TestServer {
+pub(crate) async fn hr_server() -> TestServer {
     TestServer::start_with(|dir| {
         std::fs::write(dir.join("domains/hr.toml"), HR_DOMAIN).unwrap();
         write_employees(&dir.join("hrdata"));
@@ -355,7 +355,7 @@ fn without_suggestion(message: &str) -> String {
     }
 }
 
-async fn prepare(
+pub(crate) async fn prepare(
     client: &mut TestClient,
     sql: &str,
 ) -> Result<ActionCreatePreparedStatementResult, tonic::Status> {
