@@ -52,6 +52,23 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Show what a user would see of a product: columns, masks, row filter.
+    ExplainAccess {
+        /// A local user of the config, or any user name with --group/--attr.
+        #[arg(long)]
+        user: String,
+        /// The product, `domain.product`.
+        #[arg(long)]
+        product: String,
+        /// Groups of a user who is not in [[auth.users]] (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Attributes `name=value` of a user who is not in [[auth.users]] (repeatable).
+        #[arg(long = "attr")]
+        attributes: Vec<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Write the demo mesh (config and data) into a directory.
     Demo {
         dir: PathBuf,
@@ -117,6 +134,37 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             }
             .map_err(|e| e.to_string())?;
             println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ExplainAccess {
+            user,
+            product,
+            groups,
+            attributes,
+            config,
+        } => {
+            let config = load_config(config, Some(demo::DEFAULT_DEMO_SCALE))?;
+            let identity = match config.auth.users.iter().find(|u| u.name == user) {
+                Some(local) if groups.is_empty() && attributes.is_empty() => CallerIdentity {
+                    user: local.name.clone(),
+                    groups: local.groups.clone(),
+                    attributes: local.attributes.clone(),
+                },
+                _ => CallerIdentity {
+                    user,
+                    groups,
+                    attributes: attributes
+                        .iter()
+                        .map(|pair| {
+                            pair.split_once('=')
+                                .map(|(k, v)| (k.to_string(), v.to_string()))
+                                .ok_or_else(|| format!("--attr `{pair}`: write name=value"))
+                        })
+                        .collect::<Result<_, _>>()?,
+                },
+            };
+            let gateway = Gateway::open(config).await.map_err(|e| e.to_string())?;
+            print!("{}", explain_access(&gateway, &identity, &product)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir, scale } => {
@@ -278,4 +326,66 @@ async fn check(config: Option<PathBuf>, demo_scale: f64) -> Result<ExitCode, Str
         );
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// What `identity` sees of `product`, as text.
+fn explain_access(gateway: &Gateway, identity: &CallerIdentity, product: &str) -> Result<String, String> {
+    use std::fmt::Write as _;
+    use meshgate::policy::ColumnView;
+    let (domain, name) = product
+        .split_once('.')
+        .ok_or_else(|| format!("--product `{product}`: write domain.product"))?;
+    let found = gateway
+        .engine
+        .mesh()
+        .product(domain, name)
+        .ok_or_else(|| format!("no published product `{product}`"))?;
+    let view = found.view_for(identity);
+    let mut out = String::new();
+    let attributes: Vec<String> = identity.attributes.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+    let _ = writeln!(
+        out,
+        "user {} (groups: [{}]; attributes: [{}])",
+        identity.user,
+        identity.groups.join(", "),
+        attributes.join(", ")
+    );
+    if !view.visible {
+        let _ = writeln!(out, "product {product}: not visible (it does not exist for this user)");
+        return Ok(out);
+    }
+    let _ = writeln!(out, "product {product}: visible");
+    match &view.row_filter {
+        Some(filter) => {
+            let _ = writeln!(out, "row filter: {}", sql_text(filter));
+        }
+        None => {
+            let _ = writeln!(out, "row filter: none (every row)");
+        }
+    }
+    let _ = writeln!(out, "columns:");
+    for (field, column) in found.schema.fields().iter().zip(&view.columns) {
+        let how = match column {
+            ColumnView::Plain => "visible".to_string(),
+            ColumnView::Masked { expr, data_type } => {
+                format!("masked as {} ({data_type})", sql_text(expr))
+            }
+            ColumnView::Denied => "denied (absent)".to_string(),
+        };
+        let _ = writeln!(out, "  {:<24} {:<24} {how}", field.name(), field.data_type().to_string());
+    }
+    if !view.applied.is_empty() {
+        let _ = writeln!(out, "policies applied:");
+        for id in &view.applied {
+            let _ = writeln!(out, "  {id}");
+        }
+    }
+    Ok(out)
+}
+
+/// An expression as SQL text (literals quoted), for people to read.
+fn sql_text(expr: &datafusion::logical_expr::Expr) -> String {
+    datafusion::sql::unparser::expr_to_sql(expr)
+        .map(|sql| sql.to_string())
+        .unwrap_or_else(|_| expr.to_string())
 }
