@@ -86,10 +86,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match meshgate::server::runtime_builder().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -329,9 +326,13 @@ async fn check(config: Option<PathBuf>, demo_scale: f64) -> Result<ExitCode, Str
 }
 
 /// What `identity` sees of `product`, as text.
-fn explain_access(gateway: &Gateway, identity: &CallerIdentity, product: &str) -> Result<String, String> {
-    use std::fmt::Write as _;
+fn explain_access(
+    gateway: &Gateway,
+    identity: &CallerIdentity,
+    product: &str,
+) -> Result<String, String> {
     use meshgate::policy::ColumnView;
+    use std::fmt::Write as _;
     let (domain, name) = product
         .split_once('.')
         .ok_or_else(|| format!("--product `{product}`: write domain.product"))?;
@@ -342,7 +343,11 @@ fn explain_access(gateway: &Gateway, identity: &CallerIdentity, product: &str) -
         .ok_or_else(|| format!("no published product `{product}`"))?;
     let view = found.view_for(identity);
     let mut out = String::new();
-    let attributes: Vec<String> = identity.attributes.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+    let attributes: Vec<String> = identity
+        .attributes
+        .iter()
+        .map(|(k, v)| format!("{k}={v:?}"))
+        .collect();
     let _ = writeln!(
         out,
         "user {} (groups: [{}]; attributes: [{}])",
@@ -351,7 +356,10 @@ fn explain_access(gateway: &Gateway, identity: &CallerIdentity, product: &str) -
         attributes.join(", ")
     );
     if !view.visible {
-        let _ = writeln!(out, "product {product}: not visible (it does not exist for this user)");
+        let _ = writeln!(
+            out,
+            "product {product}: not visible (it does not exist for this user)"
+        );
         return Ok(out);
     }
     let _ = writeln!(out, "product {product}: visible");
@@ -372,7 +380,12 @@ fn explain_access(gateway: &Gateway, identity: &CallerIdentity, product: &str) -
             }
             ColumnView::Denied => "denied (absent)".to_string(),
         };
-        let _ = writeln!(out, "  {:<24} {:<24} {how}", field.name(), field.data_type().to_string());
+        let _ = writeln!(
+            out,
+            "  {:<24} {:<24} {how}",
+            field.name(),
+            field.data_type().to_string()
+        );
     }
     if !view.applied.is_empty() {
         let _ = writeln!(out, "policies applied:");

@@ -14,6 +14,18 @@ use crate::config::MeshConfig;
 use crate::flight::{AuthLayer, MeshFlightService};
 use crate::query::QueryEngine;
 
+/// Stack of the runtime's threads. Admitted statements can still nest a
+/// thousand levels deep, and plans and expressions are cloned, dropped and
+/// evaluated recursively on these threads; only touched pages are committed.
+const THREAD_STACK_BYTES: usize = 64 * 1024 * 1024;
+
+/// The runtime meshgate serves on: multi-threaded, with deep stacks.
+pub fn runtime_builder() -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.thread_stack_size(THREAD_STACK_BYTES).enable_all();
+    builder
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]

@@ -45,6 +45,59 @@ const FILE_FUNCTIONS: &[&str] = &[
 
 const READ_ONLY: &str = "meshgate is read-only";
 
+/// Most binary operators one statement may hold. A chain of N operators
+/// (`a OR b OR ...`, `1 + 1 + ...`) nests N deep in every tree the planner
+/// walks; past this the statement is refused instead of risking the stack.
+pub(crate) const MAX_OPERATORS: usize = 1000;
+
+/// Refuses statements too complex to plan safely, counting operators on the
+/// token stream (the tokenizer does not recurse, so this check cannot
+/// overflow the stack itself). Nesting by parentheses and subqueries is
+/// bounded separately by the parser's recursion limit.
+pub(crate) fn check_complexity(sql: &str) -> Result<(), QueryError> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::keywords::Keyword;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| QueryError::Syntax(e.to_string()))?;
+    let operators = tokens
+        .iter()
+        .filter(|token| match token {
+            Token::Word(word) => matches!(
+                word.keyword,
+                Keyword::AND | Keyword::OR | Keyword::LIKE | Keyword::ILIKE | Keyword::IS
+            ),
+            Token::Plus
+            | Token::Minus
+            | Token::Mul
+            | Token::Div
+            | Token::Mod
+            | Token::StringConcat
+            | Token::Eq
+            | Token::DoubleEq
+            | Token::Neq
+            | Token::Lt
+            | Token::Gt
+            | Token::LtEq
+            | Token::GtEq
+            | Token::Spaceship
+            | Token::Ampersand
+            | Token::Pipe
+            | Token::Caret
+            | Token::ShiftLeft
+            | Token::ShiftRight => true,
+            _ => false,
+        })
+        .count();
+    if operators > MAX_OPERATORS {
+        return Err(QueryError::Refused(format!(
+            "the statement is too complex: {operators} operators (at most {MAX_OPERATORS}); use IN (...) lists or a join instead of long chains"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks that `statement` only reads products, and numbers `?` placeholders.
 pub(crate) fn check_and_normalize(statement: &mut DataFusionStatement) -> Result<(), QueryError> {
     match statement {

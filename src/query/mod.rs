@@ -3,6 +3,7 @@
 
 mod guard;
 mod session;
+mod stack;
 mod wire;
 
 use std::collections::HashMap;
@@ -337,70 +338,21 @@ impl CallerSession {
     /// Parses, guards and plans `sql`. A failure is audited.
     pub async fn prepare(&self, sql: &str) -> Result<PreparedQuery, QueryError> {
         let started = Instant::now();
-        let result = self.plan_sql(sql).await;
+        let result = if sql.len() > self.limits.max_sql_length {
+            Err(QueryError::Refused(format!(
+                "SQL text of {} bytes exceeds the limit of {} bytes",
+                sql.len(),
+                self.limits.max_sql_length
+            )))
+        } else {
+            let context = self.context.clone();
+            let text = sql.to_string();
+            stack::on_planning_stack(async move { plan_sql(&context, &text).await }).await
+        };
         if let Err(error) = &result {
             self.audit(sql, started, 0, "error", Some(error.to_string()));
         }
         result
-    }
-
-    async fn plan_sql(&self, sql: &str) -> Result<PreparedQuery, QueryError> {
-        if sql.len() > self.limits.max_sql_length {
-            return Err(QueryError::Refused(format!(
-                "SQL text of {} bytes exceeds the limit of {} bytes",
-                sql.len(),
-                self.limits.max_sql_length
-            )));
-        }
-        let state = self.context.state();
-        let recursion_limit = state.config().options().sql_parser.recursion_limit.get();
-        let mut statements = DFParserBuilder::new(sql)
-            .with_dialect(&GenericDialect {})
-            .with_recursion_limit(recursion_limit)
-            .build()
-            .and_then(|mut parser| parser.parse_statements())
-            .map_err(|e| match classify(&e) {
-                QueryError::Syntax(message) => QueryError::Syntax(message),
-                other => QueryError::Syntax(other.to_string()),
-            })?;
-        let mut statement = match (statements.pop_front(), statements.is_empty()) {
-            (Some(statement), true) => statement,
-            (None, _) => return Err(QueryError::Syntax("no SQL statement was given".into())),
-            (Some(_), false) => {
-                return Err(QueryError::Refused(
-                    "one SQL statement per request: several were given".into(),
-                ));
-            }
-        };
-        guard::check_and_normalize(&mut statement)?;
-        let plan = state.statement_to_plan(statement).await?;
-        datafusion::execution::context::SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false)
-            .verify_plan(&plan)
-            .map_err(|e| QueryError::Refused(e.find_root().to_string()))?;
-        let (plan, explain) = match plan {
-            LogicalPlan::Explain(explain) => {
-                let schema = Arc::new(explain.schema.as_arrow().clone());
-                (explain.plan.as_ref().clone(), Some((Explain::Plan, schema)))
-            }
-            LogicalPlan::Analyze(analyze) => {
-                let schema = Arc::new(analyze.schema.as_arrow().clone());
-                (
-                    analyze.input.as_ref().clone(),
-                    Some((Explain::Analyze, schema)),
-                )
-            }
-            plan => (plan, None),
-        };
-        let parameter_types = parameter_types(&plan)?;
-        Ok(PreparedQuery {
-            sql: Arc::from(sql),
-            plan,
-            explain,
-            parameter_types,
-        })
     }
 
     /// Executes a fully bound query. The stream yields wire-typed, non-empty
@@ -511,6 +463,60 @@ impl CallerSession {
     }
 }
 
+/// Parses, guards and plans one statement in `context`.
+async fn plan_sql(context: &SessionContext, sql: &str) -> Result<PreparedQuery, QueryError> {
+    guard::check_complexity(sql)?;
+    let state = context.state();
+    let recursion_limit = state.config().options().sql_parser.recursion_limit.get();
+    let mut statements = DFParserBuilder::new(sql)
+        .with_dialect(&GenericDialect {})
+        .with_recursion_limit(recursion_limit)
+        .build()
+        .and_then(|mut parser| parser.parse_statements())
+        .map_err(|e| match classify(&e) {
+            QueryError::Syntax(message) => QueryError::Syntax(message),
+            other => QueryError::Syntax(other.to_string()),
+        })?;
+    let mut statement = match (statements.pop_front(), statements.is_empty()) {
+        (Some(statement), true) => statement,
+        (None, _) => return Err(QueryError::Syntax("no SQL statement was given".into())),
+        (Some(_), false) => {
+            return Err(QueryError::Refused(
+                "one SQL statement per request: several were given".into(),
+            ));
+        }
+    };
+    guard::check_and_normalize(&mut statement)?;
+    let plan = state.statement_to_plan(statement).await?;
+    datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(&plan)
+        .map_err(|e| QueryError::Refused(e.find_root().to_string()))?;
+    let (plan, explain) = match plan {
+        LogicalPlan::Explain(explain) => {
+            let schema = Arc::new(explain.schema.as_arrow().clone());
+            (explain.plan.as_ref().clone(), Some((Explain::Plan, schema)))
+        }
+        LogicalPlan::Analyze(analyze) => {
+            let schema = Arc::new(analyze.schema.as_arrow().clone());
+            (
+                analyze.input.as_ref().clone(),
+                Some((Explain::Analyze, schema)),
+            )
+        }
+        plan => (plan, None),
+    };
+    let parameter_types = parameter_types(&plan)?;
+    Ok(PreparedQuery {
+        sql: Arc::from(sql),
+        plan,
+        explain,
+        parameter_types,
+    })
+}
+
 /// What an audit record needs from the session that ran the query.
 struct AuditContext {
     log: AuditLogRef,
@@ -527,7 +533,7 @@ impl AuditContext {
             time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             user: self.user.clone(),
             client: self.client.clone(),
-            sql: self.sql.clone(),
+            sql: audit_text(&self.sql),
             products: reads.products.into_iter().collect(),
             policies: reads.policies.into_iter().collect(),
             rows,
@@ -536,6 +542,19 @@ impl AuditContext {
             error,
         });
     }
+}
+
+/// SQL as the audit log keeps it: whole up to 16 KiB, then cut with a note.
+fn audit_text(sql: &str) -> String {
+    const KEEP: usize = 16 * 1024;
+    if sql.len() <= KEEP {
+        return sql.to_string();
+    }
+    let mut end = KEEP;
+    while !sql.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... [{} bytes in all]", &sql[..end], sql.len())
 }
 
 /// The audit record of a running query, written when its stream ends.

@@ -137,20 +137,51 @@ fn explain_access_shows_what_a_user_sees() {
             .args(args)
             .output()
             .unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8_lossy(&output.stdout).to_string()
     };
     let alice = run(&["--user", "alice", "--product", "crm.customer"]);
     assert!(alice.contains("product crm.customer: visible"), "{alice}");
-    assert!(alice.contains("row filter: (c_region = 'EUROPE')"), "{alice}");
-    assert!(alice.lines().any(|l| l.contains("c_phone") && l.contains("masked as '***'")), "{alice}");
-    assert!(alice.lines().any(|l| l.contains("c_acctbal") && l.contains("denied")), "{alice}");
+    assert!(
+        alice.contains("row filter: (c_region = 'EUROPE')"),
+        "{alice}"
+    );
+    assert!(
+        alice
+            .lines()
+            .any(|l| l.contains("c_phone") && l.contains("masked as '***'")),
+        "{alice}"
+    );
+    assert!(
+        alice
+            .lines()
+            .any(|l| l.contains("c_acctbal") && l.contains("denied")),
+        "{alice}"
+    );
     let carol = run(&["--user", "carol", "--product", "crm.customer"]);
     assert!(carol.contains("row filter: none"), "{carol}");
-    assert!(carol.lines().any(|l| l.contains("c_acctbal") && l.ends_with("visible")), "{carol}");
+    assert!(
+        carol
+            .lines()
+            .any(|l| l.contains("c_acctbal") && l.ends_with("visible")),
+        "{carol}"
+    );
     let dave = run(&["--user", "dave", "--product", "crm.customer"]);
     assert!(dave.contains("not visible"), "{dave}");
     // Any identity, by groups and attributes.
-    let other = run(&["--user", "zed", "--group", "analyst", "--attr", "region=ASIA", "--product", "crm.customer"]);
+    let other = run(&[
+        "--user",
+        "zed",
+        "--group",
+        "analyst",
+        "--attr",
+        "region=ASIA",
+        "--product",
+        "crm.customer",
+    ]);
     assert!(other.contains("row filter: (c_region = 'ASIA')"), "{other}");
 }
