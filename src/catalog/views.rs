@@ -87,20 +87,12 @@ pub(super) async fn resolve_views(mesh: &mut Mesh, problems: &mut Vec<Publicatio
         runtime: mesh.runtime(),
     });
     let context = SessionContext::new_with_state(state);
-    // Views publish the schema they have for a caller no policy restricts
-    // (policies are compiled after this).
-    let owner = Arc::new(crate::auth::CallerIdentity {
-        user: String::new(),
-        groups: Vec::new(),
-        attributes: Default::default(),
-    });
+    // Views publish the schema they have for a caller no policy restricts.
     context.register_catalog(
         CATALOG_NAME,
-        Arc::new(MeshCatalog::new(
+        Arc::new(MeshCatalog::unrestricted(
             Arc::clone(&snapshot),
-            owner,
             context.state_weak_ref(),
-            Default::default(),
         )),
     );
     let mut failed = BTreeMap::new();

@@ -99,6 +99,16 @@ pub struct CallerProductView {
 }
 
 impl CallerProductView {
+    /// Every row and every raw value of a product with `columns` columns.
+    pub fn unrestricted(columns: usize) -> Self {
+        Self {
+            visible: true,
+            row_filter: None,
+            columns: vec![ColumnView::Plain; columns],
+            applied: Vec::new(),
+        }
+    }
+
     /// Whether the caller sees every row and every raw value.
     pub fn is_unrestricted(&self) -> bool {
         self.row_filter.is_none() && self.columns.iter().all(|c| matches!(c, ColumnView::Plain))

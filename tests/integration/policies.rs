@@ -839,3 +839,54 @@ async fn pushdown_under_policies_still_prunes_row_groups() {
     assert!(!below.contains("/ divisor"), "{text}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_policy_that_does_not_compile_withdraws_its_product_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    meshgate::demo::write_demo_config(dir.path()).unwrap();
+    std::os::unix::fs::symlink(
+        crate::fixture::demo_data().join("data"),
+        dir.path().join("data"),
+    )
+    .unwrap();
+    let broken = HR_DOMAIN
+        .replace(
+            "row_filter = \"salary < 450\"",
+            "row_filter = \"no_such_column < 450\"",
+        )
+        .replace(
+            "access = \"has_group('hr_admin')\"",
+            "access = \"has_group(name)\"",
+        );
+    std::fs::write(dir.path().join("domains/hr.toml"), broken).unwrap();
+    write_employees(&dir.path().join("hrdata"));
+    let config = meshgate::config::MeshConfig::load(&dir.path().join("meshgate.toml")).unwrap();
+    let gateway = meshgate::server::Gateway::open(config).await.unwrap();
+    let problems: Vec<String> = gateway.problems.iter().map(ToString::to_string).collect();
+    assert!(
+        problems.iter().any(|p| p.starts_with("hr.employees")
+            && p.contains("hr.toml")
+            && p.contains("policies[1].row_filter")
+            && p.contains("no_such_column")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.starts_with("hr.salaries_secret")
+            && p.contains("policies[2].access")
+            && p.contains("string literal")),
+        "{problems:?}"
+    );
+    // Fail closed: neither is served; the rest of the mesh is.
+    let mesh = gateway.engine.mesh();
+    assert!(mesh.product("hr", "employees").is_none());
+    assert!(mesh.product("hr", "salaries_secret").is_none());
+    assert!(
+        mesh.product("hr", "eng_headcount").is_none(),
+        "a view of a withdrawn product goes too"
+    );
+    assert!(
+        problems.iter().any(|p| p.starts_with("hr.eng_headcount")),
+        "{problems:?}"
+    );
+    assert!(mesh.product("crm", "region").is_some());
+}
