@@ -98,7 +98,7 @@ def test_get_objects_lists_domains_products_and_columns(demo_server):
     catalogs = {c["catalog_name"]: c for c in objects}
     assert list(catalogs) == ["mesh"]
     domains = {s["db_schema_name"]: s for s in catalogs["mesh"]["catalog_db_schemas"]}
-    assert sorted(domains) == ["crm", "sales", "supply"]
+    assert sorted(domains) == ["crm", "sales", "supply", "types"]
     tables = {t["table_name"]: t for t in domains["sales"]["db_schema_tables"]}
     assert sorted(tables) == ["lineitem", "orders", "revenue_by_nation"]
     columns = [c["column_name"] for c in tables["orders"]["table_columns"]]
@@ -147,3 +147,160 @@ def test_pyarrow_flight_raw_client(demo_server):
     table = client.do_get(info.endpoints[0].ticket, options).read_all()
     assert table.column("r_name").to_pylist() == ["AFRICA", "AMERICA", "ASIA", "EUROPE", "MIDDLE EAST"]
     assert table.schema == info.schema
+
+
+def test_bearer_token_header_instead_of_a_password(demo_server):
+    token = demo_server.token("bob")
+    with flight_sql.connect(
+        demo_server.uri,
+        db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"},
+        autocommit=True,
+    ) as conn, conn.cursor() as cur:
+        cur.execute("SELECT c_region FROM crm.customer GROUP BY c_region")
+        assert cur.fetchall() == [("AMERICA",)]
+    with pytest.raises(adbc_driver_manager.Error, match="(?i)unauthenticated|invalid token"):
+        with flight_sql.connect(
+            demo_server.uri,
+            db_kwargs={"adbc.flight.sql.authorization_header": "Bearer not-a-token"},
+            autocommit=True,
+        ) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+
+
+def test_fetch_styles(demo_server):
+    with connect(demo_server, "carol") as conn, conn.cursor() as cur:
+        cur.execute("SELECT r_regionkey, r_name FROM crm.region ORDER BY 1")
+        df = cur.fetch_df()
+        assert list(df.columns) == ["r_regionkey", "r_name"]
+        assert df["r_name"].tolist() == ["AFRICA", "AMERICA", "ASIA", "EUROPE", "MIDDLE EAST"]
+        cur.execute("SELECT r_name FROM crm.region ORDER BY r_regionkey")
+        assert cur.fetchone() == ("AFRICA",)
+        assert cur.fetchmany(2) == [("AMERICA",), ("ASIA",)]
+        assert cur.fetchall() == [("EUROPE",), ("MIDDLE EAST",)]
+        assert [d[0] for d in cur.description] == ["r_name"]
+
+
+def test_executemany_is_refused_as_a_write(demo_server):
+    with connect(demo_server, "carol") as conn, conn.cursor() as cur:
+        with pytest.raises(adbc_driver_manager.Error, match="read-only"):
+            cur.executemany("SELECT r_name FROM crm.region WHERE r_regionkey = ?", [(1,), (2,)])
+
+
+def test_get_objects_at_every_depth_with_filters(demo_server):
+    with connect(demo_server, "alice") as conn:
+        catalogs = conn.adbc_get_objects(depth="catalogs").read_all().to_pylist()
+        assert [c["catalog_name"] for c in catalogs] == ["mesh"]
+        schemas = conn.adbc_get_objects(depth="db_schemas", db_schema_filter="s%").read_all().to_pylist()
+        assert sorted(s["db_schema_name"] for s in schemas[0]["catalog_db_schemas"]) == ["sales", "supply"]
+        tables = conn.adbc_get_objects(
+            depth="tables", catalog_filter="mesh", table_name_filter="%order%"
+        ).read_all().to_pylist()
+        found = [
+            (s["db_schema_name"], t["table_name"], t["table_type"])
+            for s in tables[0]["catalog_db_schemas"]
+            for t in s["db_schema_tables"]
+        ]
+        assert found == [("sales", "orders", "TABLE")]
+        columns = conn.adbc_get_objects(
+            depth="all", db_schema_filter="crm", table_name_filter="customer", column_name_filter="c_%"
+        ).read_all().to_pylist()
+        table = columns[0]["catalog_db_schemas"][0]["db_schema_tables"][0]
+        names = [c["column_name"] for c in table["table_columns"]]
+        # alice's view of crm.customer: c_acctbal is denied.
+        assert "c_acctbal" not in names and "c_phone" in names and "c_region" in names
+        assert [c["ordinal_position"] for c in table["table_columns"]] == list(range(1, len(names) + 1))
+        with pytest.raises(adbc_driver_manager.Error):
+            conn.adbc_get_table_schema("no_such_table", db_schema_filter="crm")
+
+
+def test_cursor_cancel_stops_the_query(demo_server):
+    import threading
+
+    with connect(demo_server, "carol") as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM range(100000000000) a")  # runs for hours
+        reader = cur.fetch_record_batch()
+        timer = threading.Timer(1.0, cur.adbc_cancel)
+        timer.start()
+        # The reader surfaces the driver's cancellation as an OSError.
+        with pytest.raises((adbc_driver_manager.Error, OSError), match="(?i)cancel"):
+            reader.read_all()
+        timer.join()
+        # The connection is still good.
+        cur.execute("SELECT 1 AS one")
+        assert cur.fetchall() == [(1,)]
+    _wait_for_audit(demo_server, "SELECT count(*) FROM range(100000000000) a", "cancelled")
+
+
+def test_client_timeout_ends_the_query(demo_server):
+    with connect(demo_server, "carol") as conn, conn.cursor() as cur:
+        cur.adbc_statement.set_options(**{"adbc.flight.sql.rpc.timeout_seconds.fetch": "1"})
+        with pytest.raises(adbc_driver_manager.Error, match="(?i)deadline|timeout|timed out"):
+            cur.execute("SELECT count(*) FROM range(100000000001) b")
+            cur.fetchall()
+    _wait_for_audit(demo_server, "SELECT count(*) FROM range(100000000001) b", "cancelled")
+
+
+def _wait_for_audit(server, sql, outcome):
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        records = [r for r in server.audit() if r["sql"] == sql and r["outcome"] == outcome]
+        if records:
+            return records[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no audit record of {sql!r} with outcome {outcome}: {server.audit()[-3:]}")
+
+
+def test_a_ticket_reused_by_another_user_is_refused(demo_server):
+    import pyarrow.flight as flight
+
+    alice = flight.FlightClient(demo_server.uri)
+    alice_options = flight.FlightCallOptions(headers=[alice.authenticate_basic_token("alice", "alice-demo")])
+    query = b"SELECT c_custkey FROM crm.customer"
+    command = b"\x0a" + bytes([len(query)]) + query
+    type_url = b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery"
+    any_message = b"\x0a" + bytes([len(type_url)]) + type_url + b"\x12" + bytes([len(command)]) + command
+    info = alice.get_flight_info(flight.FlightDescriptor.for_command(any_message), alice_options)
+    ticket = info.endpoints[0].ticket
+    assert alice.do_get(ticket, alice_options).read_all().num_rows > 0
+
+    bob = flight.FlightClient(demo_server.uri)
+    bob_options = flight.FlightCallOptions(headers=[bob.authenticate_basic_token("bob", "bob-demo")])
+    with pytest.raises(flight.FlightUnauthorizedError, match="another user"):
+        bob.do_get(ticket, bob_options).read_all()
+    with pytest.raises(flight.FlightUnauthenticatedError):
+        flight.FlightClient(demo_server.uri).do_get(ticket).read_all()
+
+
+def test_a_large_result_streams_in_batches(demo_server):
+    import resource
+
+    rows = 3_000_000
+    sql = f"SELECT value, repeat('x', 100) AS pad FROM range({rows})"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    server_before = _peak_rss(demo_server.process.pid)
+    seen = 0
+    batches = 0
+    with connect(demo_server, "carol") as conn, conn.cursor() as cur:
+        cur.execute(sql)
+        reader = cur.fetch_record_batch()
+        for batch in reader:
+            seen += batch.num_rows
+            batches += 1
+    total_bytes = rows * (8 + 100)
+    client_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    server_growth = _peak_rss(demo_server.process.pid) - server_before
+    assert seen == rows
+    assert batches > 10
+    # Neither side holds the whole result (about 324 MB) at once.
+    assert client_growth < total_bytes / 2, (client_growth, total_bytes)
+    assert server_growth < total_bytes / 2, (server_growth, total_bytes)
+
+
+def _peak_rss(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")

@@ -256,7 +256,7 @@ async fn xdbc_type_info_and_key_rpcs_are_well_formed() {
     server.stop().await;
 }
 
-async fn create_prepared(
+pub(crate) async fn create_prepared(
     client: &mut TestClient,
     sql: &str,
 ) -> Result<ActionCreatePreparedStatementResult, tonic::Status> {

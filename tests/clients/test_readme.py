@@ -1,0 +1,34 @@
+"""The README's client snippets, run as written against a live server."""
+
+import contextlib
+import io
+import pathlib
+import re
+
+import pytest
+
+README = pathlib.Path(__file__).parents[2] / "README.md"
+
+
+def snippets():
+    text = README.read_text()
+    found = dict(re.findall(r"<!-- snippet: (\w+) -->\n```python\n(.*?)```", text, re.S))
+    assert set(found) >= {"adbc", "dataframes", "pyarrow"}, found.keys()
+    return found
+
+
+EXPECTED = {
+    "adbc": ["orders", "[('FRANCE',)]", "'db_schema_name': 'sales'"],
+    "dataframes": ["AMERICA", "MIDDLE EAST"],
+    "pyarrow": ["r_name", "AFRICA"],
+}
+
+
+@pytest.mark.parametrize("name", ["adbc", "dataframes", "pyarrow"])
+def test_readme_snippet_runs(demo_server, name):
+    code = snippets()[name].replace("grpc://127.0.0.1:50051", demo_server.uri)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, f"README:{name}", "exec"), {})
+    for expected in EXPECTED[name]:
+        assert expected in out.getvalue(), (name, expected, out.getvalue()[:2000])
