@@ -304,3 +304,30 @@ def _peak_rss(pid):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM")
+
+
+def test_low_level_adbc_api(demo_server):
+    import adbc_driver_flightsql
+
+    database = adbc_driver_flightsql.connect(
+        demo_server.uri, db_kwargs={"username": "carol", "password": "carol-demo"}
+    )
+    connection = adbc_driver_manager.AdbcConnection(database)
+    statement = adbc_driver_manager.AdbcStatement(connection)
+    try:
+        statement.set_sql_query("SELECT r_regionkey, r_name FROM crm.region WHERE r_regionkey < ? ORDER BY 1")
+        statement.prepare()
+        statement.bind(pa.record_batch([pa.array([2], pa.int64())], names=["0"]))
+        stream, _ = statement.execute_query()
+        table = pa.RecordBatchReader._import_from_c(stream.address).read_all()
+        assert table.to_pylist() == [
+            {"r_regionkey": 0, "r_name": "AFRICA"},
+            {"r_regionkey": 1, "r_name": "AMERICA"},
+        ]
+        info = connection.get_info()
+        info_table = pa.RecordBatchReader._import_from_c(info.address).read_all()
+        assert 0 in info_table.column("info_name").to_pylist()
+    finally:
+        statement.close()
+        connection.close()
+        database.close()
