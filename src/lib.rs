@@ -28,6 +28,7 @@ pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod flight;
+pub mod metrics;
 pub mod policy;
 pub mod query;
 pub mod server;

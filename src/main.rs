@@ -32,6 +32,9 @@ enum Command {
         /// Listen here instead of `server.flight_addr` (port 0 picks a free port).
         #[arg(long)]
         flight_addr: Option<SocketAddr>,
+        /// Serve /healthz, /readyz and /metrics here instead of `server.http_addr`.
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
         /// Scale factor of the demo data generated on first start.
         #[arg(long, default_value_t = demo::DEFAULT_DEMO_SCALE)]
         demo_scale: f64,
@@ -107,8 +110,9 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         Command::Serve {
             config,
             flight_addr,
+            http_addr,
             demo_scale,
-        } => serve(config, flight_addr, demo_scale).await,
+        } => serve(config, flight_addr, http_addr, demo_scale).await,
         Command::Check { config, demo_scale } => check(config, demo_scale).await,
         Command::HashPassword => {
             let password = read_password()?;
@@ -234,15 +238,31 @@ fn demo_dir() -> Result<PathBuf, String> {
 async fn serve(
     config: Option<PathBuf>,
     flight_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     demo_scale: f64,
 ) -> Result<ExitCode, String> {
     let is_demo = config.is_none();
     let config = load_config(config, Some(demo_scale))?;
-    if config.server.http_addr.is_some() {
-        tracing::warn!("server.http_addr is set, but this build serves no HTTP endpoint yet");
-    }
     let addr = flight_addr.unwrap_or(config.server.flight_addr);
-    let gateway = Gateway::open(config).await.map_err(|e| e.to_string())?;
+    let http_addr = http_addr.or(config.server.http_addr);
+    let gateway = std::sync::Arc::new(Gateway::open(config).await.map_err(|e| e.to_string())?);
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(http_addr) = http_addr {
+        let listener = tokio::net::TcpListener::bind(http_addr)
+            .await
+            .map_err(|e| format!("cannot listen on {http_addr}: {e}"))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        eprintln!("meshgate HTTP (/healthz /readyz /metrics) on http://{local}");
+        let http = std::sync::Arc::clone(&gateway);
+        tokio::spawn(async move {
+            let shutdown = async {
+                let _ = http_stopped.await;
+            };
+            if let Err(e) = http.serve_http(listener, shutdown).await {
+                tracing::error!(error = %e, "HTTP endpoint failed");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -260,6 +280,7 @@ async fn serve(
         .serve(listener, shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;
+    let _ = stop_http.send(());
     Ok(ExitCode::SUCCESS)
 }
 

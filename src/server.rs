@@ -75,6 +75,55 @@ impl Gateway {
         })
     }
 
+    /// Serves `/healthz`, `/readyz` and Prometheus `/metrics` on `listener`
+    /// until `shutdown` completes.
+    pub async fn serve_http(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        use axum::http::StatusCode;
+        use axum::routing::get;
+        let engine = Arc::clone(&self.engine);
+        let ready = Arc::clone(&self.engine);
+        let router = axum::Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/readyz",
+                get(move || async move {
+                    let products = ready.mesh().products().count();
+                    if products > 0 {
+                        (
+                            StatusCode::OK,
+                            format!("ready: {products} products published\n"),
+                        )
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: no product is published\n".to_string(),
+                        )
+                    }
+                }),
+            )
+            .route(
+                "/metrics",
+                get(move || async move {
+                    let products = engine.mesh().products().count();
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        engine.metrics().render(products),
+                    )
+                }),
+            );
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        Ok(())
+    }
+
     /// Serves Flight SQL on `listener` until `shutdown` completes.
     pub async fn serve(
         &self,

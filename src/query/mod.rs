@@ -33,6 +33,7 @@ use crate::audit::{AuditLogRef, AuditRecord};
 use crate::auth::CallerIdentity;
 use crate::catalog::{Mesh, MeshCatalog, ProductData, ProductName, ReadLog};
 use crate::config::Limits;
+use crate::metrics::Metrics;
 use crate::policy::render_plan;
 
 /// Why a query could not run. Messages are safe to show the caller.
@@ -144,6 +145,7 @@ pub struct QueryEngine {
     mesh: Arc<Mesh>,
     limits: Limits,
     audit: AuditLogRef,
+    metrics: Arc<Metrics>,
     /// Groups whose members see EXPLAIN ANALYZE below policy barriers.
     admin_groups: Vec<String>,
 }
@@ -159,8 +161,14 @@ impl QueryEngine {
             mesh,
             limits,
             audit,
+            metrics: Arc::new(Metrics::default()),
             admin_groups,
         }
+    }
+
+    /// The gateway's query metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn mesh(&self) -> &Arc<Mesh> {
@@ -183,6 +191,7 @@ impl QueryEngine {
             reads,
             limits: self.limits.clone(),
             audit: Arc::clone(&self.audit),
+            metrics: Arc::clone(&self.metrics),
         }
     }
 
@@ -320,6 +329,7 @@ pub struct CallerSession {
     reads: Arc<parking_lot::Mutex<ReadLog>>,
     limits: Limits,
     audit: AuditLogRef,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for CallerSession {
@@ -363,6 +373,7 @@ impl CallerSession {
         let result = self.start(&query, started).await;
         match result {
             Ok(inner) => Ok(QueryStream {
+                _active: ActiveQuery::start(Arc::clone(&self.metrics)),
                 inner,
                 schema: query.result_schema(),
                 deadline: tokio::time::Instant::from_std(started + self.limits.query_timeout),
@@ -444,6 +455,7 @@ impl CallerSession {
     fn audit_context(&self, sql: &str) -> AuditContext {
         AuditContext {
             log: Arc::clone(&self.audit),
+            metrics: Arc::clone(&self.metrics),
             user: self.caller.user.clone(),
             client: self.client.map(|c| c.to_string()),
             sql: sql.to_string(),
@@ -520,6 +532,7 @@ async fn plan_sql(context: &SessionContext, sql: &str) -> Result<PreparedQuery, 
 /// What an audit record needs from the session that ran the query.
 struct AuditContext {
     log: AuditLogRef,
+    metrics: Arc<Metrics>,
     user: String,
     client: Option<String>,
     sql: String,
@@ -529,6 +542,9 @@ struct AuditContext {
 impl AuditContext {
     fn write(&self, started: Instant, rows: u64, outcome: &'static str, error: Option<String>) {
         let reads = self.reads.lock().clone();
+        let products: Vec<String> = reads.products.iter().cloned().collect();
+        self.metrics
+            .query_finished(outcome, &products, rows, started.elapsed().as_secs_f64());
         self.log.record(&AuditRecord {
             time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             user: self.user.clone(),
@@ -627,8 +643,25 @@ fn parameter_types(plan: &LogicalPlan) -> Result<Vec<DataType>, QueryError> {
     Ok(numbered.into_iter().map(|(_, t)| t).collect())
 }
 
+/// Counts a query as active while its stream lives.
+struct ActiveQuery(Arc<Metrics>);
+
+impl ActiveQuery {
+    fn start(metrics: Arc<Metrics>) -> Self {
+        metrics.query_started();
+        Self(metrics)
+    }
+}
+
+impl Drop for ActiveQuery {
+    fn drop(&mut self) {
+        self.0.query_stopped();
+    }
+}
+
 /// The result rows of a query, as wire-typed batches.
 pub struct QueryStream {
+    _active: ActiveQuery,
     inner: SendableRecordBatchStream,
     schema: SchemaRef,
     deadline: tokio::time::Instant,

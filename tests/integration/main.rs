@@ -5,6 +5,7 @@ mod auth;
 mod cli;
 mod fixture;
 mod flight_sql;
+mod http;
 mod jdbc;
 mod limits;
 mod policies;
