@@ -548,7 +548,7 @@ async fn adversarial_queries_have_exact_outcomes() {
 async fn prepared_parameters_reach_only_visible_rows() {
     let server = hr_server().await;
     let mut eu = client_for(&server, Eu).await;
-    let prepared = crate::policies::prepare(
+    let prepared = crate::flight_sql::create_prepared(
         &mut eu,
         "SELECT name FROM hr.employees WHERE id = ? OR name = ?",
     )

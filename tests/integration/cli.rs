@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::fixture::demo_data;
+use crate::fixture::{demo_config_dir, edit};
 
 fn meshgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_meshgate"))
@@ -10,9 +10,7 @@ fn meshgate() -> Command {
 
 #[test]
 fn check_lists_what_the_demo_would_publish() {
-    let dir = tempfile::tempdir().unwrap();
-    meshgate::demo::write_demo_config(dir.path()).unwrap();
-    std::os::unix::fs::symlink(demo_data().join("data"), dir.path().join("data")).unwrap();
+    let dir = demo_config_dir();
     let output = meshgate()
         .args(["check", "--config"])
         .arg(dir.path().join("meshgate.toml"))
@@ -39,13 +37,11 @@ fn check_lists_what_the_demo_would_publish() {
 fn check_on_a_broken_config_names_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     meshgate::demo::write_demo_config(dir.path()).unwrap();
-    let crm = dir.path().join("domains/crm.toml");
-    let text = std::fs::read_to_string(&crm).unwrap();
-    std::fs::write(
-        &crm,
-        text.replacen("storage = \"lake\"", "storage = \"warehouse\"", 1),
-    )
-    .unwrap();
+    edit(
+        &dir.path().join("domains/crm.toml"),
+        "storage = \"lake\"",
+        "storage = \"warehouse\"",
+    );
     let output = meshgate()
         .args(["check", "--config"])
         .arg(dir.path().join("meshgate.toml"))
@@ -63,19 +59,12 @@ fn check_on_a_broken_config_names_file_and_key() {
 
 #[test]
 fn check_reports_a_product_whose_files_break_its_contract() {
-    let dir = tempfile::tempdir().unwrap();
-    meshgate::demo::write_demo_config(dir.path()).unwrap();
-    std::os::unix::fs::symlink(demo_data().join("data"), dir.path().join("data")).unwrap();
-    let crm = dir.path().join("domains/crm.toml");
-    let text = std::fs::read_to_string(&crm).unwrap();
-    std::fs::write(
-        &crm,
-        text.replace(
-            "{ name = \"c_custkey\", type = \"Int64\" }",
-            "{ name = \"c_custkey\", type = \"Utf8\" }",
-        ),
-    )
-    .unwrap();
+    let dir = demo_config_dir();
+    edit(
+        &dir.path().join("domains/crm.toml"),
+        "{ name = \"c_custkey\", type = \"Int64\" }",
+        "{ name = \"c_custkey\", type = \"Utf8\" }",
+    );
     let output = meshgate()
         .args(["check", "--config"])
         .arg(dir.path().join("meshgate.toml"))
@@ -127,9 +116,7 @@ fn hash_password_and_token_helpers_work() {
 
 #[test]
 fn explain_access_shows_what_a_user_sees() {
-    let dir = tempfile::tempdir().unwrap();
-    meshgate::demo::write_demo_config(dir.path()).unwrap();
-    std::os::unix::fs::symlink(demo_data().join("data"), dir.path().join("data")).unwrap();
+    let dir = demo_config_dir();
     let run = |args: &[&str]| {
         let output = meshgate()
             .args(["explain-access", "--config"])

@@ -46,6 +46,21 @@ pub(crate) fn demo_data() -> PathBuf {
     dir
 }
 
+/// A directory holding the demo config and (a link to) the demo data.
+pub(crate) fn demo_config_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    meshgate::demo::write_demo_config(dir.path()).unwrap();
+    std::os::unix::fs::symlink(demo_data().join("data"), dir.path().join("data")).unwrap();
+    dir
+}
+
+/// Replaces text in a config file.
+pub(crate) fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{} has no {from:?}", path.display());
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
 /// A running gateway over the demo mesh.
 pub(crate) struct TestServer {
     pub(crate) addr: std::net::SocketAddr,
@@ -64,10 +79,7 @@ impl TestServer {
 
     /// As [`TestServer::start`], after `customize` has edited the config dir.
     pub(crate) async fn start_with(customize: impl FnOnce(&Path)) -> Self {
-        let data = demo_data();
-        let dir = tempfile::tempdir().unwrap();
-        meshgate::demo::write_demo_config(dir.path()).unwrap();
-        std::os::unix::fs::symlink(data.join("data"), dir.path().join("data")).unwrap();
+        let dir = demo_config_dir();
         let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys/jwks.json");
         let gateway_file = dir.path().join("meshgate.toml");
         let text = std::fs::read_to_string(&gateway_file).unwrap().replace(

@@ -20,12 +20,10 @@ use arrow::array::{Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::ipc::convert::try_schema_from_ipc_buffer;
 use arrow_flight::sql::{
-    ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult, Any,
     CommandGetDbSchemas, CommandGetTables, CommandStatementQuery, ProstMessageExt,
 };
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
-use prost::Message;
 use tonic::Code;
 
 use crate::fixture::{TestClient, TestServer, pretty, row_count};
@@ -333,7 +331,7 @@ async fn rule_2_denied_columns_do_not_exist() {
             .field_with_name("ssn")
             .is_err()
     );
-    let prepared = prepare(&mut eu, "SELECT * FROM hr.employees")
+    let prepared = crate::flight_sql::create_prepared(&mut eu, "SELECT * FROM hr.employees")
         .await
         .unwrap();
     let dataset = try_schema_from_ipc_buffer(&prepared.dataset_schema).unwrap();
@@ -353,24 +351,6 @@ fn without_suggestion(message: &str) -> String {
         }
         _ => message.to_string(),
     }
-}
-
-pub(crate) async fn prepare(
-    client: &mut TestClient,
-    sql: &str,
-) -> Result<ActionCreatePreparedStatementResult, tonic::Status> {
-    let request = ActionCreatePreparedStatementRequest {
-        query: sql.into(),
-        transaction_id: None,
-    };
-    let bodies = client
-        .action("CreatePreparedStatement", request.as_any().encode_to_vec())
-        .await?;
-    Ok(Any::decode(bodies[0].as_ref())
-        .unwrap()
-        .unpack()
-        .unwrap()
-        .unwrap())
 }
 
 #[tokio::test]
@@ -615,9 +595,10 @@ async fn rule_6_policies_hold_everywhere() {
         )
     );
     // Prepared statements with parameters.
-    let prepared = prepare(&mut eu, "SELECT name FROM hr.employees WHERE id = ?")
-        .await
-        .unwrap();
+    let prepared =
+        crate::flight_sql::create_prepared(&mut eu, "SELECT name FROM hr.employees WHERE id = ?")
+            .await
+            .unwrap();
     for (id, expected) in [(1, 1), (3, 0)] {
         let handle = crate::flight_sql::bind(
             &mut eu,
@@ -842,13 +823,7 @@ async fn pushdown_under_policies_still_prunes_row_groups() {
 
 #[tokio::test]
 async fn a_policy_that_does_not_compile_withdraws_its_product_and_says_why() {
-    let dir = tempfile::tempdir().unwrap();
-    meshgate::demo::write_demo_config(dir.path()).unwrap();
-    std::os::unix::fs::symlink(
-        crate::fixture::demo_data().join("data"),
-        dir.path().join("data"),
-    )
-    .unwrap();
+    let dir = crate::fixture::demo_config_dir();
     let broken = HR_DOMAIN
         .replace(
             "row_filter = \"salary < 450\"",
