@@ -14,7 +14,7 @@ pub use password::hash_password;
 use crate::config::{AuthConfig, LocalUser};
 
 /// The caller of a request, as established by a verified token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CallerIdentity {
     pub user: String,
     pub groups: Vec<String>,

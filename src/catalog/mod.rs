@@ -60,13 +60,30 @@ pub struct Product {
     pub data: ProductData,
     /// The product's policies, compiled against its schema.
     pub policy: ProductPolicy,
+    /// Bound policies by caller. The key is the whole identity (user, groups,
+    /// attributes), so a view is never shared between callers whose
+    /// policies could differ; a reload builds a new mesh and new caches.
+    views: moka::sync::Cache<CallerIdentity, Arc<CallerProductView>>,
+}
+
+/// Callers whose bound policies stay cached per product.
+const VIEW_CACHE_ENTRIES: u64 = 10_000;
+
+fn view_cache() -> moka::sync::Cache<CallerIdentity, Arc<CallerProductView>> {
+    moka::sync::Cache::builder()
+        .max_capacity(VIEW_CACHE_ENTRIES)
+        .time_to_idle(std::time::Duration::from_secs(600))
+        .build()
 }
 
 impl Product {
     /// What `caller` may see of this product. A policy that cannot be bound
     /// for the caller hides the product (fail closed).
-    pub fn view_for(&self, caller: &CallerIdentity) -> CallerProductView {
-        match self.policy.for_caller(caller, &self.schema) {
+    pub fn view_for(&self, caller: &CallerIdentity) -> Arc<CallerProductView> {
+        if let Some(view) = self.views.get(caller) {
+            return view;
+        }
+        let view = Arc::new(match self.policy.for_caller(caller, &self.schema) {
             Ok(view) => view,
             Err(error) => {
                 tracing::warn!(product = %self.name, user = %caller.user, %error, "policy could not be bound; product hidden");
@@ -77,7 +94,9 @@ impl Product {
                     applied: Vec::new(),
                 }
             }
-        }
+        });
+        self.views.insert(caller.clone(), Arc::clone(&view));
+        view
     }
 }
 
@@ -164,6 +183,7 @@ impl Mesh {
                                 schema,
                                 data,
                                 policy: ProductPolicy::default(),
+                                views: view_cache(),
                             }),
                         );
                     }
@@ -239,7 +259,11 @@ fn compile_policies(
                 &config.governance.tag_policies,
                 config.governance.default_access,
             ) {
-                Ok(policy) => Arc::make_mut(product).policy = policy,
+                Ok(policy) => {
+                    let product = Arc::make_mut(product);
+                    product.policy = policy;
+                    product.views = view_cache();
+                }
                 Err(reason) => withdrawn.push((name.clone(), reason)),
             }
         }
@@ -402,12 +426,14 @@ impl fmt::Debug for DomainSchema {
 }
 
 impl DomainSchema {
-    fn visible(&self, name: &str) -> Option<(&Arc<Product>, CallerProductView)> {
+    fn visible(&self, name: &str) -> Option<(&Arc<Product>, Arc<CallerProductView>)> {
         let product = self.mesh.product(&self.domain, name)?;
         let view = if self.enforce_policies {
             product.view_for(&self.caller)
         } else {
-            CallerProductView::unrestricted(product.schema.fields().len())
+            Arc::new(CallerProductView::unrestricted(
+                product.schema.fields().len(),
+            ))
         };
         view.visible.then_some((product, view))
     }
