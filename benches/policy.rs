@@ -101,6 +101,23 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // A caller never seen before: the policies are bound, not found cached.
+    let (_, with_policies) = &gateways[0];
+    let mut fresh = 0u64;
+    group.bench_function("with_policies_first_query_of_a_caller", |b| {
+        b.iter(|| {
+            fresh += 1;
+            let caller = CallerIdentity {
+                user: format!("alice-{fresh}"),
+                ..alice()
+            };
+            runtime.block_on(async {
+                let session = with_policies.engine.session(&caller, None);
+                let prepared = session.prepare(JOIN).await.unwrap();
+                session.physical_plan(&prepared).await.unwrap()
+            })
+        })
+    });
     group.finish();
 
     let caller = crm_reader();

@@ -865,3 +865,31 @@ async fn a_policy_that_does_not_compile_withdraws_its_product_and_says_why() {
     );
     assert!(mesh.product("crm", "region").is_some());
 }
+
+#[tokio::test]
+async fn bound_policies_are_never_shared_between_identities() {
+    let server = hr_server().await;
+    // The same user name with other attributes or groups: each answer is
+    // bound to the whole identity, never to a cached one.
+    let ids = |batches: &[arrow::array::RecordBatch]| pretty(batches);
+    for _ in 0..2 {
+        let mut as_eu = server
+            .as_identity("sam", &["analyst"], &[("region", "EU")])
+            .await;
+        let mut as_us = server
+            .as_identity("sam", &["analyst"], &[("region", "US")])
+            .await;
+        let mut as_admin = server.as_identity("sam", &["hr", "hr_admin"], &[]).await;
+        let sql = "SELECT id FROM hr.employees ORDER BY id";
+        let eu = ids(&as_eu.query(sql).await.unwrap());
+        let us = ids(&as_us.query(sql).await.unwrap());
+        let admin = ids(&as_admin.query(sql).await.unwrap());
+        assert!(eu.contains("| 1  |") && !eu.contains("| 3  |"), "{eu}");
+        assert!(us.contains("| 3  |") && !us.contains("| 1  |"), "{us}");
+        assert!(
+            admin.contains("| 1  |") && admin.contains("| 4  |"),
+            "{admin}"
+        );
+    }
+    server.stop().await;
+}
