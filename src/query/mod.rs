@@ -146,6 +146,8 @@ pub struct QueryEngine {
     limits: Limits,
     audit: AuditLogRef,
     metrics: Arc<Metrics>,
+    /// One permit per query allowed to run at once.
+    running: Arc<tokio::sync::Semaphore>,
     /// Groups whose members see EXPLAIN ANALYZE below policy barriers.
     admin_groups: Vec<String>,
 }
@@ -159,9 +161,10 @@ impl QueryEngine {
     ) -> Self {
         Self {
             mesh,
-            limits,
             audit,
             metrics: Arc::new(Metrics::default()),
+            running: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_queries)),
+            limits,
             admin_groups,
         }
     }
@@ -179,8 +182,12 @@ impl QueryEngine {
     pub fn session(&self, caller: &CallerIdentity, client: Option<SocketAddr>) -> CallerSession {
         let caller = Arc::new(caller.clone());
         let reads = Arc::new(parking_lot::Mutex::new(ReadLog::default()));
-        let (context, catalog) =
-            session::caller_context(&self.mesh, Arc::clone(&caller), Arc::clone(&reads));
+        let (context, catalog) = session::caller_context(
+            &self.mesh,
+            Arc::clone(&caller),
+            Arc::clone(&reads),
+            self.limits.memory_per_query,
+        );
         let is_admin = self.admin_groups.iter().any(|g| caller.has_group(g));
         CallerSession {
             context,
@@ -192,6 +199,7 @@ impl QueryEngine {
             limits: self.limits.clone(),
             audit: Arc::clone(&self.audit),
             metrics: Arc::clone(&self.metrics),
+            running: Arc::clone(&self.running),
         }
     }
 
@@ -330,6 +338,7 @@ pub struct CallerSession {
     limits: Limits,
     audit: AuditLogRef,
     metrics: Arc<Metrics>,
+    running: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for CallerSession {
@@ -370,9 +379,16 @@ impl CallerSession {
     /// and writes the audit record when it ends or is dropped.
     pub async fn execute(&self, query: PreparedQuery) -> Result<QueryStream, QueryError> {
         let started = Instant::now();
-        let result = self.start(&query, started).await;
+        let result = match self.admit().await {
+            Ok(permit) => self
+                .start(&query, started)
+                .await
+                .map(|inner| (inner, permit)),
+            Err(error) => Err(error),
+        };
         match result {
-            Ok(inner) => Ok(QueryStream {
+            Ok((inner, permit)) => Ok(QueryStream {
+                _permit: permit,
                 _active: ActiveQuery::start(Arc::clone(&self.metrics)),
                 inner,
                 schema: query.result_schema(),
@@ -391,6 +407,20 @@ impl CallerSession {
                 self.audit(&query.sql, started, 0, "error", Some(error.to_string()));
                 Err(error)
             }
+        }
+    }
+
+    /// Waits for a turn to run, at most the query timeout: at most
+    /// `limits.max_concurrent_queries` queries run at once.
+    async fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, QueryError> {
+        let timeout = self.limits.query_timeout;
+        match tokio::time::timeout(timeout, Arc::clone(&self.running).acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(QueryError::Internal("the gateway is shutting down".into())),
+            Err(_) => Err(QueryError::ResourcesExhausted(format!(
+                "{} queries are already running (limits.max_concurrent_queries) and none finished within {timeout:?}; try again later",
+                self.limits.max_concurrent_queries
+            ))),
         }
     }
 
@@ -661,6 +691,7 @@ impl Drop for ActiveQuery {
 
 /// The result rows of a query, as wire-typed batches.
 pub struct QueryStream {
+    _permit: tokio::sync::OwnedSemaphorePermit,
     _active: ActiveQuery,
     inner: SendableRecordBatchStream,
     schema: SchemaRef,

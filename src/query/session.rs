@@ -2,10 +2,12 @@
 //! `mesh` as that caller sees it. Settings are fixed here and cannot be
 //! changed from SQL.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use datafusion::execution::SessionState;
 use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
@@ -18,6 +20,11 @@ const DEFAULT_SCHEMA: &str = "public";
 
 /// Session state with meshgate's settings and no catalog.
 pub(crate) fn base_session_state(runtime: Arc<RuntimeEnv>) -> SessionState {
+    session_state(runtime, None)
+}
+
+/// Session state with meshgate's settings, sized for a per-query memory limit.
+fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> SessionState {
     let mut config = SessionConfig::new()
         .with_information_schema(false)
         .with_create_default_catalog_and_schema(false)
@@ -29,6 +36,13 @@ pub(crate) fn base_session_state(runtime: Arc<RuntimeEnv>) -> SessionState {
         options.sql_parser.map_string_types_to_utf8view = false;
         options.execution.parquet.pushdown_filters = true;
         options.execution.parquet.reorder_filters = true;
+        // A sort reserves memory to merge its spilled runs; under a small
+        // per-query limit, reserve a quarter of it rather than 10 MB.
+        if let Some(limit) = memory_limit {
+            let quarter = usize::try_from(limit / 4).unwrap_or(usize::MAX);
+            let reservation = &mut options.execution.sort_spill_reservation_bytes;
+            *reservation = (*reservation).min(quarter);
+        }
     }
     SessionStateBuilder::new()
         .with_config(config)
@@ -37,14 +51,39 @@ pub(crate) fn base_session_state(runtime: Arc<RuntimeEnv>) -> SessionState {
         .build()
 }
 
+/// The runtime of one query: the mesh's object stores, caches and spill
+/// directory, with a memory pool of its own when a per-query limit is set.
+/// Operators that can spill do so under pressure; the others fail the query
+/// with a resources-exhausted error.
+fn query_runtime(mesh: &Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Arc<RuntimeEnv> {
+    let Some(limit) = memory_limit else {
+        return Arc::clone(mesh);
+    };
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let pool = TrackConsumersPool::new(
+        FairSpillPool::new(limit),
+        NonZeroUsize::new(3).expect("3 is not zero"),
+    );
+    Arc::new(RuntimeEnv {
+        memory_pool: Arc::new(pool),
+        disk_manager: Arc::clone(&mesh.disk_manager),
+        cache_manager: Arc::clone(&mesh.cache_manager),
+        object_store_registry: Arc::clone(&mesh.object_store_registry),
+    })
+}
+
 /// A session in which `mesh` resolves products for one caller, and the
 /// catalog it resolves them through.
 pub(crate) fn caller_context(
     mesh: &Arc<Mesh>,
     caller: Arc<CallerIdentity>,
     reads: Arc<parking_lot::Mutex<ReadLog>>,
+    memory_limit: Option<u64>,
 ) -> (SessionContext, Arc<MeshCatalog>) {
-    let context = SessionContext::new_with_state(base_session_state(mesh.runtime()));
+    let context = SessionContext::new_with_state(session_state(
+        query_runtime(&mesh.runtime(), memory_limit),
+        memory_limit,
+    ));
     let catalog = Arc::new(MeshCatalog::new(
         Arc::clone(mesh),
         caller,

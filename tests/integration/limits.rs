@@ -83,3 +83,111 @@ fn deep_and_long_expressions_never_take_the_server_down() {
         server.stop().await;
     });
 }
+
+async fn limited_server(limits: &str) -> TestServer {
+    let limits = limits.to_string();
+    TestServer::start_with(move |dir| {
+        crate::fixture::edit(
+            &dir.join("meshgate.toml"),
+            "query_timeout = \"5m\"\nmax_concurrent_queries = 64",
+            &limits,
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_query_over_the_memory_limit_fails_cleanly_and_the_next_succeeds() {
+    let server = limited_server("query_timeout = \"5m\"\nmemory_per_query = \"4MiB\"").await;
+    let mut client = server.unrestricted().await;
+    // array_agg cannot spill: 3 million values do not fit in 4 MiB.
+    let error = client
+        .query("SELECT array_length(array_agg(value)) FROM range(3000000)")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    assert!(
+        error.message().contains("resources exhausted"),
+        "{}",
+        error.message()
+    );
+    // A sort that does not fit (8 MB of values) spills to disk and succeeds.
+    let sorted = client
+        .query("SELECT value FROM range(1000000) ORDER BY value DESC")
+        .await
+        .unwrap();
+    assert_eq!(crate::fixture::row_count(&sorted), 1_000_000);
+    use arrow::array::AsArray;
+    let first = sorted[0]
+        .column(0)
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .value(0);
+    assert_eq!(first, 999_999);
+    let rows = client
+        .query("SELECT count(*) AS n FROM crm.region")
+        .await
+        .unwrap();
+    assert!(pretty(&rows).contains("| 5 |"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_query_timeout_fires() {
+    let server = limited_server("query_timeout = \"1s\"\nmax_concurrent_queries = 64").await;
+    let mut client = server.unrestricted().await;
+    let started = std::time::Instant::now();
+    let error = client
+        .query("SELECT count(*) FROM range(100000000000)")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::DeadlineExceeded, "{error:?}");
+    assert!(
+        error.message().contains("time limit of 1s"),
+        "{}",
+        error.message()
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert!(client.query("SELECT 1").await.is_ok());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn queries_past_the_concurrency_limit_wait_then_fail_clearly() {
+    use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+    use futures::StreamExt;
+
+    let server = limited_server("query_timeout = \"1s\"\nmax_concurrent_queries = 1").await;
+    let mut first = server.unrestricted().await;
+    let command = CommandStatementQuery {
+        query: "SELECT value FROM range(1000000000)".into(),
+        transaction_id: None,
+    };
+    let info = first.flight_info(command.as_any()).await.unwrap();
+    let request = first.request(info.endpoint[0].ticket.clone().unwrap());
+    let mut running = first.inner.do_get(request).await.unwrap().into_inner();
+    assert!(running.next().await.is_some());
+
+    let mut second = server.unrestricted().await;
+    let error = second.query("SELECT 1").await.unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    assert!(
+        error.message().contains("already running"),
+        "{}",
+        error.message()
+    );
+
+    drop(running);
+    let mut answered = false;
+    for _ in 0..50 {
+        if second.query("SELECT 1").await.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        answered,
+        "the slot is freed when the first stream goes away"
+    );
+    server.stop().await;
+}
