@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use datafusion::physical_plan::ExecutionPlan;
 use futures::StreamExt;
 use meshgate::auth::CallerIdentity;
 use meshgate::config::MeshConfig;
@@ -65,6 +66,13 @@ fn crm_reader() -> CallerIdentity {
     }
 }
 
+/// Plans the join for `caller`: session, logical and physical plan.
+async fn plan(gateway: &Gateway, caller: &CallerIdentity) -> Arc<dyn ExecutionPlan> {
+    let session = gateway.engine.session(caller, None);
+    let prepared = session.prepare(JOIN).await.unwrap();
+    session.physical_plan(&prepared).await.unwrap()
+}
+
 fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -92,13 +100,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("plan_3_product_join");
     for (name, gateway) in &gateways {
         group.bench_function(*name, |b| {
-            b.iter(|| {
-                runtime.block_on(async {
-                    let session = gateway.engine.session(&caller, None);
-                    let prepared = session.prepare(JOIN).await.unwrap();
-                    session.physical_plan(&prepared).await.unwrap()
-                })
-            })
+            b.iter(|| runtime.block_on(plan(gateway, &caller)))
         });
     }
     // A caller never seen before: the policies are bound, not found cached.
@@ -111,11 +113,7 @@ fn bench(c: &mut Criterion) {
                 user: format!("alice-{fresh}"),
                 ..alice()
             };
-            runtime.block_on(async {
-                let session = with_policies.engine.session(&caller, None);
-                let prepared = session.prepare(JOIN).await.unwrap();
-                session.physical_plan(&prepared).await.unwrap()
-            })
+            runtime.block_on(plan(with_policies, &caller))
         })
     });
     group.finish();

@@ -8,14 +8,19 @@ fn meshgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_meshgate"))
 }
 
+/// `meshgate check` on the config in `dir`.
+fn check(dir: &std::path::Path) -> std::process::Output {
+    meshgate()
+        .args(["check", "--config"])
+        .arg(dir.join("meshgate.toml"))
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_lists_what_the_demo_would_publish() {
     let dir = demo_config_dir();
-    let output = meshgate()
-        .args(["check", "--config"])
-        .arg(dir.path().join("meshgate.toml"))
-        .output()
-        .unwrap();
+    let output = check(dir.path());
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -42,11 +47,7 @@ fn check_on_a_broken_config_names_file_and_key() {
         "storage = \"lake\"",
         "storage = \"warehouse\"",
     );
-    let output = meshgate()
-        .args(["check", "--config"])
-        .arg(dir.path().join("meshgate.toml"))
-        .output()
-        .unwrap();
+    let output = check(dir.path());
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("crm.toml"), "{stderr}");
@@ -65,11 +66,7 @@ fn check_reports_a_product_whose_files_break_its_contract() {
         "{ name = \"c_custkey\", type = \"Int64\" }",
         "{ name = \"c_custkey\", type = \"Utf8\" }",
     );
-    let output = meshgate()
-        .args(["check", "--config"])
-        .arg(dir.path().join("meshgate.toml"))
-        .output()
-        .unwrap();
+    let output = check(dir.path());
     assert!(!output.status.success());
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("refuse crm.customer"), "{stdout}");
