@@ -14,8 +14,8 @@ use crate::config::MeshConfig;
 use crate::flight::{AuthLayer, MeshFlightService};
 use crate::query::QueryEngine;
 
-/// Stack of the runtime's threads. Admitted statements can still nest a
-/// thousand levels deep, and plans and expressions are cloned, dropped and
+/// Stack of the runtime's threads. Admitted statements can still nest
+/// hundreds of levels deep, and plans and expressions are cloned, dropped and
 /// evaluated recursively on these threads; only touched pages are committed.
 const THREAD_STACK_BYTES: usize = 64 * 1024 * 1024;
 

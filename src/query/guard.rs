@@ -48,7 +48,7 @@ const READ_ONLY: &str = "meshgate is read-only";
 /// Most binary operators one statement may hold. A chain of N operators
 /// (`a OR b OR ...`, `1 + 1 + ...`) nests N deep in every tree the planner
 /// walks; past this the statement is refused instead of risking the stack.
-pub(crate) const MAX_OPERATORS: usize = 1000;
+pub(crate) const MAX_OPERATORS: usize = 500;
 
 /// Refuses statements too complex to plan safely, counting operators on the
 /// token stream (the tokenizer does not recurse, so this check cannot

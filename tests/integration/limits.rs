@@ -14,9 +14,9 @@ fn deep_and_long_expressions_never_take_the_server_down() {
         let mut client = server.unrestricted().await;
 
         // Just under the limit: answered.
-        let sum = format!("SELECT {} AS n", vec!["1"; 1000].join(" + "));
+        let sum = format!("SELECT {} AS n", vec!["1"; 500].join(" + "));
         let rows = client.query(&sum).await.unwrap();
-        assert!(pretty(&rows).contains("| 1000 |"), "{}", pretty(&rows));
+        assert!(pretty(&rows).contains("| 500 |"), "{}", pretty(&rows));
         let chain = format!(
             "SELECT count(*) AS n FROM crm.nation WHERE n_nationkey{} > 0",
             " + 1".repeat(200)
