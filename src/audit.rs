@@ -70,10 +70,6 @@ impl AuditLog {
         })
     }
 
-    pub fn disabled() -> Self {
-        Self { sink: None }
-    }
-
     pub fn record(&self, record: &AuditRecord) {
         let Some(sink) = &self.sink else {
             return;

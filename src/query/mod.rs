@@ -350,10 +350,6 @@ impl std::fmt::Debug for CallerSession {
 }
 
 impl CallerSession {
-    pub fn caller(&self) -> &CallerIdentity {
-        &self.caller
-    }
-
     /// Parses, guards and plans `sql`. A failure is audited.
     pub async fn prepare(&self, sql: &str) -> Result<PreparedQuery, QueryError> {
         let started = Instant::now();

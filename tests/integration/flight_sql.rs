@@ -72,10 +72,9 @@ async fn catalogs_schemas_and_table_types_list_the_mesh() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn get_tables_lists_products_with_their_schemas() {
-    let server = TestServer::start().await;
-    let mut client = server.login("alice").await;
+/// GetTables with no filter and with schemas: the answer, and its
+/// `domain.product` names in order.
+pub(crate) async fn table_names(client: &mut TestClient) -> (Vec<RecordBatch>, Vec<String>) {
     let command = CommandGetTables {
         catalog: None,
         db_schema_filter_pattern: None,
@@ -84,11 +83,19 @@ async fn get_tables_lists_products_with_their_schemas() {
         include_schema: true,
     };
     let (_, tables) = client.command(command.as_any()).await.unwrap();
-    let names: Vec<String> = strings(&tables, "db_schema_name")
+    let names = strings(&tables, "db_schema_name")
         .into_iter()
         .zip(strings(&tables, "table_name"))
         .map(|(s, t)| format!("{s}.{t}"))
         .collect();
+    (tables, names)
+}
+
+#[tokio::test]
+async fn get_tables_lists_products_with_their_schemas() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    let (tables, names) = table_names(&mut client).await;
     assert_eq!(
         names,
         [
@@ -271,6 +278,16 @@ pub(crate) async fn create_prepared(
     Ok(any.unpack().unwrap().unwrap())
 }
 
+pub(crate) async fn close_prepared(client: &mut TestClient, handle: bytes::Bytes) {
+    let close = ActionClosePreparedStatementRequest {
+        prepared_statement_handle: handle,
+    };
+    client
+        .action("ClosePreparedStatement", close.as_any().encode_to_vec())
+        .await
+        .unwrap();
+}
+
 pub(crate) async fn bind(
     client: &mut TestClient,
     handle: bytes::Bytes,
@@ -342,13 +359,7 @@ async fn prepared_statements_bind_parameters_and_rebind() {
             let (_, rows) = client.command(command.as_any()).await.unwrap();
             assert_eq!(strings(&rows, "n_name"), [name]);
         }
-        let close = ActionClosePreparedStatementRequest {
-            prepared_statement_handle: prepared.prepared_statement_handle,
-        };
-        client
-            .action("ClosePreparedStatement", close.as_any().encode_to_vec())
-            .await
-            .unwrap();
+        close_prepared(&mut client, prepared.prepared_statement_handle).await;
     }
     server.stop().await;
 }

@@ -6,15 +6,14 @@ use arrow::array::{Array, AsArray, UnionArray};
 use arrow::datatypes::UInt32Type;
 use arrow::ipc::convert::try_schema_from_ipc_buffer;
 use arrow_flight::sql::{
-    ActionClosePreparedStatementRequest, CommandGetCatalogs, CommandGetDbSchemas,
-    CommandGetExportedKeys, CommandGetImportedKeys, CommandGetPrimaryKeys, CommandGetSqlInfo,
-    CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery, ProstMessageExt,
+    CommandGetCatalogs, CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys,
+    CommandGetPrimaryKeys, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables,
+    CommandPreparedStatementQuery, ProstMessageExt,
 };
-use prost::Message;
 use tonic::Code;
 
 use crate::fixture::{TestServer, row_count};
-use crate::flight_sql::create_prepared;
+use crate::flight_sql::{close_prepared, create_prepared};
 
 /// Union child ids of SqlInfo values, by the spec.
 const STRING: i8 = 0;
@@ -240,13 +239,7 @@ async fn jdbc_connect_browse_and_query_sequence_is_answered() {
     };
     let (_, rows) = client.command(command.as_any()).await.unwrap();
     assert_eq!(row_count(&rows), 5);
-    let close = ActionClosePreparedStatementRequest {
-        prepared_statement_handle: prepared.prepared_statement_handle,
-    };
-    client
-        .action("ClosePreparedStatement", close.as_any().encode_to_vec())
-        .await
-        .unwrap();
+    close_prepared(&mut client, prepared.prepared_statement_handle).await;
     // An update fails at prepare, with a message a tool can show.
     let refused = create_prepared(&mut client, "UPDATE crm.region SET r_name = 'x'")
         .await

@@ -189,23 +189,7 @@ async fn error(client: &mut TestClient, sql: &str) -> tonic::Status {
 }
 
 async fn table_names(client: &mut TestClient) -> Vec<String> {
-    let command = CommandGetTables {
-        catalog: None,
-        db_schema_filter_pattern: None,
-        table_name_filter_pattern: None,
-        table_types: vec![],
-        include_schema: true,
-    };
-    let (_, batches) = client.command(command.as_any()).await.unwrap();
-    let text = pretty(&batches);
-    text.lines()
-        .skip(3)
-        .filter(|l| l.starts_with('|'))
-        .map(|l| {
-            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-            format!("{}.{}", cells[2], cells[3])
-        })
-        .collect()
+    crate::flight_sql::table_names(client).await.1
 }
 
 async fn table_schema(client: &mut TestClient, domain: &str, table: &str) -> Schema {

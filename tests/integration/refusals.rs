@@ -2,11 +2,10 @@
 //! that is not a query, and every way of reading files or URLs, is refused
 //! with a clear InvalidArgument, in plain statements and prepared ones.
 
-use arrow_flight::sql::{ActionCreatePreparedStatementRequest, ProstMessageExt};
-use prost::Message;
 use tonic::Code;
 
 use crate::fixture::TestServer;
+use crate::flight_sql::create_prepared;
 
 const REFUSED: &[(&str, &str)] = &[
     ("INSERT INTO sales.orders VALUES (1)", "INSERT is refused"),
@@ -53,18 +52,21 @@ const REFUSED: &[(&str, &str)] = &[
     ("BEGIN", "refused"),
 ];
 
+fn assert_refused(sql: &str, reason: &str, error: tonic::Status) {
+    assert_eq!(error.code(), Code::InvalidArgument, "{sql}: {error:?}");
+    assert!(
+        error.message().contains(reason),
+        "{sql}: {}",
+        error.message()
+    );
+}
+
 #[tokio::test]
 async fn every_write_and_file_access_is_refused_as_a_statement() {
     let server = TestServer::start().await;
     let mut client = server.login("alice").await;
     for (sql, reason) in REFUSED {
-        let error = client.query(sql).await.unwrap_err();
-        assert_eq!(error.code(), Code::InvalidArgument, "{sql}: {error:?}");
-        assert!(
-            error.message().contains(reason),
-            "{sql}: {}",
-            error.message()
-        );
+        assert_refused(sql, reason, client.query(sql).await.unwrap_err());
     }
     server.stop().await;
 }
@@ -74,20 +76,8 @@ async fn every_write_and_file_access_is_refused_at_prepare() {
     let server = TestServer::start().await;
     let mut client = server.login("alice").await;
     for (sql, reason) in REFUSED {
-        let request = ActionCreatePreparedStatementRequest {
-            query: sql.to_string(),
-            transaction_id: None,
-        };
-        let error = client
-            .action("CreatePreparedStatement", request.as_any().encode_to_vec())
-            .await
-            .unwrap_err();
-        assert_eq!(error.code(), Code::InvalidArgument, "{sql}: {error:?}");
-        assert!(
-            error.message().contains(reason),
-            "{sql}: {}",
-            error.message()
-        );
+        let error = create_prepared(&mut client, sql).await.unwrap_err();
+        assert_refused(sql, reason, error);
     }
     server.stop().await;
 }
