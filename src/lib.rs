@@ -15,7 +15,8 @@
 //!   ▼
 //! catalog   catalog `mesh`: domain schemas, products → table providers
 //!   ▼
-//! sources   object storage files (Parquet, CSV, JSON, Arrow IPC)
+//! sources   object storage files (Parquet, CSV, JSON, Arrow IPC); PostgreSQL,
+//!           SQLite and Flight SQL, sent whole sub-plans as SQL
 //!   ▼
 //! query     stream of wire-typed batches (no view types, no empty batches)
 //!   ▼
@@ -32,3 +33,4 @@ pub mod metrics;
 pub mod policy;
 pub mod query;
 pub mod server;
+pub mod sources;

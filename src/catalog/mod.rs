@@ -5,6 +5,8 @@
 mod files;
 mod views;
 
+pub(crate) use files::type_satisfies;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Weak};
@@ -24,6 +26,7 @@ use url::Url;
 use crate::auth::CallerIdentity;
 use crate::config::{DomainConfig, MeshConfig, ProductConfig, ProductSource, StorageConfig};
 use crate::policy::{CallerProductView, PolicyTable, ProductPolicy, compile_product_policy};
+use crate::sources::{RemoteTable, Source};
 
 /// The catalog name every product lives under.
 pub const CATALOG_NAME: &str = "mesh";
@@ -148,6 +151,14 @@ impl Mesh {
             }
         }
         let state = crate::query::base_session_state(Arc::clone(&runtime));
+        let mut sources: BTreeMap<(String, String), Result<Arc<Source>, String>> = BTreeMap::new();
+        for domain in &config.domains {
+            for (name, storage) in &domain.storage {
+                if let Some(source) = Source::new(&domain.name, name, storage) {
+                    sources.insert((domain.name.clone(), name.clone()), source);
+                }
+            }
+        }
 
         let mut problems = Vec::new();
         let mut domains = BTreeMap::new();
@@ -164,9 +175,25 @@ impl Mesh {
                     } => files::open_file_product(&state, url, *format, csv, &product.columns)
                         .await
                         .map(|table| (table.schema(), ProductData::Table(table))),
-                    ProductSource::Table { storage, .. } => Err(format!(
-                        "storage `{storage}`: SQL and Flight SQL sources are not available in this build"
-                    )),
+                    ProductSource::Table { storage, table } => {
+                        match sources.get(&(domain_config.name.clone(), storage.clone())) {
+                            Some(Ok(source)) => RemoteTable::open(
+                                Arc::clone(source),
+                                name.to_string(),
+                                table,
+                                &product.columns,
+                            )
+                            .await
+                            .map(|table| {
+                                let table: Arc<dyn TableProvider> = Arc::new(table);
+                                (table.schema(), ProductData::Table(table))
+                            }),
+                            Some(Err(error)) => Err(format!("storage `{storage}`: {error}")),
+                            None => Err(format!(
+                                "storage `{storage}` is object storage: give `location` and `format`, not `table`"
+                            )),
+                        }
+                    }
                     // Views are checked once every table is open.
                     ProductSource::View { sql } => Ok((
                         Arc::new(arrow::datatypes::Schema::empty()),

@@ -151,18 +151,54 @@ pub struct DomainConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageConfig {
     /// Files under a URL (`file:///abs/dir`, `s3://bucket/prefix`, `memory://name`).
-    ObjectStore {
-        url: Url,
-    },
-    Postgres {
-        url: String,
-    },
+    ObjectStore { url: Url },
+    /// A PostgreSQL database (`postgres://user:pass@host:port/db`).
+    Postgres { url: String, options: SourceOptions },
+    /// A SQLite database file, opened read-only.
     Sqlite {
         path: PathBuf,
+        options: SourceOptions,
     },
+    /// Any Flight SQL server, another meshgate included.
     FlightSql {
         url: String,
+        options: SourceOptions,
+        auth: FlightAuth,
     },
+}
+
+/// Settings shared by SQL and Flight SQL sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceOptions {
+    /// Send whole sub-plans to the source (default); when false, the source
+    /// is only asked for the columns a query reads.
+    pub pushdown: bool,
+    /// Connections kept open to the source.
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            pushdown: true,
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How meshgate authenticates to a remote Flight SQL server.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FlightAuth {
+    /// Send each caller's own bearer token, so that the remote enforces its
+    /// policies for that caller.
+    pub forward_token: bool,
+    /// Basic credentials, exchanged through the handshake.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// A fixed bearer token.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,6 +422,23 @@ fn parse_addr(file: &Path, key: &str, value: &str) -> Result<SocketAddr, ConfigE
     })
 }
 
+fn source_options(
+    file: &Path,
+    key: &str,
+    pushdown: Option<bool>,
+    connect_timeout: Option<String>,
+) -> Result<SourceOptions, ConfigError> {
+    let mut options = SourceOptions::default();
+    if let Some(pushdown) = pushdown {
+        options.pushdown = pushdown;
+    }
+    if let Some(timeout) = connect_timeout {
+        options.connect_timeout =
+            parse_duration(file, &format!("{key}.connect_timeout"), &timeout)?;
+    }
+    Ok(options)
+}
+
 fn parse_duration(file: &Path, key: &str, value: &str) -> Result<Duration, ConfigError> {
     HumanDuration::from_str(value)
         .map(|d| d.0)
@@ -573,11 +626,79 @@ fn load_domain(
             raw::StorageEntry::ObjectStore { url } => StorageConfig::ObjectStore {
                 url: resolve_store_url(file, &base, &format!("{key}.url"), &url)?,
             },
-            raw::StorageEntry::Postgres { url } => StorageConfig::Postgres { url },
-            raw::StorageEntry::Sqlite { path } => StorageConfig::Sqlite {
+            raw::StorageEntry::Postgres {
+                url,
+                pushdown,
+                pool_size,
+                connect_timeout,
+            } => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(ConfigError::new(
+                        file,
+                        format!(
+                            "{key}.url: expected `postgres://user:password@host:port/database`"
+                        ),
+                    ));
+                }
+                let mut options = source_options(file, &key, pushdown, connect_timeout)?;
+                if let Some(size) = pool_size {
+                    if size == 0 {
+                        return Err(ConfigError::new(
+                            file,
+                            format!("{key}.pool_size: must be at least 1"),
+                        ));
+                    }
+                    options.pool_size = size;
+                }
+                StorageConfig::Postgres { url, options }
+            }
+            raw::StorageEntry::Sqlite { path, pushdown } => StorageConfig::Sqlite {
                 path: base.join(path),
+                options: source_options(file, &key, pushdown, None)?,
             },
-            raw::StorageEntry::FlightSql { url } => StorageConfig::FlightSql { url },
+            raw::StorageEntry::FlightSql {
+                url,
+                pushdown,
+                connect_timeout,
+                forward_token,
+                username,
+                password,
+                token,
+            } => {
+                if !(url.starts_with("grpc://")
+                    || url.starts_with("grpc+tcp://")
+                    || url.starts_with("grpc+tls://")
+                    || url.starts_with("http://")
+                    || url.starts_with("https://"))
+                {
+                    return Err(ConfigError::new(
+                        file,
+                        format!("{key}.url: expected `grpc://host:port` or `grpc+tls://host:port`"),
+                    ));
+                }
+                if username.is_some() != password.is_some() {
+                    return Err(ConfigError::new(
+                        file,
+                        format!("{key}: `username` and `password` go together"),
+                    ));
+                }
+                if token.is_some() && username.is_some() {
+                    return Err(ConfigError::new(
+                        file,
+                        format!("{key}: give `token` or `username`/`password`, not both"),
+                    ));
+                }
+                StorageConfig::FlightSql {
+                    url,
+                    options: source_options(file, &key, pushdown, connect_timeout)?,
+                    auth: FlightAuth {
+                        forward_token: forward_token.unwrap_or(false),
+                        username,
+                        password,
+                        token,
+                    },
+                }
+            }
         };
         storage.insert(name, resolved);
     }

@@ -115,10 +115,28 @@ pub(crate) struct DomainFile {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum StorageEntry {
-    ObjectStore { url: String },
-    Postgres { url: String },
-    Sqlite { path: String },
-    FlightSql { url: String },
+    ObjectStore {
+        url: String,
+    },
+    Postgres {
+        url: String,
+        pushdown: Option<bool>,
+        pool_size: Option<usize>,
+        connect_timeout: Option<String>,
+    },
+    Sqlite {
+        path: String,
+        pushdown: Option<bool>,
+    },
+    FlightSql {
+        url: String,
+        pushdown: Option<bool>,
+        connect_timeout: Option<String>,
+        forward_token: Option<bool>,
+        username: Option<String>,
+        password: Option<String>,
+        token: Option<String>,
+    },
 }
 
 #[derive(Debug, Deserialize)]

@@ -69,7 +69,14 @@ where
                 .and_then(|value| value.to_str().ok());
             match self.authenticator.authenticate_header(header) {
                 Ok(identity) => {
+                    // Kept for sources that forward the caller's own token.
+                    let token = header
+                        .and_then(|h| h.split_once(' '))
+                        .map(|(_, token)| crate::sources::ForwardedToken(token.trim().into()));
                     request.extensions_mut().insert(identity);
+                    if let Some(token) = token {
+                        request.extensions_mut().insert(token);
+                    }
                 }
                 Err(error) => {
                     let status = Status::from(error);

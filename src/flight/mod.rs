@@ -43,6 +43,7 @@ use status::ProtocolError;
 use crate::auth::{AuthenticatorRef, CallerIdentity};
 use crate::catalog::CATALOG_NAME;
 use crate::query::{PreparedQuery, QueryEngine, QueryError};
+use crate::sources::ForwardedToken;
 
 /// Largest gRPC message accepted from clients (parameter uploads).
 const MAX_DECODING_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
@@ -75,9 +76,13 @@ impl MeshFlightService {
         handle_bytes: &[u8],
         caller: &CallerIdentity,
         request_client: Option<std::net::SocketAddr>,
+        token: Option<ForwardedToken>,
     ) -> Result<(crate::query::CallerSession, PreparedQuery), Status> {
         let handle = StatementHandle::decode_for(handle_bytes, caller)?;
-        let session = self.engine.session(caller, request_client);
+        let session = self
+            .engine
+            .session(caller, request_client)
+            .with_token(token);
         let prepared = session.prepare(&handle.sql).await?;
         let bound = prepared.bind(handle.parameter_values()?)?;
         Ok((session, bound))
@@ -94,6 +99,11 @@ impl MeshFlightService {
         let batches = stream.map_err(|e| FlightError::Tonic(Box::new(Status::from(e))));
         Ok(encode_stream(schema, batches))
     }
+}
+
+/// The caller's bearer token, for sources that forward it.
+fn token<T>(request: &Request<T>) -> Option<ForwardedToken> {
+    request.extensions().get::<ForwardedToken>().cloned()
 }
 
 /// The identity the auth layer attached to the request.
@@ -222,7 +232,10 @@ impl FlightSqlService for MeshFlightService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let caller = caller(&request)?;
-        let session = self.engine.session(&caller, request.remote_addr());
+        let session = self
+            .engine
+            .session(&caller, request.remote_addr())
+            .with_token(token(&request));
         let prepared = session.prepare(&query.query).await?;
         if prepared.parameter_count() > 0 {
             return Err(QueryError::Parameters(
@@ -252,6 +265,7 @@ impl FlightSqlService for MeshFlightService {
                 &command.prepared_statement_handle,
                 &caller,
                 request.remote_addr(),
+                token(&request),
             )
             .await?;
         flight_info(
@@ -370,7 +384,12 @@ impl FlightSqlService for MeshFlightService {
     ) -> Result<Response<FlightDataStream>, Status> {
         let caller = caller(&request)?;
         let (session, bound) = self
-            .plan_handle(&ticket.statement_handle, &caller, request.remote_addr())
+            .plan_handle(
+                &ticket.statement_handle,
+                &caller,
+                request.remote_addr(),
+                token(&request),
+            )
             .await?;
         self.stream_query(session, bound).await
     }
@@ -386,6 +405,7 @@ impl FlightSqlService for MeshFlightService {
                 &command.prepared_statement_handle,
                 &caller,
                 request.remote_addr(),
+                token(&request),
             )
             .await?;
         self.stream_query(session, bound).await
@@ -557,6 +577,7 @@ impl FlightSqlService for MeshFlightService {
     ) -> Result<DoPutPreparedStatementResult, Status> {
         let caller = caller(&request)?;
         let client = request.remote_addr();
+        let forwarded = token(&request);
         let handle = StatementHandle::decode_for(&command.prepared_statement_handle, &caller)?;
         let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(
             request.into_inner().map_err(FlightError::from),
@@ -567,7 +588,7 @@ impl FlightSqlService for MeshFlightService {
         let row = single_parameter_row(batches)?;
         let handle = handle.with_parameters(&row)?;
         // Check the values against the statement now, so a bad bind fails here.
-        let session = self.engine.session(&caller, client);
+        let session = self.engine.session(&caller, client).with_token(forwarded);
         session
             .prepare(&handle.sql)
             .await?
@@ -591,7 +612,10 @@ impl FlightSqlService for MeshFlightService {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let caller = caller(&request)?;
-        let session = self.engine.session(&caller, request.remote_addr());
+        let session = self
+            .engine
+            .session(&caller, request.remote_addr())
+            .with_token(token(&request));
         let prepared = session.prepare(&query.query).await?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: StatementHandle::new(&caller, &query.query).encode(),

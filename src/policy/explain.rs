@@ -26,7 +26,14 @@ fn render(
     redact: bool,
     out: &mut String,
 ) {
-    let line = displayable(plan).one_line().to_string();
+    let mut line = displayable(plan).one_line().to_string();
+    // Administrators see the statement a source received, policies included.
+    if !redact
+        && let Some(remote) =
+            (plan as &dyn std::any::Any).downcast_ref::<crate::sources::RemoteExec>()
+    {
+        line = format!("{}, sent={}", line.trim_end(), remote.sql());
+    }
     let _ = write!(out, "{:indent$}{}", "", line.trim_end(), indent = depth * 2);
     if with_metrics && let Some(metrics) = plan.metrics() {
         let metrics = metrics

@@ -26,7 +26,7 @@ use datafusion::logical_expr::Expr;
 pub(crate) use compile::compile_product_policy;
 pub use exec::PolicyExec;
 pub use explain::render_plan;
-pub use table::PolicyTable;
+pub use table::{PolicyParts, PolicyTable};
 
 use crate::auth::CallerIdentity;
 use crate::config::DefaultAccess;

@@ -19,6 +19,14 @@ use datafusion::physical_plan::filter::FilterExec;
 use super::leakproof::is_leakproof;
 use super::{CallerProductView, ColumnView, PolicyExec};
 
+/// What [`PolicyTable::parts`] returns: the wrapped table, the row filter,
+/// and each visible column.
+pub type PolicyParts<'a> = (
+    &'a Arc<dyn TableProvider>,
+    Option<&'a Expr>,
+    &'a [(usize, ColumnView)],
+);
+
 /// Wraps a product's table with the caller's row filter, masks and denials.
 /// Its statistics are unknown, so no answer is computed from source metadata.
 #[derive(Debug)]
@@ -58,6 +66,12 @@ impl PolicyTable {
             row_filter: view.row_filter.clone(),
             schema,
         })
+    }
+
+    /// The wrapped table, the caller's row filter, and each visible column
+    /// (its index in the wrapped table's schema, and how the caller sees it).
+    pub fn parts(&self) -> PolicyParts<'_> {
+        (&self.inner, self.row_filter.as_ref(), &self.columns)
     }
 
     /// Whether a caller's filter may run below the row filter: it must be

@@ -101,6 +101,11 @@ fn classify(error: &DataFusionError) -> QueryError {
         DataFusionError::ParquetError(e) => QueryError::Source(e.to_string()),
         DataFusionError::Execution(message) => QueryError::Execution(message.clone()),
         DataFusionError::Configuration(message) => QueryError::Invalid(message.clone()),
+        DataFusionError::External(e)
+            if e.downcast_ref::<crate::sources::SourceError>().is_some() =>
+        {
+            QueryError::Source(e.to_string())
+        }
         other => QueryError::Internal(other.to_string()),
     }
 }
@@ -350,6 +355,18 @@ impl std::fmt::Debug for CallerSession {
 }
 
 impl CallerSession {
+    /// The caller's bearer token, sent on by sources that forward it.
+    pub fn with_token(self, token: Option<crate::sources::ForwardedToken>) -> Self {
+        if let Some(token) = token {
+            self.context
+                .state_ref()
+                .write()
+                .config_mut()
+                .set_extension(Arc::new(token));
+        }
+        self
+    }
+
     /// Parses, guards and plans `sql`. A failure is audited.
     pub async fn prepare(&self, sql: &str) -> Result<PreparedQuery, QueryError> {
         let started = Instant::now();

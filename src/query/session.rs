@@ -13,6 +13,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::auth::CallerIdentity;
 use crate::catalog::{CATALOG_NAME, Mesh, MeshCatalog, ReadLog};
+use crate::sources::{SourcePlanner, SourcePushdown};
 
 /// The schema unqualified names resolve in; it holds no products, so every
 /// product is named `domain.product` (or `mesh.domain.product`).
@@ -48,6 +49,8 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
         .with_config(config)
         .with_runtime_env(runtime)
         .with_default_features()
+        .with_optimizer_rule(Arc::new(SourcePushdown))
+        .with_query_planner(Arc::new(SourcePlanner))
         .build()
 }
 

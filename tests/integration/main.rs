@@ -3,11 +3,13 @@
 mod adversarial;
 mod auth;
 mod cli;
+mod federation;
 mod fixture;
 mod flight_sql;
 mod http;
 mod jdbc;
 mod limits;
+mod pg;
 mod policies;
 mod queries;
 mod refusals;

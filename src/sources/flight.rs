@@ -1,0 +1,177 @@
+//! Remote Flight SQL sources: any Flight SQL server, another meshgate
+//! included. With `forward_token`, each query carries the caller's own
+//! bearer token, so the remote enforces its policies for that caller.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+use super::convert::conform;
+use super::{Discovery, ForwardedToken, SourceError};
+use crate::config::{FlightAuth, SourceOptions};
+
+pub(super) struct FlightSource {
+    channel: Channel,
+    auth: FlightAuth,
+}
+
+impl FlightSource {
+    pub(super) fn new(
+        url: &str,
+        options: &SourceOptions,
+        auth: FlightAuth,
+    ) -> Result<Self, String> {
+        let address = if let Some(rest) = url
+            .strip_prefix("grpc://")
+            .or_else(|| url.strip_prefix("grpc+tcp://"))
+        {
+            format!("http://{rest}")
+        } else if url.starts_with("grpc+tls://") || url.starts_with("https://") {
+            return Err(
+                "TLS to remote Flight SQL servers is not supported by this build; use grpc://"
+                    .into(),
+            );
+        } else {
+            url.to_string()
+        };
+        let endpoint = Endpoint::from_shared(address)
+            .map_err(|e| format!("invalid Flight SQL URL `{url}`: {e}"))?
+            .connect_timeout(options.connect_timeout)
+            .tcp_nodelay(true);
+        Ok(Self {
+            channel: endpoint.connect_lazy(),
+            auth,
+        })
+    }
+
+    /// A client authenticated as configured, or as the caller.
+    async fn client(
+        &self,
+        token: Option<&ForwardedToken>,
+    ) -> Result<FlightSqlServiceClient<Channel>, String> {
+        connect(self.channel.clone(), &self.auth, token).await
+    }
+
+    pub(super) async fn table_schema(&self, table: &[String]) -> Result<SchemaRef, Discovery> {
+        if self.auth.forward_token && self.auth.token.is_none() && self.auth.username.is_none() {
+            return Err(Discovery::Unreachable(
+                "with `forward_token` and no credentials of its own, meshgate cannot discover the remote schema: declare the product's `columns`"
+                    .into(),
+            ));
+        }
+        let mut client = self.client(None).await.map_err(Discovery::Refused)?;
+        let sql = format!("SELECT * FROM {}", super::quoted_name(table));
+        let info = client.execute(sql, None).await.map_err(|e| {
+            let text = message(&e);
+            if text.contains("Unavailable") || text.contains("transport error") {
+                Discovery::Unreachable(text)
+            } else {
+                Discovery::Refused(text)
+            }
+        })?;
+        let schema = info
+            .try_decode_schema()
+            .map_err(|e| Discovery::Refused(e.to_string()))?;
+        Ok(Arc::new(schema))
+    }
+
+    pub(super) fn execute(
+        &self,
+        sql: String,
+        schema: SchemaRef,
+        context: String,
+        token: Option<ForwardedToken>,
+    ) -> SendableRecordBatchStream {
+        let (tx, rx) = mpsc::channel(2);
+        let task_schema = Arc::clone(&schema);
+        let channel = self.channel.clone();
+        let auth = self.auth.clone();
+        let error_tx = tx.clone();
+        // The client is built inside the task: a handshake is I/O.
+        let fetch = async move {
+            let mut client = connect(channel, &auth, token.as_ref()).await?;
+            let info = client.execute(sql, None).await.map_err(|e| message(&e))?;
+            for endpoint in info.endpoint {
+                let ticket = endpoint
+                    .ticket
+                    .ok_or("the remote sent an endpoint without a ticket")?;
+                let mut stream = client.do_get(ticket).await.map_err(|e| message(&e))?;
+                loop {
+                    let next = tokio::select! {
+                        next = stream.next() => next,
+                        () = tx.closed() => return Ok(()),
+                    };
+                    let Some(batch) = next else { break };
+                    let batch = batch.map_err(|e| message(&e))?;
+                    let rows = batch.num_rows();
+                    let batch = conform(&task_schema, batch.columns().to_vec(), rows)
+                        .map_err(|e| e.to_string())?;
+                    if tx.send(Ok(batch)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok::<(), String>(())
+        };
+        tokio::spawn(async move {
+            if let Err(cause) = fetch.await {
+                let error = SourceError { context, cause };
+                let _ = error_tx.send(Err(error.into_datafusion())).await;
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+    }
+}
+
+/// A client on `channel`, authenticated as configured, or as the caller.
+async fn connect(
+    channel: Channel,
+    auth: &FlightAuth,
+    token: Option<&ForwardedToken>,
+) -> Result<FlightSqlServiceClient<Channel>, String> {
+    let mut client = FlightSqlServiceClient::new(channel);
+    if auth.forward_token {
+        let token = token.ok_or("the caller has no bearer token to forward")?;
+        client.set_token(token.0.to_string());
+    } else if let Some(token) = &auth.token {
+        client.set_token(token.clone());
+    } else if let (Some(user), Some(password)) = (&auth.username, &auth.password) {
+        client
+            .handshake(user, password)
+            .await
+            .map_err(|e| format!("login refused: {}", message(&e)))?;
+    }
+    Ok(client)
+}
+
+/// The remote's own message for a failed call, without transport noise.
+fn message(error: &impl std::fmt::Display) -> String {
+    let text = error.to_string();
+    // tonic statuses arrive as "... status: Unavailable, message: \"...\" ..."
+    if let Some(start) = text.find("message: \"") {
+        let rest = &text[start + 10..];
+        if let Some(end) = rest.find("\", ") {
+            let code = text
+                .find("status: ")
+                .map(|s| {
+                    text[s + 8..]
+                        .split(',')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .unwrap_or_default();
+            return format!("{code}: {}", &rest[..end])
+                .trim_start_matches(": ")
+                .to_string();
+        }
+    }
+    text
+}

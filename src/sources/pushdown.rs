@@ -1,0 +1,806 @@
+//! Sub-plan pushdown: the largest parts of a query that read one SQL source
+//! become one statement in its dialect, run by a [`RemoteExec`].
+//!
+//! After DataFusion's own optimizer, [`SourcePushdown`] walks the logical
+//! plan bottom-up. A scan of a source's table starts a group; a filter,
+//! projection, aggregate, sort, limit, alias or join whose inputs all belong
+//! to one group, and whose expressions the source understands, joins it.
+//! Each group's topmost node is unparsed to SQL and replaced by a
+//! [`RemoteQuery`] node.
+//!
+//! Policies travel with the SQL. A product the caller reads under a row
+//! filter or masks is sent as a fenced subquery:
+//!
+//! ```sql
+//! (SELECT c_name, '***' AS c_phone FROM crm.customer WHERE c_region = 'EUROPE' OFFSET 0)
+//! ```
+//!
+//! `OFFSET 0` keeps PostgreSQL and SQLite from merging the subquery or
+//! pushing the caller's predicates into it, so nothing the caller wrote runs
+//! on a row the row filter hides, as with the [`crate::policy::PolicyExec`]
+//! barrier. A Flight SQL remote gives no such guarantee: there a product
+//! under a row filter is sent alone, and everything above it runs here.
+
+use std::any::Any;
+use std::collections::HashSet;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::Session;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{DFSchemaRef, ScalarValue, TableReference};
+use datafusion::datasource::source_as_provider;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::context::QueryPlanner;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::expr::{AggregateFunction, ScalarFunction};
+use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
+use datafusion::logical_expr::{
+    BinaryExpr, Expr, Extension, FetchType, JoinType, LogicalPlan, Operator, Projection, SkipType,
+    TableScan, UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
+};
+use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
+use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
+use datafusion::sql::unparser::Unparser;
+use futures::StreamExt;
+use sqlparser::ast::{ObjectName, Statement, TableFactor, VisitMut, VisitorMut};
+
+use super::{Dialect, ForwardedToken, RemoteTable, Source};
+use crate::policy::{ColumnView, PolicyTable};
+
+/// The optimizer rule that sends sub-plans to their sources.
+#[derive(Debug, Default)]
+pub struct SourcePushdown;
+
+impl OptimizerRule for SourcePushdown {
+    fn name(&self) -> &str {
+        "meshgate_source_pushdown"
+    }
+
+    fn supports_rewrite(&self) -> bool {
+        true
+    }
+
+    fn rewrite(
+        &self,
+        plan: LogicalPlan,
+        _config: &dyn OptimizerConfig,
+    ) -> Result<Transformed<LogicalPlan>> {
+        let (plan, group) = visit(plan)?;
+        let plan = match group {
+            Some(group) => group.into_remote(plan),
+            None => plan,
+        };
+        Ok(Transformed::yes(plan))
+    }
+}
+
+/// A table of a source as it appears in the SQL sent there.
+#[derive(Debug, Clone)]
+struct Leaf {
+    /// The name the scan has in meshgate's plan.
+    table: TableReference,
+    /// What replaces that name in the SQL sent.
+    sent: TableFactor,
+    /// What replaces it in the SQL shown to a caller: the product's name
+    /// in place of its policy.
+    shown: TableFactor,
+    /// Whether the product is read under a row filter the source cannot
+    /// fence: nothing above it may be sent.
+    unfenced: bool,
+    product: String,
+}
+
+/// Nodes whose whole subtree can be sent to one source.
+#[derive(Debug, Clone)]
+struct Group {
+    source: Arc<Source>,
+    leaves: Vec<Leaf>,
+}
+
+impl Group {
+    fn merge(mut self, other: Group) -> Option<Group> {
+        if !Arc::ptr_eq(&self.source, &other.source) {
+            return None;
+        }
+        self.leaves.extend(other.leaves);
+        // Column references are written `table.column`: two different
+        // tables of one name would be ambiguous.
+        for (i, a) in self.leaves.iter().enumerate() {
+            for b in &self.leaves[i + 1..] {
+                if a.table.table() == b.table.table() && a.table != b.table {
+                    return None;
+                }
+            }
+        }
+        Some(self)
+    }
+
+    /// `plan` as one remote query, or unchanged when it cannot be written
+    /// in the source's dialect.
+    fn into_remote(self, plan: LogicalPlan) -> LogicalPlan {
+        match RemoteQuery::try_new(&plan, &self) {
+            Ok(node) => LogicalPlan::Extension(Extension {
+                node: Arc::new(node),
+            }),
+            Err(error) => {
+                tracing::debug!(%error, "sub-plan stays in meshgate");
+                plan
+            }
+        }
+    }
+}
+
+/// Rewrites the children of `plan`, and tells whether `plan` itself can go
+/// to a source.
+fn visit(plan: LogicalPlan) -> Result<(LogicalPlan, Option<Group>)> {
+    if let LogicalPlan::TableScan(scan) = &plan {
+        let group = leaf_group(scan);
+        return Ok((plan, group));
+    }
+    if matches!(plan, LogicalPlan::Extension(_)) || plan.inputs().is_empty() {
+        return Ok((plan, None));
+    }
+    let mut children = Vec::new();
+    let mut groups = Vec::new();
+    for child in plan.inputs() {
+        let (child, group) = visit(child.clone())?;
+        children.push(child);
+        groups.push(group);
+    }
+    let merged = if node_pushable(&plan) {
+        groups
+            .iter()
+            .cloned()
+            .try_fold(None::<Group>, |acc, g| {
+                let g = g?;
+                match acc {
+                    None => Some(Some(g)),
+                    Some(acc) => acc.merge(g).map(Some),
+                }
+            })
+            .flatten()
+            .filter(|g| {
+                expressions_pushable(&plan, g.source.dialect)
+                    && !g.leaves.iter().any(|l| l.unfenced)
+            })
+    } else {
+        None
+    };
+    if let Some(group) = merged {
+        return Ok((
+            plan.with_new_exprs(plan.expressions(), children)?,
+            Some(group),
+        ));
+    }
+    // This node stays here: each child that can go to a source goes alone.
+    let children = children
+        .into_iter()
+        .zip(groups)
+        .map(|(child, group)| match group {
+            Some(group) => group.into_remote(child),
+            None => child,
+        })
+        .collect();
+    Ok((plan.with_new_exprs(plan.expressions(), children)?, None))
+}
+
+/// A scan of a source's table, as a group of one.
+fn leaf_group(scan: &TableScan) -> Option<Group> {
+    let provider = source_as_provider(&scan.source).ok()?;
+    let any: &dyn Any = provider.as_ref();
+    if let Some(table) = any.downcast_ref::<RemoteTable>() {
+        if !table.source.options.pushdown {
+            return None;
+        }
+        let dialect = table.source.dialect;
+        let alias = scan.table_name.table();
+        let sent = parse_factor(
+            &format!("{} AS {}", super::quoted_name(&table.remote), quote(alias)),
+            dialect,
+        )?;
+        return Some(Group {
+            source: Arc::clone(&table.source),
+            leaves: vec![Leaf {
+                table: scan.table_name.clone(),
+                shown: sent.clone(),
+                sent,
+                unfenced: false,
+                product: table.product.clone(),
+            }],
+        });
+    }
+    let policed = any.downcast_ref::<PolicyTable>()?;
+    let (inner, row_filter, columns) = policed.parts();
+    let table = (inner.as_ref() as &dyn Any).downcast_ref::<RemoteTable>()?;
+    if !table.source.options.pushdown {
+        return None;
+    }
+    let dialect = table.source.dialect;
+    let unparser = Unparser::new(dialect.unparser_dialect());
+    let schema = table.schema_ref();
+    let mut select = Vec::new();
+    for (index, view) in columns {
+        let name = quote(schema.field(*index).name());
+        match view {
+            ColumnView::Plain => select.push(name),
+            ColumnView::Masked { expr, .. } => {
+                if !expr_pushable(expr, dialect) {
+                    return None;
+                }
+                let sql = unparser.expr_to_sql(expr).ok()?;
+                select.push(format!("{sql} AS {name}"));
+            }
+            ColumnView::Denied => {}
+        }
+    }
+    let mut fence = format!(
+        "SELECT {} FROM {}",
+        select.join(", "),
+        super::quoted_name(&table.remote)
+    );
+    if let Some(filter) = row_filter {
+        if !expr_pushable(filter, dialect) {
+            return None;
+        }
+        let sql = unparser.expr_to_sql(filter).ok()?;
+        fence.push_str(&format!(" WHERE {sql}"));
+        match dialect {
+            Dialect::Postgres => fence.push_str(" OFFSET 0"),
+            Dialect::Sqlite => fence.push_str(" LIMIT -1 OFFSET 0"),
+            Dialect::FlightSql => {}
+        }
+    }
+    let alias = quote(scan.table_name.table());
+    let sent = parse_factor(&format!("({fence}) AS {alias}"), dialect)?;
+    let shown = parse_factor(
+        &format!(
+            "{} AS {alias}",
+            quote(&format!("{} (under policy)", table.product))
+        ),
+        dialect,
+    )?;
+    Some(Group {
+        source: Arc::clone(&table.source),
+        leaves: vec![Leaf {
+            table: scan.table_name.clone(),
+            sent,
+            shown,
+            unfenced: row_filter.is_some() && !dialect.fences_subqueries(),
+            product: table.product.clone(),
+        }],
+    })
+}
+
+fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// The table factor of `SELECT * FROM <factor>`.
+fn parse_factor(factor: &str, dialect: Dialect) -> Option<TableFactor> {
+    let sql = format!("SELECT * FROM {factor}");
+    let parser_dialect = dialect.parser_dialect();
+    let mut statements =
+        sqlparser::parser::Parser::parse_sql(parser_dialect.as_ref(), &sql).ok()?;
+    let Some(Statement::Query(query)) = statements.pop() else {
+        return None;
+    };
+    let sqlparser::ast::SetExpr::Select(select) = *query.body else {
+        return None;
+    };
+    select.from.into_iter().next().map(|t| t.relation)
+}
+
+/// Whether the source can run `plan`'s own operation (its inputs aside).
+fn node_pushable(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::Projection(_)
+        | LogicalPlan::Filter(_)
+        | LogicalPlan::Sort(_)
+        | LogicalPlan::SubqueryAlias(_) => true,
+        LogicalPlan::Aggregate(aggregate) => {
+            // GROUPING SETS, ROLLUP and CUBE stay here.
+            !aggregate
+                .group_expr
+                .iter()
+                .any(|e| matches!(e, Expr::GroupingSet(_)))
+        }
+        LogicalPlan::Limit(limit) => {
+            matches!(limit.get_skip_type(), Ok(SkipType::Literal(_)))
+                && matches!(limit.get_fetch_type(), Ok(FetchType::Literal(_)))
+        }
+        LogicalPlan::Join(join) => {
+            matches!(
+                join.join_type,
+                JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full
+            ) && join.null_equality == datafusion::common::NullEquality::NullEqualsNothing
+        }
+        _ => false,
+    }
+}
+
+fn expressions_pushable(plan: &LogicalPlan, dialect: Dialect) -> bool {
+    let mut ok = true;
+    let _ = plan.apply_expressions(|expr| {
+        ok &= expr_pushable(expr, dialect);
+        Ok(if ok {
+            TreeNodeRecursion::Continue
+        } else {
+            TreeNodeRecursion::Stop
+        })
+    });
+    if let LogicalPlan::Join(join) = plan {
+        ok &= join
+            .on
+            .iter()
+            .all(|(l, r)| expr_pushable(l, dialect) && expr_pushable(r, dialect));
+    }
+    ok
+}
+
+/// Scalar functions every supported dialect spells and computes like
+/// DataFusion does.
+const PORTABLE_FUNCTIONS: &[&str] = &["lower", "upper", "abs", "coalesce", "nullif"];
+/// More functions PostgreSQL shares with DataFusion.
+const POSTGRES_FUNCTIONS: &[&str] = &[
+    "substr",
+    "character_length",
+    "length",
+    "trim",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "concat",
+    "replace",
+    "regexp_replace",
+    "starts_with",
+    "floor",
+    "ceil",
+    "sqrt",
+    "ln",
+    "exp",
+    "power",
+    "date_trunc",
+];
+const AGGREGATES: &[&str] = &["count", "sum", "min", "max", "avg"];
+
+/// Whether `expr` means the same in the source as in DataFusion.
+pub(crate) fn expr_pushable(expr: &Expr, dialect: Dialect) -> bool {
+    let mut ok = true;
+    let _ = expr.apply(|e| {
+        ok &= node_expr_pushable(e, dialect);
+        Ok(if ok {
+            TreeNodeRecursion::Continue
+        } else {
+            TreeNodeRecursion::Stop
+        })
+    });
+    ok
+}
+
+fn node_expr_pushable(expr: &Expr, dialect: Dialect) -> bool {
+    match expr {
+        Expr::Column(_) | Expr::Alias(_) => true,
+        Expr::Literal(value, _) => literal_pushable(value, dialect),
+        Expr::BinaryExpr(BinaryExpr { op, .. }) => matches!(
+            op,
+            Operator::Eq
+                | Operator::NotEq
+                | Operator::Lt
+                | Operator::LtEq
+                | Operator::Gt
+                | Operator::GtEq
+                | Operator::And
+                | Operator::Or
+                | Operator::Plus
+                | Operator::Minus
+                | Operator::Multiply
+                | Operator::Divide
+                | Operator::Modulo
+        ),
+        Expr::Not(_)
+        | Expr::IsNull(_)
+        | Expr::IsNotNull(_)
+        | Expr::IsTrue(_)
+        | Expr::IsFalse(_)
+        | Expr::IsNotTrue(_)
+        | Expr::IsNotFalse(_)
+        | Expr::Negative(_)
+        | Expr::Between(_)
+        | Expr::InList(_)
+        | Expr::Case(_) => true,
+        // SQLite's LIKE ignores case.
+        Expr::Like(like) => {
+            dialect != Dialect::Sqlite && !like.case_insensitive && like.escape_char.is_none()
+        }
+        Expr::Cast(cast) => type_pushable(cast.field.data_type(), dialect),
+        Expr::ScalarFunction(ScalarFunction { func, .. }) => {
+            let name = func.name();
+            PORTABLE_FUNCTIONS.contains(&name)
+                || (dialect == Dialect::Postgres && POSTGRES_FUNCTIONS.contains(&name))
+        }
+        Expr::AggregateFunction(AggregateFunction { func, params }) => {
+            AGGREGATES.contains(&func.name())
+                && params.filter.is_none()
+                && params.order_by.is_empty()
+                && params.null_treatment.is_none()
+                // SQLite keeps decimals as floating point: sums would drift.
+                && !(dialect == Dialect::Sqlite
+                    && params.args.iter().any(|a| matches!(a, Expr::Cast(c) if matches!(c.field.data_type(), DataType::Decimal128(..)))))
+        }
+        _ => false,
+    }
+}
+
+fn literal_pushable(value: &ScalarValue, dialect: Dialect) -> bool {
+    value.is_null() || type_pushable(&value.data_type(), dialect)
+}
+
+/// Types whose literals and casts the source reads as DataFusion does.
+fn type_pushable(data_type: &DataType, dialect: Dialect) -> bool {
+    use DataType::*;
+    match data_type {
+        Null | Boolean | Int8 | Int16 | Int32 | Int64 | Float32 | Float64 | Utf8 | LargeUtf8
+        | Utf8View => true,
+        // SQLite stores dates as text and decimals as floating point.
+        Decimal128(..) | Date32 => dialect != Dialect::Sqlite,
+        _ => false,
+    }
+}
+
+/// A sub-plan sent to a source as one SQL statement.
+#[derive(Debug, Clone)]
+pub(crate) struct RemoteQuery {
+    source: Arc<Source>,
+    sql: String,
+    shown: String,
+    products: String,
+    schema: DFSchemaRef,
+}
+
+impl PartialEq for RemoteQuery {
+    fn eq(&self, other: &Self) -> bool {
+        self.sql == other.sql && Arc::ptr_eq(&self.source, &other.source)
+    }
+}
+
+impl Eq for RemoteQuery {}
+
+impl PartialOrd for RemoteQuery {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        self.sql.partial_cmp(&other.sql)
+    }
+}
+
+impl Hash for RemoteQuery {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.sql.hash(state);
+    }
+}
+
+impl RemoteQuery {
+    fn try_new(plan: &LogicalPlan, group: &Group) -> Result<Self> {
+        let dialect = group.source.dialect;
+        let projected = with_projection(limits_above_scans(plan.clone())?)?;
+        let statement = Unparser::new(dialect.unparser_dialect()).plan_to_sql(&projected)?;
+        let sent = replace_leaves(statement.clone(), &group.leaves, |l| &l.sent)?;
+        let shown = replace_leaves(statement, &group.leaves, |l| &l.shown)?;
+        let mut products: Vec<&str> = group.leaves.iter().map(|l| l.product.as_str()).collect();
+        products.sort_unstable();
+        products.dedup();
+        Ok(Self {
+            source: Arc::clone(&group.source),
+            sql: sent.to_string(),
+            shown: shown.to_string(),
+            products: products.join(", "),
+            schema: Arc::clone(plan.schema()),
+        })
+    }
+}
+
+/// `plan` with each scan's row limit as a limit node above it, which the
+/// unparser writes as `LIMIT` in the scan's own query.
+fn limits_above_scans(plan: LogicalPlan) -> Result<LogicalPlan> {
+    plan.transform_up(|node| match node {
+        LogicalPlan::TableScan(mut scan) if scan.fetch.is_some() => {
+            let fetch = scan.fetch.take();
+            let limit =
+                datafusion::logical_expr::LogicalPlanBuilder::from(LogicalPlan::TableScan(scan))
+                    .limit(0, fetch)?
+                    .build()?;
+            Ok(Transformed::yes(limit))
+        }
+        other => Ok(Transformed::no(other)),
+    })
+    .map(|t| t.data)
+}
+
+/// `plan` with an explicit projection, which fixes the statement's columns
+/// and their order, placed below any sort and limit at its top.
+fn with_projection(plan: LogicalPlan) -> Result<LogicalPlan> {
+    match plan {
+        LogicalPlan::Projection(_) | LogicalPlan::Aggregate(_) => Ok(plan),
+        LogicalPlan::Limit(_) | LogicalPlan::Sort(_) => {
+            let input = plan.inputs()[0].clone();
+            let input = with_projection(input)?;
+            plan.with_new_exprs(plan.expressions(), vec![input])
+        }
+        _ => Ok(LogicalPlan::Projection(Projection::try_new(
+            plan.schema()
+                .columns()
+                .into_iter()
+                .map(Expr::Column)
+                .collect(),
+            Arc::new(plan),
+        )?)),
+    }
+}
+
+/// Replaces each leaf's name in `statement` by what the source reads.
+fn replace_leaves(
+    mut statement: Statement,
+    leaves: &[Leaf],
+    factor: impl Fn(&Leaf) -> &TableFactor,
+) -> Result<Statement> {
+    struct Replace<'a, F> {
+        leaves: &'a [Leaf],
+        factor: F,
+        replaced: usize,
+    }
+    impl<F: Fn(&Leaf) -> &TableFactor> VisitorMut for Replace<'_, F> {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, table: &mut TableFactor) -> ControlFlow<()> {
+            let TableFactor::Table { name, alias, .. } = table else {
+                return ControlFlow::Continue(());
+            };
+            let Some(leaf) = self.leaves.iter().find(|l| names_table(name, &l.table)) else {
+                return ControlFlow::Continue(());
+            };
+            let mut replacement = (self.factor)(leaf).clone();
+            if let Some(alias) = alias.clone() {
+                match &mut replacement {
+                    TableFactor::Table { alias: a, .. } | TableFactor::Derived { alias: a, .. } => {
+                        *a = Some(alias);
+                    }
+                    _ => {}
+                }
+            }
+            *table = replacement;
+            self.replaced += 1;
+            ControlFlow::Continue(())
+        }
+    }
+    let mut visitor = Replace {
+        leaves,
+        factor,
+        replaced: 0,
+    };
+    let _ = statement.visit(&mut visitor);
+    if visitor.replaced == 0 {
+        return Err(DataFusionError::Plan(
+            "no source table found in the unparsed statement".into(),
+        ));
+    }
+    Ok(statement)
+}
+
+fn names_table(name: &ObjectName, table: &TableReference) -> bool {
+    let parts: Vec<&str> = name
+        .0
+        .iter()
+        .filter_map(|p| p.as_ident().map(|i| i.value.as_str()))
+        .collect();
+    let expected = table.to_vec();
+    parts.len() == expected.len() && parts.iter().zip(&expected).all(|(a, b)| *a == b)
+}
+
+impl UserDefinedLogicalNodeCore for RemoteQuery {
+    fn name(&self) -> &str {
+        "RemoteQuery"
+    }
+
+    fn inputs(&self) -> Vec<&LogicalPlan> {
+        Vec::new()
+    }
+
+    fn schema(&self) -> &DFSchemaRef {
+        &self.schema
+    }
+
+    fn expressions(&self) -> Vec<Expr> {
+        Vec::new()
+    }
+
+    fn prevent_predicate_push_down_columns(&self) -> HashSet<String> {
+        self.schema.columns().into_iter().map(|c| c.name).collect()
+    }
+
+    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "RemoteQuery: source={} sql={}",
+            self.source.name, self.shown
+        )
+    }
+
+    fn with_exprs_and_inputs(&self, _exprs: Vec<Expr>, _inputs: Vec<LogicalPlan>) -> Result<Self> {
+        Ok(self.clone())
+    }
+
+    fn supports_limit_pushdown(&self) -> bool {
+        false
+    }
+}
+
+/// Plans [`RemoteQuery`] nodes as [`RemoteExec`]s.
+#[derive(Debug, Default)]
+pub struct SourcePlanner;
+
+#[async_trait]
+impl ExtensionPlanner for SourcePlanner {
+    async fn plan_extension(
+        &self,
+        _planner: &dyn PhysicalPlanner,
+        node: &dyn UserDefinedLogicalNode,
+        _logical_inputs: &[&LogicalPlan],
+        _physical_inputs: &[Arc<dyn ExecutionPlan>],
+        _session: &dyn Session,
+        _planning_ctx: &PhysicalPlanningContext,
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        let Some(query) = node.as_any().downcast_ref::<RemoteQuery>() else {
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(RemoteExec::new(
+            Arc::clone(&query.source),
+            query.sql.clone(),
+            query.shown.clone(),
+            query.products.clone(),
+            Arc::new(query.schema.as_arrow().clone()),
+        ))))
+    }
+}
+
+#[async_trait]
+impl QueryPlanner for SourcePlanner {
+    async fn create_physical_plan(
+        &self,
+        logical_plan: &LogicalPlan,
+        session_state: &dyn Session,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(SourcePlanner)])
+            .create_physical_plan(logical_plan, session_state)
+            .await
+    }
+}
+
+/// Runs one SQL statement in a source.
+#[derive(Debug)]
+pub struct RemoteExec {
+    source: Arc<Source>,
+    sql: String,
+    shown: String,
+    products: String,
+    schema: SchemaRef,
+    properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl RemoteExec {
+    pub(crate) fn new(
+        source: Arc<Source>,
+        sql: String,
+        shown: String,
+        products: String,
+        schema: SchemaRef,
+    ) -> Self {
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(Arc::clone(&schema)),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        Self {
+            source,
+            sql,
+            shown,
+            products,
+            schema,
+            properties: Arc::new(properties),
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
+
+    /// The statement sent, policies included (for administrators' EXPLAIN).
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+}
+
+impl DisplayAs for RemoteExec {
+    fn fmt_as(&self, _format: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "RemoteExec: source={} sql={}",
+            self.source.name, self.shown
+        )
+    }
+}
+
+impl ExecutionPlan for RemoteExec {
+    fn name(&self) -> &str {
+        "RemoteExec"
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(
+            &Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+        ) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        Vec::new()
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!(
+                "RemoteExec has one partition, not {partition}"
+            )));
+        }
+        let token = context
+            .session_config()
+            .get_extension::<ForwardedToken>()
+            .map(|t| t.as_ref().clone());
+        let stream = self.source.execute(
+            self.sql.clone(),
+            Arc::clone(&self.schema),
+            &self.products,
+            token,
+        );
+        // `output_rows` counts the rows the source sent.
+        let baseline = BaselineMetrics::new(&self.metrics, partition);
+        let counted = stream.map(move |batch| {
+            if let Ok(batch) = &batch {
+                baseline.record_output(batch.num_rows());
+            }
+            batch
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            counted,
+        )))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+}

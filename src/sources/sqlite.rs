@@ -1,0 +1,324 @@
+//! SQLite sources: a database file opened read-only, queried on blocking
+//! threads, rows converted to the plan's Arrow types.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{
+    ArrayBuilder, ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int64Builder,
+    RecordBatch, StringBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::mpsc;
+
+use super::convert::{BATCH_ROWS, conform};
+use super::{Discovery, SourceError};
+
+pub(super) struct SqliteSource {
+    path: PathBuf,
+}
+
+impl SqliteSource {
+    pub(super) fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    fn open(path: &std::path::Path) -> Result<Connection, String> {
+        if !path.is_file() {
+            return Err(format!("database file {} does not exist", path.display()));
+        }
+        let connection = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        connection
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        Ok(connection)
+    }
+
+    pub(super) async fn table_schema(&self, table: &[String]) -> Result<SchemaRef, Discovery> {
+        let path = self.path.clone();
+        let table = table.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let connection = Self::open(&path)?;
+            let (schema, name) = match table.as_slice() {
+                [name] => ("main".to_string(), name.clone()),
+                [schema, name] => (schema.clone(), name.clone()),
+                _ => return Err(format!("`{}` is not a SQLite table name", table.join("."))),
+            };
+            let mut statement = connection
+                .prepare("SELECT name, type FROM pragma_table_info(?1, ?2) ORDER BY cid")
+                .map_err(|e| e.to_string())?;
+            let columns = statement
+                .query_map([&name, &schema], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+                })
+                .map_err(|e| e.to_string())?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            if columns.is_empty() {
+                return Err(format!("no table or view `{}`", table.join(".")));
+            }
+            let fields: Vec<Field> = columns
+                .into_iter()
+                .map(|(name, declared)| Field::new(name, declared_type(&declared), true))
+                .collect();
+            Ok(Arc::new(Schema::new(fields)) as SchemaRef)
+        })
+        .await
+        .map_err(|e| format!("schema discovery failed: {e}"))
+        .and_then(|r| r)
+        .map_err(Discovery::Refused)
+    }
+
+    pub(super) fn execute(
+        &self,
+        sql: String,
+        schema: SchemaRef,
+        context: String,
+    ) -> SendableRecordBatchStream {
+        let (tx, rx) = mpsc::channel(2);
+        let path = self.path.clone();
+        let task_schema = Arc::clone(&schema);
+        let watcher_tx = tx.clone();
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let result = Self::open(&path).and_then(|connection| {
+                // A cancelled or timed-out query interrupts SQLite's work.
+                let interrupt = connection.get_interrupt_handle();
+                let (done, finished) = tokio::sync::oneshot::channel::<()>();
+                runtime.spawn(async move {
+                    tokio::select! {
+                        () = watcher_tx.closed() => interrupt.interrupt(),
+                        _ = finished => {}
+                    }
+                });
+                let result = stream_rows(&connection, &sql, &task_schema, &tx);
+                let _ = done.send(());
+                result
+            });
+            if let Err(cause) = result {
+                let error = SourceError { context, cause };
+                let _ = tx.blocking_send(Err(error.into_datafusion()));
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+    }
+}
+
+fn stream_rows(
+    connection: &Connection,
+    sql: &str,
+    schema: &SchemaRef,
+    tx: &mpsc::Sender<datafusion::error::Result<RecordBatch>>,
+) -> Result<(), String> {
+    let mut statement = connection
+        .prepare(sql)
+        .map_err(|e| format!("SQLite: {e}"))?;
+    if statement.column_count() != schema.fields().len() {
+        return Err(format!(
+            "SQLite returns {} columns where {} were expected",
+            statement.column_count(),
+            schema.fields().len()
+        ));
+    }
+    let mut rows = statement.query([]).map_err(|e| format!("SQLite: {e}"))?;
+    let mut batch = Batch::new(schema);
+    while let Some(row) = rows.next().map_err(|e| format!("SQLite: {e}"))? {
+        for (index, column) in batch.columns.iter_mut().enumerate() {
+            let value = row.get_ref(index).map_err(|e| e.to_string())?;
+            column
+                .push(value)
+                .map_err(|e| format!("column `{}`: {e}", schema.field(index).name()))?;
+        }
+        batch.rows += 1;
+        if batch.rows >= BATCH_ROWS {
+            let full = std::mem::replace(&mut batch, Batch::new(schema)).finish(schema)?;
+            if tx.blocking_send(Ok(full)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if batch.rows > 0 {
+        let _ = tx.blocking_send(Ok(batch.finish(schema)?));
+    }
+    Ok(())
+}
+
+/// The Arrow type of a column declared with `declared` (SQLite's type
+/// affinity rules, plus the common date and decimal spellings).
+fn declared_type(declared: &str) -> DataType {
+    let upper = declared.to_ascii_uppercase();
+    if upper.contains("INT") {
+        DataType::Int64
+    } else if upper.contains("CHAR") || upper.contains("CLOB") || upper.contains("TEXT") {
+        DataType::Utf8
+    } else if upper.contains("BLOB") {
+        DataType::Binary
+    } else if upper.contains("REAL") || upper.contains("FLOA") || upper.contains("DOUB") {
+        DataType::Float64
+    } else if upper.contains("BOOL") {
+        DataType::Boolean
+    } else if upper.contains("DATETIME") || upper.contains("TIMESTAMP") {
+        DataType::Timestamp(TimeUnit::Microsecond, None)
+    } else if upper.contains("DATE") {
+        DataType::Date32
+    } else if upper.starts_with("DECIMAL") || upper.starts_with("NUMERIC") {
+        decimal_type(&upper).unwrap_or(DataType::Float64)
+    } else {
+        DataType::Utf8
+    }
+}
+
+/// `DECIMAL(p, s)` as Decimal128(p, s).
+fn decimal_type(upper: &str) -> Option<DataType> {
+    let inner = upper.split_once('(')?.1.strip_suffix(')')?;
+    let (precision, scale) = inner.split_once(',')?;
+    let precision: u8 = precision.trim().parse().ok()?;
+    let scale: i8 = scale.trim().parse().ok()?;
+    (1..=38)
+        .contains(&precision)
+        .then_some(DataType::Decimal128(precision, scale))
+}
+
+struct Batch {
+    columns: Vec<Column>,
+    rows: usize,
+}
+
+/// One column's values, gathered as the nearest of SQLite's storage
+/// classes; [`conform`] casts them to the plan's type.
+enum Column {
+    Bool(BooleanBuilder),
+    Int(Int64Builder),
+    Float(Float64Builder),
+    Text(StringBuilder),
+    /// Decimal text at the column's scale (SQLite keeps decimals as REAL).
+    Decimal(StringBuilder, usize),
+    Blob(BinaryBuilder),
+}
+
+impl Batch {
+    fn new(schema: &SchemaRef) -> Self {
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Boolean => Column::Bool(BooleanBuilder::new()),
+                DataType::Int8
+                | DataType::Int16
+                | DataType::Int32
+                | DataType::Int64
+                | DataType::UInt8
+                | DataType::UInt16
+                | DataType::UInt32
+                | DataType::UInt64 => Column::Int(Int64Builder::new()),
+                DataType::Float16 | DataType::Float32 | DataType::Float64 => {
+                    Column::Float(Float64Builder::new())
+                }
+                DataType::Binary | DataType::LargeBinary | DataType::BinaryView => {
+                    Column::Blob(BinaryBuilder::new())
+                }
+                DataType::Decimal128(_, scale) => {
+                    Column::Decimal(StringBuilder::new(), usize::try_from(*scale).unwrap_or(0))
+                }
+                _ => Column::Text(StringBuilder::new()),
+            })
+            .collect();
+        Self { columns, rows: 0 }
+    }
+
+    fn finish(self, schema: &SchemaRef) -> Result<RecordBatch, String> {
+        let columns: Vec<ArrayRef> = self
+            .columns
+            .into_iter()
+            .map(|column| match column {
+                Column::Bool(mut b) => ArrayBuilder::finish(&mut b),
+                Column::Int(mut b) => ArrayBuilder::finish(&mut b),
+                Column::Float(mut b) => ArrayBuilder::finish(&mut b),
+                Column::Text(mut b) | Column::Decimal(mut b, _) => ArrayBuilder::finish(&mut b),
+                Column::Blob(mut b) => ArrayBuilder::finish(&mut b),
+            })
+            .collect();
+        conform(schema, columns, self.rows).map_err(|e| e.to_string())
+    }
+}
+
+impl Column {
+    fn push(&mut self, value: ValueRef<'_>) -> Result<(), String> {
+        match (self, value) {
+            (Column::Bool(b), ValueRef::Null) => b.append_null(),
+            (Column::Int(b), ValueRef::Null) => b.append_null(),
+            (Column::Float(b), ValueRef::Null) => b.append_null(),
+            (Column::Text(b) | Column::Decimal(b, _), ValueRef::Null) => b.append_null(),
+            (Column::Decimal(b, _), ValueRef::Integer(i)) => b.append_value(i.to_string()),
+            (Column::Decimal(b, scale), ValueRef::Real(f)) => {
+                b.append_value(format!("{f:.prec$}", prec = *scale));
+            }
+            (Column::Decimal(b, _), ValueRef::Text(t)) => {
+                b.append_value(std::str::from_utf8(t).map_err(|e| e.to_string())?);
+            }
+            (Column::Blob(b), ValueRef::Null) => b.append_null(),
+            (Column::Bool(b), ValueRef::Integer(i)) => b.append_value(i != 0),
+            (Column::Int(b), ValueRef::Integer(i)) => b.append_value(i),
+            (Column::Float(b), ValueRef::Integer(i)) => b.append_value(i as f64),
+            (Column::Float(b), ValueRef::Real(f)) => b.append_value(f),
+            (Column::Text(b), ValueRef::Integer(i)) => b.append_value(i.to_string()),
+            (Column::Text(b), ValueRef::Real(f)) => b.append_value(f.to_string()),
+            (Column::Text(b), ValueRef::Text(t)) => {
+                b.append_value(std::str::from_utf8(t).map_err(|e| e.to_string())?);
+            }
+            (Column::Blob(b), ValueRef::Blob(bytes)) => b.append_value(bytes),
+            (Column::Int(b), ValueRef::Text(t)) => {
+                let text = std::str::from_utf8(t).map_err(|e| e.to_string())?;
+                b.append_value(
+                    text.trim()
+                        .parse()
+                        .map_err(|_| format!("`{text}` is not an integer"))?,
+                );
+            }
+            (Column::Float(b), ValueRef::Text(t)) => {
+                let text = std::str::from_utf8(t).map_err(|e| e.to_string())?;
+                b.append_value(
+                    text.trim()
+                        .parse()
+                        .map_err(|_| format!("`{text}` is not a number"))?,
+                );
+            }
+            (_, value) => {
+                return Err(format!(
+                    "a SQLite {:?} value does not fit this column",
+                    value.data_type()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declared_types_follow_affinity() {
+        assert_eq!(declared_type("INTEGER"), DataType::Int64);
+        assert_eq!(declared_type("varchar(25)"), DataType::Utf8);
+        assert_eq!(declared_type("DOUBLE PRECISION"), DataType::Float64);
+        assert_eq!(declared_type("DECIMAL(15,2)"), DataType::Decimal128(15, 2));
+        assert_eq!(declared_type("DATE"), DataType::Date32);
+        assert_eq!(
+            declared_type("DATETIME"),
+            DataType::Timestamp(TimeUnit::Microsecond, None)
+        );
+        assert_eq!(declared_type(""), DataType::Utf8);
+    }
+}

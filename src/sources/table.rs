@@ -1,0 +1,252 @@
+//! A product that names a table (or view) of a SQL or Flight SQL source.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::DFSchema;
+use datafusion::error::Result;
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::sql::unparser::Unparser;
+
+use super::pushdown::{RemoteExec, expr_pushable};
+use super::{Dialect, Discovery, Source, quoted_name, table_parts};
+use crate::config::ColumnContract;
+
+/// A source's table as a product. Scanned alone it sends the source the
+/// columns, filters and limit of the scan; [`super::SourcePushdown`] sends
+/// larger sub-plans.
+#[derive(Debug)]
+pub struct RemoteTable {
+    pub source: Arc<Source>,
+    /// `domain.product`.
+    pub product: String,
+    /// The table's name in the source, in parts.
+    pub remote: Vec<String>,
+    schema: SchemaRef,
+}
+
+impl RemoteTable {
+    /// Discovers the table's schema and checks it against the declared
+    /// columns. Without credentials of its own, a token-forwarding Flight
+    /// SQL source takes the declared columns as the schema.
+    pub async fn open(
+        source: Arc<Source>,
+        product: String,
+        table: &str,
+        declared: &[ColumnContract],
+    ) -> Result<Self, String> {
+        let remote = table_parts(table)?;
+        let schema = match source.table_schema(&remote).await {
+            Ok(found) => contract_schema(&found, declared, source.dialect)?,
+            // A source that is down does not withdraw a product whose
+            // contract gives its schema: queries fail until it is back.
+            Err(Discovery::Unreachable(error)) if !declared.is_empty() => {
+                tracing::warn!(%product, %error, "source unreachable; product published from its declared columns");
+                declared_schema(declared)
+            }
+            Err(error) => return Err(error.to_string()),
+        };
+
+        Ok(Self {
+            source,
+            product,
+            remote,
+            schema,
+        })
+    }
+
+    pub(crate) fn schema_ref(&self) -> &SchemaRef {
+        &self.schema
+    }
+}
+
+fn declared_schema(declared: &[ColumnContract]) -> SchemaRef {
+    Arc::new(Schema::new(
+        declared
+            .iter()
+            .map(|c| Field::new(&c.name, c.data_type.clone(), true))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// The product's schema: the declared columns, whose types the source must
+/// hold (SQLite's declared types are only affinities: there the contract's
+/// type is what values are read as).
+fn contract_schema(
+    found: &Schema,
+    declared: &[ColumnContract],
+    dialect: Dialect,
+) -> Result<SchemaRef, String> {
+    if declared.is_empty() {
+        return Ok(Arc::new(found.clone()));
+    }
+    let mut fields = Vec::with_capacity(declared.len());
+    for column in declared {
+        let Ok(field) = found.field_with_name(&column.name) else {
+            return Err(format!(
+                "declared column `{}` is missing from the source table (it has: {})",
+                column.name,
+                found
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        if dialect != Dialect::Sqlite
+            && !crate::catalog::type_satisfies(field.data_type(), &column.data_type)
+        {
+            return Err(format!(
+                "column `{}` is declared {} but the source holds {}",
+                column.name,
+                column.data_type,
+                field.data_type()
+            ));
+        }
+        fields.push(Field::new(&column.name, column.data_type.clone(), true));
+    }
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+#[async_trait]
+impl TableProvider for RemoteTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        Ok(filters
+            .iter()
+            .map(|f| {
+                if self.source.options.pushdown && expr_pushable(f, self.source.dialect) {
+                    TableProviderFilterPushDown::Exact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let dialect = self.source.dialect;
+        let unparser = Unparser::new(dialect.unparser_dialect());
+        // Filters the source is sent; any other is applied here.
+        let mut sent = Vec::new();
+        let mut kept = Vec::new();
+        for filter in filters {
+            match unparser.expr_to_sql(&unqualified(filter)) {
+                Ok(sql) if self.source.options.pushdown => sent.push(sql.to_string()),
+                _ => kept.push(filter.clone()),
+            }
+        }
+        // The columns read: the projection's, and those the kept filters need.
+        let mut indices: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..self.schema.fields().len()).collect(),
+        };
+        let output_len = indices.len();
+        for filter in &kept {
+            for column in filter.column_refs() {
+                if let Ok(i) = self.schema.index_of(&column.name)
+                    && !indices.contains(&i)
+                {
+                    indices.push(i);
+                }
+            }
+        }
+        let read = Arc::new(self.schema.project(&indices)?);
+        let columns = if indices.is_empty() {
+            "1".to_string()
+        } else {
+            indices
+                .iter()
+                .map(|&i| quoted_name(&[self.schema.field(i).name().clone()]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut sql = format!("SELECT {columns} FROM {}", quoted_name(&self.remote));
+        if !sent.is_empty() {
+            sql.push_str(&format!(" WHERE {}", sent.join(" AND ")));
+        }
+        if let Some(limit) = limit.filter(|_| kept.is_empty() && self.source.options.pushdown) {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        }
+        let exec_schema = if indices.is_empty() {
+            // `SELECT 1`: one placeholder column, dropped below.
+            Arc::new(Schema::new(vec![Field::new(
+                "placeholder",
+                arrow::datatypes::DataType::Int64,
+                true,
+            )]))
+        } else {
+            Arc::clone(&read)
+        };
+        let exec: Arc<dyn ExecutionPlan> = Arc::new(RemoteExec::new(
+            Arc::clone(&self.source),
+            sql.clone(),
+            sql,
+            self.product.clone(),
+            exec_schema,
+        ));
+        let exec: Arc<dyn ExecutionPlan> = match conjunction(kept) {
+            Some(predicate) => {
+                let df_schema = DFSchema::try_from(read.as_ref().clone())?;
+                let predicate = state.create_physical_expr(unqualified(&predicate), &df_schema)?;
+                Arc::new(FilterExec::try_new(predicate, exec)?)
+            }
+            None => exec,
+        };
+        if indices.len() == output_len && !indices.is_empty() {
+            return Ok(exec);
+        }
+        // Drop the columns only the filters needed (or the placeholder).
+        let exec_schema = exec.schema();
+        let keep: Vec<(Arc<dyn datafusion::physical_expr::PhysicalExpr>, String)> = (0..output_len)
+            .map(|i| {
+                let name = exec_schema.field(i).name().clone();
+                (
+                    Arc::new(datafusion::physical_expr::expressions::Column::new(
+                        &name, i,
+                    )) as _,
+                    name,
+                )
+            })
+            .collect();
+        Ok(Arc::new(
+            datafusion::physical_plan::projection::ProjectionExec::try_new(keep, exec)?,
+        ))
+    }
+}
+
+/// The expression with its columns unqualified, as the source names them.
+fn unqualified(expr: &Expr) -> Expr {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    expr.clone()
+        .transform(|e| match e {
+            Expr::Column(column) if column.relation.is_some() => Ok(Transformed::yes(
+                Expr::Column(datafusion::common::Column::new_unqualified(column.name)),
+            )),
+            other => Ok(Transformed::no(other)),
+        })
+        .map(|t| t.data)
+        .unwrap_or_else(|_| expr.clone())
+}

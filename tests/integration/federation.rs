@@ -1,0 +1,524 @@
+//! Federation (DESIGN §5): PostgreSQL, SQLite and remote Flight SQL
+//! products next to the demo's Parquet ones, with sub-plan pushdown checked
+//! against what a real PostgreSQL server logged, faults, and a mesh of two
+//! gateways forwarding the caller's token.
+//!
+//! The `ledger` domain keeps TPC-H orders and customers in PostgreSQL, plus
+//! `people`, whose hidden rows carry `divisor = 0`: a caller's expression
+//! evaluated on a hidden row fails the query. `geo` keeps the nations in
+//! SQLite.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tonic::Code;
+
+use crate::fixture::{TestClient, TestServer, demo_data, pretty};
+use crate::pg::{Postgres, read_parquet};
+
+fn ledger_domain(url: &str) -> String {
+    format!(
+        r#"
+name = "ledger"
+owner = "ledger@acme.example"
+description = "Orders and customers in PostgreSQL"
+
+[storage.pg]
+type = "postgres"
+url = "{url}"
+connect_timeout = "2s"
+
+[[products]]
+name = "orders"
+storage = "pg"
+table = "tpch.orders"
+columns = [
+  {{ name = "o_orderkey", type = "Int64" }},
+  {{ name = "o_custkey", type = "Int64" }},
+  {{ name = "o_orderstatus", type = "Utf8" }},
+  {{ name = "o_totalprice", type = "Decimal128(15, 2)" }},
+  {{ name = "o_orderdate", type = "Date32" }},
+  {{ name = "o_clerk", type = "Utf8" }},
+]
+
+[[products]]
+name = "customer"
+storage = "pg"
+table = "tpch.customer"
+
+[[products]]
+name = "people"
+storage = "pg"
+table = "tpch.people"
+
+[[policies]]
+product = "orders"
+row_filter = "o_orderstatus = 'F' OR has_group('crm')"
+columns.o_clerk = {{ mask = "'***'", unless = "has_group('crm')" }}
+
+[[policies]]
+product = "people"
+row_filter = "region = user_attr('region')"
+"#
+    )
+}
+
+const GEO_DOMAIN: &str = r#"
+name = "geo"
+owner = "geo@acme.example"
+description = "Nations in SQLite"
+
+[storage.local]
+type = "sqlite"
+path = "../geo.sqlite"
+
+[[products]]
+name = "nation"
+storage = "local"
+table = "nation"
+"#;
+
+/// A PostgreSQL server with the ledger tables.
+async fn ledger_postgres() -> Postgres {
+    let pg = Postgres::start();
+    pg.execute("CREATE SCHEMA tpch").await;
+    let data = demo_data().join("data");
+    pg.load("tpch.orders", &read_parquet(&data.join("sales/orders")))
+        .await;
+    pg.load(
+        "tpch.customer",
+        &read_parquet(&data.join("crm/customer.parquet")),
+    )
+    .await;
+    pg.execute(
+        "CREATE TABLE tpch.people (id bigint, name text, region text, divisor bigint);
+         INSERT INTO tpch.people VALUES
+           (1, 'Ann', 'EU', 1), (2, 'Bob', 'EU', 2), (3, 'Cid', 'US', 0), (4, 'Dee', 'US', 0);",
+    )
+    .await;
+    pg
+}
+
+/// The nations of the demo's CSV in a SQLite file.
+fn write_geo(path: &Path) {
+    let csv = std::fs::read_to_string(demo_data().join("data/crm/nation.csv")).unwrap();
+    let db = rusqlite::Connection::open(path).unwrap();
+    db.execute_batch(
+        "CREATE TABLE nation (n_nationkey INTEGER, n_name TEXT, n_regionkey INTEGER, n_comment TEXT)",
+    )
+    .unwrap();
+    let mut reader = csv.lines();
+    let header = reader.next().unwrap();
+    assert!(header.starts_with("n_nationkey"), "{header}");
+    let mut rdr =
+        arrow::csv::ReaderBuilder::new(std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("k", arrow::datatypes::DataType::Int64, false),
+            arrow::datatypes::Field::new("n", arrow::datatypes::DataType::Utf8, false),
+            arrow::datatypes::Field::new("r", arrow::datatypes::DataType::Int64, false),
+            arrow::datatypes::Field::new("c", arrow::datatypes::DataType::Utf8, true),
+        ])))
+        .with_header(true)
+        .build(std::io::Cursor::new(csv.clone()))
+        .unwrap();
+    let batch = rdr.next().unwrap().unwrap();
+    use arrow::array::AsArray;
+    let keys = batch
+        .column(0)
+        .as_primitive::<arrow::datatypes::Int64Type>();
+    let names = batch.column(1).as_string::<i32>();
+    let regions = batch
+        .column(2)
+        .as_primitive::<arrow::datatypes::Int64Type>();
+    let comments = batch.column(3).as_string::<i32>();
+    for i in 0..batch.num_rows() {
+        db.execute(
+            "INSERT INTO nation VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![
+                keys.value(i),
+                names.value(i),
+                regions.value(i),
+                comments.value(i)
+            ],
+        )
+        .unwrap();
+    }
+}
+
+async fn federated_server(pg: &Postgres) -> TestServer {
+    let url = pg.url();
+    TestServer::start_with(move |dir| {
+        std::fs::write(dir.join("domains/ledger.toml"), ledger_domain(&url)).unwrap();
+        std::fs::write(dir.join("domains/geo.toml"), GEO_DOMAIN).unwrap();
+        write_geo(&dir.join("geo.sqlite"));
+    })
+    .await
+}
+
+async fn rows(client: &mut TestClient, sql: &str) -> String {
+    match client.query(sql).await {
+        Ok(batches) => pretty(&batches),
+        Err(status) => panic!("{sql}: {status:?}"),
+    }
+}
+
+/// The SQL statements PostgreSQL received that mention `needle`.
+fn received(pg: &Postgres, needle: &str) -> Vec<String> {
+    pg.statements()
+        .into_iter()
+        .filter(|s| s.contains(needle))
+        .collect()
+}
+
+/// EXPLAIN ANALYZE of `sql`: each source's statement as shown, and the rows
+/// it sent.
+async fn remote_reads(client: &mut TestClient, sql: &str) -> Vec<(String, usize)> {
+    let text = rows(client, &format!("EXPLAIN ANALYZE {sql}")).await;
+    text.lines()
+        .filter(|l| l.contains("RemoteExec:"))
+        .map(|l| {
+            let rows = l
+                .split("output_rows=")
+                .nth(1)
+                .and_then(|r| {
+                    r.split(|c: char| !c.is_ascii_digit())
+                        .next()
+                        .map(|d| d.parse().unwrap())
+                })
+                .unwrap_or_else(|| panic!("no output_rows in {l}"));
+            (l.trim().to_string(), rows)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_across_postgres_sqlite_and_parquet_honours_each_callers_policies() {
+    let pg = ledger_postgres().await;
+    let server = federated_server(&pg).await;
+    let federated = "SELECT n.n_name, count(*) AS orders, sum(o.o_totalprice) AS total
+        FROM ledger.orders o
+        JOIN crm.customer c ON o.o_custkey = c.c_custkey
+        JOIN geo.nation n ON c.c_nationkey = n.n_nationkey
+        GROUP BY n.n_name ORDER BY n.n_name";
+    // The same question over the demo's Parquet and CSV copies, with each
+    // caller's policies written out by hand.
+    let reference = |filter: &str| {
+        format!(
+            "SELECT n.n_name, count(*) AS orders, sum(o.o_totalprice) AS total
+             FROM sales.orders o
+             JOIN crm.customer c ON o.o_custkey = c.c_custkey
+             JOIN crm.nation n ON c.c_nationkey = n.n_nationkey
+             WHERE {filter}
+             GROUP BY n.n_name ORDER BY n.n_name"
+        )
+    };
+    let mut root = server.unrestricted().await;
+    for (user, filter) in [
+        ("alice", "c.c_region = 'EUROPE' AND o.o_orderstatus = 'F'"),
+        ("bob", "c.c_region = 'AMERICA' AND o.o_orderstatus = 'F'"),
+        ("carol", "true"),
+    ] {
+        let mut client = server.login(user).await;
+        let got = rows(&mut client, federated).await;
+        let expected = rows(&mut root, &reference(filter)).await;
+        assert_eq!(got, expected, "{user}");
+        assert!(got.lines().count() > 4, "{user}: {got}");
+    }
+    // Masks travel with the rows: analysts see the clerk masked.
+    let mut alice = server.login("alice").await;
+    let clerks = rows(&mut alice, "SELECT DISTINCT o_clerk FROM ledger.orders").await;
+    assert!(
+        clerks.contains("***") && !clerks.contains("Clerk#"),
+        "{clerks}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_receives_the_work_and_sends_only_result_rows() {
+    let pg = ledger_postgres().await;
+    let server = federated_server(&pg).await;
+    let mut carol = server.login("carol").await;
+
+    // (a) a selective filter and a projection
+    let reads = remote_reads(
+        &mut carol,
+        "SELECT o_orderkey, o_totalprice FROM ledger.orders WHERE o_orderkey = 7",
+    )
+    .await;
+    assert_eq!(reads.len(), 1, "{reads:?}");
+    assert_eq!(reads[0].1, 1, "{reads:?}");
+    let sent = received(&pg, "\"o_orderkey\" = 7");
+    assert!(!sent.is_empty(), "{:#?}", pg.statements());
+    assert!(
+        sent.iter()
+            .all(|s| !s.contains("o_comment") && !s.contains("o_clerk")),
+        "{sent:#?}"
+    );
+
+    // (b) an aggregate
+    let reads = remote_reads(
+        &mut carol,
+        "SELECT o_orderstatus, count(*) AS n FROM ledger.orders GROUP BY o_orderstatus",
+    )
+    .await;
+    assert_eq!(reads.len(), 1, "{reads:?}");
+    assert_eq!(reads[0].1, 3, "three statuses: {reads:?}");
+    assert!(
+        !received(&pg, "GROUP BY \"orders\".\"o_orderstatus\"").is_empty()
+            || !received(&pg, "GROUP BY").is_empty(),
+        "{:#?}",
+        pg.statements()
+    );
+
+    // (c) a join of two PostgreSQL products
+    let reads = remote_reads(
+        &mut carol,
+        "SELECT c.c_name, sum(o.o_totalprice) AS total FROM ledger.orders o
+         JOIN ledger.customer c ON o.o_custkey = c.c_custkey
+         WHERE c.c_custkey < 4 GROUP BY c.c_name",
+    )
+    .await;
+    assert_eq!(
+        reads.len(),
+        1,
+        "one statement for the whole query: {reads:?}"
+    );
+    assert!(reads[0].1 <= 3, "{reads:?}");
+    let joins: Vec<String> = received(&pg, "JOIN")
+        .into_iter()
+        .filter(|s| s.contains("tpch") && s.contains("customer") && s.contains("orders"))
+        .collect();
+    assert!(!joins.is_empty(), "{:#?}", pg.statements());
+
+    // (d) a limit
+    let reads = remote_reads(&mut carol, "SELECT o_orderkey FROM ledger.orders LIMIT 5").await;
+    assert_eq!(reads[0].1, 5, "{reads:?}");
+    assert!(
+        !received(&pg, "LIMIT 5").is_empty(),
+        "{:#?}",
+        pg.statements()
+    );
+
+    // EXPLAIN shows the statement the source receives.
+    let explain = rows(
+        &mut carol,
+        "EXPLAIN SELECT o_orderkey FROM ledger.orders WHERE o_orderkey = 42",
+    )
+    .await;
+    assert!(
+        explain.contains("RemoteExec: source=ledger.pg") && explain.contains("= 42"),
+        "{explain}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_are_sent_fenced_and_caller_predicates_never_see_hidden_rows() {
+    let pg = ledger_postgres().await;
+    let server = federated_server(&pg).await;
+    let mut eu = server
+        .as_identity("erin", &["analyst"], &[("region", "EU")])
+        .await;
+    // 10 / divisor fails on every hidden (US) row.
+    let got = rows(
+        &mut eu,
+        "SELECT name FROM ledger.people WHERE 10 / divisor > 1 ORDER BY name",
+    )
+    .await;
+    assert!(got.contains("Ann") && got.contains("Bob"), "{got}");
+    assert!(!got.contains("Cid") && !got.contains("Dee"), "{got}");
+    let got = rows(
+        &mut eu,
+        "SELECT count(*) AS n, sum(10 / divisor) AS s FROM ledger.people",
+    )
+    .await;
+    assert!(got.contains("| 2 | 15 |"), "{got}");
+    // The row filter went to PostgreSQL inside a fenced subquery.
+    let fenced = received(&pg, "OFFSET 0");
+    assert!(
+        fenced
+            .iter()
+            .any(|s| s.contains("'EU'") && s.contains("people")),
+        "{:#?}",
+        pg.statements()
+    );
+    // The caller does not see the policy in EXPLAIN.
+    let explain = rows(&mut eu, "EXPLAIN SELECT name FROM ledger.people").await;
+    assert!(
+        explain.contains("RemoteExec") && !explain.contains("'EU'"),
+        "{explain}"
+    );
+    // A US analyst sees the US rows, whose divisor is 0: the error is theirs.
+    let mut us = server
+        .as_identity("uma", &["analyst"], &[("region", "US")])
+        .await;
+    let status = us
+        .query("SELECT name FROM ledger.people WHERE 10 / divisor > 1")
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("division by zero"), "{status:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_fails_fails_only_its_queries_and_recovers() {
+    let pg = ledger_postgres().await;
+    let server = federated_server(&pg).await;
+    let mut carol = server.login("carol").await;
+    let count = "SELECT count(*) AS n FROM ledger.orders";
+    let before = rows(&mut carol, count).await;
+
+    // Stopped before the query.
+    pg.stop();
+    let status = carol.query(count).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("ledger.orders") && status.message().contains("ledger.pg"),
+        "{status:?}"
+    );
+    // Other domains answer on the same connection.
+    let other = rows(&mut carol, "SELECT count(*) AS n FROM crm.customer").await;
+    assert!(other.contains("1500"), "{other}");
+    let sqlite = rows(&mut carol, "SELECT count(*) AS n FROM geo.nation").await;
+    assert!(sqlite.contains("25"), "{sqlite}");
+
+    // Back again: the gateway reconnects.
+    pg.start_again();
+    assert_eq!(rows(&mut carol, count).await, before);
+
+    // Stopped during a query: a long self-join is cut off, and nothing hangs.
+    let mut slow = server.login("carol").await;
+    let running = tokio::spawn(async move {
+        slow.query(
+            "SELECT count(*) FROM ledger.orders a JOIN ledger.orders b ON a.o_custkey <> b.o_custkey",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    pg.stop();
+    let result = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the query ends when its source goes away")
+        .unwrap();
+    let status = result.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    pg.start_again();
+    assert_eq!(rows(&mut carol, count).await, before);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_and_unreachable_hosts_are_named() {
+    let pg = ledger_postgres().await;
+    // A refused login withdraws the products, saying why.
+    let wrong = pg.url().replace(crate::pg::PASSWORD, "not-the-password");
+    let dir = crate::fixture::demo_config_dir();
+    std::fs::write(
+        dir.path().join("domains/ledger.toml"),
+        ledger_domain(&wrong),
+    )
+    .unwrap();
+    let config = meshgate::config::MeshConfig::load(&dir.path().join("meshgate.toml")).unwrap();
+    let gateway = meshgate::server::Gateway::open(config).await.unwrap();
+    let problems: Vec<String> = gateway.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("ledger.orders") && p.contains("password authentication failed")),
+        "{problems:#?}"
+    );
+
+    // An unreachable host: a product with declared columns is published and
+    // its queries fail quickly, naming it; the rest of the mesh answers.
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://meshgate:x@127.0.0.1:{nobody}/postgres");
+    let server = TestServer::start_with(move |dir| {
+        let domain = ledger_domain(&url).replace(
+            "[[products]]\nname = \"customer\"",
+            "[[products]]\nname = \"customer_unused\"\ncolumns = [{ name = \"c_custkey\", type = \"Int64\" }]",
+        ).replace(
+            "[[products]]\nname = \"people\"",
+            "[[products]]\nname = \"people_unused\"\ncolumns = [{ name = \"id\", type = \"Int64\" }]",
+        ).replace("product = \"people\"", "product = \"people_unused\"")
+         .replace("row_filter = \"region = user_attr('region')\"", "row_filter = \"id > 0\"");
+        std::fs::write(dir.join("domains/ledger.toml"), domain).unwrap();
+    })
+    .await;
+    let mut carol = server.login("carol").await;
+    let started = std::time::Instant::now();
+    let status = carol
+        .query("SELECT count(*) FROM ledger.orders")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("ledger.orders"), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let other = rows(&mut carol, "SELECT count(*) AS n FROM crm.customer").await;
+    assert!(other.contains("1500"), "{other}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_central_gateway_forwards_the_callers_token_to_the_domain_gateway() {
+    // The crm domain's own gateway, with its policies (alice: EUROPE only).
+    let domain = TestServer::start().await;
+    let address = domain.addr;
+    let central = TestServer::start_with(move |dir| {
+        let remote = format!(
+            r#"
+name = "remote"
+owner = "platform@acme.example"
+description = "The crm domain's gateway"
+
+[storage.crm]
+type = "flight_sql"
+url = "grpc://{address}"
+forward_token = true
+
+[[products]]
+name = "customer"
+storage = "crm"
+table = "crm.customer"
+columns = [
+  {{ name = "c_custkey", type = "Int64" }},
+  {{ name = "c_name", type = "Utf8" }},
+  {{ name = "c_region", type = "Utf8" }},
+]
+"#
+        );
+        std::fs::write(dir.join("domains/remote.toml"), remote).unwrap();
+    })
+    .await;
+
+    let mut alice_central = central.login("alice").await;
+    let regions = rows(
+        &mut alice_central,
+        "SELECT DISTINCT c_region FROM remote.customer",
+    )
+    .await;
+    assert!(regions.contains("EUROPE"), "{regions}");
+    assert_eq!(regions.lines().count(), 5, "one region only: {regions}");
+
+    let count = "SELECT count(*) AS n FROM remote.customer";
+    let mut alice_domain = domain.login("alice").await;
+    assert_eq!(
+        rows(&mut alice_central, count).await,
+        rows(&mut alice_domain, "SELECT count(*) AS n FROM crm.customer").await
+    );
+    let mut carol_central = central.login("carol").await;
+    let all = rows(&mut carol_central, count).await;
+    assert!(all.contains("1500"), "{all}");
+
+    // The domain gateway gone: its products fail, the rest answers.
+    domain.stop().await;
+    let status = carol_central.query(count).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("remote.customer"), "{status:?}");
+    let local = rows(&mut carol_central, "SELECT count(*) AS n FROM crm.customer").await;
+    assert!(local.contains("1500"), "{local}");
+    central.stop().await;
+}
