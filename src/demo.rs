@@ -42,6 +42,10 @@ pub const DEMO_CONFIG_FILES: &[(&str, &str)] = &[
         "domains/supply.toml",
         include_str!("../config/demo/domains/supply.toml"),
     ),
+    (
+        "domains/support.toml",
+        include_str!("../config/demo/domains/support.toml"),
+    ),
 ];
 
 /// Scale factor of the demo data (0.1: 600k line items, 150k orders).
@@ -63,7 +67,7 @@ pub fn write_demo_config(dir: &Path) -> std::io::Result<PathBuf> {
 
 /// The file that marks complete demo data of this layout and scale.
 pub fn data_marker(dir: &Path, scale: f64) -> PathBuf {
-    dir.join("data").join(format!(".complete-v2-sf{scale}"))
+    dir.join("data").join(format!(".complete-v3-sf{scale}"))
 }
 
 /// Generates the demo data under `dir/data` unless it is already there at
@@ -91,10 +95,12 @@ enum GenerateError {
     Arrow(#[from] ArrowError),
     #[error("{0}")]
     Parquet(#[from] parquet::errors::ParquetError),
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
 }
 
 fn generate(data: &Path, scale: f64) -> Result<(), GenerateError> {
-    for domain in ["sales", "crm", "supply"] {
+    for domain in ["sales", "crm", "supply", "support"] {
         fs::create_dir_all(data.join(domain))?;
     }
     // sales: orders as a directory of two Parquet files, lineitem as one.
@@ -147,6 +153,38 @@ fn generate(data: &Path, scale: f64) -> Result<(), GenerateError> {
         PartSuppArrow::schema_ref(),
         PartSuppArrow::new(PartSuppGenerator::new(scale, 1, 1)),
     )?;
+    // support: tickets in a SQLite database, one for every fourth customer.
+    write_tickets(&data.join("support/helpdesk.sqlite"), scale)?;
+    Ok(())
+}
+
+fn write_tickets(path: &Path, scale: f64) -> Result<(), GenerateError> {
+    let mut db = rusqlite::Connection::open(path)?;
+    db.execute_batch(
+        "CREATE TABLE tickets (
+           ticket_id INTEGER PRIMARY KEY, c_custkey INTEGER NOT NULL,
+           priority TEXT NOT NULL, status TEXT NOT NULL, opened DATE NOT NULL);
+         CREATE INDEX tickets_customer ON tickets (c_custkey);",
+    )?;
+    let customers = (150_000.0 * scale).round() as i64;
+    let start = chrono::NaiveDate::from_ymd_opt(1995, 1, 1).expect("a valid date");
+    let tx = db.transaction()?;
+    {
+        let mut insert = tx.prepare("INSERT INTO tickets VALUES (?1, ?2, ?3, ?4, ?5)")?;
+        for custkey in (4..=customers).step_by(4) {
+            let priority = ["low", "medium", "high"][(custkey % 3) as usize];
+            let status = if custkey % 5 == 0 { "open" } else { "closed" };
+            let opened = start + chrono::Duration::days(custkey % 730);
+            insert.execute(rusqlite::params![
+                custkey / 4,
+                custkey,
+                priority,
+                status,
+                opened.format("%Y-%m-%d").to_string()
+            ])?;
+        }
+    }
+    tx.commit()?;
     Ok(())
 }
 

@@ -132,6 +132,6 @@ fn the_demo_config_loads() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo/meshgate.toml");
     let config = MeshConfig::load_with_env(&dir, |_| None).unwrap();
     let names: Vec<&str> = config.domains.iter().map(|d| d.name.as_str()).collect();
-    assert_eq!(names, ["crm", "sales", "supply"]);
+    assert_eq!(names, ["crm", "sales", "supply", "support"]);
     assert_eq!(config.auth.users.len(), 4);
 }

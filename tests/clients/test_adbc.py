@@ -98,7 +98,7 @@ def test_get_objects_lists_domains_products_and_columns(demo_server):
     catalogs = {c["catalog_name"]: c for c in objects}
     assert list(catalogs) == ["mesh"]
     domains = {s["db_schema_name"]: s for s in catalogs["mesh"]["catalog_db_schemas"]}
-    assert sorted(domains) == ["crm", "sales", "supply", "types"]
+    assert sorted(domains) == ["crm", "sales", "supply", "support", "types"]
     tables = {t["table_name"]: t for t in domains["sales"]["db_schema_tables"]}
     assert sorted(tables) == ["lineitem", "orders", "revenue_by_nation"]
     columns = [c["column_name"] for c in tables["orders"]["table_columns"]]
@@ -191,7 +191,7 @@ def test_get_objects_at_every_depth_with_filters(demo_server):
         catalogs = conn.adbc_get_objects(depth="catalogs").read_all().to_pylist()
         assert [c["catalog_name"] for c in catalogs] == ["mesh"]
         schemas = conn.adbc_get_objects(depth="db_schemas", db_schema_filter="s%").read_all().to_pylist()
-        assert sorted(s["db_schema_name"] for s in schemas[0]["catalog_db_schemas"]) == ["sales", "supply"]
+        assert sorted(s["db_schema_name"] for s in schemas[0]["catalog_db_schemas"]) == ["sales", "supply", "support"]
         tables = conn.adbc_get_objects(
             depth="tables", catalog_filter="mesh", table_name_filter="%order%"
         ).read_all().to_pylist()

@@ -33,7 +33,7 @@ fn check_lists_what_the_demo_would_publish() {
     );
     assert!(stdout.contains("publish supply.supplier:"), "{stdout}");
     assert!(
-        stdout.contains("ok: 9 products would be published"),
+        stdout.contains("ok: 10 products would be published"),
         "{stdout}"
     );
 }

@@ -49,14 +49,17 @@ async fn catalogs_schemas_and_table_types_list_the_mesh() {
     let (_, schemas) = client.command(all.as_any()).await.unwrap();
     assert_eq!(
         strings(&schemas, "db_schema_name"),
-        ["crm", "sales", "supply"]
+        ["crm", "sales", "supply", "support"]
     );
     let filtered = CommandGetDbSchemas {
         catalog: Some("mesh".into()),
         db_schema_filter_pattern: Some("s%".into()),
     };
     let (_, schemas) = client.command(filtered.as_any()).await.unwrap();
-    assert_eq!(strings(&schemas, "db_schema_name"), ["sales", "supply"]);
+    assert_eq!(
+        strings(&schemas, "db_schema_name"),
+        ["sales", "supply", "support"]
+    );
     let elsewhere = CommandGetDbSchemas {
         catalog: Some("other".into()),
         db_schema_filter_pattern: None,
@@ -107,7 +110,8 @@ async fn get_tables_lists_products_with_their_schemas() {
             "sales.revenue_by_nation",
             "supply.part",
             "supply.partsupp",
-            "supply.supplier"
+            "supply.supplier",
+            "support.tickets"
         ]
     );
     let types = strings(&tables, "table_type");

@@ -45,7 +45,7 @@ async fn health_readiness_and_metrics() {
     assert_eq!(get(addr, "/healthz").await, (200, "ok\n".to_string()));
     let (status, body) = get(addr, "/readyz").await;
     assert_eq!(status, 200);
-    assert!(body.contains("9 products published"), "{body}");
+    assert!(body.contains("10 products published"), "{body}");
 
     let mut client = server.unrestricted().await;
     client.query("SELECT * FROM crm.region").await.unwrap();

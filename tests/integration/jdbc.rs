@@ -161,8 +161,8 @@ async fn jdbc_connect_browse_and_query_sequence_is_answered() {
         )
         .await
         .unwrap();
-    // carol (crm, compliance) has no access to the supply domain.
-    assert_eq!(row_count(&schemas), 2);
+    // carol (crm, compliance) sees crm, sales and support, not supply.
+    assert_eq!(row_count(&schemas), 3);
     let tables = CommandGetTables {
         catalog: None,
         db_schema_filter_pattern: None,
@@ -171,7 +171,7 @@ async fn jdbc_connect_browse_and_query_sequence_is_answered() {
         include_schema: true,
     };
     let (_, tables) = client.command(tables.as_any()).await.unwrap();
-    assert_eq!(row_count(&tables), 6);
+    assert_eq!(row_count(&tables), 7);
     let schemas = tables[0]
         .column_by_name("table_schema")
         .unwrap()
