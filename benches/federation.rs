@@ -50,6 +50,8 @@ table = "public.events"
 const GATEWAY: &str = r#"
 domains = ["domains/*.toml"]
 [auth]
+issuer = "meshgate"
+audience = "meshgate"
 hs256_secret = "federation-bench-secret-0123456789"
 [audit]
 output = "off"

@@ -38,6 +38,25 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("server.tls: {0}")]
+    Tls(String),
+}
+
+/// The Flight endpoint's TLS settings: the server's certificate and key,
+/// and, for mutual TLS, the CA that signs client certificates.
+fn server_tls(
+    tls: &crate::config::TlsConfig,
+) -> Result<tonic::transport::ServerTlsConfig, ServerError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| ServerError::Tls(format!("{}: {e}", path.display())))
+    };
+    let identity =
+        tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca_file {
+        config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
 }
 
 /// An opened gateway: authenticator and query engine over the mesh.
@@ -53,6 +72,10 @@ pub struct Gateway {
 impl Gateway {
     pub async fn open(config: MeshConfig) -> Result<Self, ServerError> {
         let authenticator = Arc::new(Authenticator::new(&config.auth)?);
+        // Unreadable certificate files fail the start, not the first client.
+        if let Some(tls) = &config.server.tls {
+            server_tls(tls)?;
+        }
         let (mesh, problems) = Mesh::open(&config).await.map_err(ServerError::Catalog)?;
         for problem in &problems {
             tracing::error!(product = %problem.product, reason = %problem.reason, "product not published");
@@ -132,7 +155,13 @@ impl Gateway {
     ) -> Result<(), ServerError> {
         let service =
             MeshFlightService::new(Arc::clone(&self.authenticator), Arc::clone(&self.engine));
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.config.server.tls {
+            builder = builder
+                .tls_config(server_tls(tls)?)
+                .map_err(|e| ServerError::Tls(e.to_string()))?;
+        }
+        builder
             .tcp_nodelay(true)
             .http2_adaptive_window(Some(true))
             .layer(AuthLayer::new(Arc::clone(&self.authenticator)))

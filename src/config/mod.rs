@@ -176,6 +176,9 @@ pub struct SourceOptions {
     /// Connections kept open to the source.
     pub pool_size: usize,
     pub connect_timeout: Duration,
+    /// PEM certificates that sign the source's TLS certificate (default:
+    /// the system's roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for SourceOptions {
@@ -184,6 +187,7 @@ impl Default for SourceOptions {
             pushdown: true,
             pool_size: 8,
             connect_timeout: Duration::from_secs(5),
+            ca_file: None,
         }
     }
 }
@@ -631,6 +635,7 @@ fn load_domain(
                 pushdown,
                 pool_size,
                 connect_timeout,
+                ca_file,
             } => {
                 if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                     return Err(ConfigError::new(
@@ -641,6 +646,7 @@ fn load_domain(
                     ));
                 }
                 let mut options = source_options(file, &key, pushdown, connect_timeout)?;
+                options.ca_file = ca_file.map(|p| base.join(p));
                 if let Some(size) = pool_size {
                     if size == 0 {
                         return Err(ConfigError::new(
@@ -661,6 +667,7 @@ fn load_domain(
                 pushdown,
                 connect_timeout,
                 forward_token,
+                ca_file,
                 username,
                 password,
                 token,
@@ -688,9 +695,11 @@ fn load_domain(
                         format!("{key}: give `token` or `username`/`password`, not both"),
                     ));
                 }
+                let mut options = source_options(file, &key, pushdown, connect_timeout)?;
+                options.ca_file = ca_file.map(|p| base.join(p));
                 StorageConfig::FlightSql {
                     url,
-                    options: source_options(file, &key, pushdown, connect_timeout)?,
+                    options,
                     auth: FlightAuth {
                         forward_token: forward_token.unwrap_or(false),
                         username,

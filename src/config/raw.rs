@@ -123,6 +123,7 @@ pub(crate) enum StorageEntry {
         pushdown: Option<bool>,
         pool_size: Option<usize>,
         connect_timeout: Option<String>,
+        ca_file: Option<String>,
     },
     Sqlite {
         path: String,
@@ -133,6 +134,7 @@ pub(crate) enum StorageEntry {
         pushdown: Option<bool>,
         connect_timeout: Option<String>,
         forward_token: Option<bool>,
+        ca_file: Option<String>,
         username: Option<String>,
         password: Option<String>,
         token: Option<String>,

@@ -26,6 +26,7 @@ use datafusion::logical_expr::Expr;
 pub(crate) use compile::compile_product_policy;
 pub use exec::PolicyExec;
 pub use explain::render_plan;
+pub(crate) use table::unqualified;
 pub use table::{PolicyParts, PolicyTable};
 
 use crate::auth::CallerIdentity;

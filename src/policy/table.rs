@@ -233,7 +233,7 @@ impl TableProvider for PolicyTable {
 }
 
 /// The expression with its columns unqualified, as the scan's schema names them.
-fn unqualified(expr: &Expr) -> Expr {
+pub(crate) fn unqualified(expr: &Expr) -> Expr {
     expr.clone()
         .transform(|e| match e {
             Expr::Column(column) if column.relation.is_some() => Ok(Transformed::yes(

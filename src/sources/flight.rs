@@ -32,18 +32,30 @@ impl FlightSource {
             .or_else(|| url.strip_prefix("grpc+tcp://"))
         {
             format!("http://{rest}")
-        } else if url.starts_with("grpc+tls://") || url.starts_with("https://") {
-            return Err(
-                "TLS to remote Flight SQL servers is not supported by this build; use grpc://"
-                    .into(),
-            );
+        } else if let Some(rest) = url.strip_prefix("grpc+tls://") {
+            format!("https://{rest}")
         } else {
             url.to_string()
         };
-        let endpoint = Endpoint::from_shared(address)
+        let tls = address.starts_with("https://");
+        let mut endpoint = Endpoint::from_shared(address)
             .map_err(|e| format!("invalid Flight SQL URL `{url}`: {e}"))?
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true);
+        if tls {
+            let config = match &options.ca_file {
+                Some(path) => {
+                    let pem = std::fs::read(path)
+                        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                }
+                None => tonic::transport::ClientTlsConfig::new().with_native_roots(),
+            };
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| format!("TLS to `{url}`: {e}"))?;
+        }
         Ok(Self {
             channel: endpoint.connect_lazy(),
             auth,

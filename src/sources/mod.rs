@@ -13,6 +13,7 @@ mod postgres;
 pub(crate) mod pushdown;
 mod sqlite;
 mod table;
+mod tls;
 
 use std::fmt;
 use std::sync::Arc;

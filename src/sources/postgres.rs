@@ -25,6 +25,7 @@ use crate::config::SourceOptions;
 
 pub(super) struct PostgresSource {
     config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     idle: Mutex<Vec<Client>>,
     slots: Arc<Semaphore>,
     connect_timeout: Duration,
@@ -35,16 +36,23 @@ impl PostgresSource {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("invalid PostgreSQL URL: {e}"))?;
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(
-                "sslmode=require: TLS to PostgreSQL is not supported by this build; connect over a trusted network or a local socket"
-                    .into(),
-            );
-        }
+        // `sslmode=require`, or a CA file: TLS, with the server's
+        // certificate verified. Otherwise plain TCP.
+        let tls = if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require
+            || options.ca_file.is_some()
+        {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Some(tokio_postgres_rustls::MakeRustlsConnect::new(
+                super::tls::client_config(options.ca_file.as_deref())?,
+            ))
+        } else {
+            None
+        };
         config.connect_timeout(options.connect_timeout);
         config.application_name("meshgate");
         Ok(Self {
             config,
+            tls,
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(options.pool_size)),
             connect_timeout: options.connect_timeout,
@@ -52,17 +60,35 @@ impl PostgresSource {
     }
 
     async fn connect(&self) -> Result<Client, String> {
-        let connecting = self.config.connect(NoTls);
-        let (client, connection) = tokio::time::timeout(self.connect_timeout, connecting)
-            .await
-            .map_err(|_| format!("no connection within {:?}", self.connect_timeout))?
-            .map_err(|e| describe(&e))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "PostgreSQL connection ended");
+        let late = || format!("no connection within {:?}", self.connect_timeout);
+        match &self.tls {
+            Some(tls) => {
+                let connecting = self.config.connect(tls.clone());
+                let (client, connection) = tokio::time::timeout(self.connect_timeout, connecting)
+                    .await
+                    .map_err(|_| late())?
+                    .map_err(|e| describe(&e))?;
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "PostgreSQL connection ended");
+                    }
+                });
+                Ok(client)
             }
-        });
-        Ok(client)
+            None => {
+                let connecting = self.config.connect(NoTls);
+                let (client, connection) = tokio::time::timeout(self.connect_timeout, connecting)
+                    .await
+                    .map_err(|_| late())?
+                    .map_err(|e| describe(&e))?;
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "PostgreSQL connection ended");
+                    }
+                });
+                Ok(client)
+            }
+        }
     }
 
     /// An open connection: an idle one, else a new one.
@@ -179,7 +205,13 @@ impl PostgresSource {
                 () = tx.closed() => {
                     // The query was cancelled or timed out: stop the server's work.
                     let cancel = client.cancel_token();
-                    tokio::spawn(async move { let _ = cancel.cancel_query(NoTls).await; });
+                    let tls = self.tls.clone();
+                    tokio::spawn(async move {
+                        match tls {
+                            Some(tls) => { let _ = cancel.cancel_query(tls).await; }
+                            None => { let _ = cancel.cancel_query(NoTls).await; }
+                        }
+                    });
                     return Ok(());
                 }
             };

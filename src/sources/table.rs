@@ -16,6 +16,7 @@ use datafusion::sql::unparser::Unparser;
 use super::pushdown::{RemoteExec, expr_pushable};
 use super::{Dialect, Discovery, Source, quoted_name, table_parts};
 use crate::config::ColumnContract;
+use crate::policy::unqualified;
 
 /// A source's table as a product. Scanned alone it sends the source the
 /// columns, filters and limit of the scan; [`super::SourcePushdown`] sends
@@ -235,18 +236,4 @@ impl TableProvider for RemoteTable {
             datafusion::physical_plan::projection::ProjectionExec::try_new(keep, exec)?,
         ))
     }
-}
-
-/// The expression with its columns unqualified, as the source names them.
-fn unqualified(expr: &Expr) -> Expr {
-    use datafusion::common::tree_node::{Transformed, TreeNode};
-    expr.clone()
-        .transform(|e| match e {
-            Expr::Column(column) if column.relation.is_some() => Ok(Transformed::yes(
-                Expr::Column(datafusion::common::Column::new_unqualified(column.name)),
-            )),
-            other => Ok(Transformed::no(other)),
-        })
-        .map(|t| t.data)
-        .unwrap_or_else(|_| expr.clone())
 }

@@ -13,3 +13,4 @@ mod pg;
 mod policies;
 mod queries;
 mod refusals;
+mod tls;

@@ -131,6 +131,39 @@ impl Postgres {
         ));
     }
 
+    /// Restarts the server taking TLS connections only, with this
+    /// certificate and key.
+    pub(crate) fn require_tls(&self, cert: &Path, key: &Path) {
+        self.stop();
+        let data = self.data();
+        std::fs::copy(cert, data.join("server.crt")).unwrap();
+        std::fs::copy(key, data.join("server.key")).unwrap();
+        run(Command::new("chmod")
+            .arg("600")
+            .arg(data.join("server.key")));
+        if self.as_root {
+            run(Command::new("chown")
+                .arg("postgres:")
+                .arg(data.join("server.crt"))
+                .arg(data.join("server.key")));
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("\nssl = on\n");
+        std::fs::write(&conf, text).unwrap();
+        let hba = data.join("pg_hba.conf");
+        let text: String = std::fs::read_to_string(&hba)
+            .unwrap()
+            .lines()
+            .map(|l| match l.strip_prefix("host ") {
+                Some(rest) => format!("hostssl {rest}\n"),
+                None => format!("{l}\n"),
+            })
+            .collect();
+        std::fs::write(&hba, text).unwrap();
+        self.start_again();
+    }
+
     /// Stops the server at once.
     pub(crate) fn stop(&self) {
         run(&mut self.command(
