@@ -268,7 +268,14 @@ async fn serve(
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let products = gateway.engine.mesh().products().count();
-    println!("meshgate listening on grpc://{local} (Flight SQL), {products} products published");
+    let scheme = if gateway.config.server.tls.is_some() {
+        "grpc+tls"
+    } else {
+        "grpc"
+    };
+    println!(
+        "meshgate listening on {scheme}://{local} (Flight SQL), {products} products published"
+    );
     if is_demo {
         println!("demo users: alice/alice-demo, bob/bob-demo, carol/carol-demo, dave/dave-demo");
         println!(
