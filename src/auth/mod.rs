@@ -141,6 +141,11 @@ impl Authenticator {
 }
 
 /// Splits `Scheme value` into the lowercased scheme and the value.
+/// The token of a `Bearer <token>` authorization header.
+pub fn bearer_token(header: &str) -> Option<&str> {
+    split_scheme(header).and_then(|(scheme, token)| (scheme == "bearer").then_some(token))
+}
+
 fn split_scheme(header: &str) -> Option<(String, &str)> {
     let (scheme, rest) = header.trim().split_once(' ')?;
     Some((scheme.to_ascii_lowercase(), rest.trim()))

@@ -91,35 +91,53 @@ fn contract_schema(
     format: FileFormat,
 ) -> Result<SchemaRef, String> {
     let self_describing = matches!(format, FileFormat::Parquet | FileFormat::Arrow);
-    let mut fields = Vec::with_capacity(declared.len());
-    for column in declared {
-        let Ok(found) = file_schema.field_with_name(&column.name) else {
-            return Err(format!(
-                "declared column `{}` is missing from the files (they have: {})",
-                column.name,
-                file_schema
-                    .fields()
-                    .iter()
-                    .map(|f| f.name().as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        };
-        if self_describing {
-            if !type_satisfies(found.data_type(), &column.data_type) {
+    let found = check_contract(file_schema, declared, self_describing, "the files")?;
+    let fields: Vec<Field> = if self_describing {
+        found.into_iter().cloned().collect()
+    } else {
+        declared
+            .iter()
+            .map(|c| Field::new(&c.name, c.data_type.clone(), true))
+            .collect()
+    };
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+/// The stored field of each declared column: every declared column must be
+/// there and, when `typed`, hold a type that satisfies the declared one.
+/// `holder` names where the data is (`the files`, `the source table`).
+pub(crate) fn check_contract<'a>(
+    stored: &'a Schema,
+    declared: &[ColumnContract],
+    typed: bool,
+    holder: &str,
+) -> Result<Vec<&'a Field>, String> {
+    declared
+        .iter()
+        .map(|column| {
+            let Ok(found) = stored.field_with_name(&column.name) else {
                 return Err(format!(
-                    "column `{}` is declared {} but the files hold {}",
+                    "declared column `{}` is missing from {holder} (columns there: {})",
+                    column.name,
+                    stored
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            };
+            if typed && !type_satisfies(found.data_type(), &column.data_type) {
+                return Err(format!(
+                    "column `{}` is declared {} but is {} in {holder}",
                     column.name,
                     column.data_type,
                     found.data_type()
                 ));
             }
-            fields.push(found.clone());
-        } else {
-            fields.push(Field::new(&column.name, column.data_type.clone(), true));
-        }
-    }
-    Ok(Arc::new(Schema::new(fields)))
+            Ok(found)
+        })
+        .collect()
 }
 
 /// Whether stored data of type `actual` satisfies a declared type: equal, or

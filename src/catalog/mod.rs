@@ -5,7 +5,7 @@
 mod files;
 mod views;
 
-pub(crate) use files::type_satisfies;
+pub(crate) use files::check_contract;
 
 use std::collections::BTreeMap;
 use std::fmt;

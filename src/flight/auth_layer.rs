@@ -71,8 +71,8 @@ where
                 Ok(identity) => {
                     // Kept for sources that forward the caller's own token.
                     let token = header
-                        .and_then(|h| h.split_once(' '))
-                        .map(|(_, token)| crate::sources::ForwardedToken(token.trim().into()));
+                        .and_then(crate::auth::bearer_token)
+                        .map(|token| crate::sources::ForwardedToken(token.into()));
                     request.extensions_mut().insert(identity);
                     if let Some(token) = token {
                         request.extensions_mut().insert(token);

@@ -62,14 +62,6 @@ impl FlightSource {
         })
     }
 
-    /// A client authenticated as configured, or as the caller.
-    async fn client(
-        &self,
-        token: Option<&ForwardedToken>,
-    ) -> Result<FlightSqlServiceClient<Channel>, String> {
-        connect(self.channel.clone(), &self.auth, token).await
-    }
-
     pub(super) async fn table_schema(&self, table: &[String]) -> Result<SchemaRef, Discovery> {
         if self.auth.forward_token && self.auth.token.is_none() && self.auth.username.is_none() {
             return Err(Discovery::Unreachable(
@@ -77,7 +69,9 @@ impl FlightSource {
                     .into(),
             ));
         }
-        let mut client = self.client(None).await.map_err(Discovery::Refused)?;
+        let mut client = connect(self.channel.clone(), &self.auth, None)
+            .await
+            .map_err(Discovery::Refused)?;
         let sql = format!("SELECT * FROM {}", super::quoted_name(table));
         let info = client.execute(sql, None).await.map_err(|e| {
             let text = message(&e);

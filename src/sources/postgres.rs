@@ -16,8 +16,9 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::types::{FromSql, Type};
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{Client, NoTls, Row, Socket};
 
 use super::convert::{BATCH_ROWS, conform};
 use super::{Discovery, SourceError};
@@ -59,40 +60,15 @@ impl PostgresSource {
         })
     }
 
-    async fn connect(&self) -> Result<Client, String> {
-        let late = || format!("no connection within {:?}", self.connect_timeout);
+    async fn connect(&self) -> Result<Client, Discovery> {
         match &self.tls {
-            Some(tls) => {
-                let connecting = self.config.connect(tls.clone());
-                let (client, connection) = tokio::time::timeout(self.connect_timeout, connecting)
-                    .await
-                    .map_err(|_| late())?
-                    .map_err(|e| describe(&e))?;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "PostgreSQL connection ended");
-                    }
-                });
-                Ok(client)
-            }
-            None => {
-                let connecting = self.config.connect(NoTls);
-                let (client, connection) = tokio::time::timeout(self.connect_timeout, connecting)
-                    .await
-                    .map_err(|_| late())?
-                    .map_err(|e| describe(&e))?;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "PostgreSQL connection ended");
-                    }
-                });
-                Ok(client)
-            }
+            Some(tls) => open(&self.config, tls.clone(), self.connect_timeout).await,
+            None => open(&self.config, NoTls, self.connect_timeout).await,
         }
     }
 
     /// An open connection: an idle one, else a new one.
-    async fn client(&self) -> Result<(Client, bool), String> {
+    async fn client(&self) -> Result<(Client, bool), Discovery> {
         loop {
             let Some(client) = self.idle.lock().pop() else {
                 break;
@@ -116,14 +92,7 @@ impl PostgresSource {
             .acquire()
             .await
             .map_err(|_| Discovery::Refused("the source is closed".to_string()))?;
-        let (client, _) = match self.client().await {
-            Ok(client) => client,
-            // A refused login is final; anything else may pass.
-            Err(cause) if cause.starts_with("PostgreSQL:") => {
-                return Err(Discovery::Refused(cause));
-            }
-            Err(cause) => return Err(Discovery::Unreachable(cause)),
-        };
+        let (client, _) = self.client().await?;
         let rows = client
             .query(
                 "SELECT a.attname::text, a.atttypid::int8, a.atttypmod::int4 \
@@ -183,13 +152,13 @@ impl PostgresSource {
             slot = self.slots.acquire() => slot.map_err(|_| "the source is closed".to_string())?,
             () = tx.closed() => return Ok(()),
         };
-        let (mut client, reused) = self.client().await?;
+        let (mut client, reused) = self.client().await.map_err(|e| e.to_string())?;
         let rows = match client.query_raw(sql, std::iter::empty::<i32>()).await {
             Ok(rows) => rows,
             // A pooled connection the server has since closed: once more on
             // a new one (nothing was read yet).
             Err(_) if reused => {
-                client = self.connect().await?;
+                client = self.connect().await.map_err(|e| e.to_string())?;
                 client
                     .query_raw(sql, std::iter::empty::<i32>())
                     .await
@@ -233,6 +202,35 @@ impl PostgresSource {
         self.give_back(client);
         Ok(())
     }
+}
+
+/// A new connection, its protocol driven by a task of its own. A server
+/// that answers with an error (a refused login) refuses; any other failure
+/// leaves the server unreachable, for now.
+async fn open<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    timeout: Duration,
+) -> Result<Client, Discovery>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    let (client, connection) = tokio::time::timeout(timeout, config.connect(tls))
+        .await
+        .map_err(|_| Discovery::Unreachable(format!("no connection within {timeout:?}")))?
+        .map_err(|e| match e.as_db_error() {
+            Some(_) => Discovery::Refused(describe(&e)),
+            None => Discovery::Unreachable(describe(&e)),
+        })?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
 }
 
 /// The cause of a PostgreSQL error, with the server's own message when it

@@ -331,22 +331,9 @@ fn node_pushable(plan: &LogicalPlan) -> bool {
 }
 
 fn expressions_pushable(plan: &LogicalPlan, dialect: Dialect) -> bool {
-    let mut ok = true;
-    let _ = plan.apply_expressions(|expr| {
-        ok &= expr_pushable(expr, dialect);
-        Ok(if ok {
-            TreeNodeRecursion::Continue
-        } else {
-            TreeNodeRecursion::Stop
-        })
-    });
-    if let LogicalPlan::Join(join) = plan {
-        ok &= join
-            .on
-            .iter()
-            .all(|(l, r)| expr_pushable(l, dialect) && expr_pushable(r, dialect));
-    }
-    ok
+    plan.expressions()
+        .iter()
+        .all(|expr| expr_pushable(expr, dialect))
 }
 
 /// Scalar functions every supported dialect spells and computes like
@@ -377,16 +364,9 @@ const AGGREGATES: &[&str] = &["count", "sum", "min", "max", "avg"];
 
 /// Whether `expr` means the same in the source as in DataFusion.
 pub(crate) fn expr_pushable(expr: &Expr, dialect: Dialect) -> bool {
-    let mut ok = true;
-    let _ = expr.apply(|e| {
-        ok &= node_expr_pushable(e, dialect);
-        Ok(if ok {
-            TreeNodeRecursion::Continue
-        } else {
-            TreeNodeRecursion::Stop
-        })
-    });
-    ok
+    !expr
+        .exists(|e| Ok(!node_expr_pushable(e, dialect)))
+        .unwrap_or(true)
 }
 
 fn node_expr_pushable(expr: &Expr, dialect: Dialect) -> bool {

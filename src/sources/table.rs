@@ -15,6 +15,7 @@ use datafusion::sql::unparser::Unparser;
 
 use super::pushdown::{RemoteExec, expr_pushable};
 use super::{Dialect, Discovery, Source, quoted_name, table_parts};
+use crate::catalog::check_contract;
 use crate::config::ColumnContract;
 use crate::policy::unqualified;
 
@@ -77,7 +78,8 @@ fn declared_schema(declared: &[ColumnContract]) -> SchemaRef {
 
 /// The product's schema: the declared columns, whose types the source must
 /// hold (SQLite's declared types are only affinities: there the contract's
-/// type is what values are read as).
+/// type is what values are read as). Values are converted to the declared
+/// types as they are read.
 fn contract_schema(
     found: &Schema,
     declared: &[ColumnContract],
@@ -86,33 +88,13 @@ fn contract_schema(
     if declared.is_empty() {
         return Ok(Arc::new(found.clone()));
     }
-    let mut fields = Vec::with_capacity(declared.len());
-    for column in declared {
-        let Ok(field) = found.field_with_name(&column.name) else {
-            return Err(format!(
-                "declared column `{}` is missing from the source table (it has: {})",
-                column.name,
-                found
-                    .fields()
-                    .iter()
-                    .map(|f| f.name().as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        };
-        if dialect != Dialect::Sqlite
-            && !crate::catalog::type_satisfies(field.data_type(), &column.data_type)
-        {
-            return Err(format!(
-                "column `{}` is declared {} but the source holds {}",
-                column.name,
-                column.data_type,
-                field.data_type()
-            ));
-        }
-        fields.push(Field::new(&column.name, column.data_type.clone(), true));
-    }
-    Ok(Arc::new(Schema::new(fields)))
+    check_contract(
+        found,
+        declared,
+        dialect != Dialect::Sqlite,
+        "the source table",
+    )?;
+    Ok(declared_schema(declared))
 }
 
 #[async_trait]

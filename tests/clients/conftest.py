@@ -85,6 +85,26 @@ def all_types_table():
     return pa.table(columns)
 
 
+def serve(binary: str, config: pathlib.Path, out_path: pathlib.Path):
+    """Starts `meshgate serve` on a free port, its stdout in `out_path`, and
+    waits for its listening line. Returns the process, the open stdout file
+    and that line."""
+    out = open(out_path, "w")
+    process = subprocess.Popen(
+        [binary, "serve", "--config", str(config), "--flight-addr", "127.0.0.1:0"],
+        stdout=out,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    first = ""
+    while time.monotonic() < deadline and process.poll() is None:
+        first = out_path.read_text().split("\n")[0]
+        if first.startswith("meshgate listening on"):
+            break
+        time.sleep(0.05)
+    return process, out, first
+
+
 class DemoServer:
     def __init__(self, uri: str, root: pathlib.Path, binary: str, process):
         self.uri = uri
@@ -126,21 +146,8 @@ def demo_server():
         (root / "domains" / "types.toml").write_text(TYPES_DOMAIN)
         # stdout carries the listening line, then the audit log: keep it in a
         # file so that the server never blocks on a full pipe.
-        out_path = root / "stdout.log"
-        out = open(out_path, "w")
-        process = subprocess.Popen(
-            [binary, "serve", "--config", str(root / "meshgate.toml"), "--flight-addr", "127.0.0.1:0"],
-            stdout=out,
-            stderr=subprocess.DEVNULL,
-        )
+        process, out, first = serve(binary, root / "meshgate.toml", root / "stdout.log")
         try:
-            deadline = time.monotonic() + 60
-            first = ""
-            while time.monotonic() < deadline and process.poll() is None:
-                first = out_path.read_text().split("\n")[0]
-                if first.startswith("meshgate listening on grpc://"):
-                    break
-                time.sleep(0.05)
             assert first.startswith("meshgate listening on grpc://"), first
             uri = first.split()[3]
             yield DemoServer(uri, root, binary, process)

@@ -4,12 +4,11 @@ when the gateway requires mutual TLS. Certificates are made with openssl."""
 import pathlib
 import subprocess
 import tempfile
-import time
 
 import adbc_driver_flightsql.dbapi as flight_sql
 import pytest
 
-from conftest import SCALE, meshgate_binary
+from conftest import SCALE, meshgate_binary, serve
 
 
 def openssl(cwd, *args):
@@ -38,20 +37,7 @@ def start(root: pathlib.Path, mutual: bool):
         tls += f'client_ca_file = "{root}/ca.pem"\n'
     text = config.read_text().replace("\n[auth]", f"\n{tls}\n[auth]", 1)
     config.write_text(text)
-    out_path = root / f"stdout-{mutual}.log"
-    out = open(out_path, "w")
-    process = subprocess.Popen(
-        [binary, "serve", "--config", str(config), "--flight-addr", "127.0.0.1:0"],
-        stdout=out,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    first = ""
-    while time.monotonic() < deadline and process.poll() is None:
-        first = out_path.read_text().split("\n")[0]
-        if first.startswith("meshgate listening on"):
-            break
-        time.sleep(0.05)
+    process, out, first = serve(binary, config, root / f"stdout-{mutual}.log")
     assert first.startswith("meshgate listening on grpc+tls://"), first
     port = first.split()[3].rsplit(":", 1)[1]
     # Restore the config for the next server.

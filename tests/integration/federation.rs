@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tonic::Code;
 
-use crate::fixture::{TestClient, TestServer, demo_data, pretty};
+use crate::fixture::{TestClient, TestServer, demo_data, rows};
 use crate::pg::{Postgres, read_parquet};
 
 fn ledger_domain(url: &str) -> String {
@@ -77,6 +77,34 @@ name = "nation"
 storage = "local"
 table = "nation"
 "#;
+
+/// Domain `remote`: the customers of a crm domain gateway reached with the
+/// caller's own token, through the storage settings `connection` (its url
+/// and TLS options).
+pub(crate) fn remote_crm_domain(connection: &str) -> String {
+    format!(
+        r#"
+name = "remote"
+owner = "platform@acme.example"
+description = "The crm domain's gateway"
+
+[storage.crm]
+type = "flight_sql"
+{connection}
+forward_token = true
+
+[[products]]
+name = "customer"
+storage = "crm"
+table = "crm.customer"
+columns = [
+  {{ name = "c_custkey", type = "Int64" }},
+  {{ name = "c_name", type = "Utf8" }},
+  {{ name = "c_region", type = "Utf8" }},
+]
+"#
+    )
+}
 
 /// A PostgreSQL server with the ledger tables.
 async fn ledger_postgres() -> Postgres {
@@ -152,13 +180,6 @@ async fn federated_server(pg: &Postgres) -> TestServer {
         write_geo(&dir.join("geo.sqlite"));
     })
     .await
-}
-
-async fn rows(client: &mut TestClient, sql: &str) -> String {
-    match client.query(sql).await {
-        Ok(batches) => pretty(&batches),
-        Err(status) => panic!("{sql}: {status:?}"),
-    }
 }
 
 /// The SQL statements PostgreSQL received that mention `needle`.
@@ -468,28 +489,7 @@ async fn a_central_gateway_forwards_the_callers_token_to_the_domain_gateway() {
     let domain = TestServer::start().await;
     let address = domain.addr;
     let central = TestServer::start_with(move |dir| {
-        let remote = format!(
-            r#"
-name = "remote"
-owner = "platform@acme.example"
-description = "The crm domain's gateway"
-
-[storage.crm]
-type = "flight_sql"
-url = "grpc://{address}"
-forward_token = true
-
-[[products]]
-name = "customer"
-storage = "crm"
-table = "crm.customer"
-columns = [
-  {{ name = "c_custkey", type = "Int64" }},
-  {{ name = "c_name", type = "Utf8" }},
-  {{ name = "c_region", type = "Utf8" }},
-]
-"#
-        );
+        let remote = remote_crm_domain(&format!("url = \"grpc://{address}\""));
         std::fs::write(dir.join("domains/remote.toml"), remote).unwrap();
     })
     .await;

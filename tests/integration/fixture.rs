@@ -298,6 +298,14 @@ impl TestClient {
 }
 
 /// Pretty-printed rows, for comparing results as tables.
+/// The query's rows, pretty-printed; a failure fails the test, naming the SQL.
+pub(crate) async fn rows(client: &mut TestClient, sql: &str) -> String {
+    match client.query(sql).await {
+        Ok(batches) => pretty(&batches),
+        Err(status) => panic!("{sql}: {status:?}"),
+    }
+}
+
 pub(crate) fn pretty(batches: &[RecordBatch]) -> String {
     arrow::util::pretty::pretty_format_batches(batches)
         .unwrap()

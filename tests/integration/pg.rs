@@ -244,16 +244,10 @@ impl Postgres {
                 format!("{} {ty}", f.name())
             })
             .collect();
-        self.load_as(table, &columns.join(", "), batches).await;
-    }
-
-    /// Creates `table` with `columns` (SQL column definitions) and copies
-    /// the batches' rows into it.
-    pub(crate) async fn load_as(&self, table: &str, columns: &str, batches: &[RecordBatch]) {
         use futures::SinkExt;
         let client = self.client().await;
         client
-            .batch_execute(&format!("CREATE TABLE {table} ({columns})"))
+            .batch_execute(&format!("CREATE TABLE {table} ({})", columns.join(", ")))
             .await
             .unwrap();
         let mut csv = Vec::new();

@@ -26,7 +26,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use tonic::Code;
 
-use crate::fixture::{TestClient, TestServer, pretty, row_count};
+use crate::fixture::{TestClient, TestServer, pretty, row_count, rows};
 
 const HR_DOMAIN: &str = r#"
 name = "hr"
@@ -172,13 +172,6 @@ fn lines(text: &str) -> String {
         .map(str::trim)
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-async fn rows(client: &mut TestClient, sql: &str) -> String {
-    match client.query(sql).await {
-        Ok(batches) => pretty(&batches),
-        Err(status) => panic!("{sql}: {status:?}"),
-    }
 }
 
 async fn error(client: &mut TestClient, sql: &str) -> tonic::Status {

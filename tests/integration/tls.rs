@@ -8,7 +8,7 @@ use std::process::Command;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::fixture::{TestClient, TestServer, pretty};
+use crate::fixture::{TestClient, TestServer, rows};
 
 /// A CA, a server certificate for localhost / 127.0.0.1 and a client
 /// certificate, all signed by the CA, in `dir`.
@@ -166,13 +166,8 @@ async fn the_flight_endpoint_serves_tls_and_mutual_tls() {
     let server = TestServer::start_with(|dir| with_tls(dir, &certs, false)).await;
     let mut client = tls_client(&server, &certs, false).await.unwrap();
     login(&mut client, "alice").await.unwrap();
-    let rows = pretty(
-        &client
-            .query("SELECT count(*) AS n FROM crm.nation")
-            .await
-            .unwrap(),
-    );
-    assert!(rows.contains("25"), "{rows}");
+    let nations = rows(&mut client, "SELECT count(*) AS n FROM crm.nation").await;
+    assert!(nations.contains("25"), "{nations}");
     // Plain gRPC is not answered.
     if let Ok(channel) = Channel::from_shared(format!("http://{}", server.addr))
         .unwrap()
@@ -196,13 +191,8 @@ async fn the_flight_endpoint_serves_tls_and_mutual_tls() {
     assert!(refused, "a client without a certificate was served");
     let mut client = tls_client(&server, &certs, true).await.unwrap();
     login(&mut client, "alice").await.unwrap();
-    let rows = pretty(
-        &client
-            .query("SELECT count(*) AS n FROM crm.nation")
-            .await
-            .unwrap(),
-    );
-    assert!(rows.contains("25"), "{rows}");
+    let nations = rows(&mut client, "SELECT count(*) AS n FROM crm.nation").await;
+    assert!(nations.contains("25"), "{nations}");
     server.stop().await;
 }
 
@@ -214,38 +204,15 @@ async fn a_central_gateway_reaches_a_domain_gateway_over_tls() {
     let port = domain.addr.port();
     let ca = certs.ca.clone();
     let central = TestServer::start_with(move |dir| {
-        let remote = format!(
-            r#"
-name = "remote"
-owner = "platform@acme.example"
-
-[storage.crm]
-type = "flight_sql"
-url = "grpc+tls://localhost:{port}"
-ca_file = "{}"
-forward_token = true
-
-[[products]]
-name = "customer"
-storage = "crm"
-table = "crm.customer"
-columns = [
-  {{ name = "c_custkey", type = "Int64" }},
-  {{ name = "c_region", type = "Utf8" }},
-]
-"#,
+        let remote = crate::federation::remote_crm_domain(&format!(
+            "url = \"grpc+tls://localhost:{port}\"\nca_file = \"{}\"",
             ca.display()
-        );
+        ));
         std::fs::write(dir.join("domains/remote.toml"), remote).unwrap();
     })
     .await;
     let mut alice = central.login("alice").await;
-    let regions = pretty(
-        &alice
-            .query("SELECT DISTINCT c_region FROM remote.customer")
-            .await
-            .unwrap(),
-    );
+    let regions = rows(&mut alice, "SELECT DISTINCT c_region FROM remote.customer").await;
     assert!(
         regions.contains("EUROPE") && regions.lines().count() == 5,
         "{regions}"
@@ -280,13 +247,8 @@ async fn postgres_over_tls_verifies_the_server_certificate() {
     })
     .await;
     let mut carol = server.login("carol").await;
-    let rows = pretty(
-        &carol
-            .query("SELECT owner FROM bank.accounts ORDER BY id")
-            .await
-            .unwrap(),
-    );
-    assert!(rows.contains("ann") && rows.contains("bob"), "{rows}");
+    let owners = rows(&mut carol, "SELECT owner FROM bank.accounts ORDER BY id").await;
+    assert!(owners.contains("ann") && owners.contains("bob"), "{owners}");
     server.stop().await;
 
     // Without TLS, or trusting no CA that signed the server, nothing is read.
