@@ -1,20 +1,36 @@
 //! The policy barrier: one physical operator that applies a product's row
-//! filter and masks to the raw rows of its input. It accepts no filter,
-//! limit or projection from above (the defaults of `ExecutionPlan`), reports
-//! unknown statistics, and is shown in EXPLAIN as a leaf, so nothing the
-//! caller writes runs on, or reports about, rows it hides.
+//! filter and masks to the raw rows of its input. It accepts no limit or
+//! projection from above, and no filter but the dynamic filters DataFusion
+//! derives from visible rows (see `gather_filters_for_pushdown`), and is
+//! shown in EXPLAIN as a leaf, so nothing the caller writes runs on, or
+//! reports about, rows it hides.
+//!
+//! Its statistics are a row-count estimate for join planning and nothing
+//! else: never exact (no answer is computed from them: the aggregate
+//! statistics rule uses exact ones only), rounded up to a power of two, and
+//! with no column statistics (no minimum, maximum, null or distinct count).
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, RecordBatchOptions};
 use arrow::compute::{filter_record_batch, prep_null_mask_filter};
 use arrow::datatypes::SchemaRef;
+use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{ColumnStatistics, Statistics};
+use datafusion::config::ConfigOptions;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::expressions::{Column as ColumnExpr, DynamicFilterPhysicalExpr};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::filter_pushdown::{
+    ChildFilterDescription, ChildPushdownResult, FilterDescription, FilterPushdownPhase,
+    FilterPushdownPropagation,
+};
 use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
+use datafusion::physical_plan::statistics::{ChildStats, StatisticsArgs};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
@@ -147,6 +163,94 @@ impl ExecutionPlan for PolicyExec {
     fn metrics(&self) -> Option<MetricsSet> {
         Some(self.metrics.clone_inner())
     }
+
+    /// Passes down the row filter, for pruning, and of the filters from
+    /// above only the dynamic filters DataFusion derives at run time
+    /// from a join's build side, a TopK or an aggregate, and only when each
+    /// reads nothing but columns the caller sees unmasked: such a filter
+    /// compares a raw column with values the caller's own query produced, so
+    /// it never fails and only skips rows that could not appear in the
+    /// answer. Everything else stays above the barrier.
+    fn gather_filters_for_pushdown(
+        &self,
+        phase: FilterPushdownPhase,
+        parent_filters: Vec<Arc<dyn PhysicalExpr>>,
+        _config: &ConfigOptions,
+    ) -> Result<FilterDescription> {
+        let plain: HashSet<usize> = self
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, expr)| expr.downcast_ref::<ColumnExpr>().is_some())
+            .map(|(index, _)| index)
+            .collect();
+        let passes = |filter: &Arc<dyn PhysicalExpr>| {
+            filter.downcast_ref::<DynamicFilterPhysicalExpr>().is_some()
+                && filter.children().iter().all(|child| {
+                    child
+                        .downcast_ref::<ColumnExpr>()
+                        .is_some_and(|column| plain.contains(&column.index()))
+                })
+        };
+        let mut child = if phase == FilterPushdownPhase::Post && parent_filters.iter().all(passes) {
+            ChildFilterDescription::from_child_with_allowed_indices(
+                &parent_filters,
+                plain,
+                &self.input,
+            )?
+        } else {
+            ChildFilterDescription::all_unsupported(&parent_filters)
+        };
+        // The row filter is offered to the scan, to prune row groups and
+        // pages by their statistics; this operator still applies it to
+        // every row whatever the scan does with it.
+        if phase == FilterPushdownPhase::Pre
+            && let Some(row_filter) = &self.row_filter
+        {
+            child = child.with_self_filter(Arc::clone(row_filter));
+        }
+        Ok(FilterDescription::new().with_child(child))
+    }
+
+    fn handle_child_pushdown_result(
+        &self,
+        _phase: FilterPushdownPhase,
+        child_pushdown_result: ChildPushdownResult,
+        _config: &ConfigOptions,
+    ) -> Result<FilterPushdownPropagation<Arc<dyn ExecutionPlan>>> {
+        Ok(FilterPushdownPropagation::if_all(child_pushdown_result))
+    }
+
+    fn child_stats_requests(&self, partition: Option<usize>) -> Vec<ChildStats> {
+        vec![ChildStats::At(partition)]
+    }
+
+    fn statistics_from_inputs(
+        &self,
+        input_stats: &[Arc<Statistics>],
+        _args: &StatisticsArgs,
+    ) -> Result<Arc<Statistics>> {
+        let Some(input) = input_stats.first() else {
+            return Ok(Arc::new(Statistics::new_unknown(&self.schema)));
+        };
+        let num_rows = match input.num_rows.get_value() {
+            Some(&rows) => Precision::Inexact(coarse_row_count(rows)),
+            None => Precision::Absent,
+        };
+        Ok(Arc::new(Statistics {
+            num_rows,
+            total_byte_size: Precision::Absent,
+            column_statistics: vec![ColumnStatistics::new_unknown(); self.schema.fields().len()],
+        }))
+    }
+}
+
+/// A row count as the planner may know it behind the barrier: the next power
+/// of two, enough to order the sides of a join.
+fn coarse_row_count(rows: usize) -> usize {
+    rows.max(1)
+        .checked_next_power_of_two()
+        .unwrap_or(usize::MAX)
 }
 
 fn apply(
@@ -168,7 +272,11 @@ fn apply(
             } else {
                 mask.clone()
             };
-            filter_record_batch(batch, &mask)?
+            if mask.true_count() == batch.num_rows() {
+                batch.clone()
+            } else {
+                filter_record_batch(batch, &mask)?
+            }
         }
         None => batch.clone(),
     };

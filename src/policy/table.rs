@@ -171,23 +171,28 @@ impl TableProvider for PolicyTable {
         } else {
             None
         };
+        // The row filter goes to the source too, where it can narrow what is
+        // read (row groups and pages pruned by statistics, a WHERE sent to a
+        // database); the barrier evaluates it on every row it passes.
+        let mut scan_filters = filters.to_vec();
+        if let Some(filter) = &self.row_filter
+            && matches!(
+                self.inner.supports_filters_pushdown(&[filter])?.first(),
+                Some(TableProviderFilterPushDown::Exact | TableProviderFilterPushDown::Inexact)
+            )
+        {
+            scan_filters.push(filter.clone());
+        }
         let input = self
             .inner
-            .scan(state, Some(&base_projection), filters, inner_limit)
+            .scan(state, Some(&base_projection), &scan_filters, inner_limit)
             .await?;
         let input_schema = input.schema();
         let df_schema = DFSchema::try_from(input_schema.as_ref().clone())?;
 
-        // Below the barrier: the row filter and the caller's leakproof
-        // filters, as a filter the physical optimizer pushes into the scan
-        // (row-group and page pruning, late materialization).
-        let below: Vec<Expr> = self
-            .row_filter
-            .iter()
-            .cloned()
-            .chain(filters.iter().map(unqualified))
-            .collect();
-        let input: Arc<dyn ExecutionPlan> = match conjunction(below) {
+        // Below the barrier, the caller's leakproof filters, which the
+        // physical optimizer pushes into the scan (row-group and page pruning).
+        let input: Arc<dyn ExecutionPlan> = match conjunction(filters.iter().map(unqualified)) {
             Some(predicate) => Arc::new(FilterExec::try_new(
                 state.create_physical_expr(predicate, &df_schema)?,
                 input,
@@ -195,8 +200,8 @@ impl TableProvider for PolicyTable {
             None => input,
         };
 
-        // The barrier applies the row filter again, so that hiding rows never
-        // depends on how the optimizer treats the filter below it.
+        // The barrier applies the row filter, so hiding rows never depends
+        // on what the source or the optimizer did with it below.
         let row_filter = self
             .row_filter
             .as_ref()

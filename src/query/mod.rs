@@ -27,6 +27,7 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use futures::{Stream, StreamExt};
 
 pub(crate) use session::base_session_state;
+pub use session::engine_config;
 pub use wire::{to_wire_batch, wire_schema, wire_type};
 
 use crate::audit::{AuditLogRef, AuditRecord};

@@ -81,6 +81,26 @@ const CASES: &[Case] = &[
         sql: "SELECT a.id FROM hr.employees a JOIN hr.employees b ON 10 / a.divisor = 10 / b.divisor ORDER BY 1",
         expect: Rows("+----+\n| id |\n+----+\n| 1  |\n| 2  |\n+----+"),
     },
+    // Dynamic filters (from a join's build side, a TopK) pass the barrier
+    // only over plain columns; one over `10 / divisor` must stay above it.
+    Case {
+        name: "division by zero in a join key probed by a dynamic filter",
+        who: Eu,
+        sql: "SELECT e.id FROM (VALUES (10), (5)) v(q) JOIN hr.employees e ON v.q = 10 / e.divisor ORDER BY 1",
+        expect: Rows("+----+\n| id |\n+----+\n| 1  |\n| 2  |\n+----+"),
+    },
+    Case {
+        name: "division by zero in a TopK sort key",
+        who: Eu,
+        sql: "SELECT id FROM hr.employees ORDER BY 10 / divisor LIMIT 1",
+        expect: Rows("+----+\n| id |\n+----+\n| 2  |\n+----+"),
+    },
+    Case {
+        name: "a join on a plain column never reaches a hidden row",
+        who: Eu,
+        sql: "SELECT e.id FROM (VALUES (1), (3), (4)) v(k) JOIN hr.employees e ON e.id = v.k ORDER BY 1",
+        expect: Rows("+----+\n| id |\n+----+\n| 1  |\n+----+"),
+    },
     Case {
         name: "failing cast in WHERE",
         who: Eu,

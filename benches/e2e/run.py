@@ -1,0 +1,704 @@
+"""The end-to-end benchmark: meshgate from a real ADBC client, beside embedded
+DataFusion and DuckDB on the same Parquet files.
+
+Measured side by side in one run, each with min/median/max over repeated runs:
+
+1. the 22 TPC-H queries through meshgate (policies off) against embedded
+   DataFusion (DataFusion's defaults, and meshgate's engine settings) and
+   DuckDB; every meshgate answer is compared with DuckDB's;
+2. the same 22 with a row filter and a mask on every product (policy cost);
+3. streaming the whole lineitem product (6M rows at SF1) to ADBC as Arrow,
+   against pyarrow reading the same Parquet file locally;
+4. small queries (point lookups and 10-row ranges): p50/p99 latency and
+   queries/s with 1, 8 and 32 concurrent clients;
+5. the gateway's peak memory (RSS) during each of them.
+
+Prints a table and writes results.json and results.csv under --out.
+Run through `benches/e2e/run`, which builds what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import decimal
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import adbc_driver_flightsql.dbapi as flightsql
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TABLES = ["lineitem", "orders", "customer", "nation", "region", "part", "partsupp", "supplier"]
+DOMAINS = {
+    "sales": ["lineitem", "orders"],
+    "crm": ["customer", "nation", "region"],
+    "supply": ["part", "partsupp", "supplier"],
+}
+DOMAIN_OF = {table: domain for domain, tables in DOMAINS.items() for table in tables}
+
+# A row filter and a mask on every product. Each filter compares a column with
+# an attribute of the caller, so it is a real predicate evaluated on every
+# row, yet the benchmark user's attributes keep every row: answers stay
+# comparable and the cost measured is the enforcement itself.
+POLICIES = {
+    "lineitem": ("l_shipmode <> user_attr('hidden_mode')", "l_comment", "'***'"),
+    "orders": ("o_orderstatus <> user_attr('hidden_status')", "o_clerk", "'***'"),
+    "customer": ("c_mktsegment <> user_attr('hidden_segment')", "c_address", "'***'"),
+    "nation": ("n_name <> user_attr('hidden_nation')", "n_comment", "'***'"),
+    "region": ("r_name <> user_attr('hidden_region')", "r_comment", "'***'"),
+    "part": ("p_brand <> user_attr('hidden_brand')", "p_comment", "'***'"),
+    "partsupp": ("ps_supplycost >= 0", "ps_comment", "'***'"),
+    "supplier": (
+        "s_name <> user_attr('hidden_supplier')",
+        "s_phone",
+        "regexp_replace(s_phone, '[0-9]', '#', 'g')",
+    ),
+}
+BENCH_ATTRIBUTES = {
+    "hidden_mode": "NONE",
+    "hidden_status": "X",
+    "hidden_segment": "NONE",
+    "hidden_nation": "NONE",
+    "hidden_region": "NONE",
+    "hidden_brand": "NONE",
+    "hidden_supplier": "NONE",
+}
+SECRET = "meshgate-benchmark-secret-0123456789abcdef"
+
+
+# ---------------------------------------------------------------- setup
+
+
+def generate_data(scale: float, data: pathlib.Path) -> None:
+    marker = data / ".complete"
+    if marker.exists():
+        return
+    data.mkdir(parents=True, exist_ok=True)
+    tpchgen = pathlib.Path(sys.executable).parent / "tpchgen-cli"
+    print(f"generating TPC-H SF{scale} Parquet in {data}", flush=True)
+    subprocess.run(
+        [str(tpchgen), "parquet", "-s", str(scale), "--output-dir", str(data), "--overwrite"],
+        check=True,
+    )
+    marker.write_text("")
+
+
+def write_mesh(root: pathlib.Path, data: pathlib.Path, binary: str, policies: bool) -> pathlib.Path:
+    """A mesh of three domains over the TPC-H files; with `policies`, a row
+    filter and a mask on every product."""
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "domains").mkdir(parents=True)
+    password_hash = subprocess.run(
+        [binary, "hash-password"], input="bench", capture_output=True, text=True, check=True
+    ).stdout.strip()
+    attributes = ", ".join(f'{k} = "{v}"' for k, v in BENCH_ATTRIBUTES.items())
+    (root / "meshgate.toml").write_text(
+        f"""domains = ["domains/*.toml"]
+
+[server]
+flight_addr = "127.0.0.1:0"
+
+[auth]
+issuer = "meshgate"
+audience = "meshgate"
+hs256_secret = "{SECRET}"
+token_ttl = "8h"
+
+[[auth.users]]
+name = "bench"
+password_hash = "{password_hash}"
+groups = ["analyst"]
+attributes = {{ {attributes} }}
+
+[limits]
+query_timeout = "10m"
+max_concurrent_queries = 64
+
+[governance]
+default_access = "authenticated"
+
+[audit]
+output = "{root / 'audit.log'}"
+"""
+    )
+    for domain, tables in DOMAINS.items():
+        text = [
+            f'name = "{domain}"',
+            f'owner = "{domain}@bench.example"',
+            f'description = "TPC-H tables of the {domain} domain"',
+            "",
+            "[storage.files]",
+            'type = "object_store"',
+            f'url = "file://{data}"',
+        ]
+        for table in tables:
+            text += [
+                "",
+                "[[products]]",
+                f'name = "{table}"',
+                f'description = "TPC-H {table}"',
+                'storage = "files"',
+                f'location = "{table}.parquet"',
+                'format = "parquet"',
+            ]
+        if policies:
+            for table in tables:
+                row_filter, column, mask = POLICIES[table]
+                text += [
+                    "",
+                    "[[policies]]",
+                    f'product = "{table}"',
+                    f'row_filter = "{row_filter}"',
+                    f'columns.{column} = {{ mask = "{mask}" }}',
+                ]
+        (root / "domains" / f"{domain}.toml").write_text("\n".join(text) + "\n")
+    return root / "meshgate.toml"
+
+
+class Gateway:
+    """A meshgate process serving one mesh, and a sampler of its memory."""
+
+    def __init__(self, binary: str, config: pathlib.Path):
+        self.log = config.parent / "stdout.log"
+        out = open(self.log, "w")
+        self.process = subprocess.Popen(
+            [binary, "serve", "--config", str(config), "--flight-addr", "127.0.0.1:0"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        line = ""
+        while time.monotonic() < deadline and self.process.poll() is None:
+            line = self.log.read_text().split("\n")[0]
+            if line.startswith("meshgate listening on"):
+                break
+            time.sleep(0.05)
+        if not line.startswith("meshgate listening on"):
+            self.process.kill()
+            raise SystemExit(f"meshgate did not start:\n{self.log.read_text()}")
+        self.uri = line.split()[3]
+        self.token = subprocess.run(
+            [binary, "token", "--user", "bench", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set() and self.process.poll() is None:
+            try:
+                self.peak = max(self.peak, self.rss())
+            except OSError:
+                return
+            time.sleep(0.01)
+
+    def reset_peak(self) -> None:
+        self.peak = self.rss()
+
+    def connect(self):
+        return flightsql.connect(
+            self.uri,
+            db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {self.token}"},
+            autocommit=True,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+# ---------------------------------------------------------------- queries
+
+
+def load_queries(directory: pathlib.Path, only: list[str] | None) -> dict[str, str]:
+    names = only or [f"q{n}" for n in range(1, 23)]
+    return {name: (directory / f"{name}.sql").read_text() for name in names}
+
+
+_TABLE_REF = re.compile(
+    r"(?P<lead>\b(?:from|join)\s+|,\s*)(?P<table>" + "|".join(TABLES) + r")\b(?!\s*\()",
+    re.IGNORECASE,
+)
+
+
+def qualify(sql: str) -> str:
+    """TPC-H names tables bare; in the mesh they are `domain.table`. Only
+    names in table position (after FROM, JOIN or a comma) are rewritten:
+    `n_name as nation` stays."""
+
+    def replace(match: re.Match) -> str:
+        table = match.group("table").lower()
+        return f"{match.group('lead')}{DOMAIN_OF[table]}.{table}"
+
+    return _TABLE_REF.sub(replace, sql)
+
+
+def summary(times: list[float]) -> dict:
+    ordered = sorted(times)
+    return {"min": ordered[0], "median": statistics.median(ordered), "max": ordered[-1]}
+
+
+def run_queries(name: str, queries: dict[str, str], runs: int, execute) -> dict:
+    """Runs each query once to warm up, then `runs` times; returns per query
+    the times in ms, the row count and the last answer."""
+    results = {}
+    for query, sql in queries.items():
+        answer = execute(sql)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            answer = execute(sql)
+            times.append((time.perf_counter() - start) * 1000)
+        results[query] = {"times_ms": times, "rows": answer.num_rows, "answer": answer}
+        s = summary(times)
+        print(
+            f"  {name:<22} {query:>4}  median {s['median']:9.1f} ms"
+            f"  min {s['min']:9.1f}  max {s['max']:9.1f}  rows {answer.num_rows}",
+            flush=True,
+        )
+    return results
+
+
+def run_duckdb(data: pathlib.Path, queries: dict[str, str], runs: int) -> dict:
+    connection = duckdb.connect()
+    for table in TABLES:
+        connection.execute(
+            f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{data / (table + '.parquet')}')"
+        )
+
+    def execute(sql: str) -> pa.Table:
+        return connection.execute(sql).to_arrow_table()
+
+    return run_queries("duckdb", queries, runs, execute)
+
+
+def run_meshgate(label: str, gateway: Gateway, queries: dict[str, str], runs: int) -> dict:
+    connection = gateway.connect()
+    cursor = connection.cursor()
+
+    def execute(sql: str) -> pa.Table:
+        cursor.execute(sql)
+        return cursor.fetch_arrow_table()
+
+    qualified = {name: qualify(sql) for name, sql in queries.items()}
+    gateway.reset_peak()
+    results = run_queries(label, qualified, runs, execute)
+    results["_peak_rss"] = gateway.peak
+    cursor.close()
+    connection.close()
+    return results
+
+
+def run_datafusion(settings: str, runner: list[str], data: pathlib.Path, queries_dir: pathlib.Path,
+                   names: list[str], runs: int, out: pathlib.Path) -> dict:
+    path = out / f"datafusion-{settings}.json"
+    command = runner + [
+        "--data", str(data), "--queries", str(queries_dir), "--runs", str(runs),
+        "--settings", settings, "--only", ",".join(names), "--json", str(path),
+    ]
+    subprocess.run(command, check=True)
+    return json.loads(path.read_text())["queries"]
+
+
+# ---------------------------------------------------------------- answers
+
+
+def normal_value(value):
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
+    if isinstance(value, str):
+        return value.rstrip()
+    return value
+
+
+def same_value(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+            return False
+        # Averages and ratios differ in the last digits between engines
+        # (DataFusion keeps 6 decimal places of a decimal average, DuckDB a
+        # double); TPC-H itself allows rounding to 1/100.
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-5)
+    return a == b
+
+
+def rows_of(table: pa.Table) -> list[tuple]:
+    return [tuple(normal_value(v) for v in row.values()) for row in table.to_pylist()]
+
+
+def first_difference(want: list[tuple], got: list[tuple]) -> str | None:
+    for i, (w, g) in enumerate(zip(want, got)):
+        if len(w) != len(g) or not all(same_value(a, b) for a, b in zip(w, g)):
+            return f"row {i} differs: {g} vs DuckDB {w}"
+    return None
+
+
+def compare_answers(expected: pa.Table, actual: pa.Table) -> str | None:
+    """None when `actual` has DuckDB's rows, in DuckDB's order or, where
+    ORDER BY leaves ties, in another order."""
+    if expected.num_columns != actual.num_columns:
+        return f"{actual.num_columns} columns, DuckDB has {expected.num_columns}"
+    if expected.num_rows != actual.num_rows:
+        return f"{actual.num_rows} rows, DuckDB has {expected.num_rows}"
+    want, got = rows_of(expected), rows_of(actual)
+    problem = first_difference(want, got)
+    if problem is None:
+        return None
+
+    def key(row):
+        return tuple((round(v, 4) if isinstance(v, float) else v) for v in row)
+
+    if first_difference(sorted(want, key=key), sorted(got, key=key)) is None:
+        return None
+    return problem
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
+    path = data / "lineitem.parquet"
+    local = []
+    for _ in range(runs + 1):
+        start = time.perf_counter()
+        table = pq.read_table(path)
+        elapsed = time.perf_counter() - start
+        local.append((elapsed, table.num_rows, table.nbytes))
+        del table
+    local = local[1:]
+
+    connection = gateway.connect()
+    cursor = connection.cursor()
+    remote = []
+    gateway.reset_peak()
+    for _ in range(runs + 1):
+        start = time.perf_counter()
+        cursor.execute("SELECT * FROM sales.lineitem")
+        reader = cursor.fetch_record_batch()
+        rows = size = 0
+        for batch in reader:
+            rows += batch.num_rows
+            size += batch.nbytes
+        elapsed = time.perf_counter() - start
+        remote.append((elapsed, rows, size))
+    remote = remote[1:]
+    peak = gateway.peak
+    cursor.close()
+    connection.close()
+
+    def rates(samples):
+        return {
+            "seconds": summary([s[0] for s in samples]),
+            "rows": samples[0][1],
+            "rows_per_s": summary([s[1] / s[0] for s in samples]),
+            "bytes_per_s": summary([s[2] / s[0] for s in samples]),
+        }
+
+    result = {"pyarrow_local": rates(local), "meshgate_adbc": rates(remote), "peak_rss": peak}
+    for key in ("pyarrow_local", "meshgate_adbc"):
+        r = result[key]
+        print(
+            f"  stream {key:<14} {r['rows']} rows  median {r['seconds']['median']:.2f} s"
+            f"  {r['rows_per_s']['median'] / 1e6:.2f} M rows/s"
+            f"  {r['bytes_per_s']['median'] / 1e6:.0f} MB/s",
+            flush=True,
+        )
+    return result
+
+
+# ---------------------------------------------------------------- latency
+
+
+def _small_query(rng: random.Random, orders: int, customers: int) -> str:
+    if rng.random() < 0.5:
+        # TPC-H order keys: 8 of every 32 integers are used.
+        n = rng.randrange(orders)
+        key = (n // 8) * 32 + n % 8 + 1
+        return f"SELECT * FROM sales.orders WHERE o_orderkey = {key}"
+    key = rng.randrange(1, customers - 10)
+    return (
+        "SELECT c_custkey, c_name, c_nationkey, c_acctbal FROM crm.customer "
+        f"WHERE c_custkey BETWEEN {key} AND {key + 9}"
+    )
+
+
+def _latency_client(args) -> tuple[list[float], int, int]:
+    uri, token, seconds, seed, orders, customers, start_at = args
+    connection = flightsql.connect(
+        uri, db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"}, autocommit=True
+    )
+    cursor = connection.cursor()
+    rng = random.Random(seed)
+    # One warm-up query, then wait for every client to be connected.
+    cursor.execute(_small_query(rng, orders, customers))
+    cursor.fetch_arrow_table()
+    while time.time() < start_at:
+        time.sleep(0.001)
+    latencies, errors, rows = [], 0, 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        sql = _small_query(rng, orders, customers)
+        start = time.perf_counter()
+        try:
+            cursor.execute(sql)
+            rows += cursor.fetch_arrow_table().num_rows
+        except Exception:  # noqa: BLE001 - counted, reported as errors
+            errors += 1
+            continue
+        latencies.append((time.perf_counter() - start) * 1000)
+    cursor.close()
+    connection.close()
+    return latencies, errors, rows
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: list[int]) -> dict:
+    orders = int(1_500_000 * scale)
+    customers = int(150_000 * scale)
+    results = {}
+    context = multiprocessing.get_context("spawn")
+    for clients in clients_list:
+        gateway.reset_peak()
+        start_at = time.time() + 3 + clients * 0.1
+        jobs = [
+            (gateway.uri, gateway.token, seconds, 1000 * clients + i, orders, customers, start_at)
+            for i in range(clients)
+        ]
+        with context.Pool(clients) as pool:
+            outcomes = pool.map(_latency_client, jobs)
+        latencies = [ms for outcome in outcomes for ms in outcome[0]]
+        errors = sum(outcome[1] for outcome in outcomes)
+        rows = sum(outcome[2] for outcome in outcomes)
+        result = {
+            "clients": clients,
+            "queries": len(latencies),
+            "errors": errors,
+            "rows": rows,
+            "qps": len(latencies) / seconds,
+            "p50_ms": percentile(latencies, 50) if latencies else None,
+            "p99_ms": percentile(latencies, 99) if latencies else None,
+            "peak_rss": gateway.peak,
+        }
+        results[str(clients)] = result
+        print(
+            f"  small queries, {clients:>2} clients: {result['qps']:7.1f} q/s"
+            f"  p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms"
+            f"  errors {errors}",
+            flush=True,
+        )
+    return results
+
+
+# ---------------------------------------------------------------- report
+
+
+def total(results: dict, names: list[str]) -> dict:
+    """Sum of each run's times across queries (run i of every query), then
+    min/median/max over the runs."""
+    runs = len(results[names[0]]["times_ms"])
+    sums = [sum(results[name]["times_ms"][i] for name in names) for i in range(runs)]
+    return summary(sums)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--data", type=pathlib.Path, help="TPC-H Parquet directory (generated if missing)")
+    parser.add_argument("--queries", type=pathlib.Path, required=True)
+    parser.add_argument("--meshgate", required=True, help="the meshgate binary")
+    parser.add_argument("--datafusion", required=True, help="command running benches/tpch.rs")
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--only", help="comma-separated queries, e.g. q1,q6")
+    parser.add_argument("--parts", default="tpch,policy,stream,latency")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--clients", default="1,8,32")
+    args = parser.parse_args()
+
+    parts = set(args.parts.split(","))
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    scale_label = f"{args.scale:g}"
+    data = (args.data or (out / f"tpch-sf{scale_label}")).resolve()
+    generate_data(args.scale, data)
+    queries = load_queries(args.queries, args.only.split(",") if args.only else None)
+    names = list(queries)
+    runner = args.datafusion.split()
+
+    report: dict = {
+        "scale": args.scale,
+        "runs": args.runs,
+        "cpus": os.cpu_count(),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"duckdb": duckdb.__version__, "pyarrow": pa.__version__},
+    }
+    rows_csv = []
+
+    if parts & {"tpch", "policy", "stream"}:
+        open_mesh = write_mesh(out / "mesh-open", data, args.meshgate, policies=False)
+    if parts & {"policy", "latency"}:
+        governed_mesh = write_mesh(out / "mesh-governed", data, args.meshgate, policies=True)
+
+    tpch = {}
+    if "tpch" in parts or "policy" in parts:
+        print(f"TPC-H SF{scale_label}, {len(names)} queries, {args.runs} runs each after a warm-up", flush=True)
+        gateway = Gateway(args.meshgate, open_mesh)
+        try:
+            tpch["meshgate"] = run_meshgate("meshgate", gateway, queries, args.runs)
+        finally:
+            gateway.stop()
+    if "policy" in parts:
+        gateway = Gateway(args.meshgate, governed_mesh)
+        try:
+            tpch["meshgate_policies"] = run_meshgate("meshgate, policies", gateway, queries, args.runs)
+        finally:
+            gateway.stop()
+        for name in names:
+            if tpch["meshgate_policies"][name]["rows"] != tpch["meshgate"][name]["rows"]:
+                raise SystemExit(f"{name}: policies changed the row count (the filters keep every row)")
+    if "tpch" in parts:
+        for settings in ("default", "meshgate"):
+            print(f"  embedded DataFusion, {settings} settings", flush=True)
+            tpch[f"datafusion_{settings}"] = run_datafusion(
+                settings, runner, data, args.queries, names, args.runs, out
+            )
+        tpch["duckdb"] = run_duckdb(data, queries, args.runs)
+        mismatches = {}
+        for name in names:
+            problem = compare_answers(tpch["duckdb"][name]["answer"], tpch["meshgate"][name]["answer"])
+            if problem:
+                mismatches[name] = problem
+        report["answers_match_duckdb"] = not mismatches
+        report["answer_mismatches"] = mismatches
+        for name, problem in mismatches.items():
+            print(f"  ANSWER MISMATCH {name}: {problem}", flush=True)
+
+    if tpch:
+        engines = list(tpch)
+        report["tpch"] = {
+            engine: {
+                "total_ms": total(tpch[engine], names),
+                "peak_rss": tpch[engine].get("_peak_rss"),
+                "queries": {
+                    name: {"times_ms": tpch[engine][name]["times_ms"], "rows": tpch[engine][name]["rows"]}
+                    for name in names
+                },
+            }
+            for engine in engines
+        }
+        for engine in engines:
+            for name in names:
+                s = summary(tpch[engine][name]["times_ms"])
+                rows_csv.append(["tpch", engine, name, s["min"], s["median"], s["max"], "ms"])
+            t = report["tpch"][engine]["total_ms"]
+            rows_csv.append(["tpch", engine, "total", t["min"], t["median"], t["max"], "ms"])
+
+    if "stream" in parts:
+        gateway = Gateway(args.meshgate, open_mesh)
+        try:
+            report["stream"] = run_stream(gateway, data, args.runs)
+        finally:
+            gateway.stop()
+        for key in ("pyarrow_local", "meshgate_adbc"):
+            r = report["stream"][key]["rows_per_s"]
+            rows_csv.append(["stream", key, "rows_per_s", r["min"], r["median"], r["max"], "rows/s"])
+
+    if "latency" in parts:
+        gateway = Gateway(args.meshgate, governed_mesh)
+        try:
+            clients = [int(c) for c in args.clients.split(",")]
+            report["latency"] = run_latency(gateway, args.scale, args.latency_seconds, clients)
+        finally:
+            gateway.stop()
+        for clients, r in report["latency"].items():
+            rows_csv.append(["latency", f"{clients} clients", "p50", "", r["p50_ms"], "", "ms"])
+            rows_csv.append(["latency", f"{clients} clients", "p99", "", r["p99_ms"], "", "ms"])
+            rows_csv.append(["latency", f"{clients} clients", "qps", "", r["qps"], "", "q/s"])
+
+    print_report(report)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["part", "subject", "measure", "min", "median", "max", "unit"])
+        writer.writerows(rows_csv)
+    print(f"\nresults: {out / 'results.json'}, {out / 'results.csv'}")
+
+
+def ratio(a: dict, b: dict) -> str:
+    return f"{a['median'] / b['median']:.2f}x"
+
+
+def print_report(report: dict) -> None:
+    print("\n== meshgate end-to-end benchmark ==")
+    tpch = report.get("tpch")
+    if tpch:
+        print(f"TPC-H SF{report['scale']:g} total time (ms, min / median / max of {report['runs']} runs):")
+        for engine, r in tpch.items():
+            t = r["total_ms"]
+            peak = f"  peak RSS {r['peak_rss'] / 2**20:.0f} MiB" if r.get("peak_rss") else ""
+            print(f"  {engine:<22} {t['min']:9.0f} {t['median']:9.0f} {t['max']:9.0f}{peak}")
+        m = tpch["meshgate"]["total_ms"]
+        for other in ("datafusion_default", "datafusion_meshgate", "duckdb"):
+            if other in tpch:
+                print(f"  meshgate / {other:<20} {ratio(m, tpch[other]['total_ms'])}")
+        if "meshgate_policies" in tpch:
+            print(f"  policies on / off              {ratio(tpch['meshgate_policies']['total_ms'], m)}")
+        if "answers_match_duckdb" in report:
+            print(f"  answers match DuckDB: {report['answers_match_duckdb']}")
+    stream = report.get("stream")
+    if stream:
+        local, remote = stream["pyarrow_local"], stream["meshgate_adbc"]
+        print(
+            f"stream {remote['rows']} rows: meshgate/ADBC {remote['rows_per_s']['median'] / 1e6:.2f} M rows/s,"
+            f" pyarrow local {local['rows_per_s']['median'] / 1e6:.2f} M rows/s"
+            f" ({remote['rows_per_s']['median'] / local['rows_per_s']['median']:.0%}),"
+            f" peak RSS {stream['peak_rss'] / 2**20:.0f} MiB"
+        )
+    latency = report.get("latency")
+    if latency:
+        for clients, r in latency.items():
+            print(
+                f"small queries, {clients:>2} clients: {r['qps']:.0f} q/s, p50 {r['p50_ms']:.2f} ms,"
+                f" p99 {r['p99_ms']:.2f} ms, errors {r['errors']}, peak RSS {r['peak_rss'] / 2**20:.0f} MiB"
+            )
+
+
+if __name__ == "__main__":
+    main()
