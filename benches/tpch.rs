@@ -4,8 +4,12 @@
 //! ```text
 //! cargo bench --bench tpch -- --data DIR --queries DIR [--runs N]
 //!     [--settings default|meshgate] [--set datafusion.key=value]
-//!     [--only q1,q6] [--json FILE]
+//!     [--only q1,q6] [--json FILE] [--setup FILE]
 //! ```
+//!
+//! `--setup FILE` replaces the registration of the eight tables by the SQL
+//! statements in FILE (one per line), for example views that apply access
+//! policies written by hand.
 //!
 //! `--settings default` is `SessionContext::new()`; `meshgate` is the engine
 //! configuration meshgate runs every query with. Each query is planned and
@@ -30,6 +34,7 @@ struct Args {
     json: Option<PathBuf>,
     /// `key=value` DataFusion options set over `settings`.
     set: Vec<(String, String)>,
+    setup: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -41,6 +46,7 @@ fn parse_args() -> Result<Args, String> {
     let mut only = None;
     let mut json = None;
     let mut set = Vec::new();
+    let mut setup = None;
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
@@ -50,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
             "--settings" => settings = value()?,
             "--only" => only = Some(value()?.split(',').map(str::to_string).collect()),
             "--json" => json = Some(PathBuf::from(value()?)),
+            "--setup" => setup = Some(PathBuf::from(value()?)),
             "--set" => {
                 let pair = value()?;
                 let (key, value) = pair
@@ -70,6 +77,7 @@ fn parse_args() -> Result<Args, String> {
         only,
         json,
         set,
+        setup,
     })
 }
 
@@ -90,6 +98,19 @@ async fn context(args: &Args) -> Result<SessionContext, String> {
             .map_err(|e| format!("--set {key}: {e}"))?;
     }
     let context = SessionContext::new_with_config(config);
+    if let Some(path) = &args.setup {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for statement in text.lines().filter(|line| !line.trim().is_empty()) {
+            context
+                .sql(statement)
+                .await
+                .map_err(|e| format!("{statement}: {e}"))?
+                .collect()
+                .await
+                .map_err(|e| format!("{statement}: {e}"))?;
+        }
+        return Ok(context);
+    }
     for table in TABLES {
         let path = args.data.join(format!("{table}.parquet"));
         context

@@ -40,6 +40,7 @@ import time
 import adbc_driver_flightsql.dbapi as flightsql
 import duckdb
 import pyarrow as pa
+import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
 TABLES = ["lineitem", "orders", "customer", "nation", "region", "part", "partsupp", "supplier"]
@@ -297,7 +298,7 @@ def run_duckdb(data: pathlib.Path, queries: dict[str, str], runs: int) -> dict:
         )
 
     def execute(sql: str) -> pa.Table:
-        return connection.execute(sql).to_arrow_table()
+        return connection.sql(sql).to_arrow_table()
 
     return run_queries("duckdb", queries, runs, execute)
 
@@ -320,14 +321,40 @@ def run_meshgate(label: str, gateway: Gateway, queries: dict[str, str], runs: in
 
 
 def run_datafusion(settings: str, runner: list[str], data: pathlib.Path, queries_dir: pathlib.Path,
-                   names: list[str], runs: int, out: pathlib.Path) -> dict:
-    path = out / f"datafusion-{settings}.json"
+                   names: list[str], runs: int, out: pathlib.Path, setup: pathlib.Path | None = None) -> dict:
+    label = f"datafusion-{settings}" + ("-policy-views" if setup else "")
+    path = out / f"{label}.json"
     command = runner + [
         "--data", str(data), "--queries", str(queries_dir), "--runs", str(runs),
         "--settings", settings, "--only", ",".join(names), "--json", str(path),
     ]
+    if setup:
+        command += ["--setup", str(setup)]
     subprocess.run(command, check=True)
     return json.loads(path.read_text())["queries"]
+
+
+def policy_views(data: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """SQL that registers each table under a raw name and a view with the
+    benchmark's row filter and mask written by hand, the caller's attributes
+    as literals: the same policies, for the engine alone."""
+    statements = []
+    for table in TABLES:
+        path = data / f"{table}.parquet"
+        row_filter, masked, mask = POLICIES[table]
+        for name, value in BENCH_ATTRIBUTES.items():
+            row_filter = row_filter.replace(f"user_attr('{name}')", f"'{value}'")
+        columns = [
+            f"{mask} AS {column}" if column == masked else column
+            for column in pq.read_schema(path).names
+        ]
+        statements.append(f"CREATE EXTERNAL TABLE raw_{table} STORED AS PARQUET LOCATION '{path}'")
+        statements.append(
+            f"CREATE VIEW {table} AS SELECT {', '.join(columns)} FROM raw_{table} WHERE {row_filter}"
+        )
+    setup = out / "policy-views.sql"
+    setup.write_text("\n".join(statements) + "\n")
+    return setup
 
 
 # ---------------------------------------------------------------- answers
@@ -418,6 +445,24 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
     cursor.close()
     connection.close()
 
+    # The same stream read by pyarrow's C++ Flight client: what the server
+    # sends when the client is not the bottleneck.
+    flight_client = flight.FlightClient(gateway.uri)
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {gateway.token}".encode())])
+    native = []
+    for _ in range(runs + 1):
+        start = time.perf_counter()
+        descriptor = flight.FlightDescriptor.for_command(statement_query("SELECT * FROM sales.lineitem"))
+        info = flight_client.get_flight_info(descriptor, options)
+        rows = size = 0
+        for endpoint in info.endpoints:
+            for chunk in flight_client.do_get(endpoint.ticket, options):
+                rows += chunk.data.num_rows
+                size += chunk.data.nbytes
+        native.append((time.perf_counter() - start, rows, size))
+    native = native[1:]
+    flight_client.close()
+
     def rates(samples):
         return {
             "seconds": summary([s[0] for s in samples]),
@@ -426,11 +471,16 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
             "bytes_per_s": summary([s[2] / s[0] for s in samples]),
         }
 
-    result = {"pyarrow_local": rates(local), "meshgate_adbc": rates(remote), "peak_rss": peak}
-    for key in ("pyarrow_local", "meshgate_adbc"):
+    result = {
+        "pyarrow_local": rates(local),
+        "meshgate_adbc": rates(remote),
+        "meshgate_pyarrow_flight": rates(native),
+        "peak_rss": peak,
+    }
+    for key in ("pyarrow_local", "meshgate_adbc", "meshgate_pyarrow_flight"):
         r = result[key]
         print(
-            f"  stream {key:<14} {r['rows']} rows  median {r['seconds']['median']:.2f} s"
+            f"  stream {key:<23} {r['rows']} rows  median {r['seconds']['median']:.2f} s"
             f"  {r['rows_per_s']['median'] / 1e6:.2f} M rows/s"
             f"  {r['bytes_per_s']['median'] / 1e6:.0f} MB/s",
             flush=True,
@@ -438,23 +488,43 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
     return result
 
 
+def statement_query(sql: str) -> bytes:
+    """A Flight SQL CommandStatementQuery in a protobuf Any, encoded by hand
+    (field 1 of each message, length-delimited)."""
+
+    def field(number: int, payload: bytes) -> bytes:
+        length, varint = len(payload), bytearray()
+        while True:
+            byte = length & 0x7F
+            length >>= 7
+            varint.append(byte | (0x80 if length else 0))
+            if not length:
+                break
+        return bytes([number << 3 | 2]) + bytes(varint) + payload
+
+    command = field(1, sql.encode())
+    type_url = b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery"
+    return field(1, type_url) + field(2, command)
+
+
 # ---------------------------------------------------------------- latency
 
 
-def _small_query(rng: random.Random, orders: int, customers: int) -> str:
+def _small_query(rng: random.Random, orders: int, customers: int) -> tuple[str, str]:
+    """A point lookup of a whole order row, or a 10-row range of customers."""
     if rng.random() < 0.5:
         # TPC-H order keys: 8 of every 32 integers are used.
         n = rng.randrange(orders)
         key = (n // 8) * 32 + n % 8 + 1
-        return f"SELECT * FROM sales.orders WHERE o_orderkey = {key}"
+        return "point", f"SELECT * FROM sales.orders WHERE o_orderkey = {key}"
     key = rng.randrange(1, customers - 10)
-    return (
+    return "range", (
         "SELECT c_custkey, c_name, c_nationkey, c_acctbal FROM crm.customer "
         f"WHERE c_custkey BETWEEN {key} AND {key + 9}"
     )
 
 
-def _latency_client(args) -> tuple[list[float], int, int]:
+def _latency_client(args) -> tuple[list[tuple[str, float]], int, int]:
     uri, token, seconds, seed, orders, customers, start_at = args
     connection = flightsql.connect(
         uri, db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"}, autocommit=True
@@ -462,14 +532,14 @@ def _latency_client(args) -> tuple[list[float], int, int]:
     cursor = connection.cursor()
     rng = random.Random(seed)
     # One warm-up query, then wait for every client to be connected.
-    cursor.execute(_small_query(rng, orders, customers))
+    cursor.execute(_small_query(rng, orders, customers)[1])
     cursor.fetch_arrow_table()
     while time.time() < start_at:
         time.sleep(0.001)
     latencies, errors, rows = [], 0, 0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        sql = _small_query(rng, orders, customers)
+        kind, sql = _small_query(rng, orders, customers)
         start = time.perf_counter()
         try:
             cursor.execute(sql)
@@ -477,7 +547,7 @@ def _latency_client(args) -> tuple[list[float], int, int]:
         except Exception:  # noqa: BLE001 - counted, reported as errors
             errors += 1
             continue
-        latencies.append((time.perf_counter() - start) * 1000)
+        latencies.append((kind, (time.perf_counter() - start) * 1000))
     cursor.close()
     connection.close()
     return latencies, errors, rows
@@ -503,7 +573,11 @@ def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: li
         ]
         with context.Pool(clients) as pool:
             outcomes = pool.map(_latency_client, jobs)
-        latencies = [ms for outcome in outcomes for ms in outcome[0]]
+        timed = [sample for outcome in outcomes for sample in outcome[0]]
+        latencies = [ms for _, ms in timed]
+        by_kind = {
+            kind: [ms for k, ms in timed if k == kind] for kind in ("point", "range")
+        }
         errors = sum(outcome[1] for outcome in outcomes)
         rows = sum(outcome[2] for outcome in outcomes)
         result = {
@@ -514,13 +588,22 @@ def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: li
             "qps": len(latencies) / seconds,
             "p50_ms": percentile(latencies, 50) if latencies else None,
             "p99_ms": percentile(latencies, 99) if latencies else None,
+            "by_kind": {
+                kind: {"p50_ms": percentile(values, 50), "p99_ms": percentile(values, 99)}
+                for kind, values in by_kind.items()
+                if values
+            },
             "peak_rss": gateway.peak,
         }
         results[str(clients)] = result
         print(
             f"  small queries, {clients:>2} clients: {result['qps']:7.1f} q/s"
             f"  p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms"
-            f"  errors {errors}",
+            f"  errors {errors}  "
+            + "  ".join(
+                f"{kind} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f}"
+                for kind, v in result["by_kind"].items()
+            ),
             flush=True,
         )
     return results
@@ -593,6 +676,10 @@ def main() -> None:
         for name in names:
             if tpch["meshgate_policies"][name]["rows"] != tpch["meshgate"][name]["rows"]:
                 raise SystemExit(f"{name}: policies changed the row count (the filters keep every row)")
+        print("  embedded DataFusion, meshgate settings, the same policies as hand-written views", flush=True)
+        tpch["datafusion_policy_views"] = run_datafusion(
+            "meshgate", runner, data, args.queries, names, args.runs, out, policy_views(data, out)
+        )
     if "tpch" in parts:
         for settings in ("default", "meshgate"):
             print(f"  embedded DataFusion, {settings} settings", flush=True)
@@ -636,7 +723,7 @@ def main() -> None:
             report["stream"] = run_stream(gateway, data, args.runs)
         finally:
             gateway.stop()
-        for key in ("pyarrow_local", "meshgate_adbc"):
+        for key in ("pyarrow_local", "meshgate_adbc", "meshgate_pyarrow_flight"):
             r = report["stream"][key]["rows_per_s"]
             rows_csv.append(["stream", key, "rows_per_s", r["min"], r["median"], r["max"], "rows/s"])
 
@@ -680,6 +767,11 @@ def print_report(report: dict) -> None:
                 print(f"  meshgate / {other:<20} {ratio(m, tpch[other]['total_ms'])}")
         if "meshgate_policies" in tpch:
             print(f"  policies on / off              {ratio(tpch['meshgate_policies']['total_ms'], m)}")
+        if "datafusion_policy_views" in tpch and "datafusion_meshgate" in tpch:
+            print(
+                "  same policies as views in DataFusion alone: on / off "
+                f"{ratio(tpch['datafusion_policy_views']['total_ms'], tpch['datafusion_meshgate']['total_ms'])}"
+            )
         if "answers_match_duckdb" in report:
             print(f"  answers match DuckDB: {report['answers_match_duckdb']}")
     stream = report.get("stream")
@@ -691,6 +783,11 @@ def print_report(report: dict) -> None:
             f" ({remote['rows_per_s']['median'] / local['rows_per_s']['median']:.0%}),"
             f" peak RSS {stream['peak_rss'] / 2**20:.0f} MiB"
         )
+        native = stream["meshgate_pyarrow_flight"]
+        print(
+            f"  same stream to pyarrow's Flight client: {native['rows_per_s']['median'] / 1e6:.2f} M rows/s"
+            f" ({native['rows_per_s']['median'] / local['rows_per_s']['median']:.0%})"
+        )
     latency = report.get("latency")
     if latency:
         for clients, r in latency.items():
@@ -698,6 +795,8 @@ def print_report(report: dict) -> None:
                 f"small queries, {clients:>2} clients: {r['qps']:.0f} q/s, p50 {r['p50_ms']:.2f} ms,"
                 f" p99 {r['p99_ms']:.2f} ms, errors {r['errors']}, peak RSS {r['peak_rss'] / 2**20:.0f} MiB"
             )
+            for kind, v in r["by_kind"].items():
+                print(f"    {kind:<5} p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms")
 
 
 if __name__ == "__main__":
