@@ -24,7 +24,10 @@ use object_store::ObjectStore;
 use url::Url;
 
 use crate::auth::CallerIdentity;
-use crate::config::{DomainConfig, MeshConfig, ProductConfig, ProductSource, StorageConfig};
+use crate::config::{
+    DomainConfig, MeshConfig, PolicyConfig, ProductConfig, ProductSource, StorageConfig,
+    TagPolicyConfig,
+};
 use crate::policy::{CallerProductView, PolicyTable, ProductPolicy, compile_product_policy};
 use crate::sources::{RemoteTable, Source};
 
@@ -278,6 +281,12 @@ fn compile_policies(
                 .enumerate()
                 .filter(|(_, p)| &p.product == name)
                 .collect();
+            if let Some(reason) =
+                unprotected_pii(&product.config, &policies, &config.governance.tag_policies)
+            {
+                withdrawn.push((name.clone(), reason));
+                continue;
+            }
             match compile_product_policy(
                 &domain_config.name,
                 &product.config,
@@ -291,7 +300,9 @@ fn compile_policies(
                     product.policy = policy;
                     product.views = view_cache();
                 }
-                Err(reason) => withdrawn.push((name.clone(), reason)),
+                Err(reason) => {
+                    withdrawn.push((name.clone(), format!("policy does not compile: {reason}")))
+                }
             }
         }
         for (name, reason) in withdrawn {
@@ -299,11 +310,47 @@ fn compile_policies(
                 problems.push(PublicationProblem {
                     product: product.name.clone(),
                     file: domain_config.file.clone(),
-                    reason: format!("policy does not compile: {reason}"),
+                    reason,
                 });
             }
         }
     }
+}
+
+/// The tag that marks personal data: a column carrying it must be masked or
+/// denied by some policy, or its product is not published.
+const PII_TAG: &str = "pii";
+
+/// Why `product` may not be published for its `pii` columns: the first
+/// declared column tagged `pii` that no policy masks or denies, neither a
+/// policy of the product nor a tag policy of `[governance]`.
+fn unprotected_pii(
+    product: &ProductConfig,
+    policies: &[(usize, &PolicyConfig)],
+    tag_policies: &[TagPolicyConfig],
+) -> Option<String> {
+    let tag_covers = tag_policies
+        .iter()
+        .any(|t| t.tag == PII_TAG && (t.deny || t.mask.is_some()));
+    if tag_covers {
+        return None;
+    }
+    let column = product.columns.iter().find(|column| {
+        column.tags.iter().any(|t| t == PII_TAG)
+            && !policies.iter().any(|(_, policy)| {
+                policy
+                    .columns
+                    .get(&column.name)
+                    .is_some_and(|rule| rule.deny || rule.mask.is_some())
+            })
+    })?;
+    Some(format!(
+        "column `{name}` is tagged `{PII_TAG}` but no policy masks or denies it: add \
+         `columns.{name} = {{ mask = \"...\" }}` (or `{{ deny = true }}`) to a [[policies]] \
+         entry for product `{product}`, or a [[governance.tag_policies]] entry for tag `{PII_TAG}`",
+        name = column.name,
+        product = product.name,
+    ))
 }
 
 fn register_store(runtime: &RuntimeEnv, url: &Url) -> Result<(), String> {

@@ -82,6 +82,43 @@ fn check_reports_a_product_whose_files_break_its_contract() {
 }
 
 #[test]
+fn check_refuses_a_product_whose_pii_columns_no_policy_protects() {
+    let dir = demo_config_dir();
+    // Without the tag policy, crm.customer's `pii` columns are unprotected.
+    edit(
+        &dir.path().join("meshgate.toml"),
+        "tag = \"pii\"",
+        "tag = \"personal\"",
+    );
+    let output = check(dir.path());
+    assert!(!output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("refuse crm.customer"), "{stdout}");
+    assert!(
+        stdout.contains("column `c_address` is tagged `pii` but no policy masks or denies it"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("columns.c_address = { mask"), "{stdout}");
+    // The rest of the mesh is published.
+    assert!(stdout.contains("publish sales.orders"), "{stdout}");
+
+    // A product policy that masks one column and denies the other suffices.
+    let crm = dir.path().join("domains/crm.toml");
+    let text = std::fs::read_to_string(&crm).unwrap();
+    std::fs::write(
+        &crm,
+        format!(
+            "{text}\n[[policies]]\nproduct = \"customer\"\ncolumns.c_address = {{ mask = \"'***'\" }}\ncolumns.c_phone = {{ deny = true }}\n"
+        ),
+    )
+    .unwrap();
+    let output = check(dir.path());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("publish crm.customer"), "{stdout}");
+}
+
+#[test]
 fn hash_password_and_token_helpers_work() {
     use std::io::Write;
     let mut child = meshgate()
