@@ -283,10 +283,31 @@ async fn serve(
         );
     }
     std::io::stdout().flush().ok();
-    gateway
-        .serve(listener, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
+    // On SIGTERM or Ctrl-C the endpoint stops accepting connections and
+    // running queries and streams finish, for up to `shutdown_timeout`.
+    let grace = gateway.config.server.shutdown_timeout;
+    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
+    let serve = gateway.serve(listener, async move {
+        shutdown_signal().await;
+        let _ = signalled.send(());
+    });
+    let deadline = async move {
+        if on_signal.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        served = serve => served.map_err(|e| e.to_string())?,
+        () = deadline => {
+            let running = gateway.engine.metrics().active_queries();
+            tracing::warn!(
+                running,
+                "shutdown: queries still running after {grace:?}; stopping them"
+            );
+        }
+    }
     let _ = stop_http.send(());
     Ok(ExitCode::SUCCESS)
 }

@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub flight_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
     pub tls: Option<TlsConfig>,
+    /// After SIGTERM or Ctrl-C, how long running queries and streams may
+    /// take to finish before the process exits anyway (default 30 s).
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -327,6 +330,10 @@ impl MeshConfig {
             .as_deref()
             .map(|a| parse_addr(file, "server.http_addr", a))
             .transpose()?;
+        let shutdown_timeout = match &gateway.server.shutdown_timeout {
+            Some(t) => parse_duration(file, "server.shutdown_timeout", t)?,
+            None => Duration::from_secs(30),
+        };
         let tls = gateway.server.tls.map(|t| TlsConfig {
             cert_file: base.join(t.cert_file),
             key_file: base.join(t.key_file),
@@ -388,6 +395,7 @@ impl MeshConfig {
                 flight_addr,
                 http_addr,
                 tls,
+                shutdown_timeout,
             },
             auth,
             limits,

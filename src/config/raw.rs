@@ -34,6 +34,8 @@ pub(crate) struct ServerSection {
     pub flight_addr: Option<String>,
     pub http_addr: Option<String>,
     pub tls: Option<TlsSection>,
+    /// How long running queries may take to finish after SIGTERM.
+    pub shutdown_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
