@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::file_format::FileFormat as DataFusionFileFormat;
 use datafusion::datasource::file_format::arrow::ArrowFormat;
@@ -13,6 +14,9 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use object_store::ObjectStoreExt;
 use url::Url;
 
 use crate::config::{ColumnContract, CsvOptions, FileFormat};
@@ -49,7 +53,7 @@ pub(crate) async fn open_file_product(
         ""
     };
     let options = ListingOptions::new(file_format).with_file_extension(extension);
-    let listing = ListingTableConfig::new(table_url).with_listing_options(options);
+    let listing = ListingTableConfig::new(table_url.clone()).with_listing_options(options);
     let inferred = listing
         .clone()
         .infer_schema(state)
@@ -69,8 +73,51 @@ pub(crate) async fn open_file_product(
         let schema = contract_schema(&file_schema, declared, format)?;
         listing.with_schema(schema)
     };
-    let table = ListingTable::try_new(config).map_err(|e| e.to_string())?;
-    Ok(Arc::new(table))
+    let table: Arc<dyn TableProvider> =
+        Arc::new(ListingTable::try_new(config).map_err(|e| e.to_string())?);
+    if table_url.is_collection() {
+        Ok(table)
+    } else {
+        Ok(Arc::new(SingleFile { table, table_url }))
+    }
+}
+
+/// A product stored as one file. A listing that finds no file reads as an
+/// empty table; a product whose file has gone is an error instead.
+#[derive(Debug)]
+struct SingleFile {
+    table: Arc<dyn TableProvider>,
+    table_url: ListingTableUrl,
+}
+
+#[async_trait]
+impl TableProvider for SingleFile {
+    fn schema(&self) -> SchemaRef {
+        self.table.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.table.table_type()
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        self.table.supports_filters_pushdown(filters)
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let store = state.runtime_env().object_store(&self.table_url)?;
+        store.head(self.table_url.prefix()).await?;
+        self.table.scan(state, projection, filters, limit).await
+    }
 }
 
 fn extension_label(format: FileFormat) -> &'static str {

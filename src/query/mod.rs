@@ -418,6 +418,12 @@ impl CallerSession {
                 }),
             }),
             Err(error) => {
+                let error = match error {
+                    QueryError::Source(message) => {
+                        QueryError::Source(naming_products(&self.reads.lock(), message))
+                    }
+                    other => other,
+                };
                 self.audit(&query.sql, started, 0, "error", Some(error.to_string()));
                 Err(error)
             }
@@ -730,6 +736,10 @@ impl QueryStream {
 
     /// Notes a failure for the audit record and passes it on.
     fn failed(&mut self, error: QueryError) -> QueryError {
+        let error = match error {
+            QueryError::Source(message) => QueryError::Source(self.naming_products(message)),
+            other => other,
+        };
         if let Some(audit) = &mut self.audit
             && audit.failure.is_none()
         {
@@ -737,6 +747,25 @@ impl QueryStream {
         }
         error
     }
+}
+
+impl QueryStream {
+    fn naming_products(&self, message: String) -> String {
+        match &self.audit {
+            Some(audit) => naming_products(&audit.session.reads.lock(), message),
+            None => message,
+        }
+    }
+}
+
+/// A source error that names no product (a corrupt or missing file, an I/O
+/// error) prefixed with the products the query reads.
+fn naming_products(reads: &ReadLog, message: String) -> String {
+    if reads.products.is_empty() || reads.products.iter().any(|p| message.contains(p.as_str())) {
+        return message;
+    }
+    let products: Vec<&str> = reads.products.iter().map(String::as_str).collect();
+    format!("reading {}: {message}", products.join(", "))
 }
 
 impl Stream for QueryStream {

@@ -191,3 +191,66 @@ async fn queries_past_the_concurrency_limit_wait_then_fail_clearly() {
     );
     server.stop().await;
 }
+
+const FAULTS_DOMAIN: &str = r#"
+name = "faults"
+description = "A product whose file the test breaks"
+
+[storage.files]
+type = "object_store"
+url = "file://../faultdata"
+
+[[products]]
+name = "customer"
+storage = "files"
+location = "customer.parquet"
+format = "parquet"
+"#;
+
+#[tokio::test]
+async fn a_corrupt_or_missing_file_fails_naming_the_product_and_others_answer() {
+    let server = TestServer::start_with(|dir| {
+        let data = dir.join("faultdata");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::copy(
+            crate::fixture::demo_data().join("data/crm/customer.parquet"),
+            data.join("customer.parquet"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("domains/faults.toml"), FAULTS_DOMAIN).unwrap();
+    })
+    .await;
+    let mut client = server.unrestricted().await;
+    let count = "SELECT count(*) AS n, sum(c_acctbal) AS s FROM faults.customer";
+    let before = pretty(&client.query(count).await.unwrap());
+    assert!(before.contains("1500"), "{before}");
+
+    // Corrupt: the middle of the file overwritten, footer kept.
+    let file = server.dir.path().join("faultdata/customer.parquet");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle..middle + 4096].fill(0xAB);
+    let footer = bytes.len() - 8;
+    bytes[footer - 64..footer].fill(0xCD);
+    std::fs::write(&file, &bytes).unwrap();
+    let error = client.query(count).await.unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+    assert!(error.message().contains("faults.customer"), "{error:?}");
+    // Another product answers on the same connection.
+    let nations = pretty(
+        &client
+            .query("SELECT count(*) AS n FROM crm.nation")
+            .await
+            .unwrap(),
+    );
+    assert!(nations.contains("25"), "{nations}");
+
+    // Missing: an error naming the product and the file, not an empty table.
+    std::fs::remove_file(&file).unwrap();
+    let error = client.query(count).await.unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+    assert!(error.message().contains("faults.customer"), "{error:?}");
+    assert!(error.message().contains("customer.parquet"), "{error:?}");
+    assert!(error.message().contains("not found"), "{error:?}");
+    server.stop().await;
+}
