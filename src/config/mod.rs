@@ -92,6 +92,8 @@ pub struct Limits {
     pub query_timeout: Duration,
     pub memory_per_query: Option<u64>,
     pub max_concurrent_queries: usize,
+    /// Queries one user may run at once (default: no limit of its own).
+    pub max_concurrent_queries_per_user: Option<usize>,
     /// Longest SQL text accepted, in bytes.
     pub max_sql_length: usize,
 }
@@ -102,6 +104,7 @@ impl Default for Limits {
             query_timeout: Duration::from_secs(300),
             memory_per_query: None,
             max_concurrent_queries: 64,
+            max_concurrent_queries_per_user: None,
             max_sql_length: 256 * 1024,
         }
     }
@@ -541,10 +544,17 @@ fn load_limits(file: &Path, limits: raw::LimitsSection) -> Result<Limits, Config
             "limits.max_concurrent_queries: must be at least 1",
         ));
     }
+    if limits.max_concurrent_queries_per_user == Some(0) {
+        return Err(ConfigError::new(
+            file,
+            "limits.max_concurrent_queries_per_user: must be at least 1",
+        ));
+    }
     Ok(Limits {
         query_timeout,
         memory_per_query,
         max_concurrent_queries,
+        max_concurrent_queries_per_user: limits.max_concurrent_queries_per_user,
         max_sql_length: limits.max_sql_length.unwrap_or(defaults.max_sql_length),
     })
 }

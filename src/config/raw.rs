@@ -76,6 +76,7 @@ pub(crate) struct LimitsSection {
     pub query_timeout: Option<String>,
     pub memory_per_query: Option<String>,
     pub max_concurrent_queries: Option<usize>,
+    pub max_concurrent_queries_per_user: Option<usize>,
     pub max_sql_length: Option<usize>,
 }
 

@@ -154,6 +154,8 @@ pub struct QueryEngine {
     metrics: Arc<Metrics>,
     /// One permit per query allowed to run at once.
     running: Arc<tokio::sync::Semaphore>,
+    /// Per user, one permit per query that user may run at once.
+    per_user: Arc<PerUser>,
     /// Groups whose members see EXPLAIN ANALYZE below policy barriers.
     admin_groups: Vec<String>,
 }
@@ -170,6 +172,7 @@ impl QueryEngine {
             audit,
             metrics: Arc::new(Metrics::default()),
             running: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_queries)),
+            per_user: Arc::new(PerUser::new(limits.max_concurrent_queries_per_user)),
             limits,
             admin_groups,
         }
@@ -206,6 +209,7 @@ impl QueryEngine {
             audit: Arc::clone(&self.audit),
             metrics: Arc::clone(&self.metrics),
             running: Arc::clone(&self.running),
+            per_user: Arc::clone(&self.per_user),
         }
     }
 
@@ -345,6 +349,34 @@ pub struct CallerSession {
     audit: AuditLogRef,
     metrics: Arc<Metrics>,
     running: Arc<tokio::sync::Semaphore>,
+    per_user: Arc<PerUser>,
+}
+
+/// The per-user concurrency limit: a semaphore per user seen recently.
+#[derive(Debug)]
+struct PerUser {
+    limit: Option<usize>,
+    users: moka::sync::Cache<String, Arc<tokio::sync::Semaphore>>,
+}
+
+impl PerUser {
+    fn new(limit: Option<usize>) -> Self {
+        Self {
+            limit,
+            users: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
+        }
+    }
+
+    /// The user's semaphore, when a per-user limit is set.
+    fn semaphore(&self, user: &str) -> Option<Arc<tokio::sync::Semaphore>> {
+        let limit = self.limit?;
+        Some(self.users.get_with(user.to_string(), || {
+            Arc::new(tokio::sync::Semaphore::new(limit))
+        }))
+    }
 }
 
 impl std::fmt::Debug for CallerSession {
@@ -432,10 +464,34 @@ impl CallerSession {
 
     /// Waits for a turn to run, at most the query timeout: at most
     /// `limits.max_concurrent_queries` queries run at once.
-    async fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, QueryError> {
+    async fn admit(&self) -> Result<Admission, QueryError> {
         let timeout = self.limits.query_timeout;
-        match tokio::time::timeout(timeout, Arc::clone(&self.running).acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
+        let started = tokio::time::Instant::now();
+        let user = match self.per_user.semaphore(&self.caller.user) {
+            Some(semaphore) => match tokio::time::timeout(timeout, semaphore.acquire_owned()).await
+            {
+                Ok(Ok(permit)) => Some(permit),
+                Ok(Err(_)) => {
+                    return Err(QueryError::Internal("the gateway is shutting down".into()));
+                }
+                Err(_) => {
+                    return Err(QueryError::ResourcesExhausted(format!(
+                        "user `{}` already runs {} queries (limits.max_concurrent_queries_per_user) and none finished within {timeout:?}; try again later",
+                        self.caller.user,
+                        self.limits
+                            .max_concurrent_queries_per_user
+                            .unwrap_or_default()
+                    )));
+                }
+            },
+            None => None,
+        };
+        let left = timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, Arc::clone(&self.running).acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(Admission {
+                _gateway: permit,
+                _user: user,
+            }),
             Ok(Err(_)) => Err(QueryError::Internal("the gateway is shutting down".into())),
             Err(_) => Err(QueryError::ResourcesExhausted(format!(
                 "{} queries are already running (limits.max_concurrent_queries) and none finished within {timeout:?}; try again later",
@@ -711,7 +767,7 @@ impl Drop for ActiveQuery {
 
 /// The result rows of a query, as wire-typed batches.
 pub struct QueryStream {
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _permit: Admission,
     _active: ActiveQuery,
     inner: SendableRecordBatchStream,
     schema: SchemaRef,
@@ -747,6 +803,14 @@ impl QueryStream {
         }
         error
     }
+}
+
+/// A query's turn to run: a gateway permit and, under a per-user limit, one
+/// of its user's.
+#[derive(Debug)]
+struct Admission {
+    _gateway: tokio::sync::OwnedSemaphorePermit,
+    _user: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl QueryStream {

@@ -254,3 +254,52 @@ async fn a_corrupt_or_missing_file_fails_naming_the_product_and_others_answer() 
     assert!(error.message().contains("not found"), "{error:?}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_user_past_their_own_limit_waits_then_fails_while_others_run() {
+    use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+    use futures::StreamExt;
+
+    let server = limited_server(
+        "query_timeout = \"1s\"\nmax_concurrent_queries = 64\nmax_concurrent_queries_per_user = 1",
+    )
+    .await;
+    let mut first = server.unrestricted().await;
+    let command = CommandStatementQuery {
+        query: "SELECT value FROM range(1000000000)".into(),
+        transaction_id: None,
+    };
+    let info = first.flight_info(command.as_any()).await.unwrap();
+    let request = first.request(info.endpoint[0].ticket.clone().unwrap());
+    let mut running = first.inner.do_get(request).await.unwrap().into_inner();
+    assert!(running.next().await.is_some());
+
+    // The same user, on another connection: refused after waiting.
+    let mut again = server.unrestricted().await;
+    let error = again.query("SELECT 1").await.unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    assert!(
+        error.message().contains(
+            "user `root` already runs 1 queries (limits.max_concurrent_queries_per_user)"
+        ),
+        "{}",
+        error.message()
+    );
+    // Another user runs meanwhile.
+    let mut other = server.as_identity("olga", &["analyst"], &[]).await;
+    let answer = pretty(&other.query("SELECT 1 AS one").await.unwrap());
+    assert!(answer.contains("| 1 "), "{answer}");
+
+    // When the first query ends, the user runs again.
+    drop(running);
+    let mut answered = false;
+    for _ in 0..50 {
+        if again.query("SELECT 1").await.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(answered, "the user's permit was not released");
+    server.stop().await;
+}
