@@ -466,38 +466,33 @@ impl CallerSession {
     /// `limits.max_concurrent_queries` queries run at once.
     async fn admit(&self) -> Result<Admission, QueryError> {
         let timeout = self.limits.query_timeout;
-        let started = tokio::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
         let user = match self.per_user.semaphore(&self.caller.user) {
-            Some(semaphore) => match tokio::time::timeout(timeout, semaphore.acquire_owned()).await
-            {
-                Ok(Ok(permit)) => Some(permit),
-                Ok(Err(_)) => {
-                    return Err(QueryError::Internal("the gateway is shutting down".into()));
-                }
-                Err(_) => {
-                    return Err(QueryError::ResourcesExhausted(format!(
+            Some(semaphore) => Some(
+                acquire(semaphore, deadline, || {
+                    format!(
                         "user `{}` already runs {} queries (limits.max_concurrent_queries_per_user) and none finished within {timeout:?}; try again later",
                         self.caller.user,
                         self.limits
                             .max_concurrent_queries_per_user
                             .unwrap_or_default()
-                    )));
-                }
-            },
+                    )
+                })
+                .await?,
+            ),
             None => None,
         };
-        let left = timeout.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, Arc::clone(&self.running).acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Admission {
-                _gateway: permit,
-                _user: user,
-            }),
-            Ok(Err(_)) => Err(QueryError::Internal("the gateway is shutting down".into())),
-            Err(_) => Err(QueryError::ResourcesExhausted(format!(
+        let gateway = acquire(Arc::clone(&self.running), deadline, || {
+            format!(
                 "{} queries are already running (limits.max_concurrent_queries) and none finished within {timeout:?}; try again later",
                 self.limits.max_concurrent_queries
-            ))),
-        }
+            )
+        })
+        .await?;
+        Ok(Admission {
+            _gateway: gateway,
+            _user: user,
+        })
     }
 
     async fn start(
@@ -802,6 +797,20 @@ impl QueryStream {
             audit.failure = Some(error.to_string());
         }
         error
+    }
+}
+
+/// A permit of `semaphore`, waiting until `deadline` at most; past it, a
+/// resources-exhausted error with the message `busy` gives.
+async fn acquire(
+    semaphore: Arc<tokio::sync::Semaphore>,
+    deadline: tokio::time::Instant,
+    busy: impl FnOnce() -> String,
+) -> Result<tokio::sync::OwnedSemaphorePermit, QueryError> {
+    match tokio::time::timeout_at(deadline, semaphore.acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_)) => Err(QueryError::Internal("the gateway is shutting down".into())),
+        Err(_) => Err(QueryError::ResourcesExhausted(busy())),
     }
 }
 

@@ -84,6 +84,24 @@ fn deep_and_long_expressions_never_take_the_server_down() {
     });
 }
 
+/// A long query of the unrestricted user, started and left unread: it
+/// holds its permits until the returned stream is dropped.
+async fn hold_a_running_query(server: &TestServer) -> tonic::Streaming<arrow_flight::FlightData> {
+    use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+    use futures::StreamExt;
+
+    let mut client = server.unrestricted().await;
+    let command = CommandStatementQuery {
+        query: "SELECT value FROM range(1000000000)".into(),
+        transaction_id: None,
+    };
+    let info = client.flight_info(command.as_any()).await.unwrap();
+    let request = client.request(info.endpoint[0].ticket.clone().unwrap());
+    let mut running = client.inner.do_get(request).await.unwrap().into_inner();
+    assert!(running.next().await.is_some());
+    running
+}
+
 async fn limited_server(limits: &str) -> TestServer {
     let limits = limits.to_string();
     TestServer::start_with(move |dir| {
@@ -153,19 +171,8 @@ async fn the_query_timeout_fires() {
 
 #[tokio::test]
 async fn queries_past_the_concurrency_limit_wait_then_fail_clearly() {
-    use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
-    use futures::StreamExt;
-
     let server = limited_server("query_timeout = \"1s\"\nmax_concurrent_queries = 1").await;
-    let mut first = server.unrestricted().await;
-    let command = CommandStatementQuery {
-        query: "SELECT value FROM range(1000000000)".into(),
-        transaction_id: None,
-    };
-    let info = first.flight_info(command.as_any()).await.unwrap();
-    let request = first.request(info.endpoint[0].ticket.clone().unwrap());
-    let mut running = first.inner.do_get(request).await.unwrap().into_inner();
-    assert!(running.next().await.is_some());
+    let running = hold_a_running_query(&server).await;
 
     let mut second = server.unrestricted().await;
     let error = second.query("SELECT 1").await.unwrap_err();
@@ -257,22 +264,11 @@ async fn a_corrupt_or_missing_file_fails_naming_the_product_and_others_answer() 
 
 #[tokio::test]
 async fn a_user_past_their_own_limit_waits_then_fails_while_others_run() {
-    use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
-    use futures::StreamExt;
-
     let server = limited_server(
         "query_timeout = \"1s\"\nmax_concurrent_queries = 64\nmax_concurrent_queries_per_user = 1",
     )
     .await;
-    let mut first = server.unrestricted().await;
-    let command = CommandStatementQuery {
-        query: "SELECT value FROM range(1000000000)".into(),
-        transaction_id: None,
-    };
-    let info = first.flight_info(command.as_any()).await.unwrap();
-    let request = first.request(info.endpoint[0].ticket.clone().unwrap());
-    let mut running = first.inner.do_get(request).await.unwrap().into_inner();
-    assert!(running.next().await.is_some());
+    let running = hold_a_running_query(&server).await;
 
     // The same user, on another connection: refused after waiting.
     let mut again = server.unrestricted().await;
