@@ -11,6 +11,12 @@ use meshgate::config::MeshConfig;
 use meshgate::demo;
 use meshgate::server::Gateway;
 
+/// mimalloc returns freed memory to the system: with the system allocator,
+/// memory freed by short-lived worker threads (argon2's 19 MiB per login,
+/// query buffers) stays resident in per-thread arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "meshgate",
@@ -18,8 +24,23 @@ use meshgate::server::Gateway;
     about = "A federated SQL gateway for a data mesh (Arrow Flight SQL)"
 )]
 struct Cli {
+    /// Log lines as text or as JSON objects (one per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "MESHGATE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -43,6 +64,9 @@ enum Command {
     Check {
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Fail on warnings too (a product without owner or description).
+        #[arg(long)]
+        strict: bool,
         #[arg(long, default_value_t = demo::DEFAULT_DEMO_SCALE)]
         demo_scale: f64,
     },
@@ -81,14 +105,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let runtime = match meshgate::server::runtime_builder().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -113,7 +140,11 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             http_addr,
             demo_scale,
         } => serve(config, flight_addr, http_addr, demo_scale).await,
-        Command::Check { config, demo_scale } => check(config, demo_scale).await,
+        Command::Check {
+            config,
+            strict,
+            demo_scale,
+        } => check(config, strict, demo_scale).await,
         Command::HashPassword => {
             let password = read_password()?;
             println!("{}", hash_password(&password));
@@ -235,6 +266,9 @@ fn demo_dir() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// How often the config files are checked for changes.
+const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn serve(
     config: Option<PathBuf>,
     flight_addr: Option<SocketAddr>,
@@ -246,6 +280,11 @@ async fn serve(
     let addr = flight_addr.unwrap_or(config.server.flight_addr);
     let http_addr = http_addr.or(config.server.http_addr);
     let gateway = std::sync::Arc::new(Gateway::open(config).await.map_err(|e| e.to_string())?);
+    // SIGHUP or an edited config file reloads catalog, policies and users.
+    tokio::spawn(meshgate::server::reload_on_change(
+        std::sync::Arc::clone(&gateway),
+        CONFIG_POLL,
+    ));
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(http_addr) = http_addr {
         let listener = tokio::net::TcpListener::bind(http_addr)
@@ -336,7 +375,7 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-async fn check(config: Option<PathBuf>, demo_scale: f64) -> Result<ExitCode, String> {
+async fn check(config: Option<PathBuf>, strict: bool, demo_scale: f64) -> Result<ExitCode, String> {
     let config = load_config(config, Some(demo_scale))?;
     let gateway = Gateway::open(config).await.map_err(|e| e.to_string())?;
     let mesh = gateway.engine.mesh();
@@ -356,21 +395,34 @@ async fn check(config: Option<PathBuf>, demo_scale: f64) -> Result<ExitCode, Str
             println!("  publish {}: {}", product.name, columns.join(", "));
         }
     }
-    if gateway.problems.is_empty() {
-        println!(
-            "ok: {} products would be published",
-            mesh.products().count()
-        );
-        Ok(ExitCode::SUCCESS)
-    } else {
-        for problem in &gateway.problems {
-            println!("  refuse {problem}");
-        }
+    for warning in &gateway.warnings {
+        println!("  warn {warning}");
+    }
+    for problem in &gateway.problems {
+        println!("  refuse {problem}");
+    }
+    if !gateway.problems.is_empty() {
         println!(
             "{} product(s) would not be published",
             gateway.problems.len()
         );
         Ok(ExitCode::FAILURE)
+    } else if strict && !gateway.warnings.is_empty() {
+        println!(
+            "{} warning(s), and --strict fails on warnings",
+            gateway.warnings.len()
+        );
+        Ok(ExitCode::FAILURE)
+    } else {
+        println!(
+            "ok: {} products would be published{}",
+            mesh.products().count(),
+            match gateway.warnings.len() {
+                0 => String::new(),
+                n => format!(" ({n} warning(s))"),
+            }
+        );
+        Ok(ExitCode::SUCCESS)
     }
 }
 
@@ -385,9 +437,8 @@ fn explain_access(
     let (domain, name) = product
         .split_once('.')
         .ok_or_else(|| format!("--product `{product}`: write domain.product"))?;
-    let found = gateway
-        .engine
-        .mesh()
+    let mesh = gateway.engine.mesh();
+    let found = mesh
         .product(domain, name)
         .ok_or_else(|| format!("no published product `{product}`"))?;
     let view = found.view_for(identity);

@@ -2,7 +2,9 @@
 //! endpoint until shutdown.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -67,6 +69,8 @@ pub struct Gateway {
     pub engine: Arc<QueryEngine>,
     /// Products that could not be published, and why.
     pub problems: Vec<PublicationProblem>,
+    /// Published products that lack what consumers need (owner, description).
+    pub warnings: Vec<PublicationProblem>,
 }
 
 impl Gateway {
@@ -80,6 +84,10 @@ impl Gateway {
         for problem in &problems {
             tracing::error!(product = %problem.product, reason = %problem.reason, "product not published");
         }
+        let warnings = crate::catalog::metadata_warnings(&config);
+        for warning in &warnings {
+            tracing::warn!(product = %warning.product, reason = %warning.reason, "product published without what consumers need");
+        }
         let audit = Arc::new(
             AuditLog::open(&config.audit)
                 .map_err(|e| ServerError::Catalog(format!("audit.output: cannot open: {e}")))?,
@@ -90,11 +98,74 @@ impl Gateway {
             audit,
             config.governance.admin_groups.clone(),
         ));
+        engine.metrics().config_loaded();
         Ok(Self {
             config,
             authenticator,
             engine,
             problems,
+            warnings,
+        })
+    }
+
+    /// Loads the config file again and, when it is valid, publishes its
+    /// catalog, policies and users in place of the current ones. A config
+    /// that does not load, or that would publish nothing while products are
+    /// published now, is rejected and the current one stays. Queries already
+    /// running finish on the config they started with.
+    pub async fn reload(&self) -> Result<Reloaded, ServerError> {
+        let result = self.try_reload().await;
+        self.engine.metrics().config_reloaded(result.is_ok());
+        match &result {
+            Ok(reloaded) => tracing::info!(
+                products = reloaded.products,
+                refused = reloaded.problems.len(),
+                "config reloaded"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "config reload rejected; the current config stays")
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<Reloaded, ServerError> {
+        let config = MeshConfig::load(&self.config.gateway_file)?;
+        let (mesh, problems) = Mesh::open(&config).await.map_err(ServerError::Catalog)?;
+        let products = mesh.products().count();
+        let published = self.engine.mesh().products().count();
+        if products == 0 && published > 0 {
+            let reasons: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            return Err(ServerError::Catalog(format!(
+                "the new config publishes no product (refused: {}); the {published} products published now stay",
+                if reasons.is_empty() {
+                    "none".to_string()
+                } else {
+                    reasons.join("; ")
+                }
+            )));
+        }
+        for (section, changed) in [
+            ("[server]", config.server != self.config.server),
+            ("[limits]", config.limits != self.config.limits),
+            ("[audit]", config.audit != self.config.audit),
+        ] {
+            if changed {
+                tracing::warn!(
+                    "config reload: changes to {section} take effect at the next restart"
+                );
+            }
+        }
+        self.authenticator.reload(&config.auth)?;
+        self.engine
+            .replace(Arc::new(mesh), config.governance.admin_groups.clone());
+        for problem in &problems {
+            tracing::error!(product = %problem.product, reason = %problem.reason, "product not published");
+        }
+        Ok(Reloaded {
+            products,
+            problems,
+            files: config_files(&config),
         })
     }
 
@@ -114,30 +185,50 @@ impl Gateway {
             .route(
                 "/readyz",
                 get(move || async move {
-                    let products = ready.mesh().products().count();
-                    if products > 0 {
-                        (
-                            StatusCode::OK,
-                            format!("ready: {products} products published\n"),
-                        )
+                    // Ready when a config is loaded and publishes products;
+                    // each source's state is listed (a source that is down
+                    // fails only its own products).
+                    let mesh = ready.mesh();
+                    let products = mesh.products().count();
+                    let mut body = if products > 0 {
+                        format!("ready: {products} products published\n")
                     } else {
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "not ready: no product is published\n".to_string(),
-                        )
+                        "not ready: no product is published\n".to_string()
+                    };
+                    for (source, state) in mesh.probe_sources().await {
+                        match state {
+                            Ok(()) => body.push_str(&format!("source {source}: reachable\n")),
+                            Err(e) => {
+                                body.push_str(&format!("source {source}: unreachable: {e}\n"))
+                            }
+                        }
                     }
+                    let status = if products > 0 {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (status, body)
                 }),
             )
             .route(
                 "/metrics",
                 get(move || async move {
-                    let products = engine.mesh().products().count();
+                    let mesh = engine.mesh();
+                    let (freshness, sources) =
+                        futures::join!(mesh.freshness(), mesh.probe_sources());
+                    let sources: Vec<(String, bool)> = sources
+                        .into_iter()
+                        .map(|(name, state)| (name, state.is_ok()))
+                        .collect();
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "text/plain; version=0.0.4",
                         )],
-                        engine.metrics().render(products),
+                        engine
+                            .metrics()
+                            .render(mesh.products().count(), &freshness, &sources),
                     )
                 }),
             );
@@ -171,5 +262,69 @@ impl Gateway {
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         Ok(())
+    }
+}
+
+/// What a successful reload published.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub products: usize,
+    /// Products of the new config that could not be published, and why.
+    pub problems: Vec<PublicationProblem>,
+    /// The files the new config is made of.
+    pub files: Vec<PathBuf>,
+}
+
+/// The files a config is made of: the gateway file, the domain files and
+/// the JWKS file.
+pub fn config_files(config: &MeshConfig) -> Vec<PathBuf> {
+    let mut files = vec![config.gateway_file.clone()];
+    files.extend(config.domains.iter().map(|d| d.file.clone()));
+    files.extend(config.auth.jwks_file.clone());
+    files
+}
+
+/// What a file looks like from outside: changed when either part changes.
+fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Reloads `gateway` on SIGHUP and whenever one of its config files changes
+/// (checked every `poll`), for as long as the future is polled.
+pub async fn reload_on_change(gateway: Arc<Gateway>, poll: Duration) {
+    let mut files = config_files(&gateway.config);
+    let mut stamps: Vec<_> = files.iter().map(stamp).collect();
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let hangup_received = async {
+            #[cfg(unix)]
+            if let Some(hangup) = hangup.as_mut() {
+                hangup.recv().await;
+                return;
+            }
+            std::future::pending::<()>().await
+        };
+        let signalled = tokio::select! {
+            () = hangup_received => true,
+            () = tokio::time::sleep(poll) => false,
+        };
+        if signalled {
+            tracing::info!("SIGHUP: reloading the config");
+        } else {
+            let now: Vec<_> = files.iter().map(stamp).collect();
+            if now == stamps {
+                continue;
+            }
+            // An editor may write a file in several steps: let it finish.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            tracing::info!("a config file changed: reloading the config");
+        }
+        stamps = files.iter().map(stamp).collect();
+        if let Ok(reloaded) = gateway.reload().await {
+            files = reloaded.files;
+            stamps = files.iter().map(stamp).collect();
+        }
     }
 }

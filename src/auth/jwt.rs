@@ -15,8 +15,22 @@ use crate::config::AuthConfig;
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 const LEEWAY_SECONDS: u64 = 30;
 
+/// Marks a token this gateway minted for one of its local users: the user's
+/// groups and attributes are then read from the current config on every
+/// call, so that a reload that changes or removes the user applies at once.
+pub(super) const LOCAL_USER_CLAIM: &str = "meshgate_local_user";
+
 /// Claims with a meaning of their own; never turned into attributes.
-const REGISTERED_CLAIMS: &[&str] = &["iss", "sub", "aud", "exp", "nbf", "iat", "jti"];
+const REGISTERED_CLAIMS: &[&str] = &[
+    "iss",
+    "sub",
+    "aud",
+    "exp",
+    "nbf",
+    "iat",
+    "jti",
+    LOCAL_USER_CLAIM,
+];
 
 /// A public key from the JWKS file, bound to the one algorithm it may verify.
 struct JwksKey {
@@ -34,6 +48,8 @@ pub struct TokenVerifier {
     /// HS256 secret: the configured one or, without one, a random per-process
     /// secret used only for tokens this process mints.
     hs256_secret: Vec<u8>,
+    /// The secret was drawn at random, not configured.
+    random_secret: bool,
     jwks: Vec<JwksKey>,
 }
 
@@ -48,10 +64,14 @@ impl std::fmt::Debug for TokenVerifier {
 }
 
 impl TokenVerifier {
-    pub fn new(config: &AuthConfig) -> Result<Self, AuthError> {
-        let hs256_secret = match &config.hs256_secret {
-            Some(secret) => secret.as_bytes().to_vec(),
-            None => {
+    /// A verifier for `config`. Without a configured HS256 secret, the
+    /// random secret of `previous` is kept (tokens minted before a reload
+    /// stay valid), or a new one is drawn.
+    pub fn new(config: &AuthConfig, previous: Option<&TokenVerifier>) -> Result<Self, AuthError> {
+        let hs256_secret = match (&config.hs256_secret, previous) {
+            (Some(secret), _) => secret.as_bytes().to_vec(),
+            (None, Some(previous)) if previous.random_secret => previous.hs256_secret.clone(),
+            (None, _) => {
                 use rand::RngCore;
                 let mut secret = vec![0u8; 32];
                 rand::rng().fill_bytes(&mut secret);
@@ -68,12 +88,14 @@ impl TokenVerifier {
             groups_claim: config.groups_claim.clone(),
             ttl_seconds: config.token_ttl.as_secs().max(1),
             hs256_secret,
+            random_secret: config.hs256_secret.is_none(),
             jwks,
         })
     }
 
-    /// Verifies a compact JWS and returns the identity it carries.
-    pub fn verify(&self, token: &str) -> Result<CallerIdentity, AuthError> {
+    /// Verifies a compact JWS and returns the identity it carries, and
+    /// whether it was minted for a local user.
+    pub fn verify(&self, token: &str) -> Result<(CallerIdentity, bool), AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             ErrorKind::InvalidAlgorithmName => {
                 AuthError::InvalidToken("algorithm not allowed".into())
@@ -123,7 +145,8 @@ impl TokenVerifier {
             }
             _ => return Err(AuthError::InvalidToken("algorithm not allowed".into())),
         };
-        self.identity_from_claims(claims)
+        let local_user = claims.get(LOCAL_USER_CLAIM) == Some(&Value::Bool(true));
+        Ok((self.identity_from_claims(claims)?, local_user))
     }
 
     fn identity_from_claims(
@@ -166,8 +189,9 @@ impl TokenVerifier {
         })
     }
 
-    /// Mints an HS256 token for `identity`, valid for the configured TTL.
-    pub fn mint(&self, identity: &CallerIdentity) -> Result<String, AuthError> {
+    /// Mints an HS256 token for `identity`, valid for the configured TTL;
+    /// `local_user` marks the token of a configured local user.
+    pub fn mint(&self, identity: &CallerIdentity, local_user: bool) -> Result<String, AuthError> {
         let now = jsonwebtoken::get_current_timestamp();
         let mut claims = Map::new();
         for (name, value) in &identity.attributes {
@@ -176,6 +200,9 @@ impl TokenVerifier {
             }
         }
         claims.insert("sub".into(), Value::String(identity.user.clone()));
+        if local_user {
+            claims.insert(LOCAL_USER_CLAIM.into(), Value::Bool(true));
+        }
         claims.insert("iss".into(), Value::String(self.issuer.clone()));
         claims.insert("aud".into(), Value::String(self.audience.clone()));
         claims.insert("iat".into(), now.into());

@@ -47,20 +47,25 @@ pub enum AuthError {
     Keys(String),
 }
 
-/// Authenticates callers for every front end.
+/// Authenticates callers for every front end. Keys and users are replaced
+/// as a whole by [`Authenticator::reload`]; a call in progress keeps the set
+/// it started with.
 #[derive(Debug)]
 pub struct Authenticator {
+    current: parking_lot::RwLock<Arc<Credentials>>,
+}
+
+/// The keys and local users of one config.
+#[derive(Debug)]
+struct Credentials {
     verifier: TokenVerifier,
     users: BTreeMap<String, LocalUser>,
 }
 
-/// Shared handle to the authenticator.
-pub type AuthenticatorRef = Arc<Authenticator>;
-
-impl Authenticator {
-    pub fn new(config: &AuthConfig) -> Result<Self, AuthError> {
+impl Credentials {
+    fn new(config: &AuthConfig, previous: Option<&TokenVerifier>) -> Result<Self, AuthError> {
         Ok(Self {
-            verifier: TokenVerifier::new(config)?,
+            verifier: TokenVerifier::new(config, previous)?,
             users: config
                 .users
                 .iter()
@@ -69,11 +74,61 @@ impl Authenticator {
         })
     }
 
+    /// The identity a verified token stands for: what it says, or for a
+    /// token minted for a local user, that user as the config has them now.
+    fn verify(&self, token: &str) -> Result<CallerIdentity, AuthError> {
+        let (identity, local_user) = self.verifier.verify(token)?;
+        if !local_user {
+            return Ok(identity);
+        }
+        self.users
+            .get(&identity.user)
+            .map(local_identity)
+            .ok_or_else(|| {
+                AuthError::InvalidToken(format!(
+                    "`{}` is no longer a user of this gateway",
+                    identity.user
+                ))
+            })
+    }
+}
+
+fn local_identity(local: &LocalUser) -> CallerIdentity {
+    CallerIdentity {
+        user: local.name.clone(),
+        groups: local.groups.clone(),
+        attributes: local.attributes.clone(),
+    }
+}
+
+/// Shared handle to the authenticator.
+pub type AuthenticatorRef = Arc<Authenticator>;
+
+impl Authenticator {
+    pub fn new(config: &AuthConfig) -> Result<Self, AuthError> {
+        Ok(Self {
+            current: parking_lot::RwLock::new(Arc::new(Credentials::new(config, None)?)),
+        })
+    }
+
+    /// Checks `config` and, when it is valid, makes its keys and users the
+    /// ones every later call is checked against.
+    pub fn reload(&self, config: &AuthConfig) -> Result<(), AuthError> {
+        let previous = self.credentials();
+        let next = Credentials::new(config, Some(&previous.verifier))?;
+        *self.current.write() = Arc::new(next);
+        Ok(())
+    }
+
+    fn credentials(&self) -> Arc<Credentials> {
+        Arc::clone(&self.current.read())
+    }
+
     /// Checks the value of an `authorization` header carrying a bearer token.
     pub fn authenticate_header(&self, header: Option<&str>) -> Result<CallerIdentity, AuthError> {
         let header = header.ok_or(AuthError::MissingCredentials)?;
         match split_scheme(header).as_ref().map(|(s, r)| (s.as_str(), *r)) {
-            Some(("bearer", token)) => self.verifier.verify(token),
+            Some(("bearer", token)) => self.credentials().verify(token),
             Some(("basic", _)) => Err(AuthError::MalformedHeader(
                 "Basic credentials are accepted only by Handshake; send the bearer token it returns".into(),
             )),
@@ -87,15 +142,16 @@ impl Authenticator {
     /// to be echoed back. Returns the identity and the token to hand out.
     pub fn login(&self, header: Option<&str>) -> Result<(CallerIdentity, String), AuthError> {
         let header = header.ok_or(AuthError::MissingCredentials)?;
+        let credentials = self.credentials();
         match split_scheme(header).as_ref().map(|(s, r)| (s.as_str(), *r)) {
             Some(("basic", encoded)) => {
                 let (user, password) = decode_basic(encoded)?;
-                let identity = self.check_password(&user, &password)?;
-                let token = self.verifier.mint(&identity)?;
+                let identity = check_password(&credentials, &user, &password)?;
+                let token = credentials.verifier.mint(&identity, true)?;
                 Ok((identity, token))
             }
             Some(("bearer", token)) => {
-                let identity = self.verifier.verify(token)?;
+                let identity = credentials.verify(token)?;
                 Ok((identity, token.to_string()))
             }
             _ => Err(AuthError::MalformedHeader(
@@ -104,39 +160,43 @@ impl Authenticator {
         }
     }
 
-    /// Checks a local user's password (argon2). Unknown users cost the same
-    /// time as known ones, so that names cannot be probed.
+    /// Checks a local user's password (argon2).
     pub fn check_password(&self, user: &str, password: &str) -> Result<CallerIdentity, AuthError> {
-        match self.users.get(user) {
-            Some(local) if password::verify(password, &local.password_hash) => Ok(CallerIdentity {
-                user: local.name.clone(),
-                groups: local.groups.clone(),
-                attributes: local.attributes.clone(),
-            }),
-            Some(_) => Err(AuthError::BadPassword),
-            None => {
-                password::verify_dummy(password);
-                Err(AuthError::BadPassword)
-            }
-        }
+        check_password(&self.credentials(), user, password)
     }
 
     /// Mints a bearer token for a configured local user (the `token` command).
     pub fn mint_for_local_user(&self, user: &str) -> Result<String, AuthError> {
-        let local = self
+        let credentials = self.credentials();
+        let local = credentials
             .users
             .get(user)
             .ok_or_else(|| AuthError::Minting(format!("`{user}` is not in [[auth.users]]")))?;
-        self.verifier.mint(&CallerIdentity {
-            user: local.name.clone(),
-            groups: local.groups.clone(),
-            attributes: local.attributes.clone(),
-        })
+        credentials.verifier.mint(&local_identity(local), true)
     }
 
     /// Mints a token for any identity (tests, `meshgate token --group`).
     pub fn mint(&self, identity: &CallerIdentity) -> Result<String, AuthError> {
-        self.verifier.mint(identity)
+        self.credentials().verifier.mint(identity, false)
+    }
+}
+
+/// Checks a local user's password. Unknown users cost the same time as known
+/// ones, so that names cannot be probed.
+fn check_password(
+    credentials: &Credentials,
+    user: &str,
+    password: &str,
+) -> Result<CallerIdentity, AuthError> {
+    match credentials.users.get(user) {
+        Some(local) if password::verify(password, &local.password_hash) => {
+            Ok(local_identity(local))
+        }
+        Some(_) => Err(AuthError::BadPassword),
+        None => {
+            password::verify_dummy(password);
+            Err(AuthError::BadPassword)
+        }
     }
 }
 

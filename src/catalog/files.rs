@@ -120,6 +120,34 @@ impl TableProvider for SingleFile {
     }
 }
 
+/// When the files at `url` last changed (the newest modification time of
+/// the file, or of the files in the directory), in UNIX seconds.
+pub(crate) async fn last_modified(
+    runtime: &datafusion::execution::runtime_env::RuntimeEnv,
+    url: &Url,
+) -> Option<f64> {
+    use futures::TryStreamExt;
+    let table_url = ListingTableUrl::parse(url.as_str()).ok()?;
+    let store = runtime.object_store(&table_url).ok()?;
+    let newest = if table_url.is_collection() {
+        store
+            .list(Some(table_url.prefix()))
+            .try_fold(
+                None,
+                |newest: Option<chrono::DateTime<chrono::Utc>>, meta| async move {
+                    Ok(Some(
+                        newest.map_or(meta.last_modified, |n| n.max(meta.last_modified)),
+                    ))
+                },
+            )
+            .await
+            .ok()??
+    } else {
+        store.head(table_url.prefix()).await.ok()?.last_modified
+    };
+    Some(newest.timestamp_micros() as f64 / 1e6)
+}
+
 fn extension_label(format: FileFormat) -> &'static str {
     match format {
         FileFormat::Parquet => "Parquet",

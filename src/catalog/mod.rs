@@ -133,6 +133,44 @@ impl fmt::Display for PublicationProblem {
     }
 }
 
+/// What a consumer needs to find and trust a product but the config does
+/// not say: an owner (the product's, or its domain's) and a description.
+/// These are warnings: the product is still published.
+pub fn metadata_warnings(config: &MeshConfig) -> Vec<PublicationProblem> {
+    let mut warnings = Vec::new();
+    for domain in &config.domains {
+        for product in &domain.products {
+            let mut warn = |reason: String| {
+                warnings.push(PublicationProblem {
+                    product: ProductName {
+                        domain: domain.name.clone(),
+                        product: product.name.clone(),
+                    },
+                    file: domain.file.clone(),
+                    reason,
+                })
+            };
+            if product.owner.is_none() && domain.owner.is_none() {
+                warn(format!(
+                    "no owner: add `owner = \"team@example.com\"` to the product or to the domain `{}`, so that consumers know whom to ask",
+                    domain.name
+                ));
+            }
+            if product
+                .description
+                .as_deref()
+                .is_none_or(|d| d.trim().is_empty())
+            {
+                warn(
+                    "no description: add `description = \"...\"` saying what one row is, so that consumers can find and read it"
+                        .to_string(),
+                );
+            }
+        }
+    }
+    warnings
+}
+
 /// Every published product, and the runtime that reaches their storage.
 #[derive(Debug)]
 pub struct Mesh {
@@ -253,6 +291,53 @@ impl Mesh {
 
     pub fn product(&self, domain: &str, product: &str) -> Option<&Arc<Product>> {
         self.domains.get(domain)?.products.get(product)
+    }
+
+    /// Whether each SQL or Flight SQL source answers now: one of its
+    /// products' tables is looked up (connection, login and table), at most
+    /// a few seconds per source, all at once.
+    pub async fn probe_sources(&self) -> Vec<(String, Result<(), String>)> {
+        let mut probes: BTreeMap<String, (Arc<Source>, Vec<String>)> = BTreeMap::new();
+        for product in self.products() {
+            if let ProductData::Table(table) = &product.data
+                && let Some(remote) = table.downcast_ref::<RemoteTable>()
+            {
+                probes
+                    .entry(remote.source.name.clone())
+                    .or_insert_with(|| (Arc::clone(&remote.source), remote.remote.clone()));
+            }
+        }
+        let probes = probes
+            .into_iter()
+            .map(|(name, (source, table))| async move {
+                let answer = source.table_schema(&table).await;
+                (name, answer.map(|_| ()).map_err(|e| e.to_string()))
+            });
+        futures::future::join_all(probes).await
+    }
+
+    /// What can be told of each product's freshness: its SLA, and for file
+    /// products when their files last changed.
+    pub async fn freshness(&self) -> Vec<crate::metrics::Freshness> {
+        let runtime = &self.runtime;
+        let products = self.products().map(|product| async move {
+            let last_modified = match &product.config.source {
+                ProductSource::Files { url, .. } => {
+                    let look = files::last_modified(runtime, url);
+                    tokio::time::timeout(std::time::Duration::from_secs(2), look)
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                _ => None,
+            };
+            crate::metrics::Freshness {
+                product: product.name.to_string(),
+                last_modified,
+                sla_seconds: product.config.freshness.map(|f| f.as_secs_f64()),
+            }
+        });
+        futures::future::join_all(products).await
     }
 
     /// Every product, in name order.

@@ -49,7 +49,7 @@ pub struct MeshConfig {
     pub domains: Vec<DomainConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub flight_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
@@ -59,7 +59,7 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
@@ -87,7 +87,7 @@ pub struct LocalUser {
     pub attributes: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub query_timeout: Duration,
     pub memory_per_query: Option<u64>,

@@ -53,15 +53,19 @@ const MAX_DECODING_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 pub struct MeshFlightService {
     authenticator: AuthenticatorRef,
     engine: Arc<QueryEngine>,
+    /// One permit per password check allowed to run at once.
+    logins: Arc<tokio::sync::Semaphore>,
 }
 
 type FlightDataStream = <MeshFlightService as FlightService>::DoGetStream;
 
 impl MeshFlightService {
     pub fn new(authenticator: AuthenticatorRef, engine: Arc<QueryEngine>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Self {
             authenticator,
             engine,
+            logins: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
         }
     }
 
@@ -96,8 +100,17 @@ impl MeshFlightService {
     ) -> Result<Response<FlightDataStream>, Status> {
         let stream = session.execute(query).await?;
         let schema = stream.schema();
+        let sent = stream.bytes_sent();
         let batches = stream.map_err(|e| FlightError::Tonic(Box::new(Status::from(e))));
-        Ok(encode_stream(schema, batches))
+        let response = encode_stream(schema, batches);
+        // Counted as each message leaves, before the stream's end (and the
+        // query's record) is reached.
+        Ok(response.map(|messages| -> FlightDataStream {
+            Box::pin(messages.inspect_ok(move |message| {
+                let bytes = message.data_header.len() + message.data_body.len();
+                sent.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+            }))
+        }))
     }
 }
 
@@ -114,6 +127,9 @@ fn caller<T>(request: &Request<T>) -> Result<CallerIdentity, Status> {
         .cloned()
         .ok_or_else(|| Status::unauthenticated("no verified caller on this request"))
 }
+
+/// How long a login waits for a password-check slot.
+const LOGIN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn encode_stream(
     schema: SchemaRef,
@@ -207,11 +223,19 @@ impl FlightSqlService for MeshFlightService {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let authenticator = Arc::clone(&self.authenticator);
-        // argon2 is deliberately slow: keep it off the async workers.
-        let (_, token) =
-            tokio::task::spawn_blocking(move || authenticator.login(header.as_deref()))
-                .await
-                .map_err(|_| Status::internal("login was interrupted"))??;
+        // argon2 is deliberately slow and takes 19 MiB per check: a few run
+        // at once, off the async workers, so that a burst of logins (or a
+        // flood of bad ones) queues instead of exhausting memory.
+        let slot = tokio::time::timeout(LOGIN_WAIT, Arc::clone(&self.logins).acquire_owned())
+            .await
+            .map_err(|_| Status::resource_exhausted("too many logins at once; try again"))?
+            .map_err(|_| Status::unavailable("the gateway is shutting down"))?;
+        let (_, token) = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            authenticator.login(header.as_deref())
+        })
+        .await
+        .map_err(|_| Status::internal("login was interrupted"))??;
         let answer = HandshakeResponse {
             protocol_version: 0,
             payload: token.clone().into(),

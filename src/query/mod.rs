@@ -11,6 +11,7 @@ use std::future::Future as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,7 @@ use crate::audit::{AuditLogRef, AuditRecord};
 use crate::auth::CallerIdentity;
 use crate::catalog::{Mesh, MeshCatalog, ProductData, ProductName, ReadLog};
 use crate::config::Limits;
-use crate::metrics::Metrics;
+use crate::metrics::{FinishedQuery, Metrics};
 use crate::policy::render_plan;
 
 /// Why a query could not run. Messages are safe to show the caller.
@@ -69,6 +70,24 @@ pub enum QueryError {
     /// A fault of meshgate itself.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl QueryError {
+    /// The kind of error, as the metrics count it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            QueryError::Refused(_) => "refused",
+            QueryError::Syntax(_) => "syntax",
+            QueryError::NotFound(_) => "not_found",
+            QueryError::Invalid(_) => "invalid",
+            QueryError::Parameters(_) => "parameters",
+            QueryError::Execution(_) => "execution",
+            QueryError::ResourcesExhausted(_) => "resources_exhausted",
+            QueryError::Timeout(_) => "timeout",
+            QueryError::Source(_) => "source",
+            QueryError::Internal(_) => "internal",
+        }
+    }
 }
 
 impl From<DataFusionError> for QueryError {
@@ -145,10 +164,12 @@ pub struct VisibleProduct {
     pub schema: SchemaRef,
 }
 
-/// Plans and runs queries over a mesh.
+/// Plans and runs queries over a mesh. The mesh (catalog and policies) and
+/// the admin groups are replaced together by [`QueryEngine::replace`]; a
+/// session keeps the ones it was made with.
 #[derive(Debug)]
 pub struct QueryEngine {
-    mesh: Arc<Mesh>,
+    current: parking_lot::RwLock<Arc<Published>>,
     limits: Limits,
     audit: AuditLogRef,
     metrics: Arc<Metrics>,
@@ -156,6 +177,12 @@ pub struct QueryEngine {
     running: Arc<tokio::sync::Semaphore>,
     /// Per user, one permit per query that user may run at once.
     per_user: Arc<PerUser>,
+}
+
+/// What one config publishes.
+#[derive(Debug)]
+struct Published {
+    mesh: Arc<Mesh>,
     /// Groups whose members see EXPLAIN ANALYZE below policy barriers.
     admin_groups: Vec<String>,
 }
@@ -168,14 +195,18 @@ impl QueryEngine {
         admin_groups: Vec<String>,
     ) -> Self {
         Self {
-            mesh,
+            current: parking_lot::RwLock::new(Arc::new(Published { mesh, admin_groups })),
             audit,
             metrics: Arc::new(Metrics::default()),
             running: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_queries)),
             per_user: Arc::new(PerUser::new(limits.max_concurrent_queries_per_user)),
             limits,
-            admin_groups,
         }
+    }
+
+    /// Publishes `mesh` and `admin_groups` for every later session, at once.
+    pub fn replace(&self, mesh: Arc<Mesh>, admin_groups: Vec<String>) {
+        *self.current.write() = Arc::new(Published { mesh, admin_groups });
     }
 
     /// The gateway's query metrics.
@@ -183,22 +214,26 @@ impl QueryEngine {
         &self.metrics
     }
 
-    pub fn mesh(&self) -> &Arc<Mesh> {
-        &self.mesh
+    /// The mesh published now.
+    pub fn mesh(&self) -> Arc<Mesh> {
+        Arc::clone(&self.current.read().mesh)
     }
 
     /// A session for one caller and one request.
     pub fn session(&self, caller: &CallerIdentity, client: Option<SocketAddr>) -> CallerSession {
+        let published = Arc::clone(&self.current.read());
         let caller = Arc::new(caller.clone());
         let reads = Arc::new(parking_lot::Mutex::new(ReadLog::default()));
         let (context, catalog) = session::caller_context(
-            &self.mesh,
+            &published.mesh,
             Arc::clone(&caller),
             Arc::clone(&reads),
             self.limits.memory_per_query,
+            &self.metrics,
         );
-        let is_admin = self.admin_groups.iter().any(|g| caller.has_group(g));
+        let is_admin = published.admin_groups.iter().any(|g| caller.has_group(g));
         CallerSession {
+            mesh: Arc::clone(&published.mesh),
             context,
             catalog,
             is_admin,
@@ -224,7 +259,7 @@ impl QueryEngine {
     pub async fn visible_products(&self, caller: &CallerIdentity) -> Vec<VisibleProduct> {
         let session = self.session(caller, None);
         let mut visible = Vec::new();
-        for (domain, entry) in &self.mesh.domains {
+        for (domain, entry) in &session.mesh.domains {
             for name in session.catalog.visible_products(domain) {
                 let Some(product) = entry.products.get(&name) else {
                     continue;
@@ -336,8 +371,9 @@ impl PreparedQuery {
     }
 }
 
-/// One caller's session.
+/// One caller's session, on the mesh published when it was made.
 pub struct CallerSession {
+    mesh: Arc<Mesh>,
     context: SessionContext,
     catalog: Arc<MeshCatalog>,
     /// Sees EXPLAIN below policy barriers.
@@ -412,10 +448,17 @@ impl CallerSession {
         } else {
             let context = self.context.clone();
             let text = sql.to_string();
-            stack::on_planning_stack(async move { plan_sql(&context, &text).await }).await
+            // Planning counts against the query's time limit: a statement
+            // that plans too long gets its answer at the limit.
+            let timeout = self.limits.query_timeout;
+            let planning = stack::on_planning_stack(async move { plan_sql(&context, &text).await });
+            match tokio::time::timeout(timeout, planning).await {
+                Ok(result) => result,
+                Err(_) => Err(QueryError::Timeout(timeout)),
+            }
         };
         if let Err(error) = &result {
-            self.audit(sql, started, 0, "error", Some(error.to_string()));
+            self.audit(sql, started, "error", Some(error));
         }
         result
     }
@@ -445,6 +488,7 @@ impl CallerSession {
                     session: self.audit_context(&query.sql),
                     started,
                     rows: 0,
+                    bytes: Arc::new(AtomicU64::new(0)),
                     failure: None,
                     finished: false,
                 }),
@@ -456,7 +500,7 @@ impl CallerSession {
                     }
                     other => other,
                 };
-                self.audit(&query.sql, started, 0, "error", Some(error.to_string()));
+                self.audit(&query.sql, started, "error", Some(&error));
                 Err(error)
             }
         }
@@ -568,11 +612,16 @@ impl CallerSession {
         &self,
         sql: &str,
         started: Instant,
-        rows: u64,
         outcome: &'static str,
-        error: Option<String>,
+        error: Option<&QueryError>,
     ) {
-        self.audit_context(sql).write(started, rows, outcome, error);
+        self.audit_context(sql).write(Finished {
+            started,
+            rows: 0,
+            bytes: 0,
+            outcome,
+            error: error.map(|e| (e.kind(), e.to_string())),
+        });
     }
 }
 
@@ -640,12 +689,35 @@ struct AuditContext {
     reads: Arc<parking_lot::Mutex<ReadLog>>,
 }
 
+/// How a query ended.
+struct Finished {
+    started: Instant,
+    rows: u64,
+    bytes: u64,
+    outcome: &'static str,
+    /// The kind of error and its message.
+    error: Option<(&'static str, String)>,
+}
+
 impl AuditContext {
-    fn write(&self, started: Instant, rows: u64, outcome: &'static str, error: Option<String>) {
+    fn write(&self, finished: Finished) {
+        let Finished {
+            started,
+            rows,
+            bytes,
+            outcome,
+            error,
+        } = finished;
         let reads = self.reads.lock().clone();
         let products: Vec<String> = reads.products.iter().cloned().collect();
-        self.metrics
-            .query_finished(outcome, &products, rows, started.elapsed().as_secs_f64());
+        self.metrics.query_finished(FinishedQuery {
+            outcome,
+            error_kind: error.as_ref().map(|(kind, _)| *kind),
+            products: &products,
+            rows,
+            bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        });
         self.log.record(&AuditRecord {
             time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             user: self.user.clone(),
@@ -656,7 +728,7 @@ impl AuditContext {
             rows,
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             outcome,
-            error,
+            error: error.map(|(_, message)| message),
         });
     }
 }
@@ -679,7 +751,9 @@ struct PendingAudit {
     session: AuditContext,
     started: Instant,
     rows: u64,
-    failure: Option<String>,
+    /// Bytes sent, counted by the wire encoder.
+    bytes: Arc<AtomicU64>,
+    failure: Option<(&'static str, String)>,
     finished: bool,
 }
 
@@ -690,8 +764,13 @@ impl Drop for PendingAudit {
             (None, true) => "ok",
             (None, false) => "cancelled",
         };
-        self.session
-            .write(self.started, self.rows, outcome, self.failure.take());
+        self.session.write(Finished {
+            started: self.started,
+            rows: self.rows,
+            bytes: self.bytes.load(Ordering::Relaxed),
+            outcome,
+            error: self.failure.take(),
+        });
     }
 }
 
@@ -785,6 +864,15 @@ impl QueryStream {
         Arc::clone(&self.schema)
     }
 
+    /// The counter the wire encoder adds the bytes it sends to; read into
+    /// the metrics when the query ends.
+    pub fn bytes_sent(&self) -> Arc<AtomicU64> {
+        match &self.audit {
+            Some(audit) => Arc::clone(&audit.bytes),
+            None => Arc::new(AtomicU64::new(0)),
+        }
+    }
+
     /// Notes a failure for the audit record and passes it on.
     fn failed(&mut self, error: QueryError) -> QueryError {
         let error = match error {
@@ -794,7 +882,7 @@ impl QueryStream {
         if let Some(audit) = &mut self.audit
             && audit.failure.is_none()
         {
-            audit.failure = Some(error.to_string());
+            audit.failure = Some((error.kind(), error.to_string()));
         }
         error
     }

@@ -7,12 +7,15 @@ use std::sync::Arc;
 
 use datafusion::execution::SessionState;
 use datafusion::execution::SessionStateBuilder;
-use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::memory_pool::{
+    FairSpillPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation, TrackConsumersPool,
+};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::auth::CallerIdentity;
 use crate::catalog::{CATALOG_NAME, Mesh, MeshCatalog, ReadLog};
+use crate::metrics::Metrics;
 use crate::sources::{SourcePlanner, SourcePushdown};
 
 /// The schema unqualified names resolve in; it holds no products, so every
@@ -68,22 +71,88 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
 /// The runtime of one query: the mesh's object stores, caches and spill
 /// directory, with a memory pool of its own when a per-query limit is set.
 /// Operators that can spill do so under pressure; the others fail the query
-/// with a resources-exhausted error.
-fn query_runtime(mesh: &Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Arc<RuntimeEnv> {
-    let Some(limit) = memory_limit else {
-        return Arc::clone(mesh);
+/// with a resources-exhausted error. What the pool holds is counted in the
+/// gateway's metrics.
+fn query_runtime(
+    mesh: &Arc<RuntimeEnv>,
+    memory_limit: Option<u64>,
+    metrics: &Arc<Metrics>,
+) -> Arc<RuntimeEnv> {
+    let pool: Arc<dyn MemoryPool> = match memory_limit {
+        Some(limit) => Arc::new(TrackConsumersPool::new(
+            FairSpillPool::new(usize::try_from(limit).unwrap_or(usize::MAX)),
+            NonZeroUsize::new(3).expect("3 is not zero"),
+        )),
+        None => Arc::clone(&mesh.memory_pool),
     };
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let pool = TrackConsumersPool::new(
-        FairSpillPool::new(limit),
-        NonZeroUsize::new(3).expect("3 is not zero"),
-    );
     Arc::new(RuntimeEnv {
-        memory_pool: Arc::new(pool),
+        memory_pool: Arc::new(CountedPool {
+            inner: pool,
+            metrics: Arc::clone(metrics),
+        }),
         disk_manager: Arc::clone(&mesh.disk_manager),
         cache_manager: Arc::clone(&mesh.cache_manager),
         object_store_registry: Arc::clone(&mesh.object_store_registry),
     })
+}
+
+/// A memory pool that reports what it holds to the gateway's metrics.
+#[derive(Debug)]
+struct CountedPool {
+    inner: Arc<dyn MemoryPool>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Display for CountedPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+fn signed(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+impl MemoryPool for CountedPool {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.inner.register(consumer);
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        self.inner.unregister(consumer);
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        self.inner.grow(reservation, additional);
+        self.metrics.memory_changed(signed(additional));
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        self.inner.shrink(reservation, shrink);
+        self.metrics.memory_changed(-signed(shrink));
+    }
+
+    fn try_grow(
+        &self,
+        reservation: &MemoryReservation,
+        additional: usize,
+    ) -> datafusion::error::Result<()> {
+        self.inner.try_grow(reservation, additional)?;
+        self.metrics.memory_changed(signed(additional));
+        Ok(())
+    }
+
+    fn reserved(&self) -> usize {
+        self.inner.reserved()
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        self.inner.memory_limit()
+    }
 }
 
 /// A session in which `mesh` resolves products for one caller, and the
@@ -93,11 +162,15 @@ pub(crate) fn caller_context(
     caller: Arc<CallerIdentity>,
     reads: Arc<parking_lot::Mutex<ReadLog>>,
     memory_limit: Option<u64>,
+    metrics: &Arc<Metrics>,
 ) -> (SessionContext, Arc<MeshCatalog>) {
-    let context = SessionContext::new_with_state(session_state(
-        query_runtime(&mesh.runtime(), memory_limit),
+    let mut state = session_state(
+        query_runtime(&mesh.runtime(), memory_limit, metrics),
         memory_limit,
-    ));
+    );
+    // Sources report their latency here.
+    state.config_mut().set_extension(Arc::clone(metrics));
+    let context = SessionContext::new_with_state(state);
     let catalog = Arc::new(MeshCatalog::new(
         Arc::clone(mesh),
         caller,

@@ -766,9 +766,23 @@ impl ExecutionPlan for RemoteExec {
             &self.products,
             token,
         );
-        // `output_rows` counts the rows the source sent.
+        // `output_rows` counts the rows the source sent; the gateway's
+        // metrics, how long the source took to answer.
         let baseline = BaselineMetrics::new(&self.metrics, partition);
+        let gateway = context
+            .session_config()
+            .get_extension::<crate::metrics::Metrics>();
+        let source = self.source.name.clone();
+        let started = std::time::Instant::now();
+        let mut answered = false;
         let counted = stream.map(move |batch| {
+            if !answered {
+                answered = true;
+                if let Some(metrics) = &gateway {
+                    let seconds = started.elapsed().as_secs_f64();
+                    metrics.source_request(&source, seconds, batch.is_err());
+                }
+            }
             if let Ok(batch) = &batch {
                 baseline.record_output(batch.num_rows());
             }

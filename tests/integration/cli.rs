@@ -119,6 +119,51 @@ fn check_refuses_a_product_whose_pii_columns_no_policy_protects() {
 }
 
 #[test]
+fn check_warns_of_products_without_owner_or_description() {
+    let dir = demo_config_dir();
+    let support = dir.path().join("domains/support.toml");
+    edit(&support, "owner = \"support-data@acme.example\"\n", "");
+    edit(
+        &support,
+        "description = \"One row per support ticket\"\n",
+        "",
+    );
+    let output = check(dir.path());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // Published all the same: the contract requires neither.
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("publish support.tickets"), "{stdout}");
+    assert!(
+        stdout.contains("warn support.tickets") && stdout.contains("no owner: add `owner = "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("no description: add `description = "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(2 warning(s))"), "{stdout}");
+    // A domain team's CI can make them errors.
+    let output = meshgate()
+        .args(["check", "--strict", "--config"])
+        .arg(dir.path().join("meshgate.toml"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    // The domain's owner covers its products.
+    std::fs::write(
+        &support,
+        format!(
+            "owner = \"support@acme.example\"\n{}",
+            std::fs::read_to_string(&support).unwrap()
+        ),
+    )
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&check(dir.path()).stdout).to_string();
+    assert!(!stdout.contains("no owner"), "{stdout}");
+    assert!(stdout.contains("(1 warning(s))"), "{stdout}");
+}
+
+#[test]
 fn hash_password_and_token_helpers_work() {
     use std::io::Write;
     let mut child = meshgate()

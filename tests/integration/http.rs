@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
-use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::fixture::TestServer;
@@ -46,75 +45,162 @@ async fn health_readiness_and_metrics() {
     let (status, body) = get(addr, "/readyz").await;
     assert_eq!(status, 200);
     assert!(body.contains("10 products published"), "{body}");
+    assert!(
+        body.contains("source support.helpdesk: reachable"),
+        "{body}"
+    );
+
+    let (_, before) = get(addr, "/metrics").await;
+    // Each listed metric is present before any query.
+    for name in [
+        "meshgate_active_queries",
+        "meshgate_memory_reserved_bytes",
+        "meshgate_process_resident_memory_bytes",
+        "meshgate_products_published",
+        "meshgate_rows_returned_total",
+        "meshgate_bytes_returned_total",
+        "meshgate_query_duration_seconds_count",
+        "meshgate_config_loaded_timestamp_seconds",
+        "meshgate_product_freshness_sla_seconds{product=\"crm.customer\"}",
+    ] {
+        assert!(
+            metric(&before, name).is_some(),
+            "{name} missing from\n{before}"
+        );
+    }
+    assert_eq!(metric(&before, "meshgate_products_published"), Some(10.0));
+    assert_eq!(
+        metric(
+            &before,
+            "meshgate_product_freshness_sla_seconds{product=\"crm.customer\"}"
+        ),
+        Some(86400.0)
+    );
+    // Freshness of a file product: its file's modification time.
+    let modified = std::fs::metadata(server.dir.path().join("data/crm/customer.parquet"))
+        .unwrap()
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let published = metric(
+        &before,
+        "meshgate_product_last_modified_timestamp_seconds{product=\"crm.customer\"}",
+    )
+    .expect("crm.customer's modification time");
+    assert!(
+        (published - modified).abs() < 0.01,
+        "{published} vs {modified}"
+    );
+    let age = metric(
+        &before,
+        "meshgate_product_freshness_seconds{product=\"crm.customer\"}",
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        age >= 0.0 && (now - modified - age).abs() < 60.0,
+        "age {age}"
+    );
 
     let mut client = server.unrestricted().await;
     client.query("SELECT * FROM crm.region").await.unwrap();
     client.query("SELECT 1 / 0").await.unwrap_err();
+    client.query("SELECT * FROM crm.nope").await.unwrap_err();
+    client
+        .query("SELECT count(*) FROM support.tickets")
+        .await
+        .unwrap();
     let (status, text) = get(addr, "/metrics").await;
     assert_eq!(status, 200);
-    assert_eq!(
-        metric(&text, "meshgate_queries_total{outcome=\"ok\"}"),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, "meshgate_queries_total{outcome=\"error\"}"),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "meshgate_product_queries_total{product=\"crm.region\",outcome=\"ok\"}"
+    for (name, value) in [
+        ("meshgate_queries_total{outcome=\"ok\"}", 2.0),
+        ("meshgate_queries_total{outcome=\"error\"}", 2.0),
+        ("meshgate_query_errors_total{kind=\"execution\"}", 1.0),
+        ("meshgate_query_errors_total{kind=\"not_found\"}", 1.0),
+        (
+            "meshgate_product_queries_total{product=\"crm.region\",outcome=\"ok\"}",
+            1.0,
         ),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, "meshgate_rows_returned_total"),
-        Some(5.0),
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, "meshgate_active_queries"),
-        Some(0.0),
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, "meshgate_query_duration_seconds_count"),
-        Some(2.0),
-        "{text}"
-    );
+        (
+            "meshgate_domain_queries_total{domain=\"support\",outcome=\"ok\"}",
+            1.0,
+        ),
+        (
+            "meshgate_product_rows_returned_total{product=\"crm.region\"}",
+            5.0,
+        ),
+        ("meshgate_rows_returned_total", 6.0),
+        ("meshgate_active_queries", 0.0),
+        ("meshgate_query_duration_seconds_count", 4.0),
+        (
+            "meshgate_source_request_duration_seconds_count{source=\"support.helpdesk\"}",
+            1.0,
+        ),
+        (
+            "meshgate_source_errors_total{source=\"support.helpdesk\"}",
+            0.0,
+        ),
+        ("meshgate_source_up{source=\"support.helpdesk\"}", 1.0),
+    ] {
+        assert_eq!(metric(&text, name), Some(value), "{name} in\n{text}");
+    }
+    // Bytes: the Arrow IPC messages of both answers, the schema included.
+    let bytes = metric(&text, "meshgate_bytes_returned_total").unwrap();
+    let region_bytes = metric(
+        &text,
+        "meshgate_product_bytes_returned_total{product=\"crm.region\"}",
+    )
+    .unwrap();
+    assert!(region_bytes > 100.0 && bytes > region_bytes, "{text}");
 
-    // A client that goes away mid-stream frees its query.
+    // A client that goes away mid-query frees its query and its memory: a
+    // large aggregation reserves memory while it runs, and gives it back.
     let command = CommandStatementQuery {
-        query: "SELECT value FROM range(100000000000)".into(),
+        query: "SELECT value, count(*) FROM range(100000000) GROUP BY value".into(),
         transaction_id: None,
     };
     let info = client.flight_info(command.as_any()).await.unwrap();
     let ticket = info.endpoint[0].ticket.clone().unwrap();
     let request = client.request(ticket);
-    let mut stream = client.inner.do_get(request).await.unwrap().into_inner();
-    assert!(stream.next().await.is_some());
-    let (_, text) = get(addr, "/metrics").await;
-    assert_eq!(
-        metric(&text, "meshgate_active_queries"),
-        Some(1.0),
-        "{text}"
-    );
-    drop(stream);
-    let mut active = None;
-    for _ in 0..100 {
+    let stream = client.inner.do_get(request).await.unwrap().into_inner();
+    let mut peak = 0.0f64;
+    for _ in 0..500 {
         let (_, text) = get(addr, "/metrics").await;
-        active = metric(&text, "meshgate_active_queries");
-        if active == Some(0.0) {
-            let cancelled = metric(&text, "meshgate_queries_total{outcome=\"cancelled\"}");
-            assert_eq!(cancelled, Some(1.0), "{text}");
+        assert_eq!(
+            metric(&text, "meshgate_active_queries"),
+            Some(1.0),
+            "{text}"
+        );
+        peak = peak.max(metric(&text, "meshgate_memory_reserved_bytes").unwrap());
+        if peak > 1e6 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(peak > 1e6, "memory in use never rose: {peak}");
+    drop(stream);
+    let mut settled = None;
+    for _ in 0..200 {
+        let (_, text) = get(addr, "/metrics").await;
+        let active = metric(&text, "meshgate_active_queries");
+        let memory = metric(&text, "meshgate_memory_reserved_bytes");
+        if active == Some(0.0) && memory == Some(0.0) {
+            settled = Some(text);
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(active, Some(0.0));
+    let text = settled.expect("the dropped query kept running or kept its memory");
+    assert_eq!(
+        metric(&text, "meshgate_queries_total{outcome=\"cancelled\"}"),
+        Some(1.0),
+        "{text}"
+    );
 
     stop.send(()).unwrap();
     http.await.unwrap();

@@ -13,4 +13,5 @@ mod pg;
 mod policies;
 mod queries;
 mod refusals;
+mod reload;
 mod tls;
