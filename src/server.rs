@@ -190,7 +190,10 @@ impl Gateway {
                     // fails only its own products).
                     let mesh = ready.mesh();
                     let products = mesh.products().count();
-                    let mut body = if products > 0 {
+                    let draining = ready.is_draining();
+                    let mut body = if draining {
+                        "not ready: shutting down\n".to_string()
+                    } else if products > 0 {
                         format!("ready: {products} products published\n")
                     } else {
                         "not ready: no product is published\n".to_string()
@@ -203,7 +206,7 @@ impl Gateway {
                             }
                         }
                     }
-                    let status = if products > 0 {
+                    let status = if products > 0 && !draining {
                         StatusCode::OK
                     } else {
                         StatusCode::SERVICE_UNAVAILABLE
@@ -238,7 +241,12 @@ impl Gateway {
         Ok(())
     }
 
-    /// Serves Flight SQL on `listener` until `shutdown` completes.
+    /// Serves Flight SQL on `listener`. When `shutdown` completes the
+    /// gateway drains: the listening socket closes (new connections are
+    /// refused), new queries are refused, running queries stream to their
+    /// end, and connections stay open a moment longer so that clients can
+    /// close their statements; then every connection is closed and this
+    /// returns. (The caller bounds the whole by `server.shutdown_timeout`.)
     pub async fn serve(
         &self,
         listener: TcpListener,
@@ -255,14 +263,73 @@ impl Gateway {
         // Without TCP_NODELAY on each accepted connection, a small answer
         // waits for the client's delayed ACK: about 40 ms per query.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (stop_accepting, accepting) = tokio::sync::watch::channel(false);
+        let engine = Arc::clone(&self.engine);
+        let drained = async move {
+            shutdown.await;
+            engine.start_draining();
+            let _ = stop_accepting.send(true);
+            wait_until_idle(&engine).await;
+        };
         builder
             .http2_adaptive_window(Some(true))
             .layer(AuthLayer::new(Arc::clone(&self.authenticator)))
             .add_service(service.into_server())
-            .serve_with_incoming_shutdown(incoming, shutdown)
+            .serve_with_incoming_shutdown(until_draining(incoming, accepting), drained)
             .await?;
         Ok(())
     }
+}
+
+/// How long connections stay open after the last running query ended, for
+/// clients to close their statements (ADBC closes its prepared statement
+/// right after reading the last batch).
+const DRAIN_LINGER: Duration = Duration::from_millis(500);
+
+/// Returns once no query has run for [`DRAIN_LINGER`].
+async fn wait_until_idle(engine: &QueryEngine) {
+    loop {
+        if engine.metrics().active_queries() == 0 {
+            tokio::time::sleep(DRAIN_LINGER).await;
+            if engine.metrics().active_queries() == 0 {
+                return;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The accepted connections of `incoming` until `draining` turns true; then
+/// the listening socket is closed (new connections are refused at once) and
+/// the stream waits, without ending, for the server's shutdown signal.
+fn until_draining<S, T, E>(
+    incoming: S,
+    draining: tokio::sync::watch::Receiver<bool>,
+) -> impl futures::Stream<Item = Result<T, E>>
+where
+    S: futures::Stream<Item = Result<T, E>> + Unpin,
+{
+    use futures::StreamExt;
+    futures::stream::unfold(
+        (Some(incoming), draining),
+        |(mut incoming, mut draining)| async move {
+            loop {
+                let Some(accepting) = incoming.as_mut() else {
+                    std::future::pending::<()>().await;
+                    continue;
+                };
+                let next = tokio::select! {
+                    next = accepting.next() => Some(next),
+                    _ = draining.wait_for(|d| *d) => None,
+                };
+                match next {
+                    Some(next) => return next.map(|item| (item, (incoming, draining))),
+                    None => incoming = None,
+                }
+            }
+        },
+    )
 }
 
 /// What a successful reload published.

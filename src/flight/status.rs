@@ -34,6 +34,7 @@ impl From<QueryError> for Status {
                 tracing::warn!(%message, "source failed");
                 Status::unavailable(message)
             }
+            QueryError::ShuttingDown => Status::unavailable(message),
             QueryError::Internal(_) => {
                 tracing::warn!(%message, "internal error");
                 Status::internal(message)

@@ -11,7 +11,7 @@ use std::future::Future as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,10 @@ pub enum QueryError {
     /// A source could not be read.
     #[error("source unavailable: {0}")]
     Source(String),
+    /// The gateway is shutting down: running queries finish, new ones go
+    /// to another replica.
+    #[error("the gateway is shutting down: no new queries are accepted; retry on another replica")]
+    ShuttingDown,
     /// A fault of meshgate itself.
     #[error("internal error: {0}")]
     Internal(String),
@@ -85,6 +89,7 @@ impl QueryError {
             QueryError::ResourcesExhausted(_) => "resources_exhausted",
             QueryError::Timeout(_) => "timeout",
             QueryError::Source(_) => "source",
+            QueryError::ShuttingDown => "shutting_down",
             QueryError::Internal(_) => "internal",
         }
     }
@@ -177,6 +182,8 @@ pub struct QueryEngine {
     running: Arc<tokio::sync::Semaphore>,
     /// Per user, one permit per query that user may run at once.
     per_user: Arc<PerUser>,
+    /// Set at shutdown: running queries finish, new ones are refused.
+    draining: Arc<AtomicBool>,
 }
 
 /// What one config publishes.
@@ -201,7 +208,17 @@ impl QueryEngine {
             running: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_queries)),
             per_user: Arc::new(PerUser::new(limits.max_concurrent_queries_per_user)),
             limits,
+            draining: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// From now on, new queries are refused; running ones go on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// Publishes `mesh` and `admin_groups` for every later session, at once.
@@ -245,6 +262,7 @@ impl QueryEngine {
             metrics: Arc::clone(&self.metrics),
             running: Arc::clone(&self.running),
             per_user: Arc::clone(&self.per_user),
+            draining: Arc::clone(&self.draining),
         }
     }
 
@@ -386,6 +404,7 @@ pub struct CallerSession {
     metrics: Arc<Metrics>,
     running: Arc<tokio::sync::Semaphore>,
     per_user: Arc<PerUser>,
+    draining: Arc<AtomicBool>,
 }
 
 /// The per-user concurrency limit: a semaphore per user seen recently.
@@ -439,7 +458,9 @@ impl CallerSession {
     /// Parses, guards and plans `sql`. A failure is audited.
     pub async fn prepare(&self, sql: &str) -> Result<PreparedQuery, QueryError> {
         let started = Instant::now();
-        let result = if sql.len() > self.limits.max_sql_length {
+        let result = if self.draining.load(Ordering::SeqCst) {
+            Err(QueryError::ShuttingDown)
+        } else if sql.len() > self.limits.max_sql_length {
             Err(QueryError::Refused(format!(
                 "SQL text of {} bytes exceeds the limit of {} bytes",
                 sql.len(),
@@ -469,6 +490,7 @@ impl CallerSession {
     pub async fn execute(&self, query: PreparedQuery) -> Result<QueryStream, QueryError> {
         let started = Instant::now();
         let result = match self.admit().await {
+            Ok(_) if self.draining.load(Ordering::SeqCst) => Err(QueryError::ShuttingDown),
             Ok(permit) => self
                 .start(&query, started)
                 .await
@@ -897,7 +919,7 @@ async fn acquire(
 ) -> Result<tokio::sync::OwnedSemaphorePermit, QueryError> {
     match tokio::time::timeout_at(deadline, semaphore.acquire_owned()).await {
         Ok(Ok(permit)) => Ok(permit),
-        Ok(Err(_)) => Err(QueryError::Internal("the gateway is shutting down".into())),
+        Ok(Err(_)) => Err(QueryError::ShuttingDown),
         Err(_) => Err(QueryError::ResourcesExhausted(busy())),
     }
 }

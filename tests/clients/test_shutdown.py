@@ -111,3 +111,32 @@ def test_a_stream_longer_than_the_shutdown_timeout_is_cut_off(root):
         if process.poll() is None:
             process.kill()
         out.close()
+
+
+def test_sigterm_during_an_adbc_stream_delivers_it_whole(root):
+    import adbc_driver_flightsql.dbapi as flightsql
+
+    process, out, uri = start(root, "30s", "adbc-drain.log")
+    try:
+        with flightsql.connect(uri, db_kwargs={"username": "carol", "password": "carol-demo"}) as conn:
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM sales.lineitem")
+                expected = cur.fetchone()[0] * 20
+                cur.execute(LONG)
+                reader = cur.fetch_record_batch()
+                rows = reader.read_next_batch().num_rows
+                process.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                # The open connection still answers, but takes no new query.
+                with conn.cursor() as other:
+                    with pytest.raises(Exception, match="shutting down"):
+                        other.execute("SELECT 1")
+                for batch in reader:
+                    rows += batch.num_rows
+                    time.sleep(0.001)  # a client slower than the server
+                assert rows == expected
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        out.close()
