@@ -96,6 +96,25 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// List the products you can see, through the catalog API of a running
+    /// gateway.
+    Products {
+        /// Only the products of this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// The gateway, `grpc://host:port` or `grpc+tls://host:port`
+        /// (default: `server.flight_addr` of --config, or 127.0.0.1:50051).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// A bearer token.
+        #[arg(long, env = "MESHGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Log in as this local user instead (password on stdin).
+        #[arg(long, conflicts_with = "token")]
+        user: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Write the demo mesh (config and data) into a directory.
     Demo {
         dir: PathBuf,
@@ -199,6 +218,37 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             print!("{}", explain_access(&gateway, &identity, &product)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Products {
+            domain,
+            endpoint,
+            token,
+            user,
+            config,
+        } => {
+            let endpoint = match (endpoint, config) {
+                (Some(endpoint), _) => endpoint,
+                (None, Some(config)) => {
+                    let config = MeshConfig::load(&config).map_err(|e| e.to_string())?;
+                    let scheme = if config.server.tls.is_some() {
+                        "grpc+tls"
+                    } else {
+                        "grpc"
+                    };
+                    format!("{scheme}://{}", config.server.flight_addr)
+                }
+                (None, None) => "grpc://127.0.0.1:50051".to_string(),
+            };
+            let channel = connect(&endpoint).await?;
+            let token = match (token, user) {
+                (Some(token), _) => token,
+                (None, Some(user)) => login(channel.clone(), &user, &read_password()?).await?,
+                (None, None) => {
+                    return Err("give --token (or MESHGATE_TOKEN), or --user to log in".into());
+                }
+            };
+            print!("{}", list_products(channel, &token, domain).await?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { dir, scale } => {
             let config = demo::write_demo_config(&dir).map_err(|e| e.to_string())?;
             demo::ensure_demo_data(&dir, scale)?;
@@ -208,6 +258,121 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// A channel to a gateway at `grpc://` or `grpc+tls://` (system roots).
+async fn connect(endpoint: &str) -> Result<tonic::transport::Channel, String> {
+    let (url, tls) = if let Some(rest) = endpoint.strip_prefix("grpc+tls://") {
+        (format!("https://{rest}"), true)
+    } else if let Some(rest) = endpoint.strip_prefix("grpc://") {
+        (format!("http://{rest}"), false)
+    } else {
+        return Err(format!(
+            "--endpoint `{endpoint}`: write grpc://host:port or grpc+tls://host:port"
+        ));
+    };
+    let mut channel = tonic::transport::Channel::from_shared(url)
+        .map_err(|e| format!("--endpoint `{endpoint}`: {e}"))?
+        .connect_timeout(std::time::Duration::from_secs(10));
+    if tls {
+        channel = channel
+            .tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
+            .map_err(|e| e.to_string())?;
+    }
+    channel
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {endpoint}: {e}"))
+}
+
+/// The bearer token a local user gets from the Flight handshake.
+async fn login(
+    channel: tonic::transport::Channel,
+    user: &str,
+    password: &str,
+) -> Result<String, String> {
+    use base64::Engine;
+    let mut client = arrow_flight::flight_service_client::FlightServiceClient::new(channel);
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut request = tonic::Request::new(futures::stream::iter([
+        arrow_flight::HandshakeRequest::default(),
+    ]));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Basic {basic}")
+            .parse()
+            .map_err(|_| "the user name cannot be sent in a header".to_string())?,
+    );
+    let response = client
+        .handshake(request)
+        .await
+        .map_err(|e| format!("login: {}", e.message()))?;
+    response
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(meshgate::auth::bearer_token)
+        .map(str::to_string)
+        .ok_or_else(|| "login: the gateway sent no token".to_string())
+}
+
+/// The products the token's holder sees, one per line.
+async fn list_products(
+    channel: tonic::transport::Channel,
+    token: &str,
+    domain: Option<String>,
+) -> Result<String, String> {
+    use meshgate::api::proto;
+    use std::fmt::Write as _;
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "the token cannot be sent in a header".to_string())?;
+    let mut client = proto::catalog_service_client::CatalogServiceClient::with_interceptor(
+        channel,
+        move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+            Ok(request)
+        },
+    );
+    let products = client
+        .list_products(proto::ListProductsRequest {
+            domain: domain.unwrap_or_default(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.message().to_string())?
+        .into_inner()
+        .products;
+    let width = products.iter().map(|p| p.name.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for product in &products {
+        let freshness = if product.freshness_sla_seconds > 0.0 {
+            format!(
+                " [fresh within {}]",
+                seconds_text(product.freshness_sla_seconds)
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<5}  {:<28}  {}{freshness}",
+            product.name, product.kind, product.owner, product.description
+        );
+    }
+    let _ = writeln!(out, "{} product(s)", products.len());
+    Ok(out)
+}
+
+fn seconds_text(seconds: f64) -> String {
+    let seconds = seconds as u64;
+    match seconds {
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     }
 }
 
@@ -465,7 +630,7 @@ fn explain_access(
     let _ = writeln!(out, "product {product}: visible");
     match &view.row_filter {
         Some(filter) => {
-            let _ = writeln!(out, "row filter: {}", sql_text(filter));
+            let _ = writeln!(out, "row filter: {}", meshgate::api::sql_text(filter));
         }
         None => {
             let _ = writeln!(out, "row filter: none (every row)");
@@ -476,7 +641,7 @@ fn explain_access(
         let how = match column {
             ColumnView::Plain => "visible".to_string(),
             ColumnView::Masked { expr, data_type } => {
-                format!("masked as {} ({data_type})", sql_text(expr))
+                format!("masked as {} ({data_type})", meshgate::api::sql_text(expr))
             }
             ColumnView::Denied => "denied (absent)".to_string(),
         };
@@ -494,11 +659,4 @@ fn explain_access(
         }
     }
     Ok(out)
-}
-
-/// An expression as SQL text (literals quoted), for people to read.
-fn sql_text(expr: &datafusion::logical_expr::Expr) -> String {
-    datafusion::sql::unparser::expr_to_sql(expr)
-        .map(|sql| sql.to_string())
-        .unwrap_or_else(|_| expr.to_string())
 }

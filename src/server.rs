@@ -180,8 +180,12 @@ impl Gateway {
         use axum::routing::get;
         let engine = Arc::clone(&self.engine);
         let ready = Arc::clone(&self.engine);
+        let catalog =
+            crate::api::Catalog::new(Arc::clone(&self.engine), Arc::clone(&self.authenticator));
+        let authenticator = Arc::clone(&self.authenticator);
         let router = axum::Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
+            .nest("/api/v1", api_routes(catalog, authenticator))
             .route(
                 "/readyz",
                 get(move || async move {
@@ -275,10 +279,111 @@ impl Gateway {
             .http2_adaptive_window(Some(true))
             .layer(AuthLayer::new(Arc::clone(&self.authenticator)))
             .add_service(service.into_server())
+            .add_service(
+                crate::api::Catalog::new(Arc::clone(&self.engine), Arc::clone(&self.authenticator))
+                    .into_server(),
+            )
             .serve_with_incoming_shutdown(until_draining(incoming, accepting), drained)
             .await?;
         Ok(())
     }
+}
+
+/// The catalog API as JSON: `GET /api/v1/domains`, `GET /api/v1/products`
+/// (query parameters `domain`, `tag`, `owner`, `search`), `GET
+/// /api/v1/products/{domain.product}`, with the caller's bearer token.
+fn api_routes(catalog: crate::api::Catalog, authenticator: AuthenticatorRef) -> axum::Router {
+    use axum::extract::Path;
+    use axum::http::{HeaderMap, StatusCode, Uri};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::get;
+
+    fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
+        let body = serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".into());
+        (
+            status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body + "\n",
+        )
+            .into_response()
+    }
+    fn error(status: StatusCode, message: String) -> Response {
+        json(status, &serde_json::json!({ "error": message }))
+    }
+    let identify = move |headers: &HeaderMap| {
+        let header = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        authenticator
+            .authenticate_header(header)
+            .map_err(|e| Box::new(error(StatusCode::UNAUTHORIZED, e.to_string())))
+    };
+    let (domains, products, product) = (catalog.clone(), catalog.clone(), catalog);
+    let (id1, id2, id3) = (identify.clone(), identify.clone(), identify);
+    axum::Router::new()
+        .route(
+            "/domains",
+            get(move |headers: HeaderMap| async move {
+                let caller = match id1(&headers) {
+                    Ok(caller) => caller,
+                    Err(response) => return *response,
+                };
+                let domains = domains.domains(&caller).await;
+                json(
+                    StatusCode::OK,
+                    &crate::api::proto::ListDomainsResponse { domains },
+                )
+            }),
+        )
+        .route(
+            "/products",
+            get(move |headers: HeaderMap, uri: Uri| async move {
+                let caller = match id2(&headers) {
+                    Ok(caller) => caller,
+                    Err(response) => return *response,
+                };
+                let mut filter = crate::api::proto::ListProductsRequest::default();
+                for (key, value) in
+                    url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+                {
+                    let value = value.into_owned();
+                    match key.as_ref() {
+                        "domain" => filter.domain = value,
+                        "tag" => filter.tag = value,
+                        "owner" => filter.owner = value,
+                        "search" => filter.search = value,
+                        other => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                format!(
+                                    "unknown parameter `{other}`: use domain, tag, owner or search"
+                                ),
+                            );
+                        }
+                    }
+                }
+                let products = products.products(&caller, &filter).await;
+                json(
+                    StatusCode::OK,
+                    &crate::api::proto::ListProductsResponse { products },
+                )
+            }),
+        )
+        .route(
+            "/products/{name}",
+            get(
+                move |headers: HeaderMap, Path(name): Path<String>| async move {
+                    let caller = match id3(&headers) {
+                        Ok(caller) => caller,
+                        Err(response) => return *response,
+                    };
+                    match product.product(&caller, &name).await {
+                        Ok(found) => json(StatusCode::OK, &found),
+                        Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
+                    }
+                },
+            ),
+        )
 }
 
 /// How long connections stay open after the last running query ended, for

@@ -175,6 +175,11 @@ impl Authenticator {
         credentials.verifier.mint(&local_identity(local), true)
     }
 
+    /// A configured local user's identity.
+    pub fn local_user(&self, user: &str) -> Option<CallerIdentity> {
+        self.credentials().users.get(user).map(local_identity)
+    }
+
     /// Mints a token for any identity (tests, `meshgate token --group`).
     pub fn mint(&self, identity: &CallerIdentity) -> Result<String, AuthError> {
         self.credentials().verifier.mint(identity, false)

@@ -175,6 +175,8 @@ pub fn metadata_warnings(config: &MeshConfig) -> Vec<PublicationProblem> {
 #[derive(Debug)]
 pub struct Mesh {
     pub domains: BTreeMap<String, Domain>,
+    /// The products each published view reads.
+    pub lineage: BTreeMap<ProductName, std::collections::BTreeSet<ProductName>>,
     runtime: Arc<RuntimeEnv>,
 }
 
@@ -273,7 +275,11 @@ impl Mesh {
 
         // Tables' policies first: a view reading a product withdrawn for its
         // policies is withdrawn with it; then the views' own policies.
-        let mut mesh = Self { domains, runtime };
+        let mut mesh = Self {
+            domains,
+            lineage: BTreeMap::new(),
+            runtime,
+        };
         compile_policies(&mut mesh, config, &mut problems, |p| {
             matches!(p.data, ProductData::Table(_))
         });
@@ -316,24 +322,28 @@ impl Mesh {
         futures::future::join_all(probes).await
     }
 
+    /// When `product`'s data last changed, UNIX seconds, where its source
+    /// can tell (file products: the newest file's modification time).
+    pub async fn last_modified(&self, product: &Product) -> Option<f64> {
+        match &product.config.source {
+            ProductSource::Files { url, .. } => {
+                let look = files::last_modified(&self.runtime, url);
+                tokio::time::timeout(std::time::Duration::from_secs(2), look)
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        }
+    }
+
     /// What can be told of each product's freshness: its SLA, and for file
     /// products when their files last changed.
     pub async fn freshness(&self) -> Vec<crate::metrics::Freshness> {
-        let runtime = &self.runtime;
         let products = self.products().map(|product| async move {
-            let last_modified = match &product.config.source {
-                ProductSource::Files { url, .. } => {
-                    let look = files::last_modified(runtime, url);
-                    tokio::time::timeout(std::time::Duration::from_secs(2), look)
-                        .await
-                        .ok()
-                        .flatten()
-                }
-                _ => None,
-            };
             crate::metrics::Freshness {
                 product: product.name.to_string(),
-                last_modified,
+                last_modified: self.last_modified(product).await,
                 sla_seconds: product.config.freshness.map(|f| f.as_secs_f64()),
             }
         });

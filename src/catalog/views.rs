@@ -84,6 +84,7 @@ pub(super) async fn resolve_views(mesh: &mut Mesh, problems: &mut Vec<Publicatio
     // Plan each remaining view to publish its schema.
     let snapshot = Arc::new(Mesh {
         domains: mesh.domains.clone(),
+        lineage: BTreeMap::new(),
         runtime: mesh.runtime(),
     });
     let context = SessionContext::new_with_state(state);
@@ -118,6 +119,8 @@ pub(super) async fn resolve_views(mesh: &mut Mesh, problems: &mut Vec<Publicatio
         }
     }
     remove_products(mesh, &failed, problems);
+    reads.retain(|name, _| !withdrawn.contains_key(name) && !failed.contains_key(name));
+    mesh.lineage = reads;
 }
 
 fn remove_products(

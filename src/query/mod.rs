@@ -167,6 +167,8 @@ pub struct VisibleProduct {
     pub description: Option<String>,
     /// The wire schema of the product for this caller.
     pub schema: SchemaRef,
+    /// The product as published (config, policies), not for the caller's eyes.
+    pub product: Arc<crate::catalog::Product>,
 }
 
 /// Plans and runs queries over a mesh. The mesh (catalog and policies) and
@@ -275,6 +277,11 @@ impl QueryEngine {
     /// The products the caller can see, with their schemas as the caller
     /// sees them (denied columns absent, masked columns typed by their mask).
     pub async fn visible_products(&self, caller: &CallerIdentity) -> Vec<VisibleProduct> {
+        self.visible(caller).await.1
+    }
+
+    /// The mesh published now, and the products of it the caller can see.
+    pub async fn visible(&self, caller: &CallerIdentity) -> (Arc<Mesh>, Vec<VisibleProduct>) {
         let session = self.session(caller, None);
         let mut visible = Vec::new();
         for (domain, entry) in &session.mesh.domains {
@@ -294,10 +301,17 @@ impl QueryEngine {
                     },
                     description: product.config.description.clone(),
                     schema: wire_schema(&table.schema()),
+                    product: Arc::clone(product),
                 });
             }
         }
-        visible
+        (Arc::clone(&session.mesh), visible)
+    }
+
+    /// Whether `caller` is in one of the admin groups.
+    pub fn is_admin(&self, caller: &CallerIdentity) -> bool {
+        let published = Arc::clone(&self.current.read());
+        published.admin_groups.iter().any(|g| caller.has_group(g))
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod adversarial;
 mod auth;
+mod catalog_api;
 mod cli;
 mod federation;
 mod fixture;
