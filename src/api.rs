@@ -316,6 +316,8 @@ fn summary(
         tags: config.tags.clone(),
         freshness_sla_seconds: config.freshness.map_or(0.0, |f| f.as_secs_f64()),
         last_modified_seconds: last_modified.unwrap_or_default(),
+        sunset: config.sunset.map(|d| d.to_string()).unwrap_or_default(),
+        successor: config.successor.clone().unwrap_or_default(),
         ..Default::default()
     }
 }

@@ -35,6 +35,9 @@ pub struct AuditRecord {
     pub outcome: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the caller was told of what they read (a deprecated version).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Writes audit records, one JSON object a line.

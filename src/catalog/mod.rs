@@ -156,6 +156,11 @@ pub fn metadata_warnings(config: &MeshConfig) -> Vec<PublicationProblem> {
                     domain.name
                 ));
             }
+            if let Some(day) = product.sunset.filter(|_| product.is_sunset()) {
+                warn(format!(
+                    "past its sunset ({day}): no longer served; remove it from the config"
+                ));
+            }
             if product
                 .description
                 .as_deref()
@@ -480,6 +485,8 @@ fn register_store(runtime: &RuntimeEnv, url: &Url) -> Result<(), String> {
 pub struct ReadLog {
     pub products: std::collections::BTreeSet<String>,
     pub policies: std::collections::BTreeSet<String>,
+    /// What the caller should know of what they read (deprecated versions).
+    pub warnings: std::collections::BTreeSet<String>,
 }
 
 /// Catalog `mesh` as one caller sees it: products the caller may not access
@@ -596,7 +603,11 @@ impl fmt::Debug for DomainSchema {
 
 impl DomainSchema {
     fn visible(&self, name: &str) -> Option<(&Arc<Product>, Arc<CallerProductView>)> {
-        let product = self.mesh.product(&self.domain, name)?;
+        // A version past its sunset date is no longer served.
+        let product = self
+            .mesh
+            .product(&self.domain, name)
+            .filter(|p| !p.config.is_sunset())?;
         let view = if self.enforce_policies {
             product.view_for(&self.caller)
         } else {
@@ -632,6 +643,9 @@ impl SchemaProvider for DomainSchema {
             let mut reads = self.reads.lock();
             reads.products.insert(product.name.to_string());
             reads.policies.extend(view.applied.iter().cloned());
+            if let Some(warning) = product.config.deprecation(&product.name.to_string()) {
+                reads.warnings.insert(warning);
+            }
         }
         let table = match &product.data {
             ProductData::Table(table) => Arc::clone(table),

@@ -282,10 +282,34 @@ pub struct ProductConfig {
     pub tags: Vec<String>,
     pub source: ProductSource,
     pub freshness: Option<Duration>,
+    /// The last day a deprecated version is served (UTC); a product with a
+    /// sunset is deprecated.
+    pub sunset: Option<chrono::NaiveDate>,
+    /// The product that replaces a deprecated one, `domain.product`.
+    pub successor: Option<String>,
     pub columns: Vec<ColumnContract>,
 }
 
 /// The policy text of a product as configured; compiled by the policy layer.
+impl ProductConfig {
+    /// Past its sunset date (UTC): no longer served.
+    pub fn is_sunset(&self) -> bool {
+        self.sunset
+            .is_some_and(|day| chrono::Utc::now().date_naive() > day)
+    }
+
+    /// What a reader of a deprecated version is told.
+    pub fn deprecation(&self, name: &str) -> Option<String> {
+        let day = self.sunset?;
+        Some(match &self.successor {
+            Some(successor) => {
+                format!("{name} is deprecated and served until {day}; read {successor} instead")
+            }
+            None => format!("{name} is deprecated and served until {day}"),
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
     pub product: String,
@@ -1019,6 +1043,19 @@ fn load_product(
         .map(|f| parse_duration(file, &format!("{key}.freshness"), f))
         .transpose()?;
 
+    let sunset = product
+        .sunset
+        .as_deref()
+        .map(|day| {
+            chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").map_err(|e| {
+                ConfigError::new(
+                    file,
+                    format!("{key}.sunset: `{day}` is not a date ({e}); write YYYY-MM-DD"),
+                )
+            })
+        })
+        .transpose()?;
+
     let mut columns: Vec<ColumnContract> = Vec::new();
     let mut seen = BTreeSet::new();
     for (index, column) in product.columns.into_iter().enumerate() {
@@ -1057,6 +1094,8 @@ fn load_product(
         tags: product.tags,
         source,
         freshness,
+        sunset,
+        successor: product.successor,
         columns,
     })
 }

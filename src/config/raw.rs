@@ -160,6 +160,8 @@ pub(crate) struct ProductEntry {
     pub csv: Option<CsvEntry>,
     pub sql: Option<String>,
     pub freshness: Option<String>,
+    pub sunset: Option<String>,
+    pub successor: Option<String>,
     #[serde(default)]
     pub columns: Vec<ColumnEntry>,
 }

@@ -98,11 +98,21 @@ impl MeshFlightService {
         session: crate::query::CallerSession,
         query: PreparedQuery,
     ) -> Result<Response<FlightDataStream>, Status> {
+        let warnings = session.warnings();
+        for warning in &warnings {
+            tracing::warn!(%warning, "deprecated product read");
+        }
         let stream = session.execute(query).await?;
         let schema = stream.schema();
         let sent = stream.bytes_sent();
         let batches = stream.map_err(|e| FlightError::Tonic(Box::new(Status::from(e))));
-        let response = encode_stream(schema, batches);
+        // Warnings travel as the app metadata of the stream's first message.
+        let mut encoder = FlightDataEncoderBuilder::new().with_schema(schema);
+        if !warnings.is_empty() {
+            encoder = encoder.with_metadata(format!("warning: {}", warnings.join("; ")).into());
+        }
+        let response: Response<FlightDataStream> =
+            Response::new(Box::pin(encoder.build(batches).map_err(Status::from)));
         // Counted as each message leaves, before the stream's end (and the
         // query's record) is reached.
         Ok(response.map(|messages| -> FlightDataStream {
@@ -126,6 +136,35 @@ fn caller<T>(request: &Request<T>) -> Result<CallerIdentity, Status> {
         .get::<CallerIdentity>()
         .cloned()
         .ok_or_else(|| Status::unauthenticated("no verified caller on this request"))
+}
+
+/// Column metadata key of Flight SQL for a column's description.
+const REMARKS: &str = "ARROW:FLIGHT:SQL:REMARKS";
+
+/// The product's schema as the caller sees it, each column that the
+/// product's contract describes carrying its description as remarks.
+fn with_remarks(product: &crate::query::VisibleProduct) -> arrow::datatypes::Schema {
+    let contract = &product.product.config.columns;
+    let fields: Vec<arrow::datatypes::Field> = product
+        .schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let described = contract
+                .iter()
+                .find(|c| c.name == *field.name())
+                .and_then(|c| c.description.clone());
+            match described {
+                Some(remarks) => {
+                    let mut metadata = field.metadata().clone();
+                    metadata.insert(REMARKS.to_string(), remarks);
+                    field.as_ref().clone().with_metadata(metadata)
+                }
+                None => field.as_ref().clone(),
+            }
+        })
+        .collect();
+    arrow::datatypes::Schema::new_with_metadata(fields, product.schema.metadata().clone())
 }
 
 /// How long a login waits for a password-check slot.
@@ -473,7 +512,7 @@ impl FlightSqlService for MeshFlightService {
                     &product.name.domain,
                     &product.name.product,
                     product.table_type,
-                    &product.schema,
+                    &with_remarks(&product),
                 )
                 .map_err(encoding)?;
         }

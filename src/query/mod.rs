@@ -457,6 +457,12 @@ impl std::fmt::Debug for CallerSession {
 }
 
 impl CallerSession {
+    /// What the caller should be told of the products their planned
+    /// queries read (a deprecated version and its sunset).
+    pub fn warnings(&self) -> Vec<String> {
+        self.reads.lock().warnings.iter().cloned().collect()
+    }
+
     /// The caller's bearer token, sent on by sources that forward it.
     pub fn with_token(self, token: Option<crate::sources::ForwardedToken>) -> Self {
         if let Some(token) = token {
@@ -765,6 +771,7 @@ impl AuditContext {
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             outcome,
             error: error.map(|(_, message)| message),
+            warnings: reads.warnings.into_iter().collect(),
         });
     }
 }

@@ -105,6 +105,32 @@ def serve(binary: str, config: pathlib.Path, out_path: pathlib.Path):
     return process, out, first
 
 
+def serve_with_http(binary: str, config: pathlib.Path, root: pathlib.Path, *options: str):
+    """Starts `meshgate [options] serve` with Flight and HTTP on free ports,
+    its stdout and stderr in `root`/stdout.log and stderr.log, and waits for
+    both addresses. Returns the process, the two open files, the Flight URI
+    and the HTTP base URL."""
+    import re
+
+    stdout, stderr = open(root / "stdout.log", "w"), open(root / "stderr.log", "w")
+    process = subprocess.Popen(
+        [binary, *options, "serve", "--config", str(config), "--flight-addr", "127.0.0.1:0",
+         "--http-addr", "127.0.0.1:0"],
+        stdout=stdout, stderr=stderr,
+    )
+    flight_uri = http = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (flight_uri and http):
+        assert process.poll() is None, (root / "stderr.log").read_text()
+        first = (root / "stdout.log").read_text().split("\n")[0]
+        if first.startswith("meshgate listening on"):
+            flight_uri = first.split()[3]
+        found = re.search(r"on (http://\S+)", (root / "stderr.log").read_text())
+        http = found and found.group(1)
+        time.sleep(0.05)
+    return process, (stdout, stderr), flight_uri, http
+
+
 class DemoServer:
     def __init__(self, uri: str, root: pathlib.Path, binary: str, process):
         self.uri = uri

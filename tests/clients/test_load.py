@@ -20,7 +20,7 @@ import urllib.request
 
 import adbc_driver_flightsql.dbapi as flightsql
 
-from conftest import SCALE, meshgate_binary
+from conftest import SCALE, meshgate_binary, serve_with_http
 
 SECONDS = float(os.environ.get("MESHGATE_LOAD_SECONDS", "60"))
 CLIENTS = int(os.environ.get("MESHGATE_LOAD_CLIENTS", "32"))
@@ -112,25 +112,10 @@ def test_32_clients_mixing_lookups_streams_and_joins():
     with tempfile.TemporaryDirectory(prefix="meshgate-load-") as tmp:
         root = pathlib.Path(tmp)
         subprocess.run([binary, "demo", str(root), "--scale", LOAD_SCALE], check=True, capture_output=True)
-        stdout, stderr = open(root / "stdout.log", "w"), open(root / "stderr.log", "w")
         config = root / "meshgate.toml"
         config.write_text(config.read_text().replace('output = "stdout"', 'output = "off"'))
-        process = subprocess.Popen(
-            [binary, "serve", "--config", str(config), "--flight-addr", "127.0.0.1:0",
-             "--http-addr", "127.0.0.1:0"],
-            stdout=stdout, stderr=stderr,
-        )
+        process, files, uri, http = serve_with_http(binary, config, root)
         try:
-            uri = http = None
-            give_up = time.monotonic() + 120
-            while time.monotonic() < give_up and not (uri and http):
-                assert process.poll() is None, (root / "stderr.log").read_text()
-                first = (root / "stdout.log").read_text().split("\n")[0]
-                if first.startswith("meshgate listening on"):
-                    uri = first.split()[3]
-                found = re.search(r"on (http://\S+)", (root / "stderr.log").read_text())
-                http = found and found.group(1)
-                time.sleep(0.05)
             with flightsql.connect(uri, db_kwargs={"username": "carol", "password": "carol-demo"}) as conn:
                 with conn.cursor() as cur:
                     cur.execute("SELECT o_orderkey FROM sales.orders ORDER BY o_orderkey LIMIT 2000")
@@ -155,8 +140,8 @@ def test_32_clients_mixing_lookups_streams_and_joins():
         finally:
             process.terminate()
             process.wait(timeout=60)
-            stdout.close()
-            stderr.close()
+            for file in files:
+                file.close()
 
     failures = [f for c in clients for f in c.failures]
     latencies = {kind: [ms for c in clients for ms in c.latencies[kind]] for kind in clients[0].latencies}

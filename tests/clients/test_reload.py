@@ -14,7 +14,7 @@ import urllib.request
 import adbc_driver_flightsql.dbapi as flightsql
 import pytest
 
-from conftest import SCALE, meshgate_binary
+from conftest import SCALE, meshgate_binary, serve_with_http
 
 REVOKE = ("access = \"has_group('analyst') OR has_group('crm')\"\nrow_filter = \"c_region",
           "access = \"has_group('crm')\"\nrow_filter = \"c_region")
@@ -26,29 +26,16 @@ def gateway():
         root = pathlib.Path(tmp)
         binary = meshgate_binary()
         subprocess.run([binary, "demo", str(root), "--scale", SCALE], check=True, capture_output=True)
-        stdout, stderr = open(root / "stdout.log", "w"), open(root / "stderr.log", "w")
-        process = subprocess.Popen(
-            [binary, "--log-format", "json", "serve", "--config", str(root / "meshgate.toml"),
-             "--flight-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"],
-            stdout=stdout, stderr=stderr,
+        process, files, flight_uri, http = serve_with_http(
+            binary, root / "meshgate.toml", root, "--log-format", "json"
         )
         try:
-            deadline = time.monotonic() + 60
-            flight_uri = http = None
-            while time.monotonic() < deadline and not (flight_uri and http):
-                assert process.poll() is None, (root / "stderr.log").read_text()
-                first = (root / "stdout.log").read_text().split("\n")[0]
-                if first.startswith("meshgate listening on"):
-                    flight_uri = first.split()[3]
-                found = re.search(r"on (http://\S+)", (root / "stderr.log").read_text())
-                http = found and found.group(1)
-                time.sleep(0.05)
             yield root, process, flight_uri, http
         finally:
             process.terminate()
             process.wait(timeout=30)
-            stdout.close()
-            stderr.close()
+            for file in files:
+                file.close()
 
 
 def customers(uri: str, user: str) -> int:

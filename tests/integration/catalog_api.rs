@@ -2,11 +2,8 @@
 //! HTTP JSON: each caller sees the products, columns and masks their
 //! policies give them, with owners, lineage and freshness.
 
-use std::sync::Arc;
-
 use meshgate::api::proto;
 use meshgate::api::proto::catalog_service_client::CatalogServiceClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
@@ -143,6 +140,10 @@ async fn each_caller_sees_their_own_catalog() {
     let phone = column(&as_alice, "c_phone").unwrap();
     assert!(phone.masked && phone.tags == ["pii"], "{phone:?}");
     assert!(!column(&as_alice, "c_name").unwrap().masked);
+    assert_eq!(
+        column(&as_alice, "c_region").unwrap().description,
+        "The region of the customer's nation"
+    );
     let as_bob = product(&mut bob, "crm.customer").await.unwrap();
     assert!(!column(&as_bob, "c_phone").unwrap().masked);
     let as_carol = product(&mut carol, "crm.customer").await.unwrap();
@@ -239,36 +240,10 @@ async fn explain_access_for_oneself_and_for_others_as_an_admin() {
     server.stop().await;
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = bearer
-        .map(|b| format!("Authorization: {b}\r\n"))
-        .unwrap_or_default();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: meshgate\r\n{auth}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
-}
-
 #[tokio::test]
 async fn the_http_json_api_answers_what_the_grpc_api_answers() {
     let server = TestServer::start().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let gateway = Arc::clone(&server.gateway);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(async move {
-        gateway
-            .serve_http(listener, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
+    let http = server.serve_http().await;
 
     for user in ["alice", "dave"] {
         let (mut grpc, bearer) = catalog(&server, user).await;
@@ -277,7 +252,7 @@ async fn the_http_json_api_answers_what_the_grpc_api_answers() {
             .await
             .unwrap()
             .into_inner();
-        let (status, body) = http_get(addr, "/api/v1/products", Some(&bearer)).await;
+        let (status, body) = http.get("/api/v1/products", Some(&bearer)).await;
         assert_eq!(status, 200, "{body}");
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json, serde_json::to_value(&listed).unwrap());
@@ -287,7 +262,7 @@ async fn the_http_json_api_answers_what_the_grpc_api_answers() {
             .await
             .unwrap()
             .into_inner();
-        let (_, body) = http_get(addr, "/api/v1/domains", Some(&bearer)).await;
+        let (_, body) = http.get("/api/v1/domains", Some(&bearer)).await;
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json, serde_json::to_value(&domains).unwrap());
     }
@@ -295,34 +270,33 @@ async fn the_http_json_api_answers_what_the_grpc_api_answers() {
     let (mut alice, bearer) = catalog(&server, "alice").await;
     for name in ["crm.customer", "sales.revenue_by_nation"] {
         let one = product(&mut alice, name).await.unwrap();
-        let (status, body) =
-            http_get(addr, &format!("/api/v1/products/{name}"), Some(&bearer)).await;
+        let (status, body) = http
+            .get(&format!("/api/v1/products/{name}"), Some(&bearer))
+            .await;
         assert_eq!(status, 200, "{body}");
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json, serde_json::to_value(&one).unwrap());
     }
-    let (status, body) = http_get(
-        addr,
-        "/api/v1/products?domain=crm&search=nation",
-        Some(&bearer),
-    )
-    .await;
+    let (status, body) = http
+        .get("/api/v1/products?domain=crm&search=nation", Some(&bearer))
+        .await;
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["products"].as_array().unwrap().len(), 1, "{json}");
     assert_eq!(json["products"][0]["name"], "crm.nation");
 
-    let (status, body) = http_get(addr, "/api/v1/products", None).await;
+    let (status, body) = http.get("/api/v1/products", None).await;
     assert_eq!(status, 401, "{body}");
     let (mut dave, dave_bearer) = catalog(&server, "dave").await;
     assert!(product(&mut dave, "crm.customer").await.is_err());
-    let (status, _) = http_get(addr, "/api/v1/products/crm.customer", Some(&dave_bearer)).await;
+    let (status, _) = http
+        .get("/api/v1/products/crm.customer", Some(&dave_bearer))
+        .await;
     assert_eq!(status, 404);
-    let (status, body) = http_get(addr, "/api/v1/products?colour=red", Some(&bearer)).await;
+    let (status, body) = http.get("/api/v1/products?colour=red", Some(&bearer)).await;
     assert_eq!(status, 400, "{body}");
 
-    stop.send(()).unwrap();
-    http.await.unwrap();
+    http.stop().await;
     server.stop().await;
 }
 
@@ -402,5 +376,117 @@ async fn the_products_command_lists_through_the_api() {
         "{stdout}"
     );
     assert!(stdout.contains("3 product(s)"), "{stdout}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_deprecated_version_warns_until_its_sunset_then_is_gone() {
+    use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+    use futures::StreamExt;
+
+    let server = TestServer::start_with(|dir| {
+        let sales = dir.join("domains/sales.toml");
+        let text = std::fs::read_to_string(&sales).unwrap();
+        let versions = r#"
+[[products]]
+name = "orders_v1"
+description = "One row per order (version 1)"
+version = "1.0.0"
+storage = "lake"
+location = "orders/"
+format = "parquet"
+sunset = "2099-12-31"
+successor = "sales.orders"
+
+[[products]]
+name = "orders_v0"
+description = "One row per order (version 0)"
+storage = "lake"
+location = "orders/"
+format = "parquet"
+sunset = "2001-01-01"
+"#;
+        std::fs::write(&sales, format!("{text}\n{versions}")).unwrap();
+    })
+    .await;
+    let past: Vec<String> = server
+        .gateway
+        .warnings
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        past.iter()
+            .any(|w| w.starts_with("sales.orders_v0") && w.contains("past its sunset (2001-01-01)")),
+        "{past:?}"
+    );
+
+    let mut alice = server.login("alice").await;
+    let current = crate::fixture::rows(&mut alice, "SELECT count(*) AS n FROM sales.orders").await;
+    let sql = "SELECT count(*) AS n FROM sales.orders_v1";
+    // The version is served, and the first message of its stream says it
+    // is deprecated.
+    let info = alice
+        .flight_info(
+            CommandStatementQuery {
+                query: sql.into(),
+                transaction_id: None,
+            }
+            .as_any(),
+        )
+        .await
+        .unwrap();
+    let request = alice.request(info.endpoint[0].ticket.clone().unwrap());
+    let mut messages = alice.inner.do_get(request).await.unwrap().into_inner();
+    let first = messages.next().await.unwrap().unwrap();
+    let warning = String::from_utf8(first.app_metadata.to_vec()).unwrap();
+    assert_eq!(
+        warning,
+        "warning: sales.orders_v1 is deprecated and served until 2099-12-31; read sales.orders instead"
+    );
+    while messages.next().await.is_some() {}
+    assert_eq!(crate::fixture::rows(&mut alice, sql).await, current);
+    let audited = server.audit_records();
+    let record = audited.iter().rev().find(|r| r["sql"] == sql).unwrap();
+    assert_eq!(
+        record["warnings"][0],
+        "sales.orders_v1 is deprecated and served until 2099-12-31; read sales.orders instead"
+    );
+    let plain = audited
+        .iter()
+        .find(|r| r["sql"] == "SELECT count(*) AS n FROM sales.orders")
+        .unwrap();
+    assert!(plain.get("warnings").is_none(), "{plain}");
+
+    // Past its sunset, a version does not exist.
+    let gone = alice
+        .query("SELECT count(*) FROM sales.orders_v0")
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone}");
+
+    let (mut catalog, _) = catalog(&server, "alice").await;
+    let v1 = product(&mut catalog, "sales.orders_v1").await.unwrap();
+    assert_eq!(
+        (v1.sunset.as_str(), v1.successor.as_str()),
+        ("2099-12-31", "sales.orders")
+    );
+    assert!(
+        product(&mut catalog, "sales.orders")
+            .await
+            .unwrap()
+            .sunset
+            .is_empty()
+    );
+    assert_eq!(
+        product(&mut catalog, "sales.orders_v0")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let listed = names(&mut catalog, proto::ListProductsRequest::default()).await;
+    assert!(listed.contains(&"sales.orders_v1".to_string()));
+    assert!(!listed.contains(&"sales.orders_v0".to_string()));
     server.stop().await;
 }

@@ -132,6 +132,25 @@ async fn get_tables_lists_products_with_their_schemas() {
             Field::new("n_comment", DataType::Utf8, true),
         ])
     );
+    // A column the product's contract describes carries the description
+    // as Flight SQL remarks.
+    let customer = try_schema_from_ipc_buffer(schemas.value(0)).unwrap();
+    assert_eq!(
+        customer
+            .field_with_name("c_region")
+            .unwrap()
+            .metadata()
+            .get("ARROW:FLIGHT:SQL:REMARKS")
+            .map(String::as_str),
+        Some("The region of the customer's nation")
+    );
+    assert!(
+        customer
+            .field_with_name("c_name")
+            .unwrap()
+            .metadata()
+            .is_empty()
+    );
     let orders = try_schema_from_ipc_buffer(schemas.value(4)).unwrap();
     assert_eq!(
         orders.field_with_name("o_totalprice").unwrap().data_type(),

@@ -1,22 +1,8 @@
 //! The operator's HTTP endpoint: health, readiness and Prometheus metrics.
 
-use std::sync::Arc;
-
 use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::fixture::TestServer;
-
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: meshgate\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
-}
 
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -28,21 +14,10 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 #[tokio::test]
 async fn health_readiness_and_metrics() {
     let server = TestServer::start().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let gateway = Arc::clone(&server.gateway);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(async move {
-        gateway
-            .serve_http(listener, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
+    let http = server.serve_http().await;
 
-    assert_eq!(get(addr, "/healthz").await, (200, "ok\n".to_string()));
-    let (status, body) = get(addr, "/readyz").await;
+    assert_eq!(http.get("/healthz", None).await, (200, "ok\n".to_string()));
+    let (status, body) = http.get("/readyz", None).await;
     assert_eq!(status, 200);
     assert!(body.contains("10 products published"), "{body}");
     assert!(
@@ -50,7 +25,7 @@ async fn health_readiness_and_metrics() {
         "{body}"
     );
 
-    let (_, before) = get(addr, "/metrics").await;
+    let (_, before) = http.get("/metrics", None).await;
     // Each listed metric is present before any query.
     for name in [
         "meshgate_active_queries",
@@ -115,7 +90,7 @@ async fn health_readiness_and_metrics() {
         .query("SELECT count(*) FROM support.tickets")
         .await
         .unwrap();
-    let (status, text) = get(addr, "/metrics").await;
+    let (status, text) = http.get("/metrics", None).await;
     assert_eq!(status, 200);
     for (name, value) in [
         ("meshgate_queries_total{outcome=\"ok\"}", 2.0),
@@ -170,7 +145,7 @@ async fn health_readiness_and_metrics() {
     let stream = client.inner.do_get(request).await.unwrap().into_inner();
     let mut peak = 0.0f64;
     for _ in 0..500 {
-        let (_, text) = get(addr, "/metrics").await;
+        let (_, text) = http.get("/metrics", None).await;
         assert_eq!(
             metric(&text, "meshgate_active_queries"),
             Some(1.0),
@@ -186,7 +161,7 @@ async fn health_readiness_and_metrics() {
     drop(stream);
     let mut settled = None;
     for _ in 0..200 {
-        let (_, text) = get(addr, "/metrics").await;
+        let (_, text) = http.get("/metrics", None).await;
         let active = metric(&text, "meshgate_active_queries");
         let memory = metric(&text, "meshgate_memory_reserved_bytes");
         if active == Some(0.0) && memory == Some(0.0) {
@@ -202,7 +177,6 @@ async fn health_readiness_and_metrics() {
         "{text}"
     );
 
-    stop.send(()).unwrap();
-    http.await.unwrap();
+    http.stop().await;
     server.stop().await;
 }
