@@ -183,7 +183,16 @@ pub struct Mesh {
     /// The products each published view reads.
     pub lineage: BTreeMap<ProductName, std::collections::BTreeSet<ProductName>>,
     runtime: Arc<RuntimeEnv>,
+    /// The last probe of the sources, reused for [`SOURCE_PROBE_TTL`].
+    source_probe: tokio::sync::Mutex<Option<(std::time::Instant, SourceStates)>>,
 }
+
+/// Whether each source answered its probe: `(source, Ok or why not)`.
+pub type SourceStates = Vec<(String, Result<(), String>)>;
+
+/// How long a probe of the sources is reused: readiness checks and scrapes
+/// that come often cost one probe per source at most this often.
+const SOURCE_PROBE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Mesh {
     /// Opens every product of `config`. Products that cannot be opened are
@@ -284,6 +293,7 @@ impl Mesh {
             domains,
             lineage: BTreeMap::new(),
             runtime,
+            source_probe: tokio::sync::Mutex::new(None),
         };
         compile_policies(&mut mesh, config, &mut problems, |p| {
             matches!(p.data, ProductData::Table(_))
@@ -304,10 +314,17 @@ impl Mesh {
         self.domains.get(domain)?.products.get(product)
     }
 
-    /// Whether each SQL or Flight SQL source answers now: one of its
-    /// products' tables is looked up (connection, login and table), at most
-    /// a few seconds per source, all at once.
-    pub async fn probe_sources(&self) -> Vec<(String, Result<(), String>)> {
+    /// Whether each SQL or Flight SQL source answers: one of its products'
+    /// tables is looked up (connection, login and table), all sources at
+    /// once, each bounded by its connect timeout. A probe is reused for a
+    /// few seconds, so frequent checks cost the sources nothing more.
+    pub async fn probe_sources(&self) -> SourceStates {
+        let mut last = self.source_probe.lock().await;
+        if let Some((at, states)) = last.as_ref()
+            && at.elapsed() < SOURCE_PROBE_TTL
+        {
+            return states.clone();
+        }
         let mut probes: BTreeMap<String, (Arc<Source>, Vec<String>)> = BTreeMap::new();
         for product in self.products() {
             if let ProductData::Table(table) = &product.data
@@ -324,7 +341,9 @@ impl Mesh {
                 let answer = source.table_schema(&table).await;
                 (name, answer.map(|_| ()).map_err(|e| e.to_string()))
             });
-        futures::future::join_all(probes).await
+        let states = futures::future::join_all(probes).await;
+        *last = Some((std::time::Instant::now(), states.clone()));
+        states
     }
 
     /// When `product`'s data last changed, UNIX seconds, where its source

@@ -86,6 +86,7 @@ pub(super) async fn resolve_views(mesh: &mut Mesh, problems: &mut Vec<Publicatio
         domains: mesh.domains.clone(),
         lineage: BTreeMap::new(),
         runtime: mesh.runtime(),
+        source_probe: tokio::sync::Mutex::new(None),
     });
     let context = SessionContext::new_with_state(state);
     // Views publish the schema they have for a caller no policy restricts.
