@@ -162,13 +162,8 @@ async fn each_caller_sees_their_own_catalog() {
     );
 
     // Freshness: the SLA and the file's modification time.
-    let modified = std::fs::metadata(server.dir.path().join("data/crm/customer.parquet"))
-        .unwrap()
-        .modified()
-        .unwrap()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let modified =
+        crate::fixture::modified_seconds(&server.dir.path().join("data/crm/customer.parquet"));
     assert_eq!(as_alice.freshness_sla_seconds, 86400.0);
     assert!((as_alice.last_modified_seconds - modified).abs() < 0.01);
 

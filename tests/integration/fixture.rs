@@ -54,6 +54,17 @@ pub(crate) fn demo_config_dir() -> tempfile::TempDir {
     dir
 }
 
+/// When a file was last modified, in UNIX seconds.
+pub(crate) fn modified_seconds(path: &Path) -> f64 {
+    std::fs::metadata(path)
+        .unwrap()
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
 /// Replaces text in a config file.
 pub(crate) fn edit(path: &Path, from: &str, to: &str) {
     let text = std::fs::read_to_string(path).unwrap();

@@ -52,13 +52,8 @@ async fn health_readiness_and_metrics() {
         Some(86400.0)
     );
     // Freshness of a file product: its file's modification time.
-    let modified = std::fs::metadata(server.dir.path().join("data/crm/customer.parquet"))
-        .unwrap()
-        .modified()
-        .unwrap()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let modified =
+        crate::fixture::modified_seconds(&server.dir.path().join("data/crm/customer.parquet"));
     let published = metric(
         &before,
         "meshgate_product_last_modified_timestamp_seconds{product=\"crm.customer\"}",
