@@ -293,10 +293,31 @@ impl Gateway {
 /// (query parameters `domain`, `tag`, `owner`, `search`), `GET
 /// /api/v1/products/{domain.product}`, with the caller's bearer token.
 fn api_routes(catalog: crate::api::Catalog, authenticator: AuthenticatorRef) -> axum::Router {
-    use axum::extract::Path;
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/domains", get(json_api::domains))
+        .route("/products", get(json_api::products))
+        .route("/products/{name}", get(json_api::product))
+        .with_state(json_api::ApiState {
+            catalog,
+            authenticator,
+        })
+}
+
+/// The handlers of the JSON catalog API.
+mod json_api {
+    use axum::extract::{Path, State};
     use axum::http::{HeaderMap, StatusCode, Uri};
     use axum::response::{IntoResponse, Response};
-    use axum::routing::get;
+
+    use crate::api::proto;
+    use crate::auth::{AuthError, AuthenticatorRef, CallerIdentity};
+
+    #[derive(Clone)]
+    pub(super) struct ApiState {
+        pub(super) catalog: crate::api::Catalog,
+        pub(super) authenticator: AuthenticatorRef,
+    }
 
     fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
         let body = serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".into());
@@ -307,83 +328,76 @@ fn api_routes(catalog: crate::api::Catalog, authenticator: AuthenticatorRef) -> 
         )
             .into_response()
     }
+
     fn error(status: StatusCode, message: String) -> Response {
         json(status, &serde_json::json!({ "error": message }))
     }
-    let identify = move |headers: &HeaderMap| {
+
+    /// The caller the `Authorization` header names.
+    fn caller(state: &ApiState, headers: &HeaderMap) -> Result<CallerIdentity, AuthError> {
         let header = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        authenticator
-            .authenticate_header(header)
-            .map_err(|e| Box::new(error(StatusCode::UNAUTHORIZED, e.to_string())))
-    };
-    let (domains, products, product) = (catalog.clone(), catalog.clone(), catalog);
-    let (id1, id2, id3) = (identify.clone(), identify.clone(), identify);
-    axum::Router::new()
-        .route(
-            "/domains",
-            get(move |headers: HeaderMap| async move {
-                let caller = match id1(&headers) {
-                    Ok(caller) => caller,
-                    Err(response) => return *response,
-                };
-                let domains = domains.domains(&caller).await;
-                json(
-                    StatusCode::OK,
-                    &crate::api::proto::ListDomainsResponse { domains },
-                )
-            }),
-        )
-        .route(
-            "/products",
-            get(move |headers: HeaderMap, uri: Uri| async move {
-                let caller = match id2(&headers) {
-                    Ok(caller) => caller,
-                    Err(response) => return *response,
-                };
-                let mut filter = crate::api::proto::ListProductsRequest::default();
-                for (key, value) in
-                    url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
-                {
-                    let value = value.into_owned();
-                    match key.as_ref() {
-                        "domain" => filter.domain = value,
-                        "tag" => filter.tag = value,
-                        "owner" => filter.owner = value,
-                        "search" => filter.search = value,
-                        other => {
-                            return error(
-                                StatusCode::BAD_REQUEST,
-                                format!(
-                                    "unknown parameter `{other}`: use domain, tag, owner or search"
-                                ),
-                            );
-                        }
-                    }
+        state.authenticator.authenticate_header(header)
+    }
+
+    fn unauthorized(e: AuthError) -> Response {
+        error(StatusCode::UNAUTHORIZED, e.to_string())
+    }
+
+    pub(super) async fn domains(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+        match caller(&state, &headers) {
+            Ok(caller) => {
+                let domains = state.catalog.domains(&caller).await;
+                json(StatusCode::OK, &proto::ListDomainsResponse { domains })
+            }
+            Err(e) => unauthorized(e),
+        }
+    }
+
+    pub(super) async fn products(
+        State(state): State<ApiState>,
+        headers: HeaderMap,
+        uri: Uri,
+    ) -> Response {
+        let caller = match caller(&state, &headers) {
+            Ok(caller) => caller,
+            Err(e) => return unauthorized(e),
+        };
+        let mut filter = proto::ListProductsRequest::default();
+        for (key, value) in url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+            let value = value.into_owned();
+            match key.as_ref() {
+                "domain" => filter.domain = value,
+                "tag" => filter.tag = value,
+                "owner" => filter.owner = value,
+                "search" => filter.search = value,
+                other => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown parameter `{other}`: use domain, tag, owner or search"),
+                    );
                 }
-                let products = products.products(&caller, &filter).await;
-                json(
-                    StatusCode::OK,
-                    &crate::api::proto::ListProductsResponse { products },
-                )
-            }),
-        )
-        .route(
-            "/products/{name}",
-            get(
-                move |headers: HeaderMap, Path(name): Path<String>| async move {
-                    let caller = match id3(&headers) {
-                        Ok(caller) => caller,
-                        Err(response) => return *response,
-                    };
-                    match product.product(&caller, &name).await {
-                        Ok(found) => json(StatusCode::OK, &found),
-                        Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
-                    }
-                },
-            ),
-        )
+            }
+        }
+        let products = state.catalog.products(&caller, &filter).await;
+        json(StatusCode::OK, &proto::ListProductsResponse { products })
+    }
+
+    pub(super) async fn product(
+        State(state): State<ApiState>,
+        headers: HeaderMap,
+        Path(name): Path<String>,
+    ) -> Response {
+        let caller = match caller(&state, &headers) {
+            Ok(caller) => caller,
+            Err(e) => return unauthorized(e),
+        };
+        match state.catalog.product(&caller, &name).await {
+            Ok(found) => json(StatusCode::OK, &found),
+            Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
+        }
+    }
 }
 
 /// How long connections stay open after the last running query ended, for

@@ -107,12 +107,8 @@ impl MeshFlightService {
         let sent = stream.bytes_sent();
         let batches = stream.map_err(|e| FlightError::Tonic(Box::new(Status::from(e))));
         // Warnings travel as the app metadata of the stream's first message.
-        let mut encoder = FlightDataEncoderBuilder::new().with_schema(schema);
-        if !warnings.is_empty() {
-            encoder = encoder.with_metadata(format!("warning: {}", warnings.join("; ")).into());
-        }
-        let response: Response<FlightDataStream> =
-            Response::new(Box::pin(encoder.build(batches).map_err(Status::from)));
+        let notice = (!warnings.is_empty()).then(|| format!("warning: {}", warnings.join("; ")));
+        let response = encode_stream(schema, batches, notice);
         // Counted as each message leaves, before the stream's end (and the
         // query's record) is reached.
         Ok(response.map(|messages| -> FlightDataStream {
@@ -170,19 +166,25 @@ fn with_remarks(product: &crate::query::VisibleProduct) -> arrow::datatypes::Sch
 /// How long a login waits for a password-check slot.
 const LOGIN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// `batches` as Flight data, `app_metadata` on the first message.
 fn encode_stream(
     schema: SchemaRef,
     batches: impl Stream<Item = Result<RecordBatch, FlightError>> + Send + 'static,
+    app_metadata: Option<String>,
 ) -> Response<FlightDataStream> {
-    let stream = FlightDataEncoderBuilder::new()
-        .with_schema(schema)
-        .build(batches)
-        .map_err(Status::from);
-    Response::new(Box::pin(stream))
+    let mut encoder = FlightDataEncoderBuilder::new().with_schema(schema);
+    if let Some(metadata) = app_metadata {
+        encoder = encoder.with_metadata(metadata.into());
+    }
+    Response::new(Box::pin(encoder.build(batches).map_err(Status::from)))
 }
 
 fn single_batch(batch: RecordBatch) -> Response<FlightDataStream> {
-    encode_stream(batch.schema(), futures::stream::once(async { Ok(batch) }))
+    encode_stream(
+        batch.schema(),
+        futures::stream::once(async { Ok(batch) }),
+        None,
+    )
 }
 
 fn schema_bytes(schema: &Schema) -> Result<bytes::Bytes, Status> {
