@@ -8,7 +8,8 @@
 //! Its statistics are a row-count estimate for join planning and nothing
 //! else: never exact (no answer is computed from them: the aggregate
 //! statistics rule uses exact ones only), rounded up to a power of two, and
-//! with no column statistics (no minimum, maximum, null or distinct count).
+//! with no column statistics but a coarse size and a coarse distinct count
+//! (no minimum, maximum or null count).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -16,13 +17,14 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, RecordBatchOptions};
 use arrow::compute::{filter_record_batch, prep_null_mask_filter};
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{ColumnStatistics, Statistics};
 use datafusion::config::ConfigOptions;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::interval_arithmetic::Interval;
 use datafusion::physical_expr::expressions::{Column as ColumnExpr, DynamicFilterPhysicalExpr};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::filter_pushdown::{
@@ -237,11 +239,80 @@ impl ExecutionPlan for PolicyExec {
             Some(&rows) => Precision::Inexact(coarse_row_count(rows)),
             None => Precision::Absent,
         };
+        let total_byte_size = match input.total_byte_size.get_value() {
+            Some(&bytes) => Precision::Inexact(coarse_row_count(bytes)),
+            None => Precision::Absent,
+        };
         Ok(Arc::new(Statistics {
             num_rows,
-            total_byte_size: Precision::Absent,
-            column_statistics: vec![ColumnStatistics::new_unknown(); self.schema.fields().len()],
+            total_byte_size,
+            column_statistics: self
+                .columns
+                .iter()
+                .zip(self.schema.fields())
+                .map(|(expr, field)| ColumnStatistics {
+                    byte_size: column_byte_size(expr, field.data_type(), input, num_rows),
+                    distinct_count: distinct_count(expr, input),
+                    ..ColumnStatistics::new_unknown()
+                })
+                .collect(),
         }))
+    }
+}
+
+/// A column's size as the planner may know it behind the barrier, coarse as
+/// the row count: what the planner weighs to pick a join's build side. A
+/// column passed through has its input's size; a computed one, its type's
+/// width per row when that is fixed, and no size otherwise.
+fn column_byte_size(
+    expr: &Arc<dyn PhysicalExpr>,
+    data_type: &DataType,
+    input: &Statistics,
+    num_rows: Precision<usize>,
+) -> Precision<usize> {
+    let passed = expr
+        .downcast_ref::<ColumnExpr>()
+        .and_then(|column| input.column_statistics.get(column.index()))
+        .and_then(|stats| stats.byte_size.get_value().copied());
+    match (passed, data_type.primitive_width(), num_rows.get_value()) {
+        (Some(bytes), _, _) => Precision::Inexact(coarse_row_count(bytes)),
+        (None, Some(width), Some(&rows)) => Precision::Inexact(rows.saturating_mul(width)),
+        _ => Precision::Absent,
+    }
+}
+
+/// How many distinct values a column passed through may hold, as the
+/// planner may know it behind the barrier: a power of two at least the
+/// input's distinct count, or else the size of the input's value range
+/// (capped by its row count), so that a join on a key is not planned as if
+/// every key were unique. The range's bounds themselves stay behind.
+fn distinct_count(expr: &Arc<dyn PhysicalExpr>, input: &Statistics) -> Precision<usize> {
+    let Some(stats) = expr
+        .downcast_ref::<ColumnExpr>()
+        .and_then(|column| input.column_statistics.get(column.index()))
+    else {
+        return Precision::Absent;
+    };
+    let from_range = || {
+        let min = stats.min_value.get_value()?;
+        let max = stats.max_value.get_value()?;
+        let range = Interval::try_new(min.clone(), max.clone())
+            .ok()?
+            .cardinality()?;
+        let range = usize::try_from(range).unwrap_or(usize::MAX);
+        Some(match input.num_rows.get_value() {
+            Some(&rows) => range.min(rows),
+            None => range,
+        })
+    };
+    match stats
+        .distinct_count
+        .get_value()
+        .copied()
+        .or_else(from_range)
+    {
+        Some(count) => Precision::Inexact(coarse_row_count(count)),
+        None => Precision::Absent,
     }
 }
 
@@ -289,4 +360,61 @@ fn apply(
         arrays,
         &RecordBatchOptions::new().with_row_count(Some(visible.num_rows())),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::common::ScalarValue;
+    use datafusion::physical_expr::expressions::lit;
+
+    use super::*;
+
+    fn key_statistics() -> Statistics {
+        Statistics {
+            num_rows: Precision::Exact(150_000),
+            total_byte_size: Precision::Exact(1_200_000),
+            column_statistics: vec![ColumnStatistics {
+                null_count: Precision::Exact(0),
+                min_value: Precision::Exact(ScalarValue::Int64(Some(1))),
+                max_value: Precision::Exact(ScalarValue::Int64(Some(150_000))),
+                byte_size: Precision::Exact(1_200_000),
+                ..ColumnStatistics::new_unknown()
+            }],
+        }
+    }
+
+    #[test]
+    fn a_passed_column_has_a_coarse_size_and_distinct_count_and_no_bounds() {
+        let input = key_statistics();
+        let key: Arc<dyn PhysicalExpr> = Arc::new(ColumnExpr::new("key", 0));
+        let rows = Precision::Inexact(coarse_row_count(150_000));
+        assert_eq!(rows, Precision::Inexact(262_144));
+        // Distinct keys from the range 1..=150000, rounded up.
+        assert_eq!(distinct_count(&key, &input), Precision::Inexact(262_144));
+        assert_eq!(
+            column_byte_size(&key, &DataType::Int64, &input, rows),
+            Precision::Inexact(2_097_152)
+        );
+        // A range wider than the rows is capped by them.
+        let mut sparse = key_statistics();
+        sparse.column_statistics[0].max_value = Precision::Exact(ScalarValue::Int64(Some(1 << 40)));
+        assert_eq!(distinct_count(&key, &sparse), Precision::Inexact(262_144));
+    }
+
+    #[test]
+    fn a_computed_column_has_only_its_types_width() {
+        let input = key_statistics();
+        let rows = Precision::Inexact(262_144);
+        let masked = lit("***");
+        assert_eq!(distinct_count(&masked, &input), Precision::Absent);
+        assert_eq!(
+            column_byte_size(&masked, &DataType::Utf8, &input, rows),
+            Precision::Absent
+        );
+        let zero = lit(0_i64);
+        assert_eq!(
+            column_byte_size(&zero, &DataType::Int64, &input, rows),
+            Precision::Inexact(262_144 * 8)
+        );
+    }
 }

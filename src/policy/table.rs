@@ -101,26 +101,16 @@ impl TableProvider for PolicyTable {
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
-        let candidates: Vec<&Expr> = filters
-            .iter()
-            .copied()
-            .filter(|f| self.may_push_down(f))
-            .collect();
-        let inner = self.inner.supports_filters_pushdown(&candidates)?;
-        let mut inner = inner.into_iter();
+        // A filter that may run below the row filter is applied exactly by
+        // the filter under the barrier (see `scan`), whatever the wrapped
+        // table does with it, so it is not evaluated a second time above.
         Ok(filters
             .iter()
             .map(|f| {
-                if !self.may_push_down(f) {
-                    return TableProviderFilterPushDown::Unsupported;
-                }
-                match inner.next() {
-                    // Applied again above the barrier: the source's answer
-                    // only narrows what it reads.
-                    Some(
-                        TableProviderFilterPushDown::Exact | TableProviderFilterPushDown::Inexact,
-                    ) => TableProviderFilterPushDown::Inexact,
-                    _ => TableProviderFilterPushDown::Unsupported,
+                if self.may_push_down(f) {
+                    TableProviderFilterPushDown::Exact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
                 }
             })
             .collect())
@@ -165,23 +155,29 @@ impl TableProvider for PolicyTable {
         }
         let base_projection: Vec<usize> = needed.into_iter().collect();
 
-        // A limit may pass only when no row is hidden.
-        let inner_limit = if self.row_filter.is_none() {
+        // A limit may pass only when no row is hidden and no filter is
+        // left for the barrier's own filter to apply.
+        let inner_limit = if self.row_filter.is_none() && filters.is_empty() {
             limit
         } else {
             None
         };
-        // The row filter goes to the source too, where it can narrow what is
-        // read (row groups and pages pruned by statistics, a WHERE sent to a
-        // database); the barrier evaluates it on every row it passes.
-        let mut scan_filters = filters.to_vec();
-        if let Some(filter) = &self.row_filter
-            && matches!(
-                self.inner.supports_filters_pushdown(&[filter])?.first(),
-                Some(TableProviderFilterPushDown::Exact | TableProviderFilterPushDown::Inexact)
-            )
+        // The filters the wrapped table can use go to it too, where they can
+        // narrow what is read (row groups and pages pruned by statistics, a
+        // WHERE sent to a database), and so does the row filter; the filter
+        // below the barrier and the barrier itself apply them to every row.
+        let mut scan_filters: Vec<Expr> = Vec::with_capacity(filters.len() + 1);
+        let offered: Vec<&Expr> = filters.iter().chain(self.row_filter.as_ref()).collect();
+        for (filter, support) in offered
+            .iter()
+            .zip(self.inner.supports_filters_pushdown(&offered)?)
         {
-            scan_filters.push(filter.clone());
+            if matches!(
+                support,
+                TableProviderFilterPushDown::Exact | TableProviderFilterPushDown::Inexact
+            ) {
+                scan_filters.push((*filter).clone());
+            }
         }
         let input = self
             .inner

@@ -894,3 +894,81 @@ async fn bound_policies_are_never_shared_between_identities() {
     }
     server.stop().await;
 }
+
+/// A product with masks only: no row filter.
+const DIRECTORY_DOMAIN: &str = r#"
+name = "dir"
+owner = "hr@acme.example"
+description = "The staff directory"
+
+[storage.files]
+type = "object_store"
+url = "file://../hrdata"
+
+[[products]]
+name = "directory"
+description = "One row per employee"
+storage = "files"
+location = "employees.parquet"
+format = "parquet"
+
+[[policies]]
+product = "directory"
+columns.email = { mask = "'***'" }
+columns.ssn = { deny = true }
+"#;
+
+#[tokio::test]
+async fn a_callers_filter_runs_once_below_the_barrier_and_a_limit_waits_for_it() {
+    let server = TestServer::start_with(|dir| {
+        std::fs::write(dir.join("domains/dir.toml"), DIRECTORY_DOMAIN).unwrap();
+        write_employees(&dir.join("hrdata"));
+    })
+    .await;
+    let mut pat = server
+        .as_identity("pat", &["analyst", "platform"], &[])
+        .await;
+    // One row per row group, Ann (eng) first: a limit that reached the scan
+    // before the filter would read Ann alone, and the filter would drop her.
+    assert_eq!(
+        lines(
+            &rows(
+                &mut pat,
+                "SELECT dept FROM dir.directory WHERE dept = 'ops' LIMIT 1"
+            )
+            .await
+        ),
+        lines("+------+\n| dept |\n+------+\n| ops  |\n+------+"),
+    );
+    assert_eq!(
+        lines(
+            &rows(
+                &mut pat,
+                "SELECT id, email FROM dir.directory WHERE dept = 'eng' AND salary > 100 ORDER BY id LIMIT 5"
+            )
+            .await
+        ),
+        lines(
+            "+----+-------+\n| id | email |\n+----+-------+\n| 3  | ***   |\n| 5  | ***   |\n+----+-------+"
+        ),
+    );
+    // The filter runs under the barrier, where it also prunes row groups,
+    // and is not evaluated again above it.
+    let text = rows(
+        &mut pat,
+        "EXPLAIN ANALYZE SELECT name FROM dir.directory WHERE dept = 'ops'",
+    )
+    .await;
+    let filters: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("FilterExec:"))
+        .collect();
+    assert_eq!(filters.len(), 1, "{text}");
+    let barrier = text.find("PolicyExec").expect("a barrier");
+    let filter = text.find("FilterExec").expect("a filter");
+    assert!(barrier < filter, "the filter is below the barrier: {text}");
+    assert!(
+        text.contains("row_groups_pruned_statistics=5 total → 2 matched"),
+        "{text}"
+    );
+}
