@@ -5,7 +5,10 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, ByteView, RecordBatch, RecordBatchOptions, StringArray,
+};
+use arrow::buffer::{Buffer, MutableBuffer, NullBuffer, OffsetBuffer, ScalarBuffer};
 use arrow::compute::{CastOptions, cast_with_options};
 use arrow::datatypes::{DataType, Field, FieldRef, Fields, Schema, SchemaRef};
 use arrow::error::ArrowError;
@@ -60,10 +63,30 @@ pub fn to_wire_batch(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBat
         .iter()
         .zip(schema.fields())
         .map(|(column, field)| {
-            if column.data_type() == field.data_type() {
-                Ok(Arc::clone(column))
-            } else {
-                cast_with_options(column, field.data_type(), &options)
+            match (column.data_type(), field.data_type()) {
+                (from, to) if from == to => Ok(Arc::clone(column)),
+                (DataType::Utf8View, DataType::Utf8) => {
+                    let views = column.as_string_view();
+                    let (offsets, values) =
+                        concatenate_views(views.views(), views.data_buffers(), views.nulls())?;
+                    // SAFETY: each view of a StringViewArray is valid UTF-8,
+                    // so their concatenation is, and every offset falls
+                    // between two values.
+                    Ok(Arc::new(unsafe {
+                        StringArray::new_unchecked(offsets, values, views.nulls().cloned())
+                    }) as ArrayRef)
+                }
+                (DataType::BinaryView, DataType::Binary) => {
+                    let views = column.as_binary_view();
+                    let (offsets, values) =
+                        concatenate_views(views.views(), views.data_buffers(), views.nulls())?;
+                    Ok(Arc::new(BinaryArray::try_new(
+                        offsets,
+                        values,
+                        views.nulls().cloned(),
+                    )?) as ArrayRef)
+                }
+                (_, to) => cast_with_options(column, to, &options),
             }
         })
         .collect::<Result<Vec<ArrayRef>, _>>()?;
@@ -72,6 +95,59 @@ pub fn to_wire_batch(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBat
         columns,
         &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
     )
+}
+
+/// The values of a view array laid end to end, with their offsets: what a
+/// string or binary array holds. A null's value is empty.
+fn concatenate_views(
+    views: &[u128],
+    buffers: &[Buffer],
+    nulls: Option<&NullBuffer>,
+) -> Result<(OffsetBuffer<i32>, Buffer), ArrowError> {
+    let length = |index: usize, view: u128| -> usize {
+        if nulls.is_some_and(|nulls| nulls.is_null(index)) {
+            0
+        } else {
+            // The low 32 bits of a view are its value's length.
+            (view as u32) as usize
+        }
+    };
+    let mut offsets = Vec::with_capacity(views.len() + 1);
+    offsets.push(0_i32);
+    let mut total = 0_usize;
+    for (index, &view) in views.iter().enumerate() {
+        total += length(index, view);
+        offsets.push(i32::try_from(total).map_err(|_| {
+            ArrowError::ComputeError(format!(
+                "a batch holds {total} bytes of strings, more than a Utf8 column can"
+            ))
+        })?);
+    }
+    let mut values = MutableBuffer::with_capacity(total);
+    for (index, &view) in views.iter().enumerate() {
+        let len = length(index, view);
+        if len == 0 {
+            continue;
+        }
+        if len <= 12 {
+            // Short values are inline, after the length.
+            values.extend_from_slice(&view.to_le_bytes()[4..4 + len]);
+        } else {
+            let view = ByteView::from(view);
+            let start = view.offset as usize;
+            let bytes = buffers
+                .get(view.buffer_index as usize)
+                .and_then(|buffer| buffer.get(start..start + len))
+                .ok_or_else(|| {
+                    ArrowError::ComputeError("a view points outside its buffers".into())
+                })?;
+            values.extend_from_slice(bytes);
+        }
+    }
+    Ok((
+        OffsetBuffer::new(ScalarBuffer::from(offsets)),
+        values.into(),
+    ))
 }
 
 #[cfg(test)]
@@ -131,5 +207,42 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(formatted.contains("| y | b |"), "{formatted}");
+    }
+
+    #[test]
+    fn views_become_plain_arrays_equal_to_a_cast() {
+        use arrow::array::BinaryViewArray;
+        let long = "a value longer than twelve bytes, held in a data buffer";
+        let values: Vec<Option<String>> = (0..3000)
+            .map(|i| match i % 5 {
+                0 => None,
+                1 => Some(String::new()),
+                2 => Some(format!("short{}", i % 97)),
+                3 => Some(format!("{long} #{i}")),
+                _ => Some("twelve bytes".to_string()),
+            })
+            .collect();
+        let strings = StringViewArray::from_iter(values.iter().map(|v| v.as_deref()));
+        // A slice, so views start mid-array.
+        let strings = strings.slice(7, 2500);
+        let binaries =
+            BinaryViewArray::from_iter(values.iter().map(|v| v.as_deref().map(str::as_bytes)));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("s", DataType::Utf8View, true),
+            Field::new("b", DataType::BinaryView, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(strings.clone()), Arc::new(binaries.slice(7, 2500))],
+        )
+        .unwrap();
+        let converted = to_wire_batch(batch, &wire_schema(&schema)).unwrap();
+        let expected_strings = arrow::compute::cast(&strings, &DataType::Utf8).unwrap();
+        assert_eq!(converted.column(0).as_ref(), expected_strings.as_ref());
+        let expected_binaries =
+            arrow::compute::cast(&binaries.slice(7, 2500), &DataType::Binary).unwrap();
+        assert_eq!(converted.column(1).as_ref(), expected_binaries.as_ref());
+        assert_eq!(converted.column(0).null_count(), 500);
+        converted.column(0).to_data().validate_full().unwrap();
     }
 }
