@@ -363,6 +363,28 @@ async fn policies_are_sent_fenced_and_caller_predicates_never_see_hidden_rows() 
         "{:#?}",
         pg.statements()
     );
+    // A leakproof filter of the caller runs below the barrier only, here as
+    // a WHERE around the fenced subquery; a limit waits for it.
+    let got = rows(
+        &mut eu,
+        "SELECT name FROM ledger.people WHERE name <> 'Bob' ORDER BY name",
+    )
+    .await;
+    assert!(got.contains("Ann") && !got.contains("Bob"), "{got}");
+    assert!(!got.contains("Cid") && !got.contains("Dee"), "{got}");
+    assert!(
+        received(&pg, "'Bob'")
+            .iter()
+            .any(|s| s.contains("OFFSET 0") && s.contains("'EU'")),
+        "{:#?}",
+        pg.statements()
+    );
+    let got = rows(
+        &mut eu,
+        "SELECT name FROM ledger.people WHERE name <> 'Ann' LIMIT 1",
+    )
+    .await;
+    assert!(got.contains("Bob") && !got.contains("Ann"), "{got}");
     // The caller does not see the policy in EXPLAIN.
     let explain = rows(&mut eu, "EXPLAIN SELECT name FROM ledger.people").await;
     assert!(
