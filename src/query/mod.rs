@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
@@ -632,11 +633,20 @@ impl CallerSession {
         &self,
         query: &PreparedQuery,
     ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>, QueryError> {
-        Ok(self
-            .context
-            .state()
-            .create_physical_plan(&query.plan)
-            .await?)
+        let mut state = self.context.state();
+        if returns_filtered_rows(&query.plan) {
+            // Late materialization: the filter's columns are decoded first,
+            // the others only for the rows that pass. It pays for lookups and
+            // filtered reads; behind joins and aggregates, decoding whole
+            // pages and filtering after is faster on typical files.
+            state
+                .config_mut()
+                .options_mut()
+                .execution
+                .parquet
+                .pushdown_filters = true;
+        }
+        Ok(state.create_physical_plan(&query.plan).await?)
     }
 
     fn audit_context(&self, sql: &str) -> AuditContext {
@@ -815,6 +825,30 @@ impl Drop for PendingAudit {
             error: self.failure.take(),
         });
     }
+}
+
+/// Whether `plan` only filters, projects, sorts and limits the rows of its
+/// tables (a lookup, a page, a filtered read), with at least one filter.
+fn returns_filtered_rows(plan: &LogicalPlan) -> bool {
+    let mut filtered = false;
+    let mut simple = true;
+    let _ = plan.apply_with_subqueries(|node| {
+        match node {
+            LogicalPlan::Filter(_) => filtered = true,
+            LogicalPlan::TableScan(scan) => filtered |= !scan.filters.is_empty(),
+            LogicalPlan::Projection(_)
+            | LogicalPlan::Sort(_)
+            | LogicalPlan::Limit(_)
+            | LogicalPlan::SubqueryAlias(_) => {}
+            _ => simple = false,
+        }
+        Ok(if simple {
+            TreeNodeRecursion::Continue
+        } else {
+            TreeNodeRecursion::Stop
+        })
+    });
+    simple && filtered
 }
 
 /// The two rows of an EXPLAIN answer.
