@@ -260,6 +260,15 @@ impl ExecutionPlan for PolicyExec {
     }
 }
 
+/// The input's statistics of the column `expr` passes through unchanged.
+fn passed_through<'a>(
+    expr: &Arc<dyn PhysicalExpr>,
+    input: &'a Statistics,
+) -> Option<&'a ColumnStatistics> {
+    expr.downcast_ref::<ColumnExpr>()
+        .and_then(|column| input.column_statistics.get(column.index()))
+}
+
 /// A column's size as the planner may know it behind the barrier, coarse as
 /// the row count: what the planner weighs to pick a join's build side. A
 /// column passed through has its input's size; a computed one, its type's
@@ -270,10 +279,7 @@ fn column_byte_size(
     input: &Statistics,
     num_rows: Precision<usize>,
 ) -> Precision<usize> {
-    let passed = expr
-        .downcast_ref::<ColumnExpr>()
-        .and_then(|column| input.column_statistics.get(column.index()))
-        .and_then(|stats| stats.byte_size.get_value().copied());
+    let passed = passed_through(expr, input).and_then(|stats| stats.byte_size.get_value().copied());
     match (passed, data_type.primitive_width(), num_rows.get_value()) {
         (Some(bytes), _, _) => Precision::Inexact(coarse_row_count(bytes)),
         (None, Some(width), Some(&rows)) => Precision::Inexact(rows.saturating_mul(width)),
@@ -287,10 +293,7 @@ fn column_byte_size(
 /// (capped by its row count), so that a join on a key is not planned as if
 /// every key were unique. The range's bounds themselves stay behind.
 fn distinct_count(expr: &Arc<dyn PhysicalExpr>, input: &Statistics) -> Precision<usize> {
-    let Some(stats) = expr
-        .downcast_ref::<ColumnExpr>()
-        .and_then(|column| input.column_statistics.get(column.index()))
-    else {
+    let Some(stats) = passed_through(expr, input) else {
         return Precision::Absent;
     };
     let from_range = || {

@@ -28,7 +28,8 @@ pub type PolicyParts<'a> = (
 );
 
 /// Wraps a product's table with the caller's row filter, masks and denials.
-/// Its statistics are unknown, so no answer is computed from source metadata.
+/// It reports no statistics, so no answer is computed from source metadata;
+/// its barrier gives the join planner coarse estimates only.
 #[derive(Debug)]
 pub struct PolicyTable {
     product: String,
