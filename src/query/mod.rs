@@ -22,6 +22,7 @@ use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::DFParserBuilder;
@@ -594,9 +595,9 @@ impl CallerSession {
             )));
         }
         let timeout = self.limits.query_timeout;
-        let state = self.context.state();
+        let state = self.query_state(query);
         let planning = async {
-            let physical = self.physical_plan(query).await?;
+            let physical = state.create_physical_plan(&query.plan).await?;
             match &query.explain {
                 None => Ok(datafusion::physical_plan::execute_stream(
                     physical,
@@ -633,6 +634,14 @@ impl CallerSession {
         &self,
         query: &PreparedQuery,
     ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>, QueryError> {
+        Ok(self
+            .query_state(query)
+            .create_physical_plan(&query.plan)
+            .await?)
+    }
+
+    /// The session state `query` is planned and run with.
+    fn query_state(&self, query: &PreparedQuery) -> SessionState {
         let mut state = self.context.state();
         if returns_filtered_rows(&query.plan) {
             // Late materialization: the filter's columns are decoded first,
@@ -646,7 +655,7 @@ impl CallerSession {
                 .parquet
                 .pushdown_filters = true;
         }
-        Ok(state.create_physical_plan(&query.plan).await?)
+        state
     }
 
     fn audit_context(&self, sql: &str) -> AuditContext {
