@@ -112,6 +112,9 @@ pub struct Metrics {
     products: Mutex<BTreeMap<String, ProductCounters>>,
     sources: Mutex<BTreeMap<String, SourceCounters>>,
     latency: Mutex<Histogram>,
+    /// Statements planned, and plans reused for the same caller.
+    plans_made: AtomicU64,
+    plans_reused: AtomicU64,
     /// Config reloads by outcome (`ok`, `rejected`).
     reloads: Mutex<BTreeMap<&'static str, u64>>,
     /// When the config was last loaded successfully (UNIX seconds).
@@ -169,6 +172,16 @@ impl Metrics {
         if failed {
             counters.errors += 1;
         }
+    }
+
+    /// A statement was planned (`reused` false) or its recent plan reused.
+    pub fn statement_planned(&self, reused: bool) {
+        let counter = if reused {
+            &self.plans_reused
+        } else {
+            &self.plans_made
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn config_reloaded(&self, ok: bool) {
@@ -239,6 +252,19 @@ impl Metrics {
                 out,
                 "meshgate_queries_total{{outcome=\"{outcome}\"}} {count}"
             );
+        }
+        header(
+            &mut out,
+            "meshgate_plans_total",
+            "counter",
+            "Statements planned, and plans reused by the same caller's next request (`reused`).",
+        );
+        for (outcome, counter) in [
+            ("planned", &self.plans_made),
+            ("reused", &self.plans_reused),
+        ] {
+            let count = counter.load(Ordering::Relaxed);
+            let _ = writeln!(out, "meshgate_plans_total{{outcome=\"{outcome}\"}} {count}");
         }
         header(
             &mut out,

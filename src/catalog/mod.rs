@@ -508,6 +508,15 @@ pub struct ReadLog {
     pub warnings: std::collections::BTreeSet<String>,
 }
 
+impl ReadLog {
+    /// Adds what `other` records.
+    pub fn merge(&mut self, other: &ReadLog) {
+        self.products.extend(other.products.iter().cloned());
+        self.policies.extend(other.policies.iter().cloned());
+        self.warnings.extend(other.warnings.iter().cloned());
+    }
+}
+
 /// Catalog `mesh` as one caller sees it: products the caller may not access
 /// do not exist, and the others are wrapped in the caller's policies.
 pub struct MeshCatalog {

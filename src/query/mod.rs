@@ -21,8 +21,9 @@ use arrow::error::ArrowError;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::error::DataFusionError;
-use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::session_state::SessionState;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::DFParserBuilder;
@@ -196,6 +197,46 @@ struct Published {
     mesh: Arc<Mesh>,
     /// Groups whose members see EXPLAIN ANALYZE below policy barriers.
     admin_groups: Vec<String>,
+    /// The state each session over `mesh` is cloned from.
+    template: SessionState,
+    /// Statements planned over `mesh`, so that the requests of one query
+    /// (prepare, describe, fetch) plan it once.
+    plans: PlanCache,
+}
+
+/// How long a planned statement is reused.
+const PLAN_TTL: Duration = Duration::from_secs(10);
+
+/// Planned statements kept per published mesh.
+const PLAN_CACHE_ENTRIES: u64 = 512;
+
+/// Statements planned recently, for whom they were planned. A plan holds the
+/// caller's view of the mesh (products resolved, policies bound), so it is
+/// reused only for the same identity (user, groups, attributes) and bearer
+/// token and the same SQL text, and only within the published mesh it was
+/// planned over: a reload starts with no plans. Time-dependent expressions
+/// are evaluated when the plan is optimized, at each execution.
+type PlanCache = moka::sync::Cache<PlanKey, Arc<CachedPlan>>;
+
+fn plan_cache() -> PlanCache {
+    moka::sync::Cache::builder()
+        .max_capacity(PLAN_CACHE_ENTRIES)
+        .time_to_live(PLAN_TTL)
+        .build()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PlanKey {
+    caller: Arc<CallerIdentity>,
+    token: Option<Arc<str>>,
+    sql: Arc<str>,
+}
+
+/// A planned statement and what planning it read (for the audit log).
+#[derive(Debug)]
+struct CachedPlan {
+    query: PreparedQuery,
+    reads: ReadLog,
 }
 
 impl QueryEngine {
@@ -205,10 +246,17 @@ impl QueryEngine {
         audit: AuditLogRef,
         admin_groups: Vec<String>,
     ) -> Self {
+        let metrics = Arc::new(Metrics::default());
+        let template = session::template_state(&mesh, limits.memory_per_query, &metrics);
         Self {
-            current: parking_lot::RwLock::new(Arc::new(Published { mesh, admin_groups })),
+            current: parking_lot::RwLock::new(Arc::new(Published {
+                mesh,
+                admin_groups,
+                template,
+                plans: plan_cache(),
+            })),
             audit,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             running: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_queries)),
             per_user: Arc::new(PerUser::new(limits.max_concurrent_queries_per_user)),
             limits,
@@ -227,7 +275,13 @@ impl QueryEngine {
 
     /// Publishes `mesh` and `admin_groups` for every later session, at once.
     pub fn replace(&self, mesh: Arc<Mesh>, admin_groups: Vec<String>) {
-        *self.current.write() = Arc::new(Published { mesh, admin_groups });
+        let template = session::template_state(&mesh, self.limits.memory_per_query, &self.metrics);
+        *self.current.write() = Arc::new(Published {
+            mesh,
+            admin_groups,
+            template,
+            plans: plan_cache(),
+        });
     }
 
     /// The gateway's query metrics.
@@ -246,9 +300,13 @@ impl QueryEngine {
         let caller = Arc::new(caller.clone());
         let reads = Arc::new(parking_lot::Mutex::new(ReadLog::default()));
         let (context, catalog) = session::caller_context(
+            &published.template,
             &published.mesh,
             Arc::clone(&caller),
             Arc::clone(&reads),
+        );
+        let runtime = session::query_runtime(
+            &published.mesh.runtime(),
             self.limits.memory_per_query,
             &self.metrics,
         );
@@ -256,6 +314,9 @@ impl QueryEngine {
         CallerSession {
             mesh: Arc::clone(&published.mesh),
             context,
+            runtime,
+            plans: published.plans.clone(),
+            token: None,
             catalog,
             is_admin,
             caller,
@@ -409,6 +470,13 @@ impl PreparedQuery {
 pub struct CallerSession {
     mesh: Arc<Mesh>,
     context: SessionContext,
+    /// What the query runs in: the mesh's stores and caches, and the memory
+    /// pool its limit applies to.
+    runtime: Arc<RuntimeEnv>,
+    /// Statements planned over the same mesh.
+    plans: PlanCache,
+    /// The caller's bearer token, when sources forward it.
+    token: Option<Arc<str>>,
     catalog: Arc<MeshCatalog>,
     /// Sees EXPLAIN below policy barriers.
     is_admin: bool,
@@ -466,8 +534,9 @@ impl CallerSession {
     }
 
     /// The caller's bearer token, sent on by sources that forward it.
-    pub fn with_token(self, token: Option<crate::sources::ForwardedToken>) -> Self {
+    pub fn with_token(mut self, token: Option<crate::sources::ForwardedToken>) -> Self {
         if let Some(token) = token {
+            self.token = Some(Arc::clone(&token.0));
             self.context
                 .state_ref()
                 .write()
@@ -489,21 +558,47 @@ impl CallerSession {
                 self.limits.max_sql_length
             )))
         } else {
-            let context = self.context.clone();
-            let text = sql.to_string();
-            // Planning counts against the query's time limit: a statement
-            // that plans too long gets its answer at the limit.
-            let timeout = self.limits.query_timeout;
-            let planning = stack::on_planning_stack(async move { plan_sql(&context, &text).await });
-            match tokio::time::timeout(timeout, planning).await {
-                Ok(result) => result,
-                Err(_) => Err(QueryError::Timeout(timeout)),
-            }
+            self.plan(sql).await
         };
         if let Err(error) = &result {
             self.audit(sql, started, "error", Some(error));
         }
         result
+    }
+
+    /// Plans `sql` for this caller, or reuses the plan made for the same
+    /// caller, token and text over the same mesh moments ago.
+    async fn plan(&self, sql: &str) -> Result<PreparedQuery, QueryError> {
+        let key = PlanKey {
+            caller: Arc::clone(&self.caller),
+            token: self.token.clone(),
+            sql: sql.into(),
+        };
+        if let Some(cached) = self.plans.get(&key) {
+            self.metrics.statement_planned(true);
+            self.reads.lock().merge(&cached.reads);
+            return Ok(cached.query.clone());
+        }
+        let context = self.context.clone();
+        let text = sql.to_string();
+        // Planning counts against the query's time limit: a statement
+        // that plans too long gets its answer at the limit.
+        let timeout = self.limits.query_timeout;
+        let planning = stack::on_planning_stack(async move { plan_sql(&context, &text).await });
+        let query = match tokio::time::timeout(timeout, planning).await {
+            Ok(result) => result?,
+            Err(_) => return Err(QueryError::Timeout(timeout)),
+        };
+        self.metrics.statement_planned(false);
+        let reads = self.reads.lock().clone();
+        self.plans.insert(
+            key,
+            Arc::new(CachedPlan {
+                query: query.clone(),
+                reads,
+            }),
+        );
+        Ok(query)
     }
 
     /// Executes a fully bound query. The stream yields wire-typed, non-empty
@@ -601,14 +696,14 @@ impl CallerSession {
             match &query.explain {
                 None => Ok(datafusion::physical_plan::execute_stream(
                     physical,
-                    state.task_ctx(),
+                    self.task_context(&state),
                 )?),
                 Some((mode, schema)) => {
                     if *mode == Explain::Analyze {
                         // Run to completion so that metrics are complete.
                         let mut stream = datafusion::physical_plan::execute_stream(
                             Arc::clone(&physical),
-                            state.task_ctx(),
+                            self.task_context(&state),
                         )?;
                         while let Some(batch) = stream.next().await {
                             batch?;
@@ -638,6 +733,12 @@ impl CallerSession {
             .query_state(query)
             .create_physical_plan(&query.plan)
             .await?)
+    }
+
+    /// The context `query` runs in: `state`'s settings and functions, this
+    /// session's runtime.
+    fn task_context(&self, state: &SessionState) -> Arc<TaskContext> {
+        Arc::new(TaskContext::from(state).with_runtime(Arc::clone(&self.runtime)))
     }
 
     /// The session state `query` is planned and run with.

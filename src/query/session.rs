@@ -5,6 +5,7 @@
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
+use datafusion::catalog::MemoryCatalogProviderList;
 use datafusion::execution::SessionState;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::memory_pool::{
@@ -73,7 +74,7 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
 /// Operators that can spill do so under pressure; the others fail the query
 /// with a resources-exhausted error. What the pool holds is counted in the
 /// gateway's metrics.
-fn query_runtime(
+pub(crate) fn query_runtime(
     mesh: &Arc<RuntimeEnv>,
     memory_limit: Option<u64>,
     metrics: &Arc<Metrics>,
@@ -155,21 +156,34 @@ impl MemoryPool for CountedPool {
     }
 }
 
+/// The state every caller's session starts from: meshgate's settings and
+/// functions over the mesh's runtime, with no catalog. Building one
+/// registers every function, so it is built once per published mesh and
+/// cloned per request.
+pub(crate) fn template_state(
+    mesh: &Mesh,
+    memory_limit: Option<u64>,
+    metrics: &Arc<Metrics>,
+) -> SessionState {
+    let mut state = session_state(mesh.runtime(), memory_limit);
+    // Sources report their latency here.
+    state.config_mut().set_extension(Arc::clone(metrics));
+    state
+}
+
 /// A session in which `mesh` resolves products for one caller, and the
-/// catalog it resolves them through.
+/// catalog it resolves them through. `template` comes from
+/// [`template_state`] for the same mesh.
 pub(crate) fn caller_context(
+    template: &SessionState,
     mesh: &Arc<Mesh>,
     caller: Arc<CallerIdentity>,
     reads: Arc<parking_lot::Mutex<ReadLog>>,
-    memory_limit: Option<u64>,
-    metrics: &Arc<Metrics>,
 ) -> (SessionContext, Arc<MeshCatalog>) {
-    let mut state = session_state(
-        query_runtime(&mesh.runtime(), memory_limit, metrics),
-        memory_limit,
-    );
-    // Sources report their latency here.
-    state.config_mut().set_extension(Arc::clone(metrics));
+    let mut state = template.clone();
+    // The clone shares the template's catalog list: this session's catalog
+    // goes into a list of its own.
+    state.register_catalog_list(Arc::new(MemoryCatalogProviderList::new()));
     let context = SessionContext::new_with_state(state);
     let catalog = Arc::new(MeshCatalog::new(
         Arc::clone(mesh),
