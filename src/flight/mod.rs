@@ -3,6 +3,7 @@
 //! policy live here.
 
 mod auth_layer;
+mod encode;
 mod handle;
 mod metadata;
 mod status;
@@ -15,7 +16,6 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::decode::FlightRecordBatchStream;
-use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
@@ -32,7 +32,7 @@ use arrow_flight::{
     Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
     IpcMessage, SchemaAsIpc, Ticket,
 };
-use futures::{Stream, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -105,7 +105,7 @@ impl MeshFlightService {
         let stream = session.execute(query).await?;
         let schema = stream.schema();
         let sent = stream.bytes_sent();
-        let batches = stream.map_err(|e| FlightError::Tonic(Box::new(Status::from(e))));
+        let batches = stream.map_err(Status::from);
         // Warnings travel as the app metadata of the stream's first message.
         let notice = (!warnings.is_empty()).then(|| format!("warning: {}", warnings.join("; ")));
         let response = encode_stream(schema, batches, notice);
@@ -169,14 +169,22 @@ const LOGIN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// `batches` as Flight data, `app_metadata` on the first message.
 fn encode_stream(
     schema: SchemaRef,
-    batches: impl Stream<Item = Result<RecordBatch, FlightError>> + Send + 'static,
+    batches: impl Stream<Item = Result<RecordBatch, Status>> + Send + 'static,
     app_metadata: Option<String>,
 ) -> Response<FlightDataStream> {
-    let mut encoder = FlightDataEncoderBuilder::new().with_schema(schema);
-    if let Some(metadata) = app_metadata {
-        encoder = encoder.with_metadata(metadata.into());
-    }
-    Response::new(Box::pin(encoder.build(batches).map_err(Status::from)))
+    let mut encoder = encode::FlightEncoder::new();
+    let first = encoder.schema(&schema, app_metadata.map(bytes::Bytes::from));
+    let rest = batches
+        .map(move |batch| {
+            encoder
+                .batch(&batch?)
+                .map_err(|e| Status::from(ProtocolError::Encoding(e.to_string())))
+        })
+        .map_ok(|messages| futures::stream::iter(messages.into_iter().map(Ok)))
+        .try_flatten();
+    Response::new(Box::pin(
+        futures::stream::once(async { Ok(first) }).chain(rest),
+    ))
 }
 
 fn single_batch(batch: RecordBatch) -> Response<FlightDataStream> {

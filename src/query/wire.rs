@@ -123,15 +123,20 @@ fn concatenate_views(
             ))
         })?);
     }
-    let mut values = MutableBuffer::with_capacity(total);
+    // Room for a whole inline value past the end (see below).
+    let mut values = MutableBuffer::with_capacity(total + 12);
     for (index, &view) in views.iter().enumerate() {
         let len = length(index, view);
         if len == 0 {
             continue;
         }
         if len <= 12 {
-            // Short values are inline, after the length.
-            values.extend_from_slice(&view.to_le_bytes()[4..4 + len]);
+            // Short values are inline, after the length. All 12 inline bytes
+            // are copied (a fixed-size copy is cheaper than a sized one) and
+            // the end moves back to the value's.
+            let end = values.len() + len;
+            values.extend_from_slice(&view.to_le_bytes()[4..16]);
+            values.truncate(end);
         } else {
             let view = ByteView::from(view);
             let start = view.offset as usize;
