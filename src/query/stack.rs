@@ -3,9 +3,9 @@
 //! nests deeply; on a small runtime worker stack an overflow would abort the
 //! whole process. A panic while planning ends only that statement.
 //!
-//! The threads are kept for the next statement: starting one per statement
-//! (a clone, a 256 MiB mapping, fresh stack pages) cost more than planning a
-//! small query.
+//! A thread that planned quickly is kept for the next statement: starting
+//! one per statement (a clone, a 256 MiB mapping, fresh stack pages) cost
+//! more than planning a small query.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -20,6 +20,11 @@ const PLANNING_STACK_BYTES: usize = 256 * 1024 * 1024;
 
 /// Idle planning threads kept beyond this many exit.
 const MAX_IDLE_PLANNERS: usize = 16;
+
+/// A thread whose statement planned this long, or panicked, exits after
+/// it: a deep plan may have committed much of its stack, which an idle
+/// thread would keep, and starting a thread is small beside such a plan.
+const RETIRE_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -68,9 +73,12 @@ fn run(mut job: Job) -> Result<(), QueryError> {
 /// A planning thread: runs jobs until it is not needed any more.
 fn planner(me: &mpsc::Sender<Job>, jobs: &mpsc::Receiver<Job>) {
     while let Ok(job) = jobs.recv() {
-        // A panic drops the job's reply channel, which its caller reports;
-        // the thread goes on with the next statement.
-        let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+        let started = std::time::Instant::now();
+        // A panic drops the job's reply channel, which its caller reports.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(job));
+        if outcome.is_err() || started.elapsed() > RETIRE_AFTER {
+            return;
+        }
         let mut idle = IDLE.lock();
         if idle.len() >= MAX_IDLE_PLANNERS {
             return;
@@ -96,16 +104,12 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_planning_thread_is_reused_and_survives_a_panic() {
+    async fn a_planning_thread_is_reused_and_one_that_panicked_or_planned_long_is_not() {
         let thread = || std::thread::current();
         let first = on_planning_stack(async move { Ok(thread()) })
             .await
             .unwrap();
         assert_eq!(first.name(), Some("meshgate-planner"));
-        an_idle_planner().await;
-        let failed: Result<(), QueryError> =
-            on_planning_stack(async { panic!("a planner bug") }).await;
-        assert!(matches!(failed, Err(QueryError::Internal(_))), "{failed:?}");
         an_idle_planner().await;
         let next = on_planning_stack(async move { Ok(thread()) })
             .await
@@ -114,6 +118,30 @@ mod tests {
             next.id(),
             first.id(),
             "the idle thread planned the next statement"
+        );
+        an_idle_planner().await;
+        let failed: Result<(), QueryError> =
+            on_planning_stack(async { panic!("a planner bug") }).await;
+        assert!(matches!(failed, Err(QueryError::Internal(_))), "{failed:?}");
+        let after_panic = on_planning_stack(async move { Ok(thread()) })
+            .await
+            .unwrap();
+        assert_ne!(after_panic.id(), first.id(), "a thread that panicked exits");
+        an_idle_planner().await;
+        let slow = on_planning_stack(async move {
+            std::thread::sleep(RETIRE_AFTER * 2);
+            Ok(thread())
+        })
+        .await
+        .unwrap();
+        assert_eq!(slow.id(), after_panic.id());
+        let after_slow = on_planning_stack(async move { Ok(thread()) })
+            .await
+            .unwrap();
+        assert_ne!(
+            after_slow.id(),
+            slow.id(),
+            "a thread that planned long exits"
         );
         // A deep recursion fits in the planning stack (not in a worker's).
         fn depth(n: u64) -> u64 {
