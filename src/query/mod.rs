@@ -218,11 +218,25 @@ const PLAN_CACHE_ENTRIES: u64 = 512;
 /// are evaluated when the plan is optimized, at each execution.
 type PlanCache = moka::sync::Cache<PlanKey, Arc<CachedPlan>>;
 
-fn plan_cache() -> PlanCache {
-    moka::sync::Cache::builder()
-        .max_capacity(PLAN_CACHE_ENTRIES)
-        .time_to_live(PLAN_TTL)
-        .build()
+impl Published {
+    fn new(
+        mesh: Arc<Mesh>,
+        admin_groups: Vec<String>,
+        limits: &Limits,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let template = session::template_state(&mesh, limits.memory_per_query, metrics);
+        let plans = moka::sync::Cache::builder()
+            .max_capacity(PLAN_CACHE_ENTRIES)
+            .time_to_live(PLAN_TTL)
+            .build();
+        Self {
+            mesh,
+            admin_groups,
+            template,
+            plans,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -247,14 +261,9 @@ impl QueryEngine {
         admin_groups: Vec<String>,
     ) -> Self {
         let metrics = Arc::new(Metrics::default());
-        let template = session::template_state(&mesh, limits.memory_per_query, &metrics);
+        let published = Published::new(mesh, admin_groups, &limits, &metrics);
         Self {
-            current: parking_lot::RwLock::new(Arc::new(Published {
-                mesh,
-                admin_groups,
-                template,
-                plans: plan_cache(),
-            })),
+            current: parking_lot::RwLock::new(Arc::new(published)),
             audit,
             metrics,
             running: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_queries)),
@@ -275,13 +284,8 @@ impl QueryEngine {
 
     /// Publishes `mesh` and `admin_groups` for every later session, at once.
     pub fn replace(&self, mesh: Arc<Mesh>, admin_groups: Vec<String>) {
-        let template = session::template_state(&mesh, self.limits.memory_per_query, &self.metrics);
-        *self.current.write() = Arc::new(Published {
-            mesh,
-            admin_groups,
-            template,
-            plans: plan_cache(),
-        });
+        let published = Published::new(mesh, admin_groups, &self.limits, &self.metrics);
+        *self.current.write() = Arc::new(published);
     }
 
     /// The gateway's query metrics.

@@ -103,17 +103,19 @@ mod tests {
         }
     }
 
+    /// The thread a statement is planned on.
+    async fn planning_thread() -> std::thread::Thread {
+        on_planning_stack(async { Ok(std::thread::current()) })
+            .await
+            .unwrap()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_planning_thread_is_reused_and_one_that_panicked_or_planned_long_is_not() {
-        let thread = || std::thread::current();
-        let first = on_planning_stack(async move { Ok(thread()) })
-            .await
-            .unwrap();
+        let first = planning_thread().await;
         assert_eq!(first.name(), Some("meshgate-planner"));
         an_idle_planner().await;
-        let next = on_planning_stack(async move { Ok(thread()) })
-            .await
-            .unwrap();
+        let next = planning_thread().await;
         assert_eq!(
             next.id(),
             first.id(),
@@ -123,21 +125,17 @@ mod tests {
         let failed: Result<(), QueryError> =
             on_planning_stack(async { panic!("a planner bug") }).await;
         assert!(matches!(failed, Err(QueryError::Internal(_))), "{failed:?}");
-        let after_panic = on_planning_stack(async move { Ok(thread()) })
-            .await
-            .unwrap();
+        let after_panic = planning_thread().await;
         assert_ne!(after_panic.id(), first.id(), "a thread that panicked exits");
         an_idle_planner().await;
         let slow = on_planning_stack(async move {
             std::thread::sleep(RETIRE_AFTER * 2);
-            Ok(thread())
+            Ok(std::thread::current())
         })
         .await
         .unwrap();
         assert_eq!(slow.id(), after_panic.id());
-        let after_slow = on_planning_stack(async move { Ok(thread()) })
-            .await
-            .unwrap();
+        let after_slow = planning_thread().await;
         assert_ne!(
             after_slow.id(),
             slow.id(),
