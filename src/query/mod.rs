@@ -320,7 +320,6 @@ impl QueryEngine {
             context,
             runtime,
             plans: published.plans.clone(),
-            token: None,
             catalog,
             is_admin,
             caller,
@@ -479,8 +478,6 @@ pub struct CallerSession {
     runtime: Arc<RuntimeEnv>,
     /// Statements planned over the same mesh.
     plans: PlanCache,
-    /// The caller's bearer token, when sources forward it.
-    token: Option<Arc<str>>,
     catalog: Arc<MeshCatalog>,
     /// Sees EXPLAIN below policy barriers.
     is_admin: bool,
@@ -538,9 +535,8 @@ impl CallerSession {
     }
 
     /// The caller's bearer token, sent on by sources that forward it.
-    pub fn with_token(mut self, token: Option<crate::sources::ForwardedToken>) -> Self {
+    pub fn with_token(self, token: Option<crate::sources::ForwardedToken>) -> Self {
         if let Some(token) = token {
-            self.token = Some(Arc::clone(&token.0));
             self.context
                 .state_ref()
                 .write()
@@ -570,12 +566,22 @@ impl CallerSession {
         result
     }
 
+    /// The token set by [`CallerSession::with_token`], if any.
+    fn forwarded_token(&self) -> Option<Arc<str>> {
+        self.context
+            .state_ref()
+            .read()
+            .config()
+            .get_extension::<crate::sources::ForwardedToken>()
+            .map(|token| Arc::clone(&token.0))
+    }
+
     /// Plans `sql` for this caller, or reuses the plan made for the same
     /// caller, token and text over the same mesh moments ago.
     async fn plan(&self, sql: &str) -> Result<PreparedQuery, QueryError> {
         let key = PlanKey {
             caller: Arc::clone(&self.caller),
-            token: self.token.clone(),
+            token: self.forwarded_token(),
             sql: sql.into(),
         };
         if let Some(cached) = self.plans.get(&key) {
