@@ -26,6 +26,7 @@ SECONDS = float(os.environ.get("MESHGATE_LOAD_SECONDS", "60"))
 CLIENTS = int(os.environ.get("MESHGATE_LOAD_CLIENTS", "32"))
 LOAD_SCALE = os.environ.get("MESHGATE_LOAD_SCALE", SCALE)
 MAX_RSS = 2 * 1024**3
+RSS_COUNTER_SLACK = 4 * 1024**2
 
 JOIN = (
     "SELECT n.n_name, count(*) AS orders, sum(o.o_totalprice) AS revenue "
@@ -177,4 +178,7 @@ def test_32_clients_mixing_lookups_streams_and_joins():
     # The server saw no failed query either (the series appears with the first).
     assert math.isnan(metric(text, 'meshgate_queries_total{outcome="error"}')), text
     assert peak < MAX_RSS, report
-    assert max(rss_samples) <= peak
+    # The metric reads the same counters the kernel's high-water mark is kept
+    # from; both are per-CPU batched (a few hundred KiB apart at most), so a
+    # sample may sit a little above the mark read later.
+    assert 0 < max(rss_samples) <= peak + RSS_COUNTER_SLACK, (max(rss_samples), peak)
