@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench tpch -- --data DIR --queries DIR [--runs N]
 //!     [--settings default|meshgate] [--set datafusion.key=value]
-//!     [--only q1,q6] [--json FILE] [--setup FILE]
+//!     [--only q1,q6] [--json FILE] [--setup FILE] [--explain]
 //! ```
 //!
 //! `--setup FILE` replaces the registration of the eight tables by the SQL
@@ -14,7 +14,10 @@
 //! `--settings default` is `SessionContext::new()`; `meshgate` is the engine
 //! configuration meshgate runs every query with. Each query is planned and
 //! run to completion `--runs` times after one warm-up run; the times (ms) and
-//! row counts are printed and written as JSON.
+//! row counts are printed and written as JSON. `--explain` prints each
+//! query's physical plan instead (with `--set
+//! datafusion.explain.show_statistics=true`, the estimates the plan was
+//! chosen by).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -40,6 +43,7 @@ struct Args {
     /// `key=value` DataFusion options set over `settings`.
     set: Vec<(String, String)>,
     setup: Option<PathBuf>,
+    explain: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -52,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
     let mut json = None;
     let mut set = Vec::new();
     let mut setup = None;
+    let mut explain = false;
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
@@ -62,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
             "--only" => only = Some(value()?.split(',').map(str::to_string).collect()),
             "--json" => json = Some(PathBuf::from(value()?)),
             "--setup" => setup = Some(PathBuf::from(value()?)),
+            "--explain" => explain = true,
             "--set" => {
                 let pair = value()?;
                 let (key, value) = pair
@@ -83,6 +89,7 @@ fn parse_args() -> Result<Args, String> {
         json,
         set,
         setup,
+        explain,
     })
 }
 
@@ -148,6 +155,20 @@ async fn run_once(context: &SessionContext, sql: &str) -> Result<(f64, usize), S
     Ok((elapsed, batches.iter().map(|b| b.num_rows()).sum()))
 }
 
+/// The physical plan DataFusion would run `sql` with.
+async fn explain(context: &SessionContext, sql: &str) -> Result<String, String> {
+    let frame = context.sql(sql).await.map_err(|e| e.to_string())?;
+    let plan = frame
+        .create_physical_plan()
+        .await
+        .map_err(|e| e.to_string())?;
+    let statistics = context.state().config_options().explain.show_statistics;
+    Ok(datafusion::physical_plan::displayable(plan.as_ref())
+        .set_show_statistics(statistics)
+        .indent(true)
+        .to_string())
+}
+
 async fn run(args: Args) -> Result<(), String> {
     let context = context(&args).await?;
     let names: Vec<String> = match &args.only {
@@ -157,6 +178,13 @@ async fn run(args: Args) -> Result<(), String> {
     let mut results = serde_json::Map::new();
     for name in &names {
         let sql = query_text(&args.queries, name)?;
+        if args.explain {
+            let plan = explain(&context, &sql)
+                .await
+                .map_err(|e| format!("{name}: {e}"))?;
+            println!("-- {name}\n{plan}");
+            continue;
+        }
         run_once(&context, &sql)
             .await
             .map_err(|e| format!("{name}: {e}"))?;

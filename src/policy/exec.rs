@@ -7,7 +7,7 @@
 //!
 //! Its statistics are a row-count estimate for join planning and nothing
 //! else: never exact (no answer is computed from them: the aggregate
-//! statistics rule uses exact ones only), rounded up to a power of two, and
+//! statistics rule uses exact ones only), rounded to the nearest power of two, and
 //! with no column statistics but a coarse size and a coarse distinct count
 //! (no minimum, maximum or null count).
 
@@ -236,11 +236,20 @@ impl ExecutionPlan for PolicyExec {
             return Ok(Arc::new(Statistics::new_unknown(&self.schema)));
         };
         let num_rows = match input.num_rows.get_value() {
-            Some(&rows) => Precision::Inexact(coarse_row_count(rows)),
+            Some(&rows) => Precision::Inexact(coarse(rows)),
             None => Precision::Absent,
         };
-        let total_byte_size = match input.total_byte_size.get_value() {
-            Some(&bytes) => Precision::Inexact(coarse_row_count(bytes)),
+        // The size of what leaves the barrier: its output columns, not the
+        // input's (which holds the row filter's columns too), when each
+        // output column's size is known; else the input's size.
+        let output_bytes = self
+            .columns
+            .iter()
+            .zip(self.schema.fields())
+            .map(|(expr, field)| exact_byte_size(expr, field.data_type(), input))
+            .sum::<Option<usize>>();
+        let total_byte_size = match output_bytes.or(input.total_byte_size.get_value().copied()) {
+            Some(bytes) => Precision::Inexact(coarse(bytes)),
             None => Precision::Absent,
         };
         Ok(Arc::new(Statistics {
@@ -269,6 +278,23 @@ fn passed_through<'a>(
         .and_then(|column| input.column_statistics.get(column.index()))
 }
 
+/// A column's size from the input's statistics, before it is made coarse: a
+/// column passed through has its input's size, a computed one its type's
+/// width times the input's rows when that width is fixed.
+fn exact_byte_size(
+    expr: &Arc<dyn PhysicalExpr>,
+    data_type: &DataType,
+    input: &Statistics,
+) -> Option<usize> {
+    match passed_through(expr, input) {
+        Some(stats) => stats.byte_size.get_value().copied(),
+        None => data_type
+            .primitive_width()
+            .zip(input.num_rows.get_value())
+            .map(|(width, &rows)| rows.saturating_mul(width)),
+    }
+}
+
 /// A column's size as the planner may know it behind the barrier, coarse as
 /// the row count: what the planner weighs to pick a join's build side. A
 /// column passed through has its input's size; a computed one, its type's
@@ -281,15 +307,15 @@ fn column_byte_size(
 ) -> Precision<usize> {
     let passed = passed_through(expr, input).and_then(|stats| stats.byte_size.get_value().copied());
     match (passed, data_type.primitive_width(), num_rows.get_value()) {
-        (Some(bytes), _, _) => Precision::Inexact(coarse_row_count(bytes)),
+        (Some(bytes), _, _) => Precision::Inexact(coarse(bytes)),
         (None, Some(width), Some(&rows)) => Precision::Inexact(rows.saturating_mul(width)),
         _ => Precision::Absent,
     }
 }
 
 /// How many distinct values a column passed through may hold, as the
-/// planner may know it behind the barrier: a power of two at least the
-/// input's distinct count, or else the size of the input's value range
+/// planner may know it behind the barrier: the input's distinct count
+/// rounded to a power of two, or else the size of the input's value range
 /// (capped by its row count), so that a join on a key is not planned as if
 /// every key were unique. The range's bounds themselves stay behind.
 fn distinct_count(expr: &Arc<dyn PhysicalExpr>, input: &Statistics) -> Precision<usize> {
@@ -314,17 +340,28 @@ fn distinct_count(expr: &Arc<dyn PhysicalExpr>, input: &Statistics) -> Precision
         .copied()
         .or_else(from_range)
     {
-        Some(count) => Precision::Inexact(coarse_row_count(count)),
+        Some(count) => Precision::Inexact(coarse(count)),
         None => Precision::Absent,
     }
 }
 
-/// A row count as the planner may know it behind the barrier: the next power
-/// of two, enough to order the sides of a join.
-fn coarse_row_count(rows: usize) -> usize {
-    rows.max(1)
-        .checked_next_power_of_two()
-        .unwrap_or(usize::MAX)
+/// A count or size as the planner may know it behind the barrier: the power
+/// of two nearest to it (within a factor of √2), enough to order the sides of
+/// a join. Rounding always up would make every product behind a barrier look
+/// up to twice its size, and a build side that fits under the single-partition
+/// threshold without policies would no longer fit with them.
+fn coarse(value: usize) -> usize {
+    let value = value.max(1);
+    let Some(above) = value.checked_next_power_of_two() else {
+        return 1 << (usize::BITS - 1);
+    };
+    let below = above / 2;
+    // Nearest in ratio: `above / value` against `value / below`.
+    if below > 0 && (above as u128) * (below as u128) > (value as u128) * (value as u128) {
+        below
+    } else {
+        above
+    }
 }
 
 fn apply(
@@ -390,24 +427,66 @@ mod tests {
     fn a_passed_column_has_a_coarse_size_and_distinct_count_and_no_bounds() {
         let input = key_statistics();
         let key: Arc<dyn PhysicalExpr> = Arc::new(ColumnExpr::new("key", 0));
-        let rows = Precision::Inexact(coarse_row_count(150_000));
-        assert_eq!(rows, Precision::Inexact(262_144));
-        // Distinct keys from the range 1..=150000, rounded up.
-        assert_eq!(distinct_count(&key, &input), Precision::Inexact(262_144));
+        let rows = Precision::Inexact(coarse(150_000));
+        assert_eq!(rows, Precision::Inexact(131_072));
+        // Distinct keys from the range 1..=150000, rounded to a power of two.
+        assert_eq!(distinct_count(&key, &input), Precision::Inexact(131_072));
         assert_eq!(
             column_byte_size(&key, &DataType::Int64, &input, rows),
-            Precision::Inexact(2_097_152)
+            Precision::Inexact(1_048_576)
         );
         // A range wider than the rows is capped by them.
         let mut sparse = key_statistics();
         sparse.column_statistics[0].max_value = Precision::Exact(ScalarValue::Int64(Some(1 << 40)));
-        assert_eq!(distinct_count(&key, &sparse), Precision::Inexact(262_144));
+        assert_eq!(distinct_count(&key, &sparse), Precision::Inexact(131_072));
+    }
+
+    #[test]
+    fn coarse_values_are_the_nearest_power_of_two() {
+        let cases = [
+            (0, 1),
+            (1, 1),
+            (3, 4),
+            (5, 4),
+            (6, 8),
+            (1_048_576, 1_048_576),
+            (1_482_910, 1_048_576),
+            (1_482_911, 2_097_152),
+            (6_001_215, 8_388_608),
+            (usize::MAX, 1 << (usize::BITS - 1)),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(coarse(value), expected, "coarse({value})");
+        }
+    }
+
+    #[test]
+    fn the_size_leaving_the_barrier_counts_its_output_columns_only() {
+        // Input: the key and a wide column only the row filter reads.
+        let mut input = key_statistics();
+        input.total_byte_size = Precision::Exact(9_200_000);
+        input.column_statistics.push(ColumnStatistics {
+            byte_size: Precision::Exact(8_000_000),
+            ..ColumnStatistics::new_unknown()
+        });
+        let key: Arc<dyn PhysicalExpr> = Arc::new(ColumnExpr::new("key", 0));
+        assert_eq!(
+            exact_byte_size(&key, &DataType::Int64, &input),
+            Some(1_200_000)
+        );
+        // A fixed-width computed column: its width for each input row.
+        assert_eq!(
+            exact_byte_size(&lit(0_i64), &DataType::Int64, &input),
+            Some(1_200_000)
+        );
+        // A computed string has no size known in advance.
+        assert_eq!(exact_byte_size(&lit("***"), &DataType::Utf8, &input), None);
     }
 
     #[test]
     fn a_computed_column_has_only_its_types_width() {
         let input = key_statistics();
-        let rows = Precision::Inexact(262_144);
+        let rows = Precision::Inexact(131_072);
         let masked = lit("***");
         assert_eq!(distinct_count(&masked, &input), Precision::Absent);
         assert_eq!(
@@ -417,7 +496,7 @@ mod tests {
         let zero = lit(0_i64);
         assert_eq!(
             column_byte_size(&zero, &DataType::Int64, &input, rows),
-            Precision::Inexact(262_144 * 8)
+            Precision::Inexact(131_072 * 8)
         );
     }
 }
