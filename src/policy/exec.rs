@@ -26,7 +26,9 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::interval_arithmetic::Interval;
 use datafusion::physical_expr::expressions::{Column as ColumnExpr, DynamicFilterPhysicalExpr};
+use datafusion::physical_expr::utils::split_conjunction;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::filter_pushdown::{
     ChildFilterDescription, ChildPushdownResult, FilterDescription, FilterPushdownPhase,
     FilterPushdownPropagation,
@@ -205,9 +207,13 @@ impl ExecutionPlan for PolicyExec {
         };
         // The row filter is offered to the scan, to prune row groups and
         // pages by their statistics; this operator still applies it to
-        // every row whatever the scan does with it.
+        // every row whatever the scan does with it. When the filter under
+        // the barrier already holds it (after the caller's filters, so that
+        // it is evaluated on the rows they keep), that filter takes it to
+        // the scan; offered again, it would be put first.
         if phase == FilterPushdownPhase::Pre
             && let Some(row_filter) = &self.row_filter
+            && !filter_below_holds(&self.input, row_filter)
         {
             child = child.with_self_filter(Arc::clone(row_filter));
         }
@@ -267,6 +273,16 @@ impl ExecutionPlan for PolicyExec {
                 .collect(),
         }))
     }
+}
+
+/// Whether `input` is a filter that holds each conjunct of `predicate`.
+fn filter_below_holds(input: &Arc<dyn ExecutionPlan>, predicate: &Arc<dyn PhysicalExpr>) -> bool {
+    input.downcast_ref::<FilterExec>().is_some_and(|filter| {
+        let held = split_conjunction(filter.predicate());
+        split_conjunction(predicate)
+            .into_iter()
+            .all(|conjunct| held.contains(&conjunct))
+    })
 }
 
 /// The input's statistics of the column `expr` passes through unchanged.

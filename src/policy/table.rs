@@ -188,8 +188,16 @@ impl TableProvider for PolicyTable {
         let df_schema = DFSchema::try_from(input_schema.as_ref().clone())?;
 
         // Below the barrier, the caller's leakproof filters, which the
-        // physical optimizer pushes into the scan (row-group and page pruning).
-        let input: Arc<dyn ExecutionPlan> = match conjunction(filters.iter().map(unqualified)) {
+        // physical optimizer pushes into the scan (row-group and page
+        // pruning), then the row filter: evaluated last, it reads only the
+        // rows the caller's filters keep. (Leakproof filters never fail nor
+        // reveal what they read, so running them first on rows the row
+        // filter hides is safe; the barrier applies the row filter again.)
+        let below = filters
+            .iter()
+            .map(unqualified)
+            .chain(self.row_filter.clone().filter(|_| !filters.is_empty()));
+        let input: Arc<dyn ExecutionPlan> = match conjunction(below) {
             Some(predicate) => Arc::new(FilterExec::try_new(
                 state.create_physical_expr(predicate, &df_schema)?,
                 input,

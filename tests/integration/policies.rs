@@ -782,6 +782,37 @@ async fn pushdown_under_policies_still_prunes_row_groups() {
         text.contains("row_groups_pruned_statistics=5 total → 2 matched"),
         "{text}"
     );
+    // Beside a caller's filter, the row filter still prunes, and runs after
+    // it below the barrier (on the rows it keeps only).
+    let text = rows(
+        &mut platform,
+        "EXPLAIN ANALYZE SELECT name FROM hr.employees WHERE id > 0",
+    )
+    .await;
+    assert!(
+        text.contains("row_groups_pruned_statistics=5 total → 2 matched"),
+        "{text}"
+    );
+    // (Here the filter below the barrier runs inside the scan.)
+    let below = text.split("PolicyExec").nth(1).unwrap();
+    let predicate = below
+        .lines()
+        .find_map(|line| line.split("predicate=").nth(1))
+        .and_then(|rest| rest.split(", pruning_predicate").next())
+        .unwrap_or_else(|| panic!("{text}"));
+    let caller = predicate
+        .find("id@")
+        .unwrap_or_else(|| panic!("{predicate}"));
+    let row_filter = predicate
+        .find("region@")
+        .unwrap_or_else(|| panic!("{predicate}"));
+    assert!(caller < row_filter, "{predicate}");
+    assert_eq!(predicate.matches("salary@").count(), 1, "{predicate}");
+    let answer = rows(&mut platform, "SELECT name FROM hr.employees WHERE id > 0").await;
+    assert!(
+        answer.contains("Bob") && !answer.contains("Cid"),
+        "{answer}"
+    );
     // A predicate that is not leakproof stays above the barrier: nothing is
     // pruned by it, and it never sees the hidden rows (divisor = 0).
     let text = rows(
