@@ -749,6 +749,15 @@ async fn rule_9_every_query_is_audited() {
     server.stop().await;
 }
 
+/// EXPLAIN ANALYZE of `sql`, which must have read `matched` of the table's
+/// five row groups once they were pruned by statistics.
+async fn explain_reading(client: &mut TestClient, sql: &str, matched: usize) -> String {
+    let text = rows(client, &format!("EXPLAIN ANALYZE {sql}")).await;
+    let read = format!("row_groups_pruned_statistics=5 total → {matched} matched");
+    assert!(text.contains(&read), "{sql}: {text}");
+    text
+}
+
 #[tokio::test]
 async fn pushdown_under_policies_still_prunes_row_groups() {
     let server = hr_server().await;
@@ -757,42 +766,28 @@ async fn pushdown_under_policies_still_prunes_row_groups() {
     let mut platform = server
         .as_identity("pat", &["analyst", "platform"], &[("region", "EU")])
         .await;
-    let text = rows(
+    // 5 row groups of one row: the leakproof `id = 2` reached the scan and
+    // pruned 4 of them by statistics.
+    let text = explain_reading(
         &mut platform,
-        "EXPLAIN ANALYZE SELECT name FROM hr.employees WHERE id = 2",
+        "SELECT name FROM hr.employees WHERE id = 2",
+        1,
     )
     .await;
     assert!(text.contains("DataSourceExec"), "{text}");
     assert!(text.contains("PolicyExec"), "{text}");
-    // 5 row groups of one row: the leakproof `id = 2` reached the scan and
-    // pruned 4 of them by statistics.
-    assert!(
-        text.contains("row_groups_pruned_statistics=5 total → 1 matched"),
-        "{text}"
-    );
     let answer = rows(&mut platform, "SELECT name FROM hr.employees WHERE id = 2").await;
     assert!(answer.contains("Bob"));
     // The row filter prunes too: only EU row groups are read.
-    let text = rows(
-        &mut platform,
-        "EXPLAIN ANALYZE SELECT count(*) FROM hr.employees",
-    )
-    .await;
-    assert!(
-        text.contains("row_groups_pruned_statistics=5 total → 2 matched"),
-        "{text}"
-    );
+    explain_reading(&mut platform, "SELECT count(*) FROM hr.employees", 2).await;
     // Beside a caller's filter, the row filter still prunes, and runs after
     // it below the barrier (on the rows it keeps only).
-    let text = rows(
+    let text = explain_reading(
         &mut platform,
-        "EXPLAIN ANALYZE SELECT name FROM hr.employees WHERE id > 0",
+        "SELECT name FROM hr.employees WHERE id > 0",
+        2,
     )
     .await;
-    assert!(
-        text.contains("row_groups_pruned_statistics=5 total → 2 matched"),
-        "{text}"
-    );
     // (Here the filter below the barrier runs inside the scan.)
     let below = text.split("PolicyExec").nth(1).unwrap();
     let predicate = below
@@ -815,15 +810,12 @@ async fn pushdown_under_policies_still_prunes_row_groups() {
     );
     // A predicate that is not leakproof stays above the barrier: nothing is
     // pruned by it, and it never sees the hidden rows (divisor = 0).
-    let text = rows(
+    let text = explain_reading(
         &mut platform,
-        "EXPLAIN ANALYZE SELECT name FROM hr.employees WHERE 10 / divisor = 10",
+        "SELECT name FROM hr.employees WHERE 10 / divisor = 10",
+        2,
     )
     .await;
-    assert!(
-        text.contains("row_groups_pruned_statistics=5 total → 2 matched"),
-        "{text}"
-    );
     let below = text.split("PolicyExec").nth(1).unwrap();
     assert!(!below.contains("/ divisor"), "{text}");
     // A join's dynamic filter on a plain column crosses the barrier: the
