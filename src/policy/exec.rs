@@ -266,7 +266,7 @@ impl ExecutionPlan for PolicyExec {
                 .iter()
                 .zip(self.schema.fields())
                 .map(|(expr, field)| ColumnStatistics {
-                    byte_size: column_byte_size(expr, field.data_type(), input, num_rows),
+                    byte_size: column_byte_size(expr, field.data_type(), input),
                     distinct_count: distinct_count(expr, input),
                     ..ColumnStatistics::new_unknown()
                 })
@@ -294,38 +294,34 @@ fn passed_through<'a>(
         .and_then(|column| input.column_statistics.get(column.index()))
 }
 
-/// A column's size from the input's statistics, before it is made coarse: a
-/// column passed through has its input's size, a computed one its type's
-/// width times the input's rows when that width is fixed.
+/// A column's size from the input's statistics, before it is made coarse:
+/// a column passed through has its input's size; one of a fixed-width type
+/// otherwise, that width times the input's rows.
 fn exact_byte_size(
     expr: &Arc<dyn PhysicalExpr>,
     data_type: &DataType,
     input: &Statistics,
 ) -> Option<usize> {
-    match passed_through(expr, input) {
-        Some(stats) => stats.byte_size.get_value().copied(),
-        None => data_type
-            .primitive_width()
-            .zip(input.num_rows.get_value())
-            .map(|(width, &rows)| rows.saturating_mul(width)),
-    }
+    passed_through(expr, input)
+        .and_then(|stats| stats.byte_size.get_value().copied())
+        .or_else(|| {
+            data_type
+                .primitive_width()
+                .zip(input.num_rows.get_value())
+                .map(|(width, &rows)| rows.saturating_mul(width))
+        })
 }
 
 /// A column's size as the planner may know it behind the barrier, coarse as
-/// the row count: what the planner weighs to pick a join's build side. A
-/// column passed through has its input's size; a computed one, its type's
-/// width per row when that is fixed, and no size otherwise.
+/// the row count: what the planner weighs to pick a join's build side.
 fn column_byte_size(
     expr: &Arc<dyn PhysicalExpr>,
     data_type: &DataType,
     input: &Statistics,
-    num_rows: Precision<usize>,
 ) -> Precision<usize> {
-    let passed = passed_through(expr, input).and_then(|stats| stats.byte_size.get_value().copied());
-    match (passed, data_type.primitive_width(), num_rows.get_value()) {
-        (Some(bytes), _, _) => Precision::Inexact(coarse(bytes)),
-        (None, Some(width), Some(&rows)) => Precision::Inexact(rows.saturating_mul(width)),
-        _ => Precision::Absent,
+    match exact_byte_size(expr, data_type, input) {
+        Some(bytes) => Precision::Inexact(coarse(bytes)),
+        None => Precision::Absent,
     }
 }
 
@@ -448,7 +444,7 @@ mod tests {
         // Distinct keys from the range 1..=150000, rounded to a power of two.
         assert_eq!(distinct_count(&key, &input), Precision::Inexact(131_072));
         assert_eq!(
-            column_byte_size(&key, &DataType::Int64, &input, rows),
+            column_byte_size(&key, &DataType::Int64, &input),
             Precision::Inexact(1_048_576)
         );
         // A range wider than the rows is capped by them.
@@ -502,16 +498,15 @@ mod tests {
     #[test]
     fn a_computed_column_has_only_its_types_width() {
         let input = key_statistics();
-        let rows = Precision::Inexact(131_072);
         let masked = lit("***");
         assert_eq!(distinct_count(&masked, &input), Precision::Absent);
         assert_eq!(
-            column_byte_size(&masked, &DataType::Utf8, &input, rows),
+            column_byte_size(&masked, &DataType::Utf8, &input),
             Precision::Absent
         );
         let zero = lit(0_i64);
         assert_eq!(
-            column_byte_size(&zero, &DataType::Int64, &input, rows),
+            column_byte_size(&zero, &DataType::Int64, &input),
             Precision::Inexact(131_072 * 8)
         );
     }
