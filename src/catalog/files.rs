@@ -19,6 +19,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use object_store::ObjectStoreExt;
 use url::Url;
 
+use super::parquet::PlainParquet;
 use crate::config::{ColumnContract, CsvOptions, FileFormat};
 
 /// Opens a file product: infers the files' schema and, when the product
@@ -32,10 +33,10 @@ pub(crate) async fn open_file_product(
 ) -> Result<Arc<dyn TableProvider>, String> {
     let table_url = ListingTableUrl::parse(url.as_str()).map_err(|e| e.to_string())?;
     let file_format: Arc<dyn DataFusionFileFormat> = match format {
-        // The session's Parquet options: plain string types, filter pushdown.
-        FileFormat::Parquet => {
-            Arc::new(ParquetFormat::default().with_options(state.default_table_options().parquet))
-        }
+        // The session's Parquet options, and plain string types.
+        FileFormat::Parquet => Arc::new(PlainParquet::new(
+            ParquetFormat::default().with_options(state.default_table_options().parquet),
+        )),
         FileFormat::Csv => Arc::new(
             CsvFormat::default()
                 .with_has_header(csv.has_header)

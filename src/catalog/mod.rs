@@ -3,6 +3,7 @@
 //! product.
 
 mod files;
+mod parquet;
 mod views;
 
 pub(crate) use files::check_contract;

@@ -139,8 +139,17 @@ impl ExecutionPlan for PolicyExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
+        // When the filter below holds each conjunct of the row filter, every
+        // row it lets through satisfies the row filter (a filter keeps only
+        // the rows its whole predicate is true for): evaluating it again
+        // would hide nothing more. The check reads the plan as it runs, after
+        // every optimizer rule, so a filter taken away or changed by one
+        // leaves the barrier applying the row filter itself.
+        let row_filter = self
+            .row_filter
+            .clone()
+            .filter(|row_filter| !filter_below_holds(&self.input, row_filter));
         let input = self.input.execute(partition, context)?;
-        let row_filter = self.row_filter.clone();
         let columns = self.columns.clone();
         let schema = Arc::clone(&self.schema);
         let metrics = BaselineMetrics::new(&self.metrics, partition);
@@ -275,9 +284,14 @@ impl ExecutionPlan for PolicyExec {
     }
 }
 
-/// Whether `input` is a filter that holds each conjunct of `predicate`.
+/// Whether `input` is a filter that holds each conjunct of `predicate` and
+/// passes its input's columns through as they are (so that the predicate's
+/// columns and the filter's name the same ones).
 fn filter_below_holds(input: &Arc<dyn ExecutionPlan>, predicate: &Arc<dyn PhysicalExpr>) -> bool {
     input.downcast_ref::<FilterExec>().is_some_and(|filter| {
+        if filter.projection().is_some() || filter.schema() != filter.input().schema() {
+            return false;
+        }
         let held = split_conjunction(filter.predicate());
         split_conjunction(predicate)
             .into_iter()
@@ -416,10 +430,120 @@ fn apply(
 
 #[cfg(test)]
 mod tests {
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{Field, Schema};
     use datafusion::common::ScalarValue;
-    use datafusion::physical_expr::expressions::lit;
+    use datafusion::datasource::memory::MemorySourceConfig;
+    use datafusion::logical_expr::Operator;
+    use datafusion::physical_expr::expressions::{binary, lit};
+    use datafusion::physical_plan::collect;
+    use datafusion::physical_plan::filter::FilterExecBuilder;
 
     use super::*;
+
+    /// Columns `a` = 1..=6 and `b` = 10, 20, ..., 60.
+    fn numbers() -> Result<Arc<dyn ExecutionPlan>> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Int64, false),
+            Field::new("b", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(Int64Array::from_iter_values(1..=6)),
+                Arc::new(Int64Array::from_iter_values((1..=6).map(|n| n * 10))),
+            ],
+        )?;
+        Ok(MemorySourceConfig::try_new_exec(
+            &[vec![batch]],
+            schema,
+            None,
+        )?)
+    }
+
+    fn compare(
+        column: &str,
+        op: Operator,
+        value: i64,
+        input: &Arc<dyn ExecutionPlan>,
+    ) -> Arc<dyn PhysicalExpr> {
+        let schema = input.schema();
+        let index = schema.index_of(column).expect("test column");
+        binary(
+            Arc::new(ColumnExpr::new(column, index)),
+            op,
+            lit(value),
+            &schema,
+        )
+        .expect("test expression")
+    }
+
+    /// The `a` values a barrier with row filter `a > 2` over `input` returns.
+    async fn visible(input: Arc<dyn ExecutionPlan>) -> Result<Vec<i64>> {
+        let row_filter = compare("a", Operator::Gt, 2, &input);
+        let a: Arc<dyn PhysicalExpr> =
+            Arc::new(ColumnExpr::new("a", input.schema().index_of("a")?));
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, false)]));
+        let barrier = Arc::new(PolicyExec::new(
+            "p".into(),
+            input,
+            Some(row_filter),
+            vec![a],
+            schema,
+        ));
+        let batches = collect(barrier, Arc::new(TaskContext::default())).await?;
+        Ok(batches
+            .iter()
+            .flat_map(|batch| {
+                batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .expect("Int64")
+                    .values()
+                    .to_vec()
+            })
+            .collect())
+    }
+
+    #[tokio::test]
+    async fn the_barrier_applies_its_row_filter_unless_the_filter_below_holds_it() -> Result<()> {
+        let scan = numbers()?;
+        let row_filter = compare("a", Operator::Gt, 2, &scan);
+        let caller = compare("b", Operator::Lt, 60, &scan);
+
+        // No filter below: the barrier hides a <= 2.
+        assert_eq!(visible(Arc::clone(&scan)).await?, vec![3, 4, 5, 6]);
+
+        // A filter below with the caller's condition only: still hidden.
+        let callers_only: Arc<dyn ExecutionPlan> =
+            Arc::new(FilterExec::try_new(Arc::clone(&caller), Arc::clone(&scan))?);
+        assert!(!filter_below_holds(&callers_only, &row_filter));
+        assert_eq!(visible(callers_only).await?, vec![3, 4, 5]);
+
+        // The caller's condition and the row filter below: it holds the row
+        // filter, and the answer is the same.
+        let both = binary(
+            Arc::clone(&caller),
+            Operator::And,
+            Arc::clone(&row_filter),
+            &scan.schema(),
+        )?;
+        let holding: Arc<dyn ExecutionPlan> =
+            Arc::new(FilterExec::try_new(both, Arc::clone(&scan))?);
+        assert!(filter_below_holds(&holding, &row_filter));
+        assert_eq!(visible(holding).await?, vec![3, 4, 5]);
+
+        // A filter that reorders its columns names others at the same
+        // positions: it is not taken to hold the row filter.
+        let reordered: Arc<dyn ExecutionPlan> = Arc::new(
+            FilterExecBuilder::new(Arc::clone(&row_filter), Arc::clone(&scan))
+                .apply_projection(Some(vec![1, 0]))?
+                .build()?,
+        );
+        assert!(!filter_below_holds(&reordered, &row_filter));
+        Ok(())
+    }
 
     fn key_statistics() -> Statistics {
         Statistics {
