@@ -19,7 +19,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use object_store::ObjectStoreExt;
 use url::Url;
 
-use super::parquet::PlainParquet;
+use super::parquet::{PlainParquet, plain_schema};
 use crate::config::{ColumnContract, CsvOptions, FileFormat};
 
 /// Opens a file product: infers the files' schema and, when the product
@@ -68,14 +68,26 @@ pub(crate) async fn open_file_product(
         return Err(format!("no {} files found", extension_label(format)));
     }
 
-    let config = if declared.is_empty() {
-        inferred
+    let schema = if declared.is_empty() {
+        file_schema
     } else {
-        let schema = contract_schema(&file_schema, declared, format)?;
-        listing.with_schema(schema)
+        contract_schema(&file_schema, declared, format)?
     };
-    let table: Arc<dyn TableProvider> =
-        Arc::new(ListingTable::try_new(config).map_err(|e| e.to_string())?);
+    // Parquet strings and binaries are exposed (and read, see
+    // `PlainParquet`) as the plain types clients receive, whatever type the
+    // files' embedded Arrow schema names.
+    let schema = match format {
+        FileFormat::Parquet => plain_schema(&schema),
+        _ => schema,
+    };
+    let config = listing.with_schema(schema);
+    // Each file's statistics are computed once, not at each scan: the
+    // runtime's cache keeps them until the file changes.
+    let table: Arc<dyn TableProvider> = Arc::new(
+        ListingTable::try_new(config)
+            .map_err(|e| e.to_string())?
+            .with_cache(state.runtime_env().cache_manager.get_file_statistic_cache()),
+    );
     if table_url.is_collection() {
         Ok(table)
     } else {

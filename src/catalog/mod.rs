@@ -20,7 +20,8 @@ use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
 use datafusion::datasource::ViewTable;
 use datafusion::error::{DataFusionError, Result as DataFusionResult};
 use datafusion::execution::SessionState;
-use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use object_store::ObjectStore;
 use url::Url;
 
@@ -199,7 +200,14 @@ impl Mesh {
     /// Opens every product of `config`. Products that cannot be opened are
     /// left out and reported; the rest of the mesh is published.
     pub async fn open(config: &MeshConfig) -> Result<(Self, Vec<PublicationProblem>), String> {
-        let runtime = Arc::new(RuntimeEnv::default());
+        // A directory is listed at each scan, so that files added to a
+        // product (or rewritten) are read by the next query; each file's
+        // footer and statistics stay cached while its size and modification
+        // time stay the same.
+        let runtime = RuntimeEnvBuilder::new()
+            .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
+            .build_arc()
+            .map_err(|e| format!("cannot build the query runtime: {e}"))?;
         for domain in &config.domains {
             for (name, storage) in &domain.storage {
                 if let StorageConfig::ObjectStore { url } = storage {

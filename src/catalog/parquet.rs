@@ -27,37 +27,88 @@ use parquet::arrow::parquet_to_arrow_schema;
 #[derive(Debug)]
 pub(crate) struct PlainParquet {
     inner: ParquetFormat,
+    /// The schema each file is read with, by path, for the version of the
+    /// file (size and modification time) it was worked out for.
+    schemas: moka::sync::Cache<object_store::path::Path, FileSchema>,
+}
+
+#[derive(Debug, Clone)]
+struct FileSchema {
+    size: u64,
+    last_modified: chrono::DateTime<chrono::Utc>,
+    plain: Option<SchemaRef>,
 }
 
 impl PlainParquet {
     pub(crate) fn new(inner: ParquetFormat) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            schemas: moka::sync::Cache::new(4096),
+        }
     }
 
     /// The Arrow schema to read `file` with, when its own names view types:
-    /// the same with each view type plain. The file's footer comes from the
-    /// metadata cache the scan reads it from anyway. A file whose footer
-    /// cannot be read gets no schema, and the scan reports why.
-    async fn plain_schema(
+    /// the same with each view type plain. Worked out once for each version
+    /// of a file (its size and modification time). A file whose footer cannot
+    /// be read gets no schema, and the scan reports why.
+    async fn read_schema(
         &self,
         state: &dyn Session,
         store: &dyn ObjectStore,
         file: &ObjectMeta,
     ) -> Option<SchemaRef> {
-        let metadata = DFParquetMetadata::new(store, file)
-            .with_metadata_size_hint(self.inner.metadata_size_hint())
-            .with_file_metadata_cache(Some(
-                state.runtime_env().cache_manager.get_file_metadata_cache(),
-            ))
-            .fetch_metadata()
+        if let Some(known) = self.schemas.get(&file.location)
+            && known.size == file.size
+            && known.last_modified == file.last_modified
+        {
+            return known.plain;
+        }
+        let plain = file_plain_schema(state, store, file, self.inner.metadata_size_hint())
             .await
             .ok()?;
-        let footer = metadata.file_metadata();
-        let stored =
-            parquet_to_arrow_schema(footer.schema_descr(), footer.key_value_metadata()).ok()?;
-        let fields: Fields = stored.fields().iter().map(plain_field).collect();
-        (fields != *stored.fields())
-            .then(|| Arc::new(Schema::new_with_metadata(fields, stored.metadata().clone())))
+        self.schemas.insert(
+            file.location.clone(),
+            FileSchema {
+                size: file.size,
+                last_modified: file.last_modified,
+                plain: plain.clone(),
+            },
+        );
+        plain
+    }
+}
+
+/// `file`'s own Arrow schema with each view type plain, or `None` when it has
+/// none. The footer comes from the metadata cache the scan reads it from.
+async fn file_plain_schema(
+    state: &dyn Session,
+    store: &dyn ObjectStore,
+    file: &ObjectMeta,
+    metadata_size_hint: Option<usize>,
+) -> Result<Option<SchemaRef>> {
+    let metadata = DFParquetMetadata::new(store, file)
+        .with_metadata_size_hint(metadata_size_hint)
+        .with_file_metadata_cache(Some(
+            state.runtime_env().cache_manager.get_file_metadata_cache(),
+        ))
+        .fetch_metadata()
+        .await?;
+    let footer = metadata.file_metadata();
+    let stored = Arc::new(parquet_to_arrow_schema(
+        footer.schema_descr(),
+        footer.key_value_metadata(),
+    )?);
+    let plain = plain_schema(&stored);
+    Ok((!Arc::ptr_eq(&plain, &stored)).then_some(plain))
+}
+
+/// `schema` with every view type in it made plain.
+pub(crate) fn plain_schema(schema: &SchemaRef) -> SchemaRef {
+    let fields: Fields = schema.fields().iter().map(plain_field).collect();
+    if fields == *schema.fields() {
+        Arc::clone(schema)
+    } else {
+        Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
     }
 }
 
@@ -168,7 +219,7 @@ impl FileFormat for PlainParquet {
                 let file: &mut PartitionedFile = &mut group[index];
                 if file.arrow_schema.is_none() {
                     file.arrow_schema = self
-                        .plain_schema(state, store.as_ref(), &file.object_meta)
+                        .read_schema(state, store.as_ref(), &file.object_meta)
                         .await;
                 }
             }
@@ -246,13 +297,27 @@ mod tests {
         let format = PlainParquet::new(ParquetFormat::default());
 
         let schema = format
-            .plain_schema(&state, &store, &views)
+            .read_schema(&state, &store, &views)
             .await
             .expect("a schema for the file with views");
         let types: Vec<&DataType> = schema.fields().iter().map(|f| f.data_type()).collect();
         assert_eq!(types, [&DataType::Int64, &DataType::Utf8]);
         // A file already plain needs no schema of its own.
-        assert!(format.plain_schema(&state, &store, &plain).await.is_none());
+        assert!(format.read_schema(&state, &store, &plain).await.is_none());
+        // Worked out once for each version of a file: a rewrite is read again.
+        let rewritten = write(
+            dir.path(),
+            "views.parquet",
+            Arc::new(StringArray::from(vec!["a", "bb", "ccc"])),
+        )
+        .await;
+        assert_ne!(rewritten.size, views.size);
+        assert!(
+            format
+                .read_schema(&state, &store, &rewritten)
+                .await
+                .is_none()
+        );
     }
 
     #[test]

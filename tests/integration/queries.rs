@@ -163,3 +163,100 @@ async fn bad_sql_gets_the_parser_message_and_unknown_columns_are_invalid() {
     assert_eq!(row_count(&client.query("SELECT 1").await.unwrap()), 1);
     server.stop().await;
 }
+
+const EVENTS_DOMAIN: &str = r#"
+name = "ops"
+owner = "ops@acme.example"
+
+[storage.files]
+type = "object_store"
+url = "file://../opsdata"
+
+[[products]]
+name = "events"
+storage = "files"
+location = "events/"
+format = "parquet"
+
+[[policies]]
+product = "events"
+access = "has_group('analyst')"
+"#;
+
+/// Writes `kinds` as a Parquet file of events, its strings stored as views
+/// (as DataFusion and tpchgen write them).
+fn write_events(path: &std::path::Path, first_id: i64, kinds: &[&str]) {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, RecordBatch, StringViewArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("kind", DataType::Utf8View, false),
+    ]));
+    let ids = Int64Array::from_iter_values(first_id..first_id + kinds.len() as i64);
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(ids),
+            Arc::new(StringViewArray::from(kinds.to_vec())),
+        ],
+    )
+    .unwrap();
+    // Written aside and renamed, as a writer replacing a file would.
+    let partial = path.with_extension("partial");
+    let mut writer = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&partial).unwrap(),
+        schema,
+        None,
+    )
+    .unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    std::fs::rename(&partial, path).unwrap();
+}
+
+#[tokio::test]
+async fn files_changed_while_serving_are_read_as_they_are_now() {
+    let server = TestServer::start_with(|dir| {
+        std::fs::write(dir.join("domains/ops.toml"), EVENTS_DOMAIN).unwrap();
+        let events = dir.join("opsdata/events");
+        std::fs::create_dir_all(&events).unwrap();
+        write_events(&events.join("a.parquet"), 1, &["open", "close", "open"]);
+    })
+    .await;
+    let mut client = server.as_identity("ana", &["analyst"], &[]).await;
+    let ask = "SELECT count(*) AS n, count(DISTINCT kind) AS kinds, \
+               sum(CASE WHEN kind = 'open' THEN 1 ELSE 0 END) AS opens FROM ops.events";
+    let answer = |batches: &[arrow::array::RecordBatch]| pretty(batches);
+    let before = answer(&client.query(ask).await.unwrap());
+    assert!(before.contains("| 3 | 2     | 2     |"), "{before}");
+    // The strings come out as plain Utf8, whatever the files store.
+    let typed = client
+        .query("SELECT arrow_typeof(kind) AS t FROM ops.events LIMIT 1")
+        .await
+        .unwrap();
+    assert!(pretty(&typed).contains("| Utf8 |"), "{}", pretty(&typed));
+
+    // The file rewritten with other rows, and another added: no reload, and
+    // the counts (which come from the files' statistics when they can) follow.
+    let events = server.dir.path().join("opsdata/events");
+    write_events(
+        &events.join("a.parquet"),
+        1,
+        &["open", "retry", "retry", "close", "open"],
+    );
+    write_events(&events.join("b.parquet"), 100, &["open"]);
+    let after = answer(&client.query(ask).await.unwrap());
+    assert!(after.contains("| 6 | 3     | 3     |"), "{after}");
+    let only_count = client
+        .query("SELECT count(*) AS n FROM ops.events")
+        .await
+        .unwrap();
+    assert!(
+        pretty(&only_count).contains("| 6 |"),
+        "{}",
+        pretty(&only_count)
+    );
+}
