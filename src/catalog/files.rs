@@ -19,7 +19,6 @@ use datafusion::physical_plan::ExecutionPlan;
 use object_store::ObjectStoreExt;
 use url::Url;
 
-use super::parquet::{PlainParquet, plain_schema};
 use crate::config::{ColumnContract, CsvOptions, FileFormat};
 
 /// Opens a file product: infers the files' schema and, when the product
@@ -33,10 +32,10 @@ pub(crate) async fn open_file_product(
 ) -> Result<Arc<dyn TableProvider>, String> {
     let table_url = ListingTableUrl::parse(url.as_str()).map_err(|e| e.to_string())?;
     let file_format: Arc<dyn DataFusionFileFormat> = match format {
-        // The session's Parquet options, and plain string types.
-        FileFormat::Parquet => Arc::new(PlainParquet::new(
-            ParquetFormat::default().with_options(state.default_table_options().parquet),
-        )),
+        // The session's Parquet options.
+        FileFormat::Parquet => {
+            Arc::new(ParquetFormat::default().with_options(state.default_table_options().parquet))
+        }
         FileFormat::Csv => Arc::new(
             CsvFormat::default()
                 .with_has_header(csv.has_header)
@@ -72,13 +71,6 @@ pub(crate) async fn open_file_product(
         file_schema
     } else {
         contract_schema(&file_schema, declared, format)?
-    };
-    // Parquet strings and binaries are exposed (and read, see
-    // `PlainParquet`) as the plain types clients receive, whatever type the
-    // files' embedded Arrow schema names.
-    let schema = match format {
-        FileFormat::Parquet => plain_schema(&schema),
-        _ => schema,
     };
     let config = listing.with_schema(schema);
     // Each file's statistics are computed once, not at each scan: the

@@ -3,7 +3,6 @@
 //! product.
 
 mod files;
-mod parquet;
 mod views;
 
 pub(crate) use files::check_contract;

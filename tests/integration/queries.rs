@@ -232,12 +232,12 @@ async fn files_changed_while_serving_are_read_as_they_are_now() {
     let answer = |batches: &[arrow::array::RecordBatch]| pretty(batches);
     let before = answer(&client.query(ask).await.unwrap());
     assert!(before.contains("| 3 | 2     | 2     |"), "{before}");
-    // The strings come out as plain Utf8, whatever the files store.
-    let typed = client
-        .query("SELECT arrow_typeof(kind) AS t FROM ops.events LIMIT 1")
-        .await
-        .unwrap();
-    assert!(pretty(&typed).contains("| Utf8 |"), "{}", pretty(&typed));
+    // The strings reach the client as plain Utf8, whatever the files store.
+    let rows = client.query("SELECT kind FROM ops.events").await.unwrap();
+    assert_eq!(
+        rows[0].schema().field(0).data_type(),
+        &arrow::datatypes::DataType::Utf8
+    );
 
     // The file rewritten with other rows, and another added: no reload, and
     // the counts (which come from the files' statistics when they can) follow.
