@@ -18,6 +18,7 @@ mod compile;
 mod exec;
 mod explain;
 mod leakproof;
+mod row_filter;
 mod table;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
