@@ -15,8 +15,8 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions};
-use arrow::compute::filter_record_batch;
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, RecordBatchOptions};
+use arrow::compute::{filter_record_batch, prep_null_mask_filter};
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::TreeNodeRecursion;
@@ -40,8 +40,6 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
 };
 use futures::StreamExt;
-
-use super::row_filter::RowFilter;
 
 /// Applies a row filter, then computes the caller's columns.
 #[derive(Debug)]
@@ -149,9 +147,8 @@ impl ExecutionPlan for PolicyExec {
         // leaves the barrier applying the row filter itself.
         let row_filter = self
             .row_filter
-            .as_ref()
-            .filter(|row_filter| !filter_below_holds(&self.input, row_filter))
-            .map(RowFilter::new);
+            .clone()
+            .filter(|row_filter| !filter_below_holds(&self.input, row_filter));
         let input = self.input.execute(partition, context)?;
         let columns = self.columns.clone();
         let schema = Arc::clone(&self.schema);
@@ -395,13 +392,23 @@ fn coarse(value: usize) -> usize {
 
 fn apply(
     batch: &RecordBatch,
-    row_filter: Option<&RowFilter>,
+    row_filter: Option<&Arc<dyn PhysicalExpr>>,
     columns: &[Arc<dyn PhysicalExpr>],
     schema: &SchemaRef,
 ) -> Result<RecordBatch> {
     let visible = match row_filter {
-        Some(row_filter) => {
-            let mask = row_filter.evaluate(batch)?;
+        Some(predicate) => {
+            let mask = predicate.evaluate(batch)?.into_array(batch.num_rows())?;
+            let mask = mask
+                .as_any()
+                .downcast_ref::<BooleanArray>()
+                .ok_or_else(|| DataFusionError::Internal("row filter is not boolean".into()))?;
+            // NULL hides the row, as false does.
+            let mask = if mask.null_count() > 0 {
+                prep_null_mask_filter(mask)
+            } else {
+                mask.clone()
+            };
             if mask.true_count() == batch.num_rows() {
                 batch.clone()
             } else {

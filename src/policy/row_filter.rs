@@ -1,91 +1,154 @@
-//! The row filter as the barrier evaluates it: one conjunct at a time, and a
-//! string column compared for equality with a constant (`region =
-//! user_attr('region')` once bound, the commonest row filter) compared view
-//! by view, without the per-row branches of the general comparison kernel.
+//! Row filters compared fast: a string column compared for equality with a
+//! constant (`region = user_attr('region')` once bound, the commonest row
+//! filter) is evaluated view by view, without the per-row branches of the
+//! general comparison kernel. The comparison stays what it was everywhere
+//! else: it shows as itself in EXPLAIN, prunes row groups and pages as
+//! itself (its snapshot is the plain comparison), and is equal only to the
+//! same fast comparison.
 
+use std::fmt;
+use std::hash::Hash;
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, BooleanArray, RecordBatch, StringViewArray};
 use arrow::buffer::BooleanBuffer;
-use arrow::compute::prep_null_mask_filter;
+use arrow::datatypes::{DataType, Schema};
 use datafusion::common::ScalarValue;
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result};
-use datafusion::logical_expr::Operator;
+use datafusion::logical_expr::interval_arithmetic::Interval;
+use datafusion::logical_expr::{ColumnarValue, Operator};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
-use datafusion::physical_expr::utils::split_conjunction;
 
-/// A row filter as the barrier evaluates it.
-#[derive(Debug, Clone)]
-pub(crate) enum RowFilter {
-    /// Conjuncts each comparing a string column with a constant.
-    StringEquals(Vec<StringEquals>),
-    /// Any other filter, evaluated as it is (so that a conjunct that could
-    /// fail, such as a division, sees only the rows DataFusion gives it).
-    General(Arc<dyn PhysicalExpr>),
+/// `expr` with each string equality in it compared fast.
+pub(crate) fn fast_string_equality(expr: Arc<dyn PhysicalExpr>) -> Result<Arc<dyn PhysicalExpr>> {
+    Ok(expr
+        .transform_up(|node| {
+            if node.downcast_ref::<StringEquals>().is_some() {
+                return Ok(Transformed::no(node));
+            }
+            Ok(match StringEquals::new(Arc::clone(&node)) {
+                Some(fast) => Transformed::yes(Arc::new(fast) as Arc<dyn PhysicalExpr>),
+                None => Transformed::no(node),
+            })
+        })?
+        .data)
 }
 
-/// `column = value`, or `column <> value` when `negated`.
-#[derive(Debug, Clone)]
+/// `column = 'constant'` or `column <> 'constant'`, compared view by view
+/// when the column holds string views (else as the plain comparison).
+#[derive(Debug, Clone, Eq)]
 pub(crate) struct StringEquals {
+    /// The plain comparison, this expression's only child.
+    plain: Arc<dyn PhysicalExpr>,
     column: usize,
     value: Arc<str>,
     negated: bool,
-    /// The same as a general expression, for a column that is not held as
-    /// string views.
-    expr: Arc<dyn PhysicalExpr>,
 }
 
-impl RowFilter {
-    pub(crate) fn new(predicate: &Arc<dyn PhysicalExpr>) -> Self {
-        split_conjunction(predicate)
-            .into_iter()
-            .map(|conjunct| {
-                string_equals(conjunct).map(|(column, value, negated)| StringEquals {
-                    column,
-                    value,
-                    negated,
-                    expr: Arc::clone(conjunct),
-                })
-            })
-            .collect::<Option<Vec<_>>>()
-            .map_or_else(|| Self::General(Arc::clone(predicate)), Self::StringEquals)
+impl StringEquals {
+    fn new(plain: Arc<dyn PhysicalExpr>) -> Option<Self> {
+        let (column, value, negated) = string_equals(&plain)?;
+        Some(Self {
+            plain,
+            column,
+            value,
+            negated,
+        })
+    }
+}
+
+// The rest is read from the plain comparison: equal comparisons are equal.
+impl PartialEq for StringEquals {
+    fn eq(&self, other: &Self) -> bool {
+        self.plain.eq(&other.plain)
+    }
+}
+
+impl Hash for StringEquals {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.plain.hash(state);
+    }
+}
+
+impl fmt::Display for StringEquals {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.plain.fmt(f)
+    }
+}
+
+impl PhysicalExpr for StringEquals {
+    fn data_type(&self, input_schema: &Schema) -> Result<DataType> {
+        self.plain.data_type(input_schema)
     }
 
-    /// Which rows of `batch` the filter keeps (a NULL hides the row, as
-    /// false does).
-    pub(crate) fn evaluate(&self, batch: &RecordBatch) -> Result<BooleanArray> {
-        let conjuncts = match self {
-            Self::General(expr) => return kept(&evaluate(expr, batch)?),
-            Self::StringEquals(conjuncts) => conjuncts,
-        };
-        let mut all = BooleanBuffer::new_set(batch.num_rows());
-        for conjunct in conjuncts {
-            let holds = match batch.column(conjunct.column).as_string_view_opt() {
-                Some(strings) => view_equals(strings, &conjunct.value, conjunct.negated),
-                None => evaluate(&conjunct.expr, batch)?,
-            };
-            all = &all & kept(&holds)?.values();
+    fn nullable(&self, input_schema: &Schema) -> Result<bool> {
+        self.plain.nullable(input_schema)
+    }
+
+    fn evaluate(&self, batch: &RecordBatch) -> Result<ColumnarValue> {
+        match batch
+            .columns()
+            .get(self.column)
+            .and_then(|column| column.as_string_view_opt())
+        {
+            Some(strings) => Ok(ColumnarValue::Array(Arc::new(view_equals(
+                strings,
+                &self.value,
+                self.negated,
+            )))),
+            None => self.plain.evaluate(batch),
         }
-        Ok(BooleanArray::new(all, None))
     }
-}
 
-fn evaluate(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Result<BooleanArray> {
-    expr.evaluate(batch)?
-        .into_array(batch.num_rows())?
-        .as_boolean_opt()
-        .cloned()
-        .ok_or_else(|| DataFusionError::Internal("row filter is not boolean".into()))
-}
+    fn children(&self) -> Vec<&Arc<dyn PhysicalExpr>> {
+        vec![&self.plain]
+    }
 
-/// `holds` with NULL made false.
-fn kept(holds: &BooleanArray) -> Result<BooleanArray> {
-    Ok(if holds.null_count() > 0 {
-        prep_null_mask_filter(holds)
-    } else {
-        holds.clone()
-    })
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn PhysicalExpr>>,
+    ) -> Result<Arc<dyn PhysicalExpr>> {
+        if children.len() != 1 {
+            return Err(DataFusionError::Internal(
+                "a string equality has exactly one child".into(),
+            ));
+        }
+        let plain = children.swap_remove(0);
+        // A child that is no longer a string equality stands for itself.
+        Ok(match Self::new(Arc::clone(&plain)) {
+            Some(fast) => Arc::new(fast),
+            None => plain,
+        })
+    }
+
+    /// Bounds and constraints pass through unchanged: to interval analysis
+    /// (and the selectivity it estimates) this node is its child.
+    fn evaluate_bounds(&self, children: &[&Interval]) -> Result<Interval> {
+        match children {
+            [child] => Ok((*child).clone()),
+            _ => Interval::make_unbounded(&DataType::Boolean),
+        }
+    }
+
+    fn propagate_constraints(
+        &self,
+        interval: &Interval,
+        _children: &[&Interval],
+    ) -> Result<Option<Vec<Interval>>> {
+        Ok(Some(vec![interval.clone()]))
+    }
+
+    fn fmt_sql(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.plain.fmt_sql(f)
+    }
+
+    /// Pruning reads the plain comparison, which it knows how to apply to
+    /// row-group and page statistics.
+    fn snapshot(&self) -> Result<Option<Arc<dyn PhysicalExpr>>> {
+        Ok(Some(Arc::clone(&self.plain)))
+    }
 }
 
 /// The column, constant and negation of `column = 'constant'` (either way
@@ -156,8 +219,11 @@ fn view_equals(strings: &StringViewArray, value: &str, negated: bool) -> Boolean
 mod tests {
     use arrow::array::{ArrayRef, StringArray};
     use arrow::buffer::ScalarBuffer;
-    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::compute::prep_null_mask_filter;
+    use arrow::datatypes::Field;
     use datafusion::physical_expr::expressions::{binary, col, lit};
+    use datafusion::physical_expr::utils::split_conjunction;
+    use datafusion::physical_expr_common::physical_expr::snapshot_physical_expr;
 
     use super::*;
 
@@ -185,9 +251,8 @@ mod tests {
         RecordBatch::try_new(schema, vec![column]).expect("batch")
     }
 
-    /// The rows the general kernel keeps, as the filter below the barrier
-    /// would: NULL counts as false.
-    fn general(predicate: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Vec<bool> {
+    /// The rows `predicate` keeps (NULL counts as false).
+    fn kept(predicate: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Vec<bool> {
         let holds = predicate
             .evaluate(batch)
             .and_then(|value| value.into_array(batch.num_rows()))
@@ -197,7 +262,7 @@ mod tests {
     }
 
     #[test]
-    fn string_equality_keeps_the_rows_the_general_kernel_keeps() {
+    fn string_equality_keeps_the_rows_the_plain_comparison_keeps() {
         let views = batch(Arc::new(StringViewArray::from(strings())));
         let plain = batch(Arc::new(StringArray::from(strings())));
         let constants = [
@@ -214,24 +279,15 @@ mod tests {
                 for data in [&views, &plain] {
                     let schema = data.schema();
                     let column = col("s", &schema).expect("column");
-                    let value = lit(ScalarValue::Utf8View(Some(constant.into())));
-                    let predicate = match data.column(0).data_type() {
-                        DataType::Utf8View => binary(column, op, value, &schema),
-                        _ => binary(column, op, lit(constant), &schema),
-                    }
-                    .expect("predicate");
-                    let filter = RowFilter::new(&predicate);
-                    assert!(
-                        matches!(&filter, RowFilter::StringEquals(c) if c.len() == 1),
-                        "{predicate}"
-                    );
-                    let kept: Vec<bool> = filter
-                        .evaluate(data)
-                        .expect("evaluates")
-                        .values()
-                        .iter()
-                        .collect();
-                    assert_eq!(kept, general(&predicate, data), "{predicate}");
+                    let value = match data.column(0).data_type() {
+                        DataType::Utf8View => lit(ScalarValue::Utf8View(Some(constant.into()))),
+                        _ => lit(constant),
+                    };
+                    let predicate = binary(column, op, value, &schema).expect("predicate");
+                    let fast = fast_string_equality(Arc::clone(&predicate)).expect("rewrites");
+                    assert!(fast.downcast_ref::<StringEquals>().is_some(), "{predicate}");
+                    assert_eq!(fast.to_string(), predicate.to_string());
+                    assert_eq!(kept(&fast, data), kept(&predicate, data), "{predicate}");
                 }
             }
         }
@@ -254,7 +310,7 @@ mod tests {
     }
 
     #[test]
-    fn every_equality_must_hold_and_any_other_conjunct_keeps_the_whole_filter_general() {
+    fn only_the_equalities_of_a_filter_change_and_pruning_sees_them_plain() {
         let data = batch(Arc::new(StringViewArray::from(strings())));
         let schema = data.schema();
         let s = col("s", &schema).expect("column");
@@ -268,31 +324,24 @@ mod tests {
             .expect("comparison")
         };
         let and = |l, r| binary(l, Operator::And, r, &schema).expect("and");
-        let neither = and(
-            compare(Operator::NotEq, "EU"),
+        let filter = and(
+            and(compare(Operator::NotEq, "EU"), compare(Operator::Lt, "b")),
             compare(Operator::NotEq, "US"),
         );
-        let filter = RowFilter::new(&neither);
-        assert!(matches!(&filter, RowFilter::StringEquals(c) if c.len() == 2));
-        let kept: Vec<bool> = filter
-            .evaluate(&data)
-            .expect("evaluates")
-            .values()
+        let fast = fast_string_equality(Arc::clone(&filter)).expect("rewrites");
+        let kinds: Vec<bool> = split_conjunction(&fast)
             .iter()
+            .map(|conjunct| conjunct.downcast_ref::<StringEquals>().is_some())
             .collect();
-        assert_eq!(kept, general(&neither, &data));
-        assert_eq!(kept.iter().filter(|k| **k).count(), 7, "{kept:?}");
-
-        let mixed = and(compare(Operator::NotEq, "EU"), compare(Operator::Lt, "b"));
-        let filter = RowFilter::new(&mixed);
-        assert!(matches!(filter, RowFilter::General(_)));
-        let kept: Vec<bool> = filter
-            .evaluate(&data)
-            .expect("evaluates")
-            .values()
-            .iter()
-            .collect();
-        assert_eq!(kept, general(&mixed, &data));
-        assert_eq!(kept.iter().filter(|k| **k).count(), 6, "{kept:?}");
+        assert_eq!(kinds, [true, false, true]);
+        assert_eq!(kept(&fast, &data), kept(&filter, &data));
+        assert_eq!(kept(&fast, &data).iter().filter(|k| **k).count(), 5);
+        // Rewritten twice, the same; equal to itself, not to the plain filter.
+        let again = fast_string_equality(Arc::clone(&fast)).expect("rewrites");
+        assert_eq!(&again, &fast);
+        assert_ne!(&fast, &filter);
+        // What pruning reads: the plain filter.
+        let snapshot = snapshot_physical_expr(Arc::clone(&fast)).expect("snapshot");
+        assert_eq!(&snapshot, &filter);
     }
 }

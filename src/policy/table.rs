@@ -9,14 +9,16 @@ use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::Result;
+use datafusion::logical_expr::Operator;
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_expr::expressions::Column as ColumnExpr;
+use datafusion::physical_expr::expressions::{Column as ColumnExpr, binary};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::filter::FilterExec;
 
 use super::leakproof::is_leakproof;
+use super::row_filter::fast_string_equality;
 use super::{CallerProductView, ColumnView, PolicyExec};
 
 /// What [`PolicyTable::parts`] returns: the wrapped table, the row filter,
@@ -193,25 +195,31 @@ impl TableProvider for PolicyTable {
         // rows the caller's filters keep. (Leakproof filters never fail nor
         // reveal what they read, so running them first on rows the row
         // filter hides is safe; the barrier applies the row filter again.)
-        let below = filters
-            .iter()
-            .map(unqualified)
-            .chain(self.row_filter.clone().filter(|_| !filters.is_empty()));
-        let input: Arc<dyn ExecutionPlan> = match conjunction(below) {
-            Some(predicate) => Arc::new(FilterExec::try_new(
-                state.create_physical_expr(predicate, &df_schema)?,
-                input,
-            )?),
-            None => input,
-        };
-
-        // The barrier applies the row filter, so hiding rows never depends
-        // on what the source or the optimizer did with it below.
+        // The row filter's string equalities are compared fast (see
+        // `fast_string_equality`), below the barrier and in it.
         let row_filter = self
             .row_filter
             .as_ref()
-            .map(|f| state.create_physical_expr(f.clone(), &df_schema))
+            .map(|f| fast_string_equality(state.create_physical_expr(f.clone(), &df_schema)?))
             .transpose()?;
+        let callers = conjunction(filters.iter().map(unqualified))
+            .map(|f| state.create_physical_expr(f, &df_schema))
+            .transpose()?;
+        let below = match (callers, &row_filter) {
+            (Some(callers), Some(row_filter)) => Some(binary(
+                callers,
+                Operator::And,
+                Arc::clone(row_filter),
+                &input_schema,
+            )?),
+            (callers, _) => callers,
+        };
+        let input: Arc<dyn ExecutionPlan> = match below {
+            Some(predicate) => Arc::new(FilterExec::try_new(predicate, input)?),
+            None => input,
+        };
+        // The barrier applies the row filter, so hiding rows never depends
+        // on what the source or the optimizer did with it below.
         let mut exprs: Vec<Arc<dyn PhysicalExpr>> = Vec::with_capacity(wanted.len());
         for &position in &wanted {
             let (index, view) = &self.columns[position];
