@@ -1,5 +1,6 @@
 //! The policy barrier: one physical operator that applies a product's row
-//! filter and masks to the raw rows of its input. It accepts no limit or
+//! filter and masks to the raw rows of its input (the row filter only when
+//! the filter right below does not already hold it). It accepts no limit or
 //! projection from above, and no filter but the dynamic filters DataFusion
 //! derives from visible rows (see `gather_filters_for_pushdown`), and is
 //! shown in EXPLAIN as a leaf, so nothing the caller writes runs on, or

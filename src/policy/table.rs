@@ -194,7 +194,8 @@ impl TableProvider for PolicyTable {
         // pruning), then the row filter: evaluated last, it reads only the
         // rows the caller's filters keep. (Leakproof filters never fail nor
         // reveal what they read, so running them first on rows the row
-        // filter hides is safe; the barrier applies the row filter again.)
+        // filter hides is safe.) The barrier relies on this filter only
+        // while, as the plan runs, it still holds the row filter.
         // The row filter's string equalities are compared fast (see
         // `fast_string_equality`), below the barrier and in it.
         let row_filter = self
@@ -218,8 +219,9 @@ impl TableProvider for PolicyTable {
             Some(predicate) => Arc::new(FilterExec::try_new(predicate, input)?),
             None => input,
         };
-        // The barrier applies the row filter, so hiding rows never depends
-        // on what the source or the optimizer did with it below.
+        // The barrier applies the row filter unless the filter right below
+        // it holds it, so hiding rows never depends on what the source or
+        // the optimizer did with it further down.
         let mut exprs: Vec<Arc<dyn PhysicalExpr>> = Vec::with_capacity(wanted.len());
         for &position in &wanted {
             let (index, view) = &self.columns[position];
