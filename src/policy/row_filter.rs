@@ -170,14 +170,16 @@ fn string_equals(expr: &Arc<dyn PhysicalExpr>) -> Option<(usize, Arc<str>, bool)
             binary.left().downcast_ref::<Literal>()?,
         ),
     };
-    match literal.value() {
+    let value = match literal.value() {
         ScalarValue::Utf8(Some(value))
         | ScalarValue::Utf8View(Some(value))
-        | ScalarValue::LargeUtf8(Some(value)) => {
-            Some((column.index(), value.as_str().into(), negated))
-        }
-        _ => None,
-    }
+        | ScalarValue::LargeUtf8(Some(value)) => value,
+        _ => return None,
+    };
+    // A view's length is 32 bits: a longer constant is left to the plain
+    // comparison.
+    u32::try_from(value.len()).ok()?;
+    Some((column.index(), value.as_str().into(), negated))
 }
 
 /// Whether each string equals `value` (differs from it, when `negated`);
