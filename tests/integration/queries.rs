@@ -229,8 +229,7 @@ async fn files_changed_while_serving_are_read_as_they_are_now() {
     let mut client = server.as_identity("ana", &["analyst"], &[]).await;
     let ask = "SELECT count(*) AS n, count(DISTINCT kind) AS kinds, \
                sum(CASE WHEN kind = 'open' THEN 1 ELSE 0 END) AS opens FROM ops.events";
-    let answer = |batches: &[arrow::array::RecordBatch]| pretty(batches);
-    let before = answer(&client.query(ask).await.unwrap());
+    let before = pretty(&client.query(ask).await.unwrap());
     assert!(before.contains("| 3 | 2     | 2     |"), "{before}");
     // The strings reach the client as plain Utf8, whatever the files store.
     let rows = client.query("SELECT kind FROM ops.events").await.unwrap();
@@ -248,15 +247,13 @@ async fn files_changed_while_serving_are_read_as_they_are_now() {
         &["open", "retry", "retry", "close", "open"],
     );
     write_events(&events.join("b.parquet"), 100, &["open"]);
-    let after = answer(&client.query(ask).await.unwrap());
+    let after = pretty(&client.query(ask).await.unwrap());
     assert!(after.contains("| 6 | 3     | 3     |"), "{after}");
-    let only_count = client
-        .query("SELECT count(*) AS n FROM ops.events")
-        .await
-        .unwrap();
-    assert!(
-        pretty(&only_count).contains("| 6 |"),
-        "{}",
-        pretty(&only_count)
+    let only_count = pretty(
+        &client
+            .query("SELECT count(*) AS n FROM ops.events")
+            .await
+            .unwrap(),
     );
+    assert!(only_count.contains("| 6 |"), "{only_count}");
 }
