@@ -431,8 +431,8 @@ fn apply(
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::Int64Array;
-    use arrow::datatypes::{Field, Schema};
+    use arrow::array::{AsArray, Int64Array};
+    use arrow::datatypes::{Field, Int64Type, Schema};
     use datafusion::common::ScalarValue;
     use datafusion::datasource::memory::MemorySourceConfig;
     use datafusion::logical_expr::Operator;
@@ -498,9 +498,7 @@ mod tests {
             .flat_map(|batch| {
                 batch
                     .column(0)
-                    .as_any()
-                    .downcast_ref::<Int64Array>()
-                    .expect("Int64")
+                    .as_primitive::<Int64Type>()
                     .values()
                     .to_vec()
             })

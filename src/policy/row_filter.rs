@@ -42,6 +42,7 @@ pub(crate) fn fast_string_equality(expr: Arc<dyn PhysicalExpr>) -> Result<Arc<dy
 pub(crate) struct StringEquals {
     /// The plain comparison, this expression's only child.
     plain: Arc<dyn PhysicalExpr>,
+    // Read from `plain` once, not at each batch.
     column: usize,
     value: Arc<str>,
     negated: bool,

@@ -195,9 +195,9 @@ impl TableProvider for PolicyTable {
         // rows the caller's filters keep. (Leakproof filters never fail nor
         // reveal what they read, so running them first on rows the row
         // filter hides is safe.) The barrier relies on this filter only
-        // while, as the plan runs, it still holds the row filter.
-        // The row filter's string equalities are compared fast (see
-        // `fast_string_equality`), below the barrier and in it.
+        // while, as the plan runs, it still holds the row filter. Both
+        // compare the row filter's string equalities fast (see
+        // `fast_string_equality`).
         let row_filter = self
             .row_filter
             .as_ref()
