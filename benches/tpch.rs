@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench tpch -- --data DIR --queries DIR [--runs N]
 //!     [--settings default|meshgate] [--set datafusion.key=value]
-//!     [--only q1,q6] [--json FILE] [--setup FILE] [--explain]
+//!     [--only q1,q6] [--json FILE] [--setup FILE] [--explain] [--serve]
 //! ```
 //!
 //! `--setup FILE` replaces the registration of the eight tables by the SQL
@@ -18,6 +18,11 @@
 //! query's physical plan instead (with `--set
 //! datafusion.explain.show_statistics=true`, the estimates the plan was
 //! chosen by).
+//!
+//! `--serve` runs queries on request, for a harness that interleaves
+//! engines query by query: it reads query names from standard input, one
+//! per line, runs each once and answers with one JSON line,
+//! `{"query": …, "ms": …, "rows": …}` (or `{"query": …, "error": …}`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -44,6 +49,7 @@ struct Args {
     set: Vec<(String, String)>,
     setup: Option<PathBuf>,
     explain: bool,
+    serve: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -57,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
     let mut set = Vec::new();
     let mut setup = None;
     let mut explain = false;
+    let mut serve = false;
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
@@ -68,6 +75,7 @@ fn parse_args() -> Result<Args, String> {
             "--json" => json = Some(PathBuf::from(value()?)),
             "--setup" => setup = Some(PathBuf::from(value()?)),
             "--explain" => explain = true,
+            "--serve" => serve = true,
             "--set" => {
                 let pair = value()?;
                 let (key, value) = pair
@@ -90,6 +98,7 @@ fn parse_args() -> Result<Args, String> {
         set,
         setup,
         explain,
+        serve,
     })
 }
 
@@ -169,8 +178,33 @@ async fn explain(context: &SessionContext, sql: &str) -> Result<String, String> 
         .to_string())
 }
 
+/// Answers the query names read from standard input until it closes.
+async fn serve(context: &SessionContext, queries: &Path) -> Result<(), String> {
+    use std::io::{BufRead, Write};
+    let mut answers = std::io::stdout().lock();
+    for line in std::io::stdin().lock().lines() {
+        let name = line.map_err(|e| format!("standard input: {e}"))?;
+        let name = name.trim();
+        let outcome = match query_text(queries, name) {
+            Ok(sql) => run_once(context, &sql).await,
+            Err(message) => Err(message),
+        };
+        let answer = match outcome {
+            Ok((ms, rows)) => serde_json::json!({ "query": name, "ms": ms, "rows": rows }),
+            Err(error) => serde_json::json!({ "query": name, "error": error }),
+        };
+        writeln!(answers, "{answer}")
+            .and_then(|()| answers.flush())
+            .map_err(|e| format!("standard output: {e}"))?;
+    }
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<(), String> {
     let context = context(&args).await?;
+    if args.serve {
+        return serve(&context, &args.queries).await;
+    }
     let names: Vec<String> = match &args.only {
         Some(only) => only.clone(),
         None => (1..=22).map(|n| format!("q{n}")).collect(),

@@ -6,7 +6,10 @@ Measured side by side in one run, each with min/median/max over repeated runs:
 1. the 22 TPC-H queries through meshgate (policies off) against embedded
    DataFusion (DataFusion's defaults, and meshgate's engine settings) and
    DuckDB; every meshgate answer is compared with DuckDB's;
-2. the same 22 with a row filter and a mask on every product (policy cost);
+2. the same 22 with a row filter and a mask on every product (policy cost),
+   and embedded DataFusion with the same policies written as views;
+   1 and 2 run every engine side by side, query by query, round after round,
+   so that load on the machine weighs on them alike;
 3. streaming the whole lineitem product (6M rows at SF1) to ADBC as Arrow,
    against pyarrow reading the same Parquet file locally;
 4. small queries (point lookups and 10-row ranges): p50/p99 latency and
@@ -269,69 +272,104 @@ def summary(times: list[float]) -> dict:
     return {"min": ordered[0], "median": statistics.median(ordered), "max": ordered[-1]}
 
 
-def run_queries(name: str, queries: dict[str, str], runs: int, execute) -> dict:
-    """Runs each query once to warm up, then `runs` times; returns per query
-    the times in ms, the row count and the last answer."""
-    results = {}
-    for query, sql in queries.items():
-        answer = execute(sql)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            answer = execute(sql)
-            times.append((time.perf_counter() - start) * 1000)
-        results[query] = {"times_ms": times, "rows": answer.num_rows, "answer": answer}
-        s = summary(times)
-        print(
-            f"  {name:<22} {query:>4}  median {s['median']:9.1f} ms"
-            f"  min {s['min']:9.1f}  max {s['max']:9.1f}  rows {answer.num_rows}",
-            flush=True,
-        )
-    return results
+class DataFusionRunner:
+    """Embedded DataFusion (benches/tpch.rs in --serve mode): one process,
+    kept up for the whole run, that runs a query each time it is asked."""
+
+    def __init__(self, runner: list[str], data: pathlib.Path, queries_dir: pathlib.Path,
+                 settings: str, setup: pathlib.Path | None = None):
+        command = runner + [
+            "--data", str(data), "--queries", str(queries_dir), "--settings", settings, "--serve",
+        ]
+        if setup:
+            command += ["--setup", str(setup)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, name: str) -> tuple[float, int, None]:
+        self.process.stdin.write(name + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"embedded DataFusion stopped (exit {self.process.wait()}) running {name}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise SystemExit(f"embedded DataFusion, {name}: {answer['error']}")
+        return answer["ms"], answer["rows"], None
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
 
-def run_duckdb(data: pathlib.Path, queries: dict[str, str], runs: int) -> dict:
+def timed(execute, texts: dict[str, str]):
+    """A subject that runs query `name` as `execute(texts[name])`, timed here."""
+
+    def run(name: str) -> tuple[float, int, pa.Table]:
+        start = time.perf_counter()
+        answer = execute(texts[name])
+        return (time.perf_counter() - start) * 1000, answer.num_rows, answer
+
+    return run
+
+
+def duckdb_subject(data: pathlib.Path, queries: dict[str, str]):
     connection = duckdb.connect()
     for table in TABLES:
         connection.execute(
             f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{data / (table + '.parquet')}')"
         )
-
-    def execute(sql: str) -> pa.Table:
-        return connection.sql(sql).to_arrow_table()
-
-    return run_queries("duckdb", queries, runs, execute)
+    return timed(lambda sql: connection.sql(sql).to_arrow_table(), queries)
 
 
-def run_meshgate(label: str, gateway: Gateway, queries: dict[str, str], runs: int) -> dict:
+def meshgate_subject(gateway: Gateway, queries: dict[str, str], closers: list):
+    """meshgate through one ADBC connection; closing it is left in `closers`."""
     connection = gateway.connect()
     cursor = connection.cursor()
+    closers.extend([cursor.close, connection.close])
 
     def execute(sql: str) -> pa.Table:
         cursor.execute(sql)
         return cursor.fetch_arrow_table()
 
-    qualified = {name: qualify(sql) for name, sql in queries.items()}
-    gateway.reset_peak()
-    results = run_queries(label, qualified, runs, execute)
-    results["_peak_rss"] = gateway.peak
-    cursor.close()
-    connection.close()
+    return timed(execute, {name: qualify(sql) for name, sql in queries.items()})
+
+
+def run_interleaved(subjects: dict, names: list[str], runs: int) -> dict:
+    """Runs every query on every subject side by side: one warm-up round,
+    then `runs` rounds, each running query after query and, for each query,
+    every subject one after the other (in an order that rotates from round
+    to round). Load on the machine that comes and goes then weighs on every
+    subject alike, and each ratio compares times taken seconds apart.
+    Returns per subject and query the times in ms, the row count and the
+    last answer (None for embedded DataFusion, whose answers stay in its
+    process)."""
+    results = {subject: {} for subject in subjects}
+    order = list(subjects)
+    for round_ in range(runs + 1):
+        print("  warm-up round" if round_ == 0 else f"  round {round_} of {runs}", flush=True)
+        rotated = order[round_ % len(order):] + order[: round_ % len(order)]
+        for name in names:
+            for subject in rotated:
+                ms, rows, answer = subjects[subject](name)
+                entry = results[subject].setdefault(name, {"times_ms": [], "rows": rows, "answer": answer})
+                if round_ > 0:
+                    entry["times_ms"].append(ms)
+                entry["rows"] = rows
+                if answer is not None:
+                    entry["answer"] = answer
+    width = max(len(subject) for subject in order)
+    for name in names:
+        for subject in order:
+            s = summary(results[subject][name]["times_ms"])
+            print(
+                f"  {subject:<{width}} {name:>4}  median {s['median']:9.1f} ms"
+                f"  min {s['min']:9.1f}  max {s['max']:9.1f}  rows {results[subject][name]['rows']}",
+                flush=True,
+            )
     return results
-
-
-def run_datafusion(settings: str, runner: list[str], data: pathlib.Path, queries_dir: pathlib.Path,
-                   names: list[str], runs: int, out: pathlib.Path, setup: pathlib.Path | None = None) -> dict:
-    label = f"datafusion-{settings}" + ("-policy-views" if setup else "")
-    path = out / f"{label}.json"
-    command = runner + [
-        "--data", str(data), "--queries", str(queries_dir), "--runs", str(runs),
-        "--settings", settings, "--only", ",".join(names), "--json", str(path),
-    ]
-    if setup:
-        command += ["--setup", str(setup)]
-    subprocess.run(command, check=True)
-    return json.loads(path.read_text())["queries"]
 
 
 def policy_views(data: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
@@ -643,7 +681,7 @@ def main() -> None:
     generate_data(args.scale, data)
     queries = load_queries(args.queries, args.only.split(",") if args.only else None)
     names = list(queries)
-    runner = args.datafusion.split()
+    runner_command = args.datafusion.split()
 
     report: dict = {
         "scale": args.scale,
@@ -661,32 +699,49 @@ def main() -> None:
 
     tpch = {}
     if "tpch" in parts or "policy" in parts:
-        print(f"TPC-H SF{scale_label}, {len(names)} queries, {args.runs} runs each after a warm-up", flush=True)
-        gateway = Gateway(args.meshgate, open_mesh)
+        print(
+            f"TPC-H SF{scale_label}, {len(names)} queries, {args.runs} runs each after a warm-up,"
+            " every engine side by side query by query",
+            flush=True,
+        )
+        gateways: dict[str, Gateway] = {}
+        runners: list[DataFusionRunner] = []
+        closers: list = []
+        subjects = {}
         try:
-            tpch["meshgate"] = run_meshgate("meshgate", gateway, queries, args.runs)
+            gateways["meshgate"] = Gateway(args.meshgate, open_mesh)
+            subjects["meshgate"] = meshgate_subject(gateways["meshgate"], queries, closers)
+            if "policy" in parts:
+                gateways["meshgate_policies"] = Gateway(args.meshgate, governed_mesh)
+                subjects["meshgate_policies"] = meshgate_subject(
+                    gateways["meshgate_policies"], queries, closers
+                )
+                runner = DataFusionRunner(runner_command, data, args.queries, "meshgate", policy_views(data, out))
+                runners.append(runner)
+                subjects["datafusion_policy_views"] = runner.run
+            if "tpch" in parts:
+                for settings in ("default", "meshgate"):
+                    runner = DataFusionRunner(runner_command, data, args.queries, settings)
+                    runners.append(runner)
+                    subjects[f"datafusion_{settings}"] = runner.run
+                subjects["duckdb"] = duckdb_subject(data, queries)
+            for gateway in gateways.values():
+                gateway.reset_peak()
+            tpch = run_interleaved(subjects, names, args.runs)
+            for subject, gateway in gateways.items():
+                tpch[subject]["_peak_rss"] = gateway.peak
         finally:
-            gateway.stop()
+            for close in closers:
+                close()
+            for gateway in gateways.values():
+                gateway.stop()
+            for runner in runners:
+                runner.stop()
     if "policy" in parts:
-        gateway = Gateway(args.meshgate, governed_mesh)
-        try:
-            tpch["meshgate_policies"] = run_meshgate("meshgate, policies", gateway, queries, args.runs)
-        finally:
-            gateway.stop()
         for name in names:
             if tpch["meshgate_policies"][name]["rows"] != tpch["meshgate"][name]["rows"]:
                 raise SystemExit(f"{name}: policies changed the row count (the filters keep every row)")
-        print("  embedded DataFusion, meshgate settings, the same policies as hand-written views", flush=True)
-        tpch["datafusion_policy_views"] = run_datafusion(
-            "meshgate", runner, data, args.queries, names, args.runs, out, policy_views(data, out)
-        )
     if "tpch" in parts:
-        for settings in ("default", "meshgate"):
-            print(f"  embedded DataFusion, {settings} settings", flush=True)
-            tpch[f"datafusion_{settings}"] = run_datafusion(
-                settings, runner, data, args.queries, names, args.runs, out
-            )
-        tpch["duckdb"] = run_duckdb(data, queries, args.runs)
         mismatches = {}
         for name in names:
             problem = compare_answers(tpch["duckdb"][name]["answer"], tpch["meshgate"][name]["answer"])
@@ -760,7 +815,7 @@ def print_report(report: dict) -> None:
         for engine, r in tpch.items():
             t = r["total_ms"]
             peak = f"  peak RSS {r['peak_rss'] / 2**20:.0f} MiB" if r.get("peak_rss") else ""
-            print(f"  {engine:<22} {t['min']:9.0f} {t['median']:9.0f} {t['max']:9.0f}{peak}")
+            print(f"  {engine:<24} {t['min']:9.0f} {t['median']:9.0f} {t['max']:9.0f}{peak}")
         m = tpch["meshgate"]["total_ms"]
         for other in ("datafusion_default", "datafusion_meshgate", "duckdb"):
             if other in tpch:
