@@ -225,6 +225,13 @@ class Gateway:
     def reset_peak(self) -> None:
         self.peak = self.rss()
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time the gateway has used so far."""
+        with open(f"/proc/{self.process.pid}/stat") as stat:
+            # Fields after the command name, which is in parentheses.
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def connect(self):
         return flightsql.connect(
             self.uri,
@@ -455,12 +462,14 @@ def compare_answers(expected: pa.Table, actual: pa.Table) -> str | None:
 
 def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
     path = data / "lineitem.parquet"
+    # Each sample: seconds, rows, bytes, the gateway's CPU seconds and this
+    # process's (the client's) CPU seconds.
     local = []
     for _ in range(runs + 1):
-        start = time.perf_counter()
+        start, client_cpu = time.perf_counter(), time.process_time()
         table = pq.read_table(path)
         elapsed = time.perf_counter() - start
-        local.append((elapsed, table.num_rows, table.nbytes))
+        local.append((elapsed, table.num_rows, table.nbytes, 0.0, time.process_time() - client_cpu))
         del table
     local = local[1:]
 
@@ -469,7 +478,7 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
     remote = []
     gateway.reset_peak()
     for _ in range(runs + 1):
-        start = time.perf_counter()
+        start, client_cpu, server_cpu = time.perf_counter(), time.process_time(), gateway.cpu_seconds()
         cursor.execute("SELECT * FROM sales.lineitem")
         reader = cursor.fetch_record_batch()
         rows = size = 0
@@ -477,7 +486,9 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
             rows += batch.num_rows
             size += batch.nbytes
         elapsed = time.perf_counter() - start
-        remote.append((elapsed, rows, size))
+        remote.append(
+            (elapsed, rows, size, gateway.cpu_seconds() - server_cpu, time.process_time() - client_cpu)
+        )
     remote = remote[1:]
     peak = gateway.peak
     cursor.close()
@@ -489,7 +500,7 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
     options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {gateway.token}".encode())])
     native = []
     for _ in range(runs + 1):
-        start = time.perf_counter()
+        start, client_cpu, server_cpu = time.perf_counter(), time.process_time(), gateway.cpu_seconds()
         descriptor = flight.FlightDescriptor.for_command(statement_query("SELECT * FROM sales.lineitem"))
         info = flight_client.get_flight_info(descriptor, options)
         rows = size = 0
@@ -497,7 +508,15 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
             for chunk in flight_client.do_get(endpoint.ticket, options):
                 rows += chunk.data.num_rows
                 size += chunk.data.nbytes
-        native.append((time.perf_counter() - start, rows, size))
+        native.append(
+            (
+                time.perf_counter() - start,
+                rows,
+                size,
+                gateway.cpu_seconds() - server_cpu,
+                time.process_time() - client_cpu,
+            )
+        )
     native = native[1:]
     flight_client.close()
 
@@ -507,6 +526,8 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
             "rows": samples[0][1],
             "rows_per_s": summary([s[1] / s[0] for s in samples]),
             "bytes_per_s": summary([s[2] / s[0] for s in samples]),
+            "server_cpu_s": summary([s[3] for s in samples]),
+            "client_cpu_s": summary([s[4] for s in samples]),
         }
 
     result = {
@@ -520,7 +541,8 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
         print(
             f"  stream {key:<23} {r['rows']} rows  median {r['seconds']['median']:.2f} s"
             f"  {r['rows_per_s']['median'] / 1e6:.2f} M rows/s"
-            f"  {r['bytes_per_s']['median'] / 1e6:.0f} MB/s",
+            f"  {r['bytes_per_s']['median'] / 1e6:.0f} MB/s"
+            f"  CPU s: server {r['server_cpu_s']['median']:.2f}, client {r['client_cpu_s']['median']:.2f}",
             flush=True,
         )
     return result
@@ -609,8 +631,10 @@ def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: li
             (gateway.uri, gateway.token, seconds, 1000 * clients + i, orders, customers, start_at)
             for i in range(clients)
         ]
+        server_cpu = gateway.cpu_seconds()
         with context.Pool(clients) as pool:
             outcomes = pool.map(_latency_client, jobs)
+        server_cpu = gateway.cpu_seconds() - server_cpu
         timed = [sample for outcome in outcomes for sample in outcome[0]]
         latencies = [ms for _, ms in timed]
         by_kind = {
@@ -632,12 +656,14 @@ def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: li
                 if values
             },
             "peak_rss": gateway.peak,
+            # Every query's share, each client's warm-up query included.
+            "server_cpu_ms_per_query": 1000 * server_cpu / (len(timed) + errors + clients),
         }
         results[str(clients)] = result
         print(
             f"  small queries, {clients:>2} clients: {result['qps']:7.1f} q/s"
             f"  p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms"
-            f"  errors {errors}  "
+            f"  errors {errors}  server CPU {result['server_cpu_ms_per_query']:.2f} ms/query  "
             + "  ".join(
                 f"{kind} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f}"
                 for kind, v in result["by_kind"].items()
@@ -779,8 +805,9 @@ def main() -> None:
         finally:
             gateway.stop()
         for key in ("pyarrow_local", "meshgate_adbc", "meshgate_pyarrow_flight"):
-            r = report["stream"][key]["rows_per_s"]
-            rows_csv.append(["stream", key, "rows_per_s", r["min"], r["median"], r["max"], "rows/s"])
+            for measure, unit in (("rows_per_s", "rows/s"), ("server_cpu_s", "s"), ("client_cpu_s", "s")):
+                r = report["stream"][key][measure]
+                rows_csv.append(["stream", key, measure, r["min"], r["median"], r["max"], unit])
 
     if "latency" in parts:
         gateway = Gateway(args.meshgate, governed_mesh)
@@ -793,6 +820,9 @@ def main() -> None:
             rows_csv.append(["latency", f"{clients} clients", "p50", "", r["p50_ms"], "", "ms"])
             rows_csv.append(["latency", f"{clients} clients", "p99", "", r["p99_ms"], "", "ms"])
             rows_csv.append(["latency", f"{clients} clients", "qps", "", r["qps"], "", "q/s"])
+            rows_csv.append(
+                ["latency", f"{clients} clients", "server_cpu_per_query", "", r["server_cpu_ms_per_query"], "", "ms"]
+            )
 
     print_report(report)
     (out / "results.json").write_text(json.dumps(report, indent=2))
@@ -843,12 +873,18 @@ def print_report(report: dict) -> None:
             f"  same stream to pyarrow's Flight client: {native['rows_per_s']['median'] / 1e6:.2f} M rows/s"
             f" ({native['rows_per_s']['median'] / local['rows_per_s']['median']:.0%})"
         )
+        print(
+            f"  CPU seconds per stream (median): gateway {remote['server_cpu_s']['median']:.2f},"
+            f" ADBC client {remote['client_cpu_s']['median']:.2f};"
+            f" pyarrow's local read {local['client_cpu_s']['median']:.2f}"
+        )
     latency = report.get("latency")
     if latency:
         for clients, r in latency.items():
             print(
                 f"small queries, {clients:>2} clients: {r['qps']:.0f} q/s, p50 {r['p50_ms']:.2f} ms,"
-                f" p99 {r['p99_ms']:.2f} ms, errors {r['errors']}, peak RSS {r['peak_rss'] / 2**20:.0f} MiB"
+                f" p99 {r['p99_ms']:.2f} ms, errors {r['errors']}, peak RSS {r['peak_rss'] / 2**20:.0f} MiB,"
+                f" gateway CPU {r['server_cpu_ms_per_query']:.2f} ms/query"
             )
             for kind, v in r["by_kind"].items():
                 print(f"    {kind:<5} p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms")
