@@ -357,16 +357,14 @@ def run_interleaved(subjects: dict, names: list[str], runs: int) -> dict:
     order = list(subjects)
     for round_ in range(runs + 1):
         print("  warm-up round" if round_ == 0 else f"  round {round_} of {runs}", flush=True)
-        rotated = order[round_ % len(order):] + order[: round_ % len(order)]
+        shift = round_ % len(order)
         for name in names:
-            for subject in rotated:
+            for subject in order[shift:] + order[:shift]:
                 ms, rows, answer = subjects[subject](name)
-                entry = results[subject].setdefault(name, {"times_ms": [], "rows": rows, "answer": answer})
+                entry = results[subject].setdefault(name, {"times_ms": []})
+                entry["rows"], entry["answer"] = rows, answer
                 if round_ > 0:
                     entry["times_ms"].append(ms)
-                entry["rows"] = rows
-                if answer is not None:
-                    entry["answer"] = answer
     width = max(len(subject) for subject in order)
     for name in names:
         for subject in order:
