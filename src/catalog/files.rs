@@ -19,6 +19,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use object_store::ObjectStoreExt;
 use url::Url;
 
+use super::parquet::ParquetProduct;
 use crate::config::{ColumnContract, CsvOptions, FileFormat};
 
 /// Opens a file product: infers the files' schema and, when the product
@@ -31,10 +32,11 @@ pub(crate) async fn open_file_product(
     declared: &[ColumnContract],
 ) -> Result<Arc<dyn TableProvider>, String> {
     let table_url = ListingTableUrl::parse(url.as_str()).map_err(|e| e.to_string())?;
+    let parquet_options = state.default_table_options().parquet;
     let file_format: Arc<dyn DataFusionFileFormat> = match format {
         // The session's Parquet options.
         FileFormat::Parquet => {
-            Arc::new(ParquetFormat::default().with_options(state.default_table_options().parquet))
+            Arc::new(ParquetFormat::default().with_options(parquet_options.clone()))
         }
         FileFormat::Csv => Arc::new(
             CsvFormat::default()
@@ -53,9 +55,8 @@ pub(crate) async fn open_file_product(
         ""
     };
     let options = ListingOptions::new(file_format).with_file_extension(extension);
-    let listing = ListingTableConfig::new(table_url.clone()).with_listing_options(options);
+    let listing = ListingTableConfig::new(table_url.clone()).with_listing_options(options.clone());
     let inferred = listing
-        .clone()
         .infer_schema(state)
         .await
         .map_err(|e| format!("cannot read the files' schema: {}", root_message(&e)))?;
@@ -72,18 +73,39 @@ pub(crate) async fn open_file_product(
     } else {
         contract_schema(&file_schema, declared, format)?
     };
-    let config = listing.with_schema(schema);
+    let table =
+        listing_table(state, table_url.clone(), options, schema).map_err(|e| e.to_string())?;
+    Ok(match format {
+        FileFormat::Parquet => {
+            Arc::new(ParquetProduct::new(state, table, table_url, parquet_options, extension).await)
+        }
+        _ => table,
+    })
+}
+
+/// The listing table of the files at `url` with `schema`.
+pub(super) fn listing_table(
+    state: &dyn Session,
+    url: ListingTableUrl,
+    options: ListingOptions,
+    schema: SchemaRef,
+) -> datafusion::error::Result<Arc<dyn TableProvider>> {
+    let config = ListingTableConfig::new(url.clone())
+        .with_listing_options(options)
+        .with_schema(schema);
     // Each file's statistics are computed once, not at each scan: the
     // runtime's cache keeps them until the file changes.
     let table: Arc<dyn TableProvider> = Arc::new(
-        ListingTable::try_new(config)
-            .map_err(|e| e.to_string())?
+        ListingTable::try_new(config)?
             .with_cache(state.runtime_env().cache_manager.get_file_statistic_cache()),
     );
-    if table_url.is_collection() {
+    if url.is_collection() {
         Ok(table)
     } else {
-        Ok(Arc::new(SingleFile { table, table_url }))
+        Ok(Arc::new(SingleFile {
+            table,
+            table_url: url,
+        }))
     }
 }
 

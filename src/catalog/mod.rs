@@ -3,9 +3,11 @@
 //! product.
 
 mod files;
+mod parquet;
 mod views;
 
 pub(crate) use files::check_contract;
+pub(crate) use parquet::{ParquetProduct, dictionary_type};
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -14,10 +14,10 @@ use arrow::array::{Array, AsArray, BooleanArray, RecordBatch, StringViewArray};
 use arrow::buffer::BooleanBuffer;
 use arrow::datatypes::{DataType, Schema};
 use datafusion::common::ScalarValue;
-use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::interval_arithmetic::Interval;
-use datafusion::logical_expr::{ColumnarValue, Operator};
+use datafusion::logical_expr::{ColumnarValue, Expr, Operator};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
 
@@ -34,6 +34,112 @@ pub(crate) fn fast_string_equality(expr: Arc<dyn PhysicalExpr>) -> Result<Arc<dy
             })
         })?
         .data)
+}
+
+/// Whether `filter` reads column `name` only to compare it with string
+/// constants (`=`, `<>`, `<`, `<=`, `>`, `>=`, `IS [NOT] DISTINCT FROM`,
+/// `IN (...)`, `IS [NOT] NULL`). Such a column may be read as a dictionary
+/// of strings: the comparisons keep their meaning, and once their constants
+/// are plain strings (see [`with_plain_constants`]) they plan without a cast.
+pub(crate) fn compares_with_constants_only(filter: &Expr, name: &str) -> bool {
+    let is_column = |e: &Expr| matches!(e, Expr::Column(column) if column.name == name);
+    match filter {
+        Expr::Column(column) => column.name != name,
+        Expr::BinaryExpr(binary)
+            if is_comparison(binary.op)
+                && ((is_column(&binary.left) && string_constant(&binary.right).is_some())
+                    || (string_constant(&binary.left).is_some() && is_column(&binary.right))) =>
+        {
+            true
+        }
+        Expr::InList(list)
+            if is_column(&list.expr) && list.list.iter().all(|e| string_constant(e).is_some()) =>
+        {
+            true
+        }
+        Expr::IsNull(operand) | Expr::IsNotNull(operand) if is_column(operand) => true,
+        other => {
+            let mut only = true;
+            // Visiting children cannot fail.
+            let _ = other.apply_children(|child| {
+                only = compares_with_constants_only(child, name);
+                Ok(if only {
+                    TreeNodeRecursion::Continue
+                } else {
+                    TreeNodeRecursion::Stop
+                })
+            });
+            only
+        }
+    }
+}
+
+/// `filter` with the constants each of `columns` is compared with made
+/// plain `Utf8` (policies are compiled against the product's types, so a
+/// constant compared with a view column is a view): compared with a
+/// `Dictionary(_, Utf8)` column, a plain constant keeps the dictionary,
+/// where any other would cast every row.
+pub(crate) fn with_plain_constants(filter: Expr, columns: &[&str]) -> Result<Expr> {
+    let is_column =
+        |e: &Expr| matches!(e, Expr::Column(column) if columns.contains(&column.name.as_str()));
+    let plain = |e: Box<Expr>| -> Box<Expr> {
+        match string_constant(&e) {
+            Some((value, metadata)) => Box::new(Expr::Literal(
+                ScalarValue::Utf8(value.clone()),
+                metadata.clone(),
+            )),
+            None => e,
+        }
+    };
+    filter
+        .transform_up(|e| {
+            Ok(match e {
+                Expr::BinaryExpr(mut binary)
+                    if is_comparison(binary.op)
+                        && (is_column(&binary.left) || is_column(&binary.right)) =>
+                {
+                    binary.left = plain(binary.left);
+                    binary.right = plain(binary.right);
+                    Transformed::yes(Expr::BinaryExpr(binary))
+                }
+                Expr::InList(mut list) if is_column(&list.expr) => {
+                    list.list = list.list.into_iter().map(|e| *plain(Box::new(e))).collect();
+                    Transformed::yes(Expr::InList(list))
+                }
+                other => Transformed::no(other),
+            })
+        })
+        .map(|t| t.data)
+}
+
+fn is_comparison(op: Operator) -> bool {
+    matches!(
+        op,
+        Operator::Eq
+            | Operator::NotEq
+            | Operator::Lt
+            | Operator::LtEq
+            | Operator::Gt
+            | Operator::GtEq
+            | Operator::IsDistinctFrom
+            | Operator::IsNotDistinctFrom
+    )
+}
+
+/// The value and metadata of a string constant of any string type.
+fn string_constant(
+    expr: &Expr,
+) -> Option<(
+    &Option<String>,
+    &Option<datafusion::common::metadata::FieldMetadata>,
+)> {
+    match expr {
+        Expr::Literal(
+            ScalarValue::Utf8(value) | ScalarValue::Utf8View(value) | ScalarValue::LargeUtf8(value),
+            metadata,
+        ) => Some((value, metadata)),
+        _ => None,
+    }
 }
 
 /// `column = 'constant'` or `column <> 'constant'`, compared view by view
@@ -346,5 +452,78 @@ mod tests {
         // What pruning reads: the plain filter.
         let snapshot = snapshot_physical_expr(Arc::clone(&fast)).expect("snapshot");
         assert_eq!(&snapshot, &filter);
+    }
+
+    #[test]
+    fn only_comparisons_with_string_constants_let_a_column_be_a_dictionary() {
+        use datafusion::functions::string::expr_fn::upper;
+        use datafusion::prelude::{col, lit};
+
+        let region = || col("region");
+        let accepted = [
+            region().eq(lit("EU")),
+            lit("EU").not_eq(region()),
+            region().lt(lit("M")).or(region().gt_eq(lit("T"))),
+            region().in_list(vec![lit("EU"), lit("US")], true),
+            region()
+                .is_null()
+                .or(Expr::BinaryExpr(datafusion::logical_expr::BinaryExpr::new(
+                    Box::new(region()),
+                    Operator::IsNotDistinctFrom,
+                    Box::new(lit("EU")),
+                ))),
+            // Constants of any string type (made plain for the dictionary).
+            region().eq(lit(ScalarValue::Utf8View(Some("EU".into())))),
+            region().in_list(vec![lit(ScalarValue::LargeUtf8(Some("EU".into())))], false),
+            // Other columns may be read any way.
+            region()
+                .eq(lit("EU"))
+                .and(upper(col("name")).eq(col("name"))),
+            col("salary").lt(lit(450_i64)),
+        ];
+        for filter in accepted {
+            assert!(compares_with_constants_only(&filter, "region"), "{filter}");
+        }
+        let refused = [
+            // Compared with a column, a non-string or a computed value.
+            region().eq(col("home")),
+            region().eq(lit(1_i64)),
+            region().eq(upper(lit("eu"))),
+            // Read by a function, a cast, a pattern, or as a value.
+            upper(region()).eq(lit("EU")),
+            region().like(lit("E%")),
+            Expr::Cast(datafusion::logical_expr::Cast::new(
+                Box::new(region()),
+                DataType::Utf8View,
+            ))
+            .eq(lit("EU")),
+            region().in_list(vec![lit("EU"), col("home")], false),
+            region().eq(lit("EU")).and(region().is_true()),
+        ];
+        for filter in refused {
+            assert!(!compares_with_constants_only(&filter, "region"), "{filter}");
+        }
+    }
+
+    #[test]
+    fn constants_compared_with_a_dictionary_column_are_made_plain() {
+        use datafusion::prelude::{col, lit};
+
+        let view = |v: &str| lit(ScalarValue::Utf8View(Some(v.into())));
+        let plain = |v: &str| lit(ScalarValue::Utf8(Some(v.into())));
+        let filter = col("region")
+            .eq(view("EU"))
+            .or(view("US").lt_eq(col("region")))
+            .or(col("region").in_list(vec![view("APAC"), lit(ScalarValue::Utf8View(None))], true))
+            .and(col("name").eq(view("Ann")));
+        let expected = col("region")
+            .eq(plain("EU"))
+            .or(plain("US").lt_eq(col("region")))
+            .or(col("region").in_list(vec![plain("APAC"), lit(ScalarValue::Utf8(None))], true))
+            .and(col("name").eq(view("Ann")));
+        assert_eq!(
+            with_plain_constants(filter, &["region"]).expect("rewrites"),
+            expected
+        );
     }
 }

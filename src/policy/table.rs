@@ -18,8 +18,9 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::filter::FilterExec;
 
 use super::leakproof::is_leakproof;
-use super::row_filter::fast_string_equality;
+use super::row_filter::{compares_with_constants_only, fast_string_equality, with_plain_constants};
 use super::{CallerProductView, ColumnView, PolicyExec};
+use crate::catalog::{ParquetProduct, dictionary_type};
 
 /// What [`PolicyTable::parts`] returns: the wrapped table, the row filter,
 /// and each visible column.
@@ -132,8 +133,8 @@ impl TableProvider for PolicyTable {
         };
         let base = self.inner.schema();
 
-        // The raw columns the barrier needs: the row filter's, and those
-        // the requested columns are computed from.
+        // The raw columns the barrier needs: those the requested columns are
+        // computed from, the caller's filters', and the row filter's.
         let mut needed: BTreeSet<usize> = BTreeSet::new();
         let add_refs = |expr: &Expr, needed: &mut BTreeSet<usize>| {
             for column in expr.column_refs() {
@@ -142,9 +143,6 @@ impl TableProvider for PolicyTable {
                 }
             }
         };
-        if let Some(filter) = &self.row_filter {
-            add_refs(filter, &mut needed);
-        }
         for filter in filters {
             add_refs(filter, &mut needed);
         }
@@ -155,6 +153,20 @@ impl TableProvider for PolicyTable {
                     needed.insert(self.columns[position].0);
                 }
             }
+        }
+        // String columns the row filter alone reads, only to compare them
+        // with constants, may be read as dictionaries: never seen, only
+        // compared, and compared once per distinct value.
+        let mut dictionaries: BTreeSet<usize> = BTreeSet::new();
+        if let Some(filter) = &self.row_filter {
+            let mut read = BTreeSet::new();
+            add_refs(filter, &mut read);
+            dictionaries = read
+                .difference(&needed)
+                .copied()
+                .filter(|&index| compares_with_constants_only(filter, base.field(index).name()))
+                .collect();
+            needed.extend(read);
         }
         let base_projection: Vec<usize> = needed.into_iter().collect();
 
@@ -182,10 +194,24 @@ impl TableProvider for PolicyTable {
                 scan_filters.push((*filter).clone());
             }
         }
-        let input = self
-            .inner
-            .scan(state, Some(&base_projection), &scan_filters, inner_limit)
-            .await?;
+        let input = match self.inner.downcast_ref::<ParquetProduct>() {
+            Some(parquet) if !dictionaries.is_empty() => {
+                parquet
+                    .scan_with_dictionaries(
+                        state,
+                        &base_projection,
+                        &scan_filters,
+                        inner_limit,
+                        &dictionaries,
+                    )
+                    .await?
+            }
+            _ => {
+                self.inner
+                    .scan(state, Some(&base_projection), &scan_filters, inner_limit)
+                    .await?
+            }
+        };
         let input_schema = input.schema();
         let df_schema = DFSchema::try_from(input_schema.as_ref().clone())?;
 
@@ -198,11 +224,21 @@ impl TableProvider for PolicyTable {
         // while, as the plan runs, it still holds the row filter. Both
         // compare the row filter's string equalities fast (see
         // `fast_string_equality`).
-        let row_filter = self
-            .row_filter
-            .as_ref()
-            .map(|f| fast_string_equality(state.create_physical_expr(f.clone(), &df_schema)?))
-            .transpose()?;
+        let row_filter = match &self.row_filter {
+            Some(filter) => {
+                let read_as_dictionaries: Vec<&str> = df_schema
+                    .fields()
+                    .iter()
+                    .filter(|field| *field.data_type() == dictionary_type())
+                    .map(|field| field.name().as_str())
+                    .collect();
+                let filter = with_plain_constants(filter.clone(), &read_as_dictionaries)?;
+                Some(fast_string_equality(
+                    state.create_physical_expr(filter, &df_schema)?,
+                )?)
+            }
+            None => None,
+        };
         let callers = conjunction(filters.iter().map(unqualified))
             .map(|f| state.create_physical_expr(f, &df_schema))
             .transpose()?;

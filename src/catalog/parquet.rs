@@ -1,0 +1,566 @@
+//! Parquet products, and reading their low-cardinality string columns as
+//! dictionaries. A string column stored dictionary-encoded (a region, a
+//! status, a tenant: what row filters are usually written over) can be
+//! decoded straight into `Dictionary(Int32, Utf8)`, which costs about half
+//! of decoding it into string views, and a comparison with a constant then
+//! runs once per distinct value rather than once per row. Policies ask for
+//! it for the columns their row filter alone reads (see
+//! `PolicyTable::scan`); every other read sees the product's own types.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::{Statistics, TableReference};
+use datafusion::config::TableParquetOptions;
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::file_format::file_compression_type::FileCompressionType;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTableUrl};
+use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
+use datafusion::datasource::physical_plan::{FileScanConfig, FileSinkConfig, FileSource};
+use datafusion::datasource::table_schema::TableSchema;
+use datafusion::error::Result;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_expr::LexRequirement;
+use datafusion::physical_expr_common::sort_expr::LexOrdering;
+use datafusion::physical_plan::ExecutionPlan;
+use futures::TryStreamExt;
+use object_store::{ObjectMeta, ObjectStore};
+use parquet::arrow::parquet_to_arrow_schema;
+use parquet::basic::Encoding;
+use parquet::file::metadata::ParquetMetaData;
+
+use super::files::listing_table;
+
+/// The type a string column is read as when read as a dictionary.
+pub(crate) fn dictionary_type() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+/// A Parquet product: its listing table, and the means to scan it with
+/// some string columns read as dictionaries.
+#[derive(Debug)]
+pub(crate) struct ParquetProduct {
+    table: Arc<dyn TableProvider>,
+    url: ListingTableUrl,
+    options: TableParquetOptions,
+    extension: String,
+    /// The string columns stored dictionary-encoded in every file the
+    /// product had when it was opened: only these are worth reading as
+    /// dictionaries (a column whose values overflowed the dictionary would
+    /// be hashed back into one, row by row). Files written since may differ;
+    /// they are read correctly either way.
+    dictionary_encoded: BTreeSet<usize>,
+}
+
+impl ParquetProduct {
+    /// Wraps `table`, the listing of the Parquet files at `url` (files
+    /// ending in `extension`) read with `options`.
+    pub(crate) async fn new(
+        state: &dyn Session,
+        table: Arc<dyn TableProvider>,
+        url: ListingTableUrl,
+        options: TableParquetOptions,
+        extension: &str,
+    ) -> Self {
+        let dictionary_encoded =
+            dictionary_encoded_columns(state, &url, extension, &table.schema())
+                .await
+                .unwrap_or_default();
+        Self {
+            table,
+            url,
+            options,
+            extension: extension.to_string(),
+            dictionary_encoded,
+        }
+    }
+
+    /// Scans like [`TableProvider::scan`], with each of `columns` (indices
+    /// in the product's schema) that is stored dictionary-encoded read as
+    /// `Dictionary(Int32, Utf8)`.
+    pub(crate) async fn scan_with_dictionaries(
+        &self,
+        state: &dyn Session,
+        projection: &[usize],
+        filters: &[Expr],
+        limit: Option<usize>,
+        columns: &BTreeSet<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let chosen: Vec<usize> = columns
+            .intersection(&self.dictionary_encoded)
+            .copied()
+            .collect();
+        if chosen.is_empty() {
+            return self
+                .table
+                .scan(state, Some(&projection.to_vec()), filters, limit)
+                .await;
+        }
+        let schema = self.table.schema();
+        let fields: Fields = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(index, field)| {
+                if chosen.contains(&index) {
+                    Arc::new(field.as_ref().clone().with_data_type(dictionary_type()))
+                } else {
+                    Arc::clone(field)
+                }
+            })
+            .collect();
+        let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+        // Statistics cached for this reading are kept apart from those of
+        // the product's own types.
+        let url = self
+            .url
+            .clone()
+            .with_table_ref(TableReference::bare(format!("dictionaries {chosen:?}")));
+        let format = DictionaryParquet {
+            inner: ParquetFormat::default().with_options(self.options.clone()),
+        };
+        let options =
+            ListingOptions::new(Arc::new(format)).with_file_extension(self.extension.clone());
+        listing_table(state, url, options, schema)?
+            .scan(state, Some(&projection.to_vec()), filters, limit)
+            .await
+    }
+}
+
+#[async_trait]
+impl TableProvider for ParquetProduct {
+    fn schema(&self) -> SchemaRef {
+        self.table.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.table.table_type()
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        self.table.supports_filters_pushdown(filters)
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.table.scan(state, projection, filters, limit).await
+    }
+}
+
+/// The columns of `schema` that hold strings and are stored
+/// dictionary-encoded in every row group of every file at `url`.
+async fn dictionary_encoded_columns(
+    state: &dyn Session,
+    url: &ListingTableUrl,
+    extension: &str,
+    schema: &Schema,
+) -> Result<BTreeSet<usize>> {
+    let mut candidates: BTreeSet<usize> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, field)| {
+            matches!(
+                field.data_type(),
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+            )
+        })
+        .map(|(index, _)| index)
+        .collect();
+    let store = state.runtime_env().object_store(url)?;
+    let mut files = url.list_all_files(state, store.as_ref(), extension).await?;
+    while let Some(file) = files.try_next().await? {
+        if candidates.is_empty() {
+            break;
+        }
+        let metadata = footer(state, store.as_ref(), &file).await?;
+        let columns = metadata.file_metadata().schema_descr();
+        candidates.retain(|&index| {
+            let name = schema.field(index).name();
+            // A top-level column of the file: one leaf, named as the field.
+            let Some(leaf) = (0..columns.num_columns()).find(|&leaf| {
+                let column = columns.column(leaf);
+                column.path().parts() == [name.as_str()]
+            }) else {
+                return false;
+            };
+            metadata.row_groups().iter().all(|row_group| {
+                let chunk = row_group.column(leaf);
+                chunk.dictionary_page_offset().is_some()
+                    && chunk.page_encoding_stats_mask().is_some_and(|mask| {
+                        mask.is_only(Encoding::RLE_DICTIONARY)
+                            || mask.is_only(Encoding::PLAIN_DICTIONARY)
+                    })
+            })
+        });
+    }
+    Ok(candidates)
+}
+
+/// A file's footer, through the runtime's metadata cache (the cache scans
+/// read footers from).
+async fn footer(
+    state: &dyn Session,
+    store: &dyn ObjectStore,
+    file: &ObjectMeta,
+) -> Result<Arc<ParquetMetaData>> {
+    DFParquetMetadata::new(store, file)
+        .with_file_metadata_cache(Some(
+            state.runtime_env().cache_manager.get_file_metadata_cache(),
+        ))
+        .fetch_metadata()
+        .await
+}
+
+/// DataFusion's Parquet format, reading each file's string columns that the
+/// table declares `Dictionary(Int32, Utf8)` as dictionaries, decoded from
+/// the file's own dictionary encoding (rather than read as strings and cast).
+#[derive(Debug)]
+struct DictionaryParquet {
+    inner: ParquetFormat,
+}
+
+impl DictionaryParquet {
+    /// The Arrow schema to read `file` with: its own, with each string
+    /// column that `table` declares a dictionary read as one. A file whose
+    /// footer cannot be read gets none, and the scan reports why.
+    async fn file_schema(
+        &self,
+        state: &dyn Session,
+        store: &dyn ObjectStore,
+        file: &ObjectMeta,
+        table: &Schema,
+    ) -> Option<SchemaRef> {
+        let metadata = footer(state, store, file).await.ok()?;
+        let footer = metadata.file_metadata();
+        let stored =
+            parquet_to_arrow_schema(footer.schema_descr(), footer.key_value_metadata()).ok()?;
+        let fields: Fields = stored
+            .fields()
+            .iter()
+            .map(|field| {
+                let wanted = table
+                    .field_with_name(field.name())
+                    .is_ok_and(|f| *f.data_type() == dictionary_type());
+                let string = matches!(
+                    field.data_type(),
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                );
+                if wanted && string {
+                    Arc::new(Field::clone(field).with_data_type(dictionary_type()))
+                } else {
+                    Arc::clone(field)
+                }
+            })
+            .collect();
+        Some(Arc::new(Schema::new_with_metadata(
+            fields,
+            stored.metadata().clone(),
+        )))
+    }
+}
+
+#[async_trait]
+impl FileFormat for DictionaryParquet {
+    fn get_ext(&self) -> String {
+        self.inner.get_ext()
+    }
+
+    fn get_ext_with_compression(&self, compression: &FileCompressionType) -> Result<String> {
+        self.inner.get_ext_with_compression(compression)
+    }
+
+    fn compression_type(&self) -> Option<FileCompressionType> {
+        self.inner.compression_type()
+    }
+
+    async fn infer_schema(
+        &self,
+        state: &dyn Session,
+        store: &Arc<dyn ObjectStore>,
+        objects: &[ObjectMeta],
+    ) -> Result<SchemaRef> {
+        self.inner.infer_schema(state, store, objects).await
+    }
+
+    async fn infer_stats(
+        &self,
+        state: &dyn Session,
+        store: &Arc<dyn ObjectStore>,
+        table_schema: SchemaRef,
+        object: &ObjectMeta,
+    ) -> Result<Statistics> {
+        self.inner
+            .infer_stats(state, store, table_schema, object)
+            .await
+    }
+
+    async fn infer_ordering(
+        &self,
+        state: &dyn Session,
+        store: &Arc<dyn ObjectStore>,
+        table_schema: SchemaRef,
+        object: &ObjectMeta,
+    ) -> Result<Option<LexOrdering>> {
+        self.inner
+            .infer_ordering(state, store, table_schema, object)
+            .await
+    }
+
+    async fn infer_stats_and_ordering(
+        &self,
+        state: &dyn Session,
+        store: &Arc<dyn ObjectStore>,
+        table_schema: SchemaRef,
+        object: &ObjectMeta,
+    ) -> Result<datafusion::datasource::file_format::FileMeta> {
+        self.inner
+            .infer_stats_and_ordering(state, store, table_schema, object)
+            .await
+    }
+
+    async fn create_physical_plan(
+        &self,
+        state: &dyn Session,
+        mut conf: FileScanConfig,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let store = state
+            .runtime_env()
+            .object_store(conf.object_store_url.clone())?;
+        let table = Arc::clone(conf.file_schema());
+        for group in &mut conf.file_groups {
+            for index in 0..group.len() {
+                let file = &mut group[index];
+                if file.arrow_schema.is_none() {
+                    file.arrow_schema = self
+                        .file_schema(state, store.as_ref(), &file.object_meta, &table)
+                        .await;
+                }
+            }
+        }
+        self.inner.create_physical_plan(state, conf).await
+    }
+
+    async fn create_writer_physical_plan(
+        &self,
+        input: Arc<dyn ExecutionPlan>,
+        state: &dyn Session,
+        conf: FileSinkConfig,
+        order_requirements: Option<LexRequirement>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.inner
+            .create_writer_physical_plan(input, state, conf, order_requirements)
+            .await
+    }
+
+    fn file_source(&self, table_schema: TableSchema) -> Arc<dyn FileSource> {
+        self.inner.file_source(table_schema)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch, StringArray};
+    use arrow::datatypes::Int64Type;
+    use datafusion::common::ScalarValue;
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::datasource::source::DataSourceExec;
+    use datafusion::physical_plan::{collect, displayable};
+    use datafusion::prelude::{SessionConfig, SessionContext, col, lit};
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::WriterProperties;
+
+    use super::*;
+    use crate::config::{CsvOptions, FileFormat};
+    use crate::policy::{CallerProductView, PolicyTable};
+
+    /// `id` 0..1000; `region` EU, US, APAC or NULL in turn (dictionary
+    /// encoded); `note` unique strings stored plain; in two files.
+    fn write_people(dir: &std::path::Path) {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("region", DataType::Utf8, true),
+            Field::new("note", DataType::Utf8, false),
+        ]));
+        let properties = WriterProperties::builder()
+            .set_column_dictionary_enabled("note".into(), false)
+            .set_max_row_group_row_count(Some(128))
+            .build();
+        for (file, ids) in [("a.parquet", 0..600), ("b.parquet", 600..1000)] {
+            let regions = ["EU", "US", "APAC"];
+            let region: StringArray = ids
+                .clone()
+                .map(|id| regions.get(id as usize % 4).copied())
+                .collect();
+            let note: StringArray = ids.clone().map(|id| Some(format!("note {id}"))).collect();
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(Int64Array::from_iter_values(ids)),
+                Arc::new(region),
+                Arc::new(note),
+            ];
+            let batch = RecordBatch::try_new(Arc::clone(&schema), columns).expect("batch");
+            let out = std::fs::File::create(dir.join(file)).expect("file");
+            let mut writer =
+                ArrowWriter::try_new(out, Arc::clone(&schema), Some(properties.clone()))
+                    .expect("writer");
+            writer.write(&batch).expect("write");
+            writer.close().expect("close");
+        }
+    }
+
+    /// Runs `sql` over the people product in `dir` behind `row_filter`:
+    /// the ids it returns (its first column), the type each Parquet scan
+    /// reads `column` as, and the plan.
+    async fn run(
+        ctx: &SessionContext,
+        dir: &std::path::Path,
+        row_filter: Expr,
+        sql: &str,
+        column: &str,
+    ) -> (Vec<i64>, Vec<DataType>, String) {
+        let url = url::Url::from_directory_path(dir).expect("url");
+        let product = super::super::files::open_file_product(
+            &ctx.state(),
+            &url,
+            FileFormat::Parquet,
+            &CsvOptions::default(),
+            &[],
+        )
+        .await
+        .expect("product");
+        let mut view = CallerProductView::unrestricted(product.schema().fields().len());
+        view.row_filter = Some(row_filter);
+        let table = PolicyTable::wrap("people".into(), product, &view);
+        ctx.deregister_table("people").expect("deregister");
+        ctx.register_table("people", table).expect("register");
+        let plan = ctx
+            .sql(sql)
+            .await
+            .expect("plan")
+            .create_physical_plan()
+            .await
+            .expect("physical plan");
+        let mut types = Vec::new();
+        plan.apply(|node| {
+            if node.downcast_ref::<DataSourceExec>().is_some()
+                && let Ok(field) = node.schema().field_with_name(column)
+            {
+                types.push(field.data_type().clone());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .expect("walk");
+        let text = displayable(plan.as_ref()).indent(true).to_string();
+        let batches = collect(plan, ctx.task_ctx()).await.expect("run");
+        let mut ids: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+            .collect();
+        ids.sort_unstable();
+        (ids, types, text)
+    }
+
+    /// The ids of `write_people` whose region `keep` accepts.
+    fn ids_where(keep: impl Fn(Option<&str>) -> bool) -> Vec<i64> {
+        let regions = ["EU", "US", "APAC"];
+        (0..1000)
+            .filter(|id| keep(regions.get(*id as usize % 4).copied()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_column_the_row_filter_only_compares_is_read_as_a_dictionary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_people(dir.path());
+        for pushdown in [false, true] {
+            let mut config = SessionConfig::new();
+            config.options_mut().execution.parquet.pushdown_filters = pushdown;
+            let ctx = SessionContext::new_with_config(config);
+            let path = dir.path();
+
+            // Compared with constants and not selected: a dictionary, and
+            // the same rows (NULL regions stay hidden).
+            // (Policies compare view columns with view constants.)
+            let eu = col("region").eq(lit(ScalarValue::Utf8View(Some("EU".into()))));
+            let (ids, types, plan) =
+                run(&ctx, path, eu.clone(), "SELECT id FROM people", "region").await;
+            assert_eq!(ids, ids_where(|r| r == Some("EU")), "pushdown {pushdown}");
+            assert_eq!(types, [dictionary_type()]);
+            // Compared as a dictionary, not cast row by row.
+            assert!(!plan.contains("CAST(region"), "{plan}");
+            let not_us = col("region")
+                .not_eq(lit("US"))
+                .and(col("region").in_list(vec![lit("EU"), lit("APAC")], false))
+                .or(col("region").is_null().and(col("id").lt(lit(4_i64))));
+            let (ids, types, plan) = run(
+                &ctx,
+                path,
+                not_us,
+                "SELECT id FROM people WHERE id % 2 = 0",
+                "region",
+            )
+            .await;
+            assert!(!plan.contains("CAST(region"), "{plan}");
+            let expected: Vec<i64> = ids_where(|r| matches!(r, Some("EU" | "APAC")))
+                .into_iter()
+                .chain([3])
+                .filter(|id| id % 2 == 0)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            assert_eq!(ids, expected);
+            assert_eq!(types, [dictionary_type()]);
+
+            // Selected by the caller, or read by their filter: the
+            // product's own type.
+            let (ids, types, _) = run(
+                &ctx,
+                path,
+                eu.clone(),
+                "SELECT id, region FROM people",
+                "region",
+            )
+            .await;
+            assert_eq!(ids, ids_where(|r| r == Some("EU")));
+            assert_ne!(types, [dictionary_type()]);
+            assert_eq!(types.len(), 1);
+            let (ids, types, _) = run(
+                &ctx,
+                path,
+                eu.clone(),
+                "SELECT id FROM people WHERE region <> 'US'",
+                "region",
+            )
+            .await;
+            assert_eq!(ids, ids_where(|r| r == Some("EU")));
+            assert_ne!(types, [dictionary_type()]);
+
+            // Read other than by comparing with a constant: its own type.
+            let upper = datafusion::functions::string::expr_fn::upper(col("region")).eq(lit("EU"));
+            let (ids, types, _) = run(&ctx, path, upper, "SELECT id FROM people", "region").await;
+            assert_eq!(ids, ids_where(|r| r == Some("EU")));
+            assert_ne!(types, [dictionary_type()]);
+
+            // Stored plain (no dictionary in the files): its own type.
+            let note = col("note").lt(lit("note 2"));
+            let (ids, types, _) = run(&ctx, path, note, "SELECT id FROM people", "note").await;
+            let expected: Vec<i64> = (0..1000)
+                .filter(|id| format!("note {id}").as_str() < "note 2")
+                .collect();
+            assert_eq!(ids, expected);
+            assert_ne!(types, [dictionary_type()]);
+        }
+    }
+}
