@@ -674,12 +674,31 @@ def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: li
 # ---------------------------------------------------------------- report
 
 
-def total(results: dict, names: list[str]) -> dict:
-    """Sum of each run's times across queries (run i of every query), then
-    min/median/max over the runs."""
+def run_totals(results: dict, names: list[str]) -> list[float]:
+    """Each run's total: run i of every query, summed."""
     runs = len(results[names[0]]["times_ms"])
-    sums = [sum(results[name]["times_ms"][i] for name in names) for i in range(runs)]
-    return summary(sums)
+    return [sum(results[name]["times_ms"][i] for name in names) for i in range(runs)]
+
+
+def engine_ratios(tpch: dict, a: str, b: str) -> dict:
+    """Engine `a`'s time over engine `b`'s. Rounds run every engine query by
+    query, so run i of both is paired: min/median/max over the runs of the
+    ratio of their totals, and the ratio of the sums of each query's median
+    (which a spike in one query of one run moves least)."""
+    per_run = [x / y for x, y in zip(tpch[a]["run_totals_ms"], tpch[b]["run_totals_ms"])]
+    return {
+        **summary(per_run),
+        "of_query_medians": tpch[a]["sum_of_query_medians_ms"] / tpch[b]["sum_of_query_medians_ms"],
+    }
+
+
+RATIOS = [
+    ("meshgate / datafusion_default", "meshgate", "datafusion_default"),
+    ("meshgate / datafusion_meshgate", "meshgate", "datafusion_meshgate"),
+    ("meshgate / duckdb", "meshgate", "duckdb"),
+    ("policies on / off", "meshgate_policies", "meshgate"),
+    ("same policies as views in DataFusion alone: on / off", "datafusion_policy_views", "datafusion_meshgate"),
+]
 
 
 def main() -> None:
@@ -785,7 +804,11 @@ def main() -> None:
         engines = list(tpch)
         report["tpch"] = {
             engine: {
-                "total_ms": total(tpch[engine], names),
+                "total_ms": summary(run_totals(tpch[engine], names)),
+                "run_totals_ms": run_totals(tpch[engine], names),
+                "sum_of_query_medians_ms": sum(
+                    statistics.median(tpch[engine][name]["times_ms"]) for name in names
+                ),
                 "peak_rss": tpch[engine].get("_peak_rss"),
                 "queries": {
                     name: {"times_ms": tpch[engine][name]["times_ms"], "rows": tpch[engine][name]["rows"]}
@@ -800,6 +823,14 @@ def main() -> None:
                 rows_csv.append(["tpch", engine, name, s["min"], s["median"], s["max"], "ms"])
             t = report["tpch"][engine]["total_ms"]
             rows_csv.append(["tpch", engine, "total", t["min"], t["median"], t["max"], "ms"])
+        report["tpch_ratios"] = {
+            label: engine_ratios(report["tpch"], a, b)
+            for label, a, b in RATIOS
+            if a in report["tpch"] and b in report["tpch"]
+        }
+        for label, r in report["tpch_ratios"].items():
+            rows_csv.append(["tpch", label, "ratio of run totals", r["min"], r["median"], r["max"], "x"])
+            rows_csv.append(["tpch", label, "ratio of query medians", "", r["of_query_medians"], "", "x"])
 
     if "stream" in parts:
         gateway = Gateway(args.meshgate, open_mesh)
@@ -836,10 +867,6 @@ def main() -> None:
     print(f"\nresults: {out / 'results.json'}, {out / 'results.csv'}")
 
 
-def ratio(a: dict, b: dict) -> str:
-    return f"{a['median'] / b['median']:.2f}x"
-
-
 def print_report(report: dict) -> None:
     print("\n== meshgate end-to-end benchmark ==")
     tpch = report.get("tpch")
@@ -849,16 +876,11 @@ def print_report(report: dict) -> None:
             t = r["total_ms"]
             peak = f"  peak RSS {r['peak_rss'] / 2**20:.0f} MiB" if r.get("peak_rss") else ""
             print(f"  {engine:<24} {t['min']:9.0f} {t['median']:9.0f} {t['max']:9.0f}{peak}")
-        m = tpch["meshgate"]["total_ms"]
-        for other in ("datafusion_default", "datafusion_meshgate", "duckdb"):
-            if other in tpch:
-                print(f"  meshgate / {other:<20} {ratio(m, tpch[other]['total_ms'])}")
-        if "meshgate_policies" in tpch:
-            print(f"  policies on / off              {ratio(tpch['meshgate_policies']['total_ms'], m)}")
-        if "datafusion_policy_views" in tpch and "datafusion_meshgate" in tpch:
+        print("Ratios: median of the runs' (min-max), and of the sums of each query's median:")
+        for label, r in report.get("tpch_ratios", {}).items():
             print(
-                "  same policies as views in DataFusion alone: on / off "
-                f"{ratio(tpch['datafusion_policy_views']['total_ms'], tpch['datafusion_meshgate']['total_ms'])}"
+                f"  {label:<32} {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}), "
+                f"query medians {r['of_query_medians']:.2f}x"
             )
         if "answers_match_duckdb" in report:
             print(f"  answers match DuckDB: {report['answers_match_duckdb']}")
