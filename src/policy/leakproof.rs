@@ -20,24 +20,29 @@
 
 use datafusion::logical_expr::{Expr, Operator};
 
+/// Whether `op` compares its operands (`=`, `<>`, `<`, `<=`, `>`, `>=`,
+/// `IS [NOT] DISTINCT FROM`).
+pub(super) fn is_comparison(op: Operator) -> bool {
+    matches!(
+        op,
+        Operator::Eq
+            | Operator::NotEq
+            | Operator::Lt
+            | Operator::LtEq
+            | Operator::Gt
+            | Operator::GtEq
+            | Operator::IsDistinctFrom
+            | Operator::IsNotDistinctFrom
+    )
+}
+
 /// Whether `expr` may be evaluated on rows the caller cannot see.
 pub(crate) fn is_leakproof(expr: &Expr) -> bool {
     match expr {
         Expr::Column(_) | Expr::Literal(..) => true,
         Expr::BinaryExpr(binary) => {
-            matches!(
-                binary.op,
-                Operator::Eq
-                    | Operator::NotEq
-                    | Operator::Lt
-                    | Operator::LtEq
-                    | Operator::Gt
-                    | Operator::GtEq
-                    | Operator::IsDistinctFrom
-                    | Operator::IsNotDistinctFrom
-                    | Operator::And
-                    | Operator::Or
-            ) && is_leakproof(&binary.left)
+            (is_comparison(binary.op) || matches!(binary.op, Operator::And | Operator::Or))
+                && is_leakproof(&binary.left)
                 && is_leakproof(&binary.right)
         }
         Expr::Not(inner)

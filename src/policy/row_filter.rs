@@ -22,6 +22,8 @@ use datafusion::logical_expr::{ColumnarValue, Expr, Operator};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, Literal};
 
+use super::leakproof::is_comparison;
+
 /// `expr` with each string equality in it compared fast.
 pub(crate) fn fast_string_equality(expr: Arc<dyn PhysicalExpr>) -> Result<Arc<dyn PhysicalExpr>> {
     Ok(expr
@@ -111,20 +113,6 @@ pub(crate) fn with_plain_constants(filter: Expr, columns: &[&str]) -> Result<Exp
             })
         })
         .map(|t| t.data)
-}
-
-fn is_comparison(op: Operator) -> bool {
-    matches!(
-        op,
-        Operator::Eq
-            | Operator::NotEq
-            | Operator::Lt
-            | Operator::LtEq
-            | Operator::Gt
-            | Operator::GtEq
-            | Operator::IsDistinctFrom
-            | Operator::IsNotDistinctFrom
-    )
 }
 
 /// The value and metadata of a string constant of any string type.
