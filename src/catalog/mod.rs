@@ -7,7 +7,6 @@ mod parquet;
 mod views;
 
 pub(crate) use files::check_contract;
-pub(crate) use parquet::{ParquetProduct, dictionary_type};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -702,9 +701,11 @@ impl SchemaProvider for DomainSchema {
                 Arc::new(ViewTable::new(plan, Some(sql.clone())))
             }
         };
+        let dictionaries = parquet::as_dictionary_scan(&table);
         Ok(Some(PolicyTable::wrap(
             product.name.to_string(),
             table,
+            dictionaries,
             &view,
         )))
     }

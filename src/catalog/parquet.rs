@@ -7,6 +7,7 @@
 //! it for the columns their row filter alone reads (see
 //! `PolicyTable::scan`); every other read sees the product's own types.
 
+use std::any::Any;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -34,11 +35,7 @@ use parquet::basic::Encoding;
 use parquet::file::metadata::ParquetMetaData;
 
 use super::files::listing_table;
-
-/// The type a string column is read as when read as a dictionary.
-pub(crate) fn dictionary_type() -> DataType {
-    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
-}
+use crate::policy::{DictionaryScan, dictionary_type};
 
 /// A Parquet product: its listing table, and the means to scan it with
 /// some string columns read as dictionaries.
@@ -78,11 +75,23 @@ impl ParquetProduct {
             dictionary_encoded,
         }
     }
+}
 
-    /// Scans like [`TableProvider::scan`], with each of `columns` (indices
-    /// in the product's schema) that is stored dictionary-encoded read as
-    /// `Dictionary(Int32, Utf8)`.
-    pub(crate) async fn scan_with_dictionaries(
+/// `table` as a [`DictionaryScan`], when it is a Parquet product.
+pub(crate) fn as_dictionary_scan(
+    table: &Arc<dyn TableProvider>,
+) -> Option<Arc<dyn DictionaryScan>> {
+    let any: Arc<dyn Any + Send + Sync> = Arc::clone(table) as _;
+    any.downcast::<ParquetProduct>()
+        .ok()
+        .map(|product| product as Arc<dyn DictionaryScan>)
+}
+
+#[async_trait]
+impl DictionaryScan for ParquetProduct {
+    /// Reads each of `columns` that every file stored dictionary-encoded
+    /// (when the product was opened) as a dictionary.
+    async fn scan_with_dictionaries(
         &self,
         state: &dyn Session,
         projection: &[usize],
@@ -442,7 +451,8 @@ mod tests {
         .expect("product");
         let mut view = CallerProductView::unrestricted(product.schema().fields().len());
         view.row_filter = Some(row_filter);
-        let table = PolicyTable::wrap("people".into(), product, &view);
+        let dictionaries = as_dictionary_scan(&product);
+        let table = PolicyTable::wrap("people".into(), product, dictionaries, &view);
         ctx.deregister_table("people").expect("deregister");
         ctx.register_table("people", table).expect("register");
         let plan = ctx

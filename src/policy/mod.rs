@@ -27,8 +27,9 @@ use datafusion::logical_expr::Expr;
 pub(crate) use compile::compile_product_policy;
 pub use exec::PolicyExec;
 pub use explain::render_plan;
+pub(crate) use table::dictionary_type;
 pub(crate) use table::unqualified;
-pub use table::{PolicyParts, PolicyTable};
+pub use table::{DictionaryScan, PolicyParts, PolicyTable};
 
 use crate::auth::CallerIdentity;
 use crate::config::DefaultAccess;

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::{DataType, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::DFSchema;
@@ -20,7 +20,29 @@ use datafusion::physical_plan::filter::FilterExec;
 use super::leakproof::is_leakproof;
 use super::row_filter::{compares_with_constants_only, fast_string_equality, with_plain_constants};
 use super::{CallerProductView, ColumnView, PolicyExec};
-use crate::catalog::{ParquetProduct, dictionary_type};
+
+/// The type a string column is read as when read as a dictionary.
+pub(crate) fn dictionary_type() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+/// A wrapped table that can read some of its string columns as
+/// [`dictionary_type`] (a Parquet product, see the catalog). The barrier asks
+/// for the columns only its row filter reads, only to compare them with
+/// constants: those it then compares once per distinct value.
+#[async_trait]
+pub trait DictionaryScan: std::fmt::Debug + Send + Sync {
+    /// Scans like [`TableProvider::scan`], with those of `columns` (indices
+    /// in the table's schema) that it can decode as dictionaries read so.
+    async fn scan_with_dictionaries(
+        &self,
+        state: &dyn Session,
+        projection: &[usize],
+        filters: &[Expr],
+        limit: Option<usize>,
+        columns: &BTreeSet<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>>;
+}
 
 /// What [`PolicyTable::parts`] returns: the wrapped table, the row filter,
 /// and each visible column.
@@ -37,6 +59,8 @@ pub type PolicyParts<'a> = (
 pub struct PolicyTable {
     product: String,
     inner: Arc<dyn TableProvider>,
+    /// `inner`, when it can read string columns as dictionaries.
+    dictionaries: Option<Arc<dyn DictionaryScan>>,
     /// For each column of the caller's schema: its index in the product's
     /// schema, and how the caller sees it.
     columns: Vec<(usize, ColumnView)>,
@@ -45,10 +69,13 @@ pub struct PolicyTable {
 }
 
 impl PolicyTable {
-    /// The table for `view`; the product's own table when nothing restricts the caller.
+    /// The table for `view`; the product's own table when nothing restricts
+    /// the caller. `dictionaries` is `inner` itself, when it can read string
+    /// columns as dictionaries.
     pub fn wrap(
         product: String,
         inner: Arc<dyn TableProvider>,
+        dictionaries: Option<Arc<dyn DictionaryScan>>,
         view: &CallerProductView,
     ) -> Arc<dyn TableProvider> {
         if view.is_unrestricted() {
@@ -66,6 +93,7 @@ impl PolicyTable {
         Arc::new(Self {
             product,
             inner,
+            dictionaries,
             columns,
             row_filter: view.row_filter.clone(),
             schema,
@@ -194,17 +222,16 @@ impl TableProvider for PolicyTable {
                 scan_filters.push((*filter).clone());
             }
         }
-        let input = match self.inner.downcast_ref::<ParquetProduct>() {
-            Some(parquet) if !dictionaries.is_empty() => {
-                parquet
-                    .scan_with_dictionaries(
-                        state,
-                        &base_projection,
-                        &scan_filters,
-                        inner_limit,
-                        &dictionaries,
-                    )
-                    .await?
+        let input = match &self.dictionaries {
+            Some(scan) if !dictionaries.is_empty() => {
+                scan.scan_with_dictionaries(
+                    state,
+                    &base_projection,
+                    &scan_filters,
+                    inner_limit,
+                    &dictionaries,
+                )
+                .await?
             }
             _ => {
                 self.inner
