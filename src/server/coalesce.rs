@@ -17,6 +17,7 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
 
@@ -26,19 +27,26 @@ const CAPACITY: usize = 256 * 1024;
 /// `inner` with its writes gathered (see the module's documentation).
 pub(super) struct Coalescing<T> {
     inner: T,
-    buffer: Vec<u8>,
-    /// How much of `buffer` has been written to `inner`.
-    written: usize,
+    /// What is gathered and not yet written to `inner`.
+    buffer: BytesMut,
     /// Whether anything was written since the last flush.
     wrote_since_flush: bool,
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Coalescing<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalescing")
+            .field("inner", &self.inner)
+            .field("gathered", &self.buffer.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<T> Coalescing<T> {
     pub(super) fn new(inner: T) -> Self {
         Coalescing {
             inner,
-            buffer: Vec::new(),
-            written: 0,
+            buffer: BytesMut::new(),
             wrote_since_flush: false,
         }
     }
@@ -47,15 +55,13 @@ impl<T> Coalescing<T> {
 impl<T: AsyncWrite + Unpin> Coalescing<T> {
     /// Writes what the buffer holds to `inner`.
     fn poll_write_buffer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.written < self.buffer.len() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buffer[self.written..]))?;
+        while !self.buffer.is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buffer))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.written += n;
+            self.buffer.advance(n);
         }
-        self.buffer.clear();
-        self.written = 0;
         Poll::Ready(Ok(()))
     }
 }
@@ -83,9 +89,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalescing<T> {
         if len >= CAPACITY {
             return Pin::new(&mut this.inner).poll_write_vectored(cx, slices);
         }
-        if this.buffer.capacity() == 0 {
-            this.buffer.reserve_exact(CAPACITY);
-        }
+        // Room for all that is gathered at once (once written out, the
+        // buffer's space is taken back from the front, not allocated anew).
+        this.buffer.reserve(CAPACITY - this.buffer.len());
         for slice in slices {
             this.buffer.extend_from_slice(slice);
         }
@@ -98,7 +104,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalescing<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if std::mem::take(&mut this.wrote_since_flush) && this.written < this.buffer.len() {
+        if std::mem::take(&mut this.wrote_since_flush) && !this.buffer.is_empty() {
             cx.waker().wake_by_ref();
             return Poll::Ready(Ok(()));
         }
