@@ -4,6 +4,7 @@
 
 mod files;
 mod parquet;
+mod stored_values;
 mod views;
 
 pub(crate) use files::check_contract;

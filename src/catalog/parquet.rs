@@ -23,7 +23,7 @@ use datafusion::datasource::listing::{ListingOptions, ListingTableUrl};
 use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
 use datafusion::datasource::physical_plan::{FileScanConfig, FileSinkConfig, FileSource};
 use datafusion::datasource::table_schema::TableSchema;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_expr::LexRequirement;
 use datafusion::physical_expr_common::sort_expr::LexOrdering;
@@ -35,7 +35,8 @@ use parquet::basic::Encoding;
 use parquet::file::metadata::ParquetMetaData;
 
 use super::files::listing_table;
-use crate::policy::{DictionaryScan, dictionary_type};
+use super::stored_values::StoredValues;
+use crate::policy::{DictionaryScan, WhereTrue, dictionary_type};
 
 /// A Parquet product: its listing table, and the means to scan it with
 /// some string columns read as dictionaries.
@@ -51,7 +52,16 @@ pub(crate) struct ParquetProduct {
     /// be hashed back into one, row by row). Files written since may differ;
     /// they are read correctly either way.
     dictionary_encoded: BTreeSet<usize>,
+    /// What the files show of their columns' values.
+    values: StoredValues,
+    /// Conditions recently not shown true for every row: not tried again
+    /// for a while (a row filter that hides rows would otherwise cost a
+    /// second listing of the files at each scan).
+    not_shown: moka::sync::Cache<String, ()>,
 }
+
+/// How long a condition not shown true is not tried again.
+const NOT_SHOWN_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl ParquetProduct {
     /// Wraps `table`, the listing of the Parquet files at `url` (files
@@ -73,37 +83,31 @@ impl ParquetProduct {
             options,
             extension: extension.to_string(),
             dictionary_encoded,
+            values: StoredValues::new(),
+            not_shown: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(NOT_SHOWN_TTL)
+                .build(),
         }
     }
-}
 
-/// `table` as a [`DictionaryScan`], when it is a Parquet product.
-pub(crate) fn as_dictionary_scan(
-    table: &Arc<dyn TableProvider>,
-) -> Option<Arc<dyn DictionaryScan>> {
-    let any: Arc<dyn Any + Send + Sync> = Arc::clone(table) as _;
-    any.downcast::<ParquetProduct>()
-        .ok()
-        .map(|product| product as Arc<dyn DictionaryScan>)
-}
-
-#[async_trait]
-impl DictionaryScan for ParquetProduct {
-    /// Reads each of `columns` that every file stored dictionary-encoded
-    /// (when the product was opened) as a dictionary.
-    async fn scan_with_dictionaries(
+    /// Scans with each of `columns` that every file stored
+    /// dictionary-encoded (when the product was opened) read as a
+    /// dictionary, and, given a `proof`, has it shown over the files read.
+    async fn scan_as(
         &self,
         state: &dyn Session,
         projection: &[usize],
         filters: &[Expr],
         limit: Option<usize>,
         columns: &BTreeSet<usize>,
+        proof: Option<Arc<Proof>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let chosen: Vec<usize> = columns
             .intersection(&self.dictionary_encoded)
             .copied()
             .collect();
-        if chosen.is_empty() {
+        if chosen.is_empty() && proof.is_none() {
             return self
                 .table
                 .scan(state, Some(&projection.to_vec()), filters, limit)
@@ -123,20 +127,111 @@ impl DictionaryScan for ParquetProduct {
             })
             .collect();
         let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
-        // Statistics cached for this reading are kept apart from those of
-        // the product's own types.
-        let url = self
-            .url
-            .clone()
-            .with_table_ref(TableReference::bare(format!("dictionaries {chosen:?}")));
+        // Statistics cached for a reading with dictionaries are kept apart
+        // from those of the product's own types.
+        let url = if chosen.is_empty() {
+            self.url.clone()
+        } else {
+            self.url
+                .clone()
+                .with_table_ref(TableReference::bare(format!("dictionaries {chosen:?}")))
+        };
         let format = DictionaryParquet {
             inner: ParquetFormat::default().with_options(self.options.clone()),
+            proof,
         };
         let options =
             ListingOptions::new(Arc::new(format)).with_file_extension(self.extension.clone());
         listing_table(state, url, options, schema)?
             .scan(state, Some(&projection.to_vec()), filters, limit)
             .await
+    }
+}
+
+/// Conditions a scan leaves out, to be shown true for every row of every
+/// file it reads, each over the one string column named beside it (see
+/// `stored_values`). Whether they were is known once the scan is planned.
+#[derive(Debug)]
+struct Proof {
+    conditions: Vec<(Expr, String)>,
+    /// The product's schema: the types the conditions are compiled for.
+    schema: SchemaRef,
+    values: StoredValues,
+    /// For each condition, whether it was shown over every file.
+    shown: parking_lot::Mutex<Option<Vec<bool>>>,
+}
+
+/// `table` as a [`DictionaryScan`], when it is a Parquet product.
+pub(crate) fn as_dictionary_scan(
+    table: &Arc<dyn TableProvider>,
+) -> Option<Arc<dyn DictionaryScan>> {
+    let any: Arc<dyn Any + Send + Sync> = Arc::clone(table) as _;
+    any.downcast::<ParquetProduct>()
+        .ok()
+        .map(|product| product as Arc<dyn DictionaryScan>)
+}
+
+#[async_trait]
+impl DictionaryScan for ParquetProduct {
+    async fn scan_with_dictionaries(
+        &self,
+        state: &dyn Session,
+        projection: &[usize],
+        filters: &[Expr],
+        limit: Option<usize>,
+        columns: &BTreeSet<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.scan_as(state, projection, filters, limit, columns, None)
+            .await
+    }
+
+    async fn scan_where_true(
+        &self,
+        state: &dyn Session,
+        projection: &[usize],
+        filters: &[Expr],
+        limit: Option<usize>,
+        columns: &BTreeSet<usize>,
+        conditions: &[(Expr, String)],
+    ) -> Result<WhereTrue> {
+        let may_hold: Vec<bool> = conditions
+            .iter()
+            .map(|(condition, _)| !self.not_shown.contains_key(&condition.to_string()))
+            .collect();
+        if may_hold.iter().any(|&may| !may) {
+            return Ok(WhereTrue::Shown(may_hold));
+        }
+        let proof = Arc::new(Proof {
+            conditions: conditions.to_vec(),
+            schema: self.table.schema(),
+            values: self.values.clone(),
+            shown: parking_lot::Mutex::new(None),
+        });
+        let scan = self
+            .scan_as(
+                state,
+                projection,
+                filters,
+                limit,
+                columns,
+                Some(Arc::clone(&proof)),
+            )
+            .await;
+        // Shown over the very files the plan reads, or not used at all (a
+        // listing that found no file shows nothing either).
+        let shown = proof.shown.lock().take();
+        match shown {
+            Some(shown) if shown.iter().all(|&holds| holds) => scan.map(WhereTrue::Scan),
+            Some(shown) => {
+                for ((condition, _), holds) in conditions.iter().zip(&shown) {
+                    if !holds {
+                        self.not_shown.insert(condition.to_string(), ());
+                    }
+                }
+                Ok(WhereTrue::Shown(shown))
+            }
+            None => Ok(WhereTrue::Shown(vec![false; conditions.len()])),
+        }
     }
 }
 
@@ -220,7 +315,7 @@ async fn dictionary_encoded_columns(
 
 /// A file's footer, through the runtime's metadata cache (the cache scans
 /// read footers from).
-async fn footer(
+pub(super) async fn footer(
     state: &dyn Session,
     store: &dyn ObjectStore,
     file: &ObjectMeta,
@@ -235,10 +330,12 @@ async fn footer(
 
 /// DataFusion's Parquet format, reading each file's string columns that the
 /// table declares `Dictionary(Int32, Utf8)` as dictionaries, decoded from
-/// the file's own dictionary encoding (rather than read as strings and cast).
+/// the file's own dictionary encoding (rather than read as strings and cast);
+/// with a proof, planning a scan only when it is shown over every file read.
 #[derive(Debug)]
 struct DictionaryParquet {
     inner: ParquetFormat,
+    proof: Option<Arc<Proof>>,
 }
 
 impl DictionaryParquet {
@@ -348,6 +445,31 @@ impl FileFormat for DictionaryParquet {
         let store = state
             .runtime_env()
             .object_store(conf.object_store_url.clone())?;
+        if let Some(proof) = &self.proof {
+            let mut shown = vec![true; proof.conditions.len()];
+            for file in conf.file_groups.iter().flat_map(|group| group.iter()) {
+                for (condition, holds) in proof.conditions.iter().zip(shown.iter_mut()) {
+                    *holds = *holds
+                        && proof
+                            .values
+                            .holds_in(
+                                state,
+                                store.as_ref(),
+                                &file.object_meta,
+                                &proof.schema,
+                                condition,
+                            )
+                            .await;
+                }
+            }
+            let all = shown.iter().all(|&holds| holds);
+            *proof.shown.lock() = Some(shown);
+            if !all {
+                return Err(DataFusionError::Plan(
+                    "the conditions left out are not shown to hold".into(),
+                ));
+            }
+        }
         let table = Arc::clone(conf.file_schema());
         for group in &mut conf.file_groups {
             for index in 0..group.len() {
@@ -432,15 +554,24 @@ mod tests {
     /// Runs `sql` over the people product in `dir` behind `row_filter`:
     /// the ids it returns (its first column), the type each Parquet scan
     /// reads `column` as, and the plan.
-    async fn run(
+    pub(super) async fn run(
         ctx: &SessionContext,
         dir: &std::path::Path,
         row_filter: Expr,
         sql: &str,
         column: &str,
     ) -> (Vec<i64>, Vec<DataType>, String) {
+        let product = open(ctx, dir).await;
+        run_on(ctx, product, row_filter, sql, column).await
+    }
+
+    /// The Parquet product of the files in `dir`.
+    pub(super) async fn open(
+        ctx: &SessionContext,
+        dir: &std::path::Path,
+    ) -> Arc<dyn TableProvider> {
         let url = url::Url::from_directory_path(dir).expect("url");
-        let product = super::super::files::open_file_product(
+        super::super::files::open_file_product(
             &ctx.state(),
             &url,
             FileFormat::Parquet,
@@ -448,7 +579,17 @@ mod tests {
             &[],
         )
         .await
-        .expect("product");
+        .expect("product")
+    }
+
+    /// [`run`] over `product`.
+    pub(super) async fn run_on(
+        ctx: &SessionContext,
+        product: Arc<dyn TableProvider>,
+        row_filter: Expr,
+        sql: &str,
+        column: &str,
+    ) -> (Vec<i64>, Vec<DataType>, String) {
         let mut view = CallerProductView::unrestricted(product.schema().fields().len());
         view.row_filter = Some(row_filter);
         let dictionaries = as_dictionary_scan(&product);
@@ -572,5 +713,354 @@ mod tests {
             assert_eq!(ids, expected);
             assert_ne!(types, [dictionary_type()]);
         }
+    }
+}
+
+#[cfg(test)]
+mod shown_conditions {
+    use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+    use datafusion::common::ScalarValue;
+    use datafusion::prelude::{SessionContext, col, lit};
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::WriterProperties;
+
+    use super::tests::{open, run, run_on};
+    use super::*;
+
+    /// Writes `file` in `dir`: `id` over `ids`, `region` as `region(id)`
+    /// says, stored dictionary-encoded when `dictionary`, `amount` ten
+    /// times `id` (NULL for `id`s in `no_amount`), in row groups of 100 rows.
+    fn write_with(
+        dir: &std::path::Path,
+        file: &str,
+        ids: std::ops::Range<i64>,
+        region: impl Fn(i64) -> Option<&'static str>,
+        dictionary: bool,
+        no_amount: &[i64],
+    ) {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("region", DataType::Utf8, true),
+            Field::new("amount", DataType::Int64, true),
+        ]));
+        let properties = WriterProperties::builder()
+            .set_dictionary_enabled(dictionary)
+            .set_max_row_group_row_count(Some(100))
+            .build();
+        let regions: StringArray = ids.clone().map(&region).collect();
+        let amounts: Int64Array = ids
+            .clone()
+            .map(|id| (!no_amount.contains(&id)).then_some(id * 10))
+            .collect();
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from_iter_values(ids)),
+            Arc::new(regions),
+            Arc::new(amounts),
+        ];
+        let batch = RecordBatch::try_new(Arc::clone(&schema), columns).expect("batch");
+        let out = std::fs::File::create(dir.join(file)).expect("file");
+        let mut writer =
+            ArrowWriter::try_new(out, Arc::clone(&schema), Some(properties)).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+    }
+
+    fn write(
+        dir: &std::path::Path,
+        file: &str,
+        ids: std::ops::Range<i64>,
+        region: impl Fn(i64) -> Option<&'static str>,
+        dictionary: bool,
+    ) {
+        write_with(dir, file, ids, region, dictionary, &[]);
+    }
+
+    /// EU and US in turn, then EU and APAC.
+    fn write_regions(dir: &std::path::Path) {
+        write(
+            dir,
+            "a.parquet",
+            0..600,
+            |id| Some(["EU", "US"][id as usize % 2]),
+            true,
+        );
+        write(
+            dir,
+            "b.parquet",
+            600..1000,
+            |id| Some(["EU", "APAC"][id as usize % 2]),
+            true,
+        );
+    }
+
+    /// A context that lists a product's directory at each scan, as the
+    /// mesh's does.
+    fn context() -> SessionContext {
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_cache_manager(
+                datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
+                    .with_list_files_cache_limit(0),
+            )
+            .build_arc()
+            .expect("runtime");
+        SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime)
+    }
+
+    /// A string constant as policies compile it (a view).
+    fn view(value: &str) -> Expr {
+        lit(ScalarValue::Utf8View(Some(value.into())))
+    }
+
+    fn region_of(id: i64) -> &'static str {
+        match id {
+            0..600 => ["EU", "US"][id as usize % 2],
+            _ => ["EU", "APAC"][id as usize % 2],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_condition_every_stored_value_meets_is_neither_read_nor_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_regions(dir.path());
+        let ctx = context();
+        let path = dir.path();
+        let all: Vec<i64> = (0..1000).collect();
+
+        let anywhere = col("region").not_eq(view("XX"));
+        let (ids, types, plan) = run(
+            &ctx,
+            path,
+            anywhere.clone(),
+            "SELECT id FROM people",
+            "region",
+        )
+        .await;
+        assert_eq!(ids, all);
+        assert!(types.is_empty(), "{types:?}");
+        assert!(!plan.contains("region"), "{plan}");
+
+        // Selected: read, yet not checked.
+        let (ids, types, plan) = run(
+            &ctx,
+            path,
+            anywhere.clone(),
+            "SELECT id, region FROM people",
+            "region",
+        )
+        .await;
+        assert_eq!(ids, all);
+        assert_eq!(types.len(), 1);
+        assert!(!plan.contains("XX"), "{plan}");
+
+        // Beside a condition on another column, which is still checked.
+        let listed = col("region")
+            .in_list(vec![view("EU"), view("US"), view("APAC")], false)
+            .and(col("id").lt(lit(500_i64)));
+        let (ids, types, plan) = run(&ctx, path, listed, "SELECT id FROM people", "region").await;
+        assert_eq!(ids, (0..500).collect::<Vec<_>>());
+        assert!(types.is_empty(), "{types:?}");
+        assert!(!plan.contains("region"), "{plan}");
+
+        // Any deterministic condition over the column alone.
+        let upper = datafusion::functions::string::expr_fn::upper(col("region"))
+            .not_eq(lit("XX"))
+            .and(col("region").is_not_null());
+        let (ids, types, _) = run(&ctx, path, upper, "SELECT id FROM people", "region").await;
+        assert_eq!(ids, all);
+        assert!(types.is_empty(), "{types:?}");
+    }
+
+    #[tokio::test]
+    async fn a_condition_not_shown_for_every_row_is_checked_row_by_row() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_regions(dir.path());
+        let ctx = context();
+        let path = dir.path();
+
+        // A stored value fails it.
+        let not_us = col("region").not_eq(view("US"));
+        let (ids, types, _) = run(&ctx, path, not_us, "SELECT id FROM people", "region").await;
+        let expected: Vec<i64> = (0..1000).filter(|&id| region_of(id) != "US").collect();
+        assert_eq!(ids, expected);
+        assert_eq!(types.len(), 1);
+
+        // Over two columns.
+        let either = col("region").eq(view("APAC")).or(col("id").lt(lit(10_i64)));
+        let (ids, types, _) = run(&ctx, path, either, "SELECT id FROM people", "region").await;
+        let expected: Vec<i64> = (0..1000)
+            .filter(|&id| region_of(id) == "APAC" || id < 10)
+            .collect();
+        assert_eq!(ids, expected);
+        assert_eq!(types.len(), 1);
+
+        // Volatile.
+        let random = col("region")
+            .not_eq(view("XX"))
+            .or(datafusion::functions::math::expr_fn::random().gt(lit(2.0)));
+        let (ids, types, _) = run(&ctx, path, random, "SELECT id FROM people", "region").await;
+        assert_eq!(ids.len(), 1000);
+        assert_eq!(types.len(), 1);
+
+        // A NULL in the column: its rows stay hidden.
+        let nulls = tempfile::tempdir().expect("tempdir");
+        write(
+            nulls.path(),
+            "a.parquet",
+            0..300,
+            |id| (id != 150).then_some("EU"),
+            true,
+        );
+        let anywhere = col("region").not_eq(view("XX"));
+        let (ids, types, _) = run(
+            &ctx,
+            nulls.path(),
+            anywhere.clone(),
+            "SELECT id FROM people",
+            "region",
+        )
+        .await;
+        assert_eq!(ids, (0..300).filter(|&id| id != 150).collect::<Vec<_>>());
+        assert_eq!(types.len(), 1);
+
+        // Stored plain: no dictionary page tells its values.
+        let plain = tempfile::tempdir().expect("tempdir");
+        write(plain.path(), "a.parquet", 0..300, |_| Some("EU"), false);
+        let (ids, types, _) = run(
+            &ctx,
+            plain.path(),
+            anywhere,
+            "SELECT id FROM people",
+            "region",
+        )
+        .await;
+        assert_eq!(ids, (0..300).collect::<Vec<_>>());
+        assert_eq!(types.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn what_was_shown_holds_only_for_the_files_it_was_shown_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_regions(dir.path());
+        let ctx = context();
+        let path = dir.path();
+        // One product throughout, as in a published mesh: what its files
+        // showed is kept between queries.
+        let people = open(&ctx, path).await;
+        let not_hidden = col("region").not_eq(view("HIDDEN"));
+        let not_listed = col("region").in_list(vec![view("HIDDEN")], true);
+        let sql = "SELECT id FROM people";
+
+        for condition in [&not_hidden, &not_listed] {
+            let (ids, types, _) =
+                run_on(&ctx, Arc::clone(&people), condition.clone(), sql, "region").await;
+            assert_eq!(ids.len(), 1000);
+            assert!(types.is_empty());
+        }
+
+        // A file added since, with hidden rows.
+        write(
+            path,
+            "c.parquet",
+            1000..1100,
+            |id| Some(if id % 10 == 0 { "HIDDEN" } else { "EU" }),
+            true,
+        );
+        let (ids, types, _) =
+            run_on(&ctx, Arc::clone(&people), not_hidden.clone(), sql, "region").await;
+        assert_eq!(ids.len(), 1090);
+        assert!(!ids.contains(&1000), "a hidden row was returned");
+        assert_eq!(types.len(), 1);
+
+        // The file replaced by one without: shown from its new version (a
+        // condition just not shown is not tried again for a while).
+        write(path, "c.parquet", 1000..1100, |_| Some("EU"), true);
+        let (ids, types, _) =
+            run_on(&ctx, Arc::clone(&people), not_listed.clone(), sql, "region").await;
+        assert_eq!(ids.len(), 1100);
+        assert!(types.is_empty());
+        let (ids, types, _) = run_on(&ctx, Arc::clone(&people), not_hidden, sql, "region").await;
+        assert_eq!(ids.len(), 1100);
+        assert_eq!(types.len(), 1);
+
+        // A file rewritten in place with hidden rows: what its earlier
+        // version showed is not used.
+        write(
+            path,
+            "a.parquet",
+            0..600,
+            |id| Some(if id < 5 { "HIDDEN" } else { "EU" }),
+            true,
+        );
+        let (ids, types, _) = run_on(&ctx, people, not_listed, sql, "region").await;
+        assert_eq!(ids.len(), 1095);
+        assert!(ids.iter().all(|&id| id >= 5), "a hidden row was returned");
+        assert_eq!(types.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_condition_every_row_group_lies_within_is_neither_read_nor_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_regions(dir.path());
+        let ctx = context();
+        let path = dir.path();
+        let sql = "SELECT id FROM people";
+        let all: Vec<i64> = (0..1000).collect();
+
+        // Shown by every row group's least and greatest amounts.
+        for shown in [
+            col("amount").gt_eq(lit(0_i64)),
+            col("amount")
+                .gt(lit(-1_i64))
+                .and(lit(100_000_i64).gt(col("amount"))),
+            col("amount").between(lit(0_i64), lit(9_990_i64)),
+        ] {
+            let (ids, types, plan) = run(&ctx, path, shown.clone(), sql, "amount").await;
+            assert_eq!(ids, all, "{shown}");
+            assert!(types.is_empty(), "{shown}: {types:?}");
+            assert!(!plan.contains("amount"), "{shown}: {plan}");
+        }
+
+        // Not so: some amounts fail it, or the values it keeps are not one
+        // interval, or its constant is of another type.
+        let cases = [
+            (
+                col("amount").lt(lit(5_000_i64)),
+                (0..500).collect::<Vec<_>>(),
+            ),
+            (col("amount").not_eq(lit(5_i64)), all.clone()),
+            (
+                col("amount")
+                    .gt_eq(lit(0_i64))
+                    .or(col("amount").lt(lit(-5_i64))),
+                all.clone(),
+            ),
+            (col("amount").gt_eq(lit(0_i32)), all.clone()),
+        ];
+        for (condition, expected) in cases {
+            let (ids, types, _) = run(&ctx, path, condition.clone(), sql, "amount").await;
+            assert_eq!(ids, expected, "{condition}");
+            assert_eq!(types.len(), 1, "{condition}");
+        }
+
+        // A NULL amount: its row stays hidden.
+        let nulls = tempfile::tempdir().expect("tempdir");
+        write_with(
+            nulls.path(),
+            "a.parquet",
+            0..300,
+            |_| Some("EU"),
+            true,
+            &[42],
+        );
+        let (ids, types, _) = run(
+            &ctx,
+            nulls.path(),
+            col("amount").gt_eq(lit(0_i64)),
+            sql,
+            "amount",
+        )
+        .await;
+        assert_eq!(ids, (0..300).filter(|&id| id != 42).collect::<Vec<_>>());
+        assert_eq!(types.len(), 1);
     }
 }

@@ -7,10 +7,10 @@ use arrow::datatypes::{DataType, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::DFSchema;
-use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::error::Result;
 use datafusion::logical_expr::Operator;
-use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::utils::{conjunction, split_conjunction};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::{Column as ColumnExpr, binary};
@@ -27,9 +27,12 @@ pub(crate) fn dictionary_type() -> DataType {
 }
 
 /// A wrapped table that can read some of its string columns as
-/// [`dictionary_type`] (a Parquet product, see the catalog). The barrier asks
-/// for the columns only its row filter reads, only to compare them with
-/// constants: those it then compares once per distinct value.
+/// [`dictionary_type`], and knows something of the values its files store
+/// (a Parquet product, see the catalog). The barrier asks for the columns
+/// only its row filter reads, only to compare them with constants: those it
+/// then compares once per distinct value. And it asks for the row filter's
+/// conditions over one column to be shown true for every row from what the
+/// files say of that column, so as to neither read nor check them.
 #[async_trait]
 pub trait DictionaryScan: std::fmt::Debug + Send + Sync {
     /// Scans like [`TableProvider::scan`], with those of `columns` (indices
@@ -42,6 +45,40 @@ pub trait DictionaryScan: std::fmt::Debug + Send + Sync {
         limit: Option<usize>,
         columns: &BTreeSet<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>>;
+
+    /// Scans like [`Self::scan_with_dictionaries`], provided each of
+    /// `conditions` is shown true for every row of every file the scan
+    /// reads; otherwise tells which may be. Each condition is deterministic
+    /// and reads only the column named beside it.
+    async fn scan_where_true(
+        &self,
+        state: &dyn Session,
+        projection: &[usize],
+        filters: &[Expr],
+        limit: Option<usize>,
+        columns: &BTreeSet<usize>,
+        conditions: &[(Expr, String)],
+    ) -> Result<WhereTrue>;
+}
+
+/// What [`DictionaryScan::scan_where_true`] did.
+#[derive(Debug)]
+pub enum WhereTrue {
+    /// Every condition was shown: the scan, which reads none of them.
+    Scan(Arc<dyn ExecutionPlan>),
+    /// Not every condition was shown: for each, whether it may be (false
+    /// when it was not, over these files or recently).
+    Shown(Vec<bool>),
+}
+
+/// What a scan under the barrier reads: the wrapped table's columns, those
+/// of them read as dictionaries, the filters offered to the wrapped table,
+/// and the limit it may apply.
+struct Reads {
+    projection: Vec<usize>,
+    dictionaries: BTreeSet<usize>,
+    filters: Vec<Expr>,
+    limit: Option<usize>,
 }
 
 /// What [`PolicyTable::parts`] returns: the wrapped table, the row filter,
@@ -159,6 +196,123 @@ impl TableProvider for PolicyTable {
             Some(projection) => projection.clone(),
             None => (0..self.columns.len()).collect(),
         };
+        // The row filter's conditions over one column each may be shown true
+        // for every row the scan reads (from a Parquet product's dictionary
+        // pages and statistics): the scan then neither reads nor checks
+        // them.
+        if let (Some(row_filter), Some(source)) = (&self.row_filter, &self.dictionaries) {
+            let mut provable: Vec<(Expr, String)> = Vec::new();
+            let mut rest: Vec<Expr> = Vec::new();
+            for condition in split_conjunction(row_filter) {
+                match self.single_column(condition) {
+                    Some(column) => provable.push((condition.clone(), column)),
+                    None => rest.push(condition.clone()),
+                }
+            }
+            // Those not shown are checked; the others are tried again
+            // (over the files listed then), once.
+            for _ in 0..2 {
+                if provable.is_empty() {
+                    break;
+                }
+                let checked = conjunction(rest.clone());
+                let reads = self.reads(&wanted, filters, limit, checked.as_ref())?;
+                let shown = match source
+                    .scan_where_true(
+                        state,
+                        &reads.projection,
+                        &reads.filters,
+                        reads.limit,
+                        &reads.dictionaries,
+                        &provable,
+                    )
+                    .await?
+                {
+                    WhereTrue::Scan(input) => {
+                        return self.barrier(state, input, &wanted, filters, checked.as_ref());
+                    }
+                    WhereTrue::Shown(shown) => shown,
+                };
+                if shown.iter().all(|&holds| !holds) {
+                    break;
+                }
+                let mut still = Vec::new();
+                for ((condition, column), holds) in provable.into_iter().zip(shown) {
+                    if holds {
+                        still.push((condition, column));
+                    } else {
+                        rest.push(condition);
+                    }
+                }
+                provable = still;
+            }
+        }
+        let row_filter = self.row_filter.as_ref();
+        let reads = self.reads(&wanted, filters, limit, row_filter)?;
+        let input = match &self.dictionaries {
+            Some(scan) if !reads.dictionaries.is_empty() => {
+                scan.scan_with_dictionaries(
+                    state,
+                    &reads.projection,
+                    &reads.filters,
+                    reads.limit,
+                    &reads.dictionaries,
+                )
+                .await?
+            }
+            _ => {
+                self.inner
+                    .scan(state, Some(&reads.projection), &reads.filters, reads.limit)
+                    .await?
+            }
+        };
+        self.barrier(state, input, &wanted, filters, row_filter)
+    }
+}
+
+impl PolicyTable {
+    /// The column `condition` alone reads, when it reads one and nothing
+    /// else, always to the same effect (no volatile function, no subquery,
+    /// no placeholder): its truth for every row can then be shown from what
+    /// is known of the column's values.
+    fn single_column(&self, condition: &Expr) -> Option<String> {
+        let columns = condition.column_refs();
+        let [column] = columns.into_iter().collect::<Vec<_>>()[..] else {
+            return None;
+        };
+        self.inner.schema().field_with_name(&column.name).ok()?;
+        let mut plain = !condition.is_volatile();
+        // Visiting cannot fail.
+        let _ = condition.apply(|e| {
+            if matches!(
+                e,
+                Expr::ScalarSubquery(_)
+                    | Expr::InSubquery(_)
+                    | Expr::Exists(_)
+                    | Expr::SetComparison(_)
+                    | Expr::OuterReferenceColumn(..)
+                    | Expr::Placeholder(_)
+            ) {
+                plain = false;
+            }
+            Ok(if plain {
+                TreeNodeRecursion::Continue
+            } else {
+                TreeNodeRecursion::Stop
+            })
+        });
+        plain.then(|| column.name.clone())
+    }
+
+    /// What a scan that keeps the `wanted` columns, under the caller's
+    /// `filters` and `row_filter`, reads from the wrapped table.
+    fn reads(
+        &self,
+        wanted: &[usize],
+        filters: &[Expr],
+        limit: Option<usize>,
+        row_filter: Option<&Expr>,
+    ) -> Result<Reads> {
         let base = self.inner.schema();
 
         // The raw columns the barrier needs: those the requested columns are
@@ -174,7 +328,7 @@ impl TableProvider for PolicyTable {
         for filter in filters {
             add_refs(filter, &mut needed);
         }
-        for &position in &wanted {
+        for &position in wanted {
             match &self.columns[position].1 {
                 ColumnView::Masked { expr, .. } => add_refs(expr, &mut needed),
                 _ => {
@@ -186,7 +340,7 @@ impl TableProvider for PolicyTable {
         // with constants, may be read as dictionaries: never seen, only
         // compared, and compared once per distinct value.
         let mut dictionaries: BTreeSet<usize> = BTreeSet::new();
-        if let Some(filter) = &self.row_filter {
+        if let Some(filter) = row_filter {
             let mut read = BTreeSet::new();
             add_refs(filter, &mut read);
             dictionaries = read
@@ -196,11 +350,10 @@ impl TableProvider for PolicyTable {
                 .collect();
             needed.extend(read);
         }
-        let base_projection: Vec<usize> = needed.into_iter().collect();
 
         // A limit may pass only when no row is hidden and no filter is
         // left for the barrier's own filter to apply.
-        let inner_limit = if self.row_filter.is_none() && filters.is_empty() {
+        let limit = if row_filter.is_none() && filters.is_empty() {
             limit
         } else {
             None
@@ -210,7 +363,7 @@ impl TableProvider for PolicyTable {
         // WHERE sent to a database), and so does the row filter; the filter
         // below the barrier and the barrier itself apply them to every row.
         let mut scan_filters: Vec<Expr> = Vec::with_capacity(filters.len() + 1);
-        let offered: Vec<&Expr> = filters.iter().chain(self.row_filter.as_ref()).collect();
+        let offered: Vec<&Expr> = filters.iter().chain(row_filter).collect();
         for (filter, support) in offered
             .iter()
             .zip(self.inner.supports_filters_pushdown(&offered)?)
@@ -222,23 +375,25 @@ impl TableProvider for PolicyTable {
                 scan_filters.push((*filter).clone());
             }
         }
-        let input = match &self.dictionaries {
-            Some(scan) if !dictionaries.is_empty() => {
-                scan.scan_with_dictionaries(
-                    state,
-                    &base_projection,
-                    &scan_filters,
-                    inner_limit,
-                    &dictionaries,
-                )
-                .await?
-            }
-            _ => {
-                self.inner
-                    .scan(state, Some(&base_projection), &scan_filters, inner_limit)
-                    .await?
-            }
-        };
+        Ok(Reads {
+            projection: needed.into_iter().collect(),
+            dictionaries,
+            filters: scan_filters,
+            limit,
+        })
+    }
+
+    /// The barrier over `input` (which reads what [`Self::reads`] named):
+    /// the filter below it, then the row filter and the masks.
+    fn barrier(
+        &self,
+        state: &dyn Session,
+        input: Arc<dyn ExecutionPlan>,
+        wanted: &[usize],
+        filters: &[Expr],
+        row_filter: Option<&Expr>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let base = self.inner.schema();
         let input_schema = input.schema();
         let df_schema = DFSchema::try_from(input_schema.as_ref().clone())?;
 
@@ -251,7 +406,7 @@ impl TableProvider for PolicyTable {
         // while, as the plan runs, it still holds the row filter. Both
         // compare the row filter's string equalities fast (see
         // `fast_string_equality`).
-        let row_filter = match &self.row_filter {
+        let row_filter = match row_filter {
             Some(filter) => {
                 let read_as_dictionaries: Vec<&str> = df_schema
                     .fields()
@@ -286,7 +441,7 @@ impl TableProvider for PolicyTable {
         // it holds it, so hiding rows never depends on what the source or
         // the optimizer did with it further down.
         let mut exprs: Vec<Arc<dyn PhysicalExpr>> = Vec::with_capacity(wanted.len());
-        for &position in &wanted {
+        for &position in wanted {
             let (index, view) = &self.columns[position];
             let expr = match view {
                 ColumnView::Masked { expr, .. } => {
