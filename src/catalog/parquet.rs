@@ -11,7 +11,7 @@ use std::any::Any;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
+use arrow::datatypes::{Field, Fields, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::{Statistics, TableReference};
@@ -31,11 +31,10 @@ use datafusion::physical_plan::ExecutionPlan;
 use futures::TryStreamExt;
 use object_store::{ObjectMeta, ObjectStore};
 use parquet::arrow::parquet_to_arrow_schema;
-use parquet::basic::Encoding;
 use parquet::file::metadata::ParquetMetaData;
 
 use super::files::listing_table;
-use super::stored_values::StoredValues;
+use super::stored_values::{StoredValues, is_dictionary_encoded, is_string, top_level_leaf};
 use crate::policy::{DictionaryScan, WhereTrue, dictionary_type};
 
 /// A Parquet product: its listing table, and the means to scan it with
@@ -275,12 +274,7 @@ async fn dictionary_encoded_columns(
         .fields()
         .iter()
         .enumerate()
-        .filter(|(_, field)| {
-            matches!(
-                field.data_type(),
-                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-            )
-        })
+        .filter(|(_, field)| is_string(field.data_type()))
         .map(|(index, _)| index)
         .collect();
     let store = state.runtime_env().object_store(url)?;
@@ -292,22 +286,13 @@ async fn dictionary_encoded_columns(
         let metadata = footer(state, store.as_ref(), &file).await?;
         let columns = metadata.file_metadata().schema_descr();
         candidates.retain(|&index| {
-            let name = schema.field(index).name();
-            // A top-level column of the file: one leaf, named as the field.
-            let Some(leaf) = (0..columns.num_columns()).find(|&leaf| {
-                let column = columns.column(leaf);
-                column.path().parts() == [name.as_str()]
-            }) else {
+            let Some(leaf) = top_level_leaf(columns, schema.field(index).name()) else {
                 return false;
             };
-            metadata.row_groups().iter().all(|row_group| {
-                let chunk = row_group.column(leaf);
-                chunk.dictionary_page_offset().is_some()
-                    && chunk.page_encoding_stats_mask().is_some_and(|mask| {
-                        mask.is_only(Encoding::RLE_DICTIONARY)
-                            || mask.is_only(Encoding::PLAIN_DICTIONARY)
-                    })
-            })
+            metadata
+                .row_groups()
+                .iter()
+                .all(|row_group| is_dictionary_encoded(row_group.column(leaf)))
         });
     }
     Ok(candidates)
@@ -360,11 +345,7 @@ impl DictionaryParquet {
                 let wanted = table
                     .field_with_name(field.name())
                     .is_ok_and(|f| *f.data_type() == dictionary_type());
-                let string = matches!(
-                    field.data_type(),
-                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-                );
-                if wanted && string {
+                if wanted && is_string(field.data_type()) {
                     Arc::new(Field::clone(field).with_data_type(dictionary_type()))
                 } else {
                     Arc::clone(field)
@@ -504,7 +485,7 @@ impl FileFormat for DictionaryParquet {
 #[cfg(test)]
 mod tests {
     use arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch, StringArray};
-    use arrow::datatypes::Int64Type;
+    use arrow::datatypes::{DataType, Int64Type};
     use datafusion::common::ScalarValue;
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
     use datafusion::datasource::source::DataSourceExec;
@@ -719,6 +700,7 @@ mod tests {
 #[cfg(test)]
 mod shown_conditions {
     use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+    use arrow::datatypes::DataType;
     use datafusion::common::ScalarValue;
     use datafusion::prelude::{SessionContext, col, lit};
     use parquet::arrow::ArrowWriter;

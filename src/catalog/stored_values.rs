@@ -40,6 +40,7 @@ use parquet::file::metadata::{ColumnChunkMetaData, ParquetMetaData};
 use parquet::file::page_index::offset_index::PageLocation;
 use parquet::file::reader::{ChunkReader, Length};
 use parquet::file::serialized_reader::SerializedPageReader;
+use parquet::schema::types::SchemaDescriptor;
 
 use super::parquet::footer;
 
@@ -228,10 +229,7 @@ async fn stored_values(
 ) -> Result<Option<Shown>> {
     let metadata = footer(state, store, file).await?;
     let columns = metadata.file_metadata().schema_descr();
-    // A top-level column of the file: one leaf, named as the column.
-    let Some(leaf) =
-        (0..columns.num_columns()).find(|&leaf| columns.column(leaf).path().parts() == [column])
-    else {
+    let Some(leaf) = top_level_leaf(columns, column) else {
         return Ok(None);
     };
     // The type the file's reader gives the column, so that a value is the
@@ -255,7 +253,21 @@ async fn stored_values(
     Ok(None)
 }
 
-fn is_string(data_type: &DataType) -> bool {
+/// The leaf of a file's schema that is top-level column `name`.
+pub(super) fn top_level_leaf(columns: &SchemaDescriptor, name: &str) -> Option<usize> {
+    (0..columns.num_columns()).find(|&leaf| columns.column(leaf).path().parts() == [name])
+}
+
+/// Whether every data page of a column chunk is dictionary-encoded (so its
+/// dictionary page holds every value).
+pub(super) fn is_dictionary_encoded(chunk: &ColumnChunkMetaData) -> bool {
+    chunk.dictionary_page_offset().is_some()
+        && chunk.page_encoding_stats_mask().is_some_and(|mask| {
+            mask.is_only(Encoding::RLE_DICTIONARY) || mask.is_only(Encoding::PLAIN_DICTIONARY)
+        })
+}
+
+pub(super) fn is_string(data_type: &DataType) -> bool {
     matches!(
         data_type,
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
@@ -312,10 +324,7 @@ async fn dictionary_values(
     let mut bytes = 0;
     for row_group in metadata.row_groups() {
         let chunk = row_group.column(leaf);
-        let dictionary_only = chunk.dictionary_page_offset().is_some()
-            && chunk.page_encoding_stats_mask().is_some_and(|mask| {
-                mask.is_only(Encoding::RLE_DICTIONARY) || mask.is_only(Encoding::PLAIN_DICTIONARY)
-            });
+        let dictionary_only = is_dictionary_encoded(chunk);
         let no_null = chunk
             .statistics()
             .and_then(|statistics| statistics.null_count_opt())
