@@ -35,7 +35,7 @@ use parquet::file::metadata::ParquetMetaData;
 
 use super::files::listing_table;
 use super::stored_values::{StoredValues, is_dictionary_encoded, is_string, top_level_leaf};
-use crate::policy::{DictionaryScan, WhereTrue, dictionary_type};
+use crate::policy::{DictionaryScan, ScanRequest, WhereTrue, dictionary_type};
 
 /// A Parquet product: its listing table, and the means to scan it with
 /// some string columns read as dictionaries.
@@ -90,26 +90,25 @@ impl ParquetProduct {
         }
     }
 
-    /// Scans with each of `columns` that every file stored
-    /// dictionary-encoded (when the product was opened) read as a
-    /// dictionary, and, given a `proof`, has it shown over the files read.
+    /// Scans as `request` says, with each of its `dictionaries` that every
+    /// file stored dictionary-encoded (when the product was opened) read as
+    /// a dictionary, and, given a `proof`, has it shown over the files read.
     async fn scan_as(
         &self,
         state: &dyn Session,
-        projection: &[usize],
-        filters: &[Expr],
-        limit: Option<usize>,
-        columns: &BTreeSet<usize>,
+        request: &ScanRequest,
         proof: Option<Arc<Proof>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let chosen: Vec<usize> = columns
+        let projection = Some(&request.projection);
+        let chosen: Vec<usize> = request
+            .dictionaries
             .intersection(&self.dictionary_encoded)
             .copied()
             .collect();
         if chosen.is_empty() && proof.is_none() {
             return self
                 .table
-                .scan(state, Some(&projection.to_vec()), filters, limit)
+                .scan(state, projection, &request.filters, request.limit)
                 .await;
         }
         let schema = self.table.schema();
@@ -142,7 +141,7 @@ impl ParquetProduct {
         let options =
             ListingOptions::new(Arc::new(format)).with_file_extension(self.extension.clone());
         listing_table(state, url, options, schema)?
-            .scan(state, Some(&projection.to_vec()), filters, limit)
+            .scan(state, projection, &request.filters, request.limit)
             .await
     }
 }
@@ -175,22 +174,15 @@ impl DictionaryScan for ParquetProduct {
     async fn scan_with_dictionaries(
         &self,
         state: &dyn Session,
-        projection: &[usize],
-        filters: &[Expr],
-        limit: Option<usize>,
-        columns: &BTreeSet<usize>,
+        request: &ScanRequest,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        self.scan_as(state, projection, filters, limit, columns, None)
-            .await
+        self.scan_as(state, request, None).await
     }
 
     async fn scan_where_true(
         &self,
         state: &dyn Session,
-        projection: &[usize],
-        filters: &[Expr],
-        limit: Option<usize>,
-        columns: &BTreeSet<usize>,
+        request: &ScanRequest,
         conditions: &[(Expr, String)],
     ) -> Result<WhereTrue> {
         let may_hold: Vec<bool> = conditions
@@ -206,16 +198,7 @@ impl DictionaryScan for ParquetProduct {
             values: self.values.clone(),
             shown: parking_lot::Mutex::new(None),
         });
-        let scan = self
-            .scan_as(
-                state,
-                projection,
-                filters,
-                limit,
-                columns,
-                Some(Arc::clone(&proof)),
-            )
-            .await;
+        let scan = self.scan_as(state, request, Some(Arc::clone(&proof))).await;
         // Shown over the very files the plan reads, or not used at all (a
         // listing that found no file shows nothing either).
         let shown = proof.shown.lock().take();
@@ -788,6 +771,13 @@ mod shown_conditions {
         SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime)
     }
 
+    /// A directory of `write_regions`'s files, and a context over it.
+    fn regions() -> (tempfile::TempDir, SessionContext) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_regions(dir.path());
+        (dir, context())
+    }
+
     /// A string constant as policies compile it (a view).
     fn view(value: &str) -> Expr {
         lit(ScalarValue::Utf8View(Some(value.into())))
@@ -802,9 +792,7 @@ mod shown_conditions {
 
     #[tokio::test]
     async fn a_condition_every_stored_value_meets_is_neither_read_nor_checked() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        write_regions(dir.path());
-        let ctx = context();
+        let (dir, ctx) = regions();
         let path = dir.path();
         let all: Vec<i64> = (0..1000).collect();
 
@@ -854,9 +842,7 @@ mod shown_conditions {
 
     #[tokio::test]
     async fn a_condition_not_shown_for_every_row_is_checked_row_by_row() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        write_regions(dir.path());
-        let ctx = context();
+        let (dir, ctx) = regions();
         let path = dir.path();
 
         // A stored value fails it.
@@ -921,9 +907,7 @@ mod shown_conditions {
 
     #[tokio::test]
     async fn what_was_shown_holds_only_for_the_files_it_was_shown_on() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        write_regions(dir.path());
-        let ctx = context();
+        let (dir, ctx) = regions();
         let path = dir.path();
         // One product throughout, as in a published mesh: what its files
         // showed is kept between queries.
@@ -981,9 +965,7 @@ mod shown_conditions {
 
     #[tokio::test]
     async fn a_condition_every_row_group_lies_within_is_neither_read_nor_checked() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        write_regions(dir.path());
-        let ctx = context();
+        let (dir, ctx) = regions();
         let path = dir.path();
         let sql = "SELECT id FROM people";
         let all: Vec<i64> = (0..1000).collect();

@@ -29,7 +29,7 @@ pub use exec::PolicyExec;
 pub use explain::render_plan;
 pub(crate) use table::dictionary_type;
 pub(crate) use table::unqualified;
-pub use table::{DictionaryScan, PolicyParts, PolicyTable, WhereTrue};
+pub use table::{DictionaryScan, PolicyParts, PolicyTable, ScanRequest, WhereTrue};
 
 use crate::auth::CallerIdentity;
 use crate::config::DefaultAccess;

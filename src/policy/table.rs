@@ -35,15 +35,12 @@ pub(crate) fn dictionary_type() -> DataType {
 /// files say of that column, so as to neither read nor check them.
 #[async_trait]
 pub trait DictionaryScan: std::fmt::Debug + Send + Sync {
-    /// Scans like [`TableProvider::scan`], with those of `columns` (indices
-    /// in the table's schema) that it can decode as dictionaries read so.
+    /// Scans like [`TableProvider::scan`], with those of the request's
+    /// `dictionaries` that it can decode as dictionaries read so.
     async fn scan_with_dictionaries(
         &self,
         state: &dyn Session,
-        projection: &[usize],
-        filters: &[Expr],
-        limit: Option<usize>,
-        columns: &BTreeSet<usize>,
+        request: &ScanRequest,
     ) -> Result<Arc<dyn ExecutionPlan>>;
 
     /// Scans like [`Self::scan_with_dictionaries`], provided each of
@@ -53,10 +50,7 @@ pub trait DictionaryScan: std::fmt::Debug + Send + Sync {
     async fn scan_where_true(
         &self,
         state: &dyn Session,
-        projection: &[usize],
-        filters: &[Expr],
-        limit: Option<usize>,
-        columns: &BTreeSet<usize>,
+        request: &ScanRequest,
         conditions: &[(Expr, String)],
     ) -> Result<WhereTrue>;
 }
@@ -71,14 +65,17 @@ pub enum WhereTrue {
     Shown(Vec<bool>),
 }
 
-/// What a scan under the barrier reads: the wrapped table's columns, those
-/// of them read as dictionaries, the filters offered to the wrapped table,
-/// and the limit it may apply.
-struct Reads {
-    projection: Vec<usize>,
-    dictionaries: BTreeSet<usize>,
-    filters: Vec<Expr>,
-    limit: Option<usize>,
+/// What a scan under the barrier reads from the wrapped table.
+#[derive(Debug)]
+pub struct ScanRequest {
+    /// The columns (indices in the wrapped table's schema).
+    pub projection: Vec<usize>,
+    /// Those of them that may be read as dictionaries.
+    pub dictionaries: BTreeSet<usize>,
+    /// The filters offered to the wrapped table.
+    pub filters: Vec<Expr>,
+    /// The limit it may apply.
+    pub limit: Option<usize>,
 }
 
 /// What [`PolicyTable::parts`] returns: the wrapped table, the row filter,
@@ -217,17 +214,7 @@ impl TableProvider for PolicyTable {
                 }
                 let checked = conjunction(rest.clone());
                 let reads = self.reads(&wanted, filters, limit, checked.as_ref())?;
-                let shown = match source
-                    .scan_where_true(
-                        state,
-                        &reads.projection,
-                        &reads.filters,
-                        reads.limit,
-                        &reads.dictionaries,
-                        &provable,
-                    )
-                    .await?
-                {
+                let shown = match source.scan_where_true(state, &reads, &provable).await? {
                     WhereTrue::Scan(input) => {
                         return self.barrier(state, input, &wanted, filters, checked.as_ref());
                     }
@@ -251,14 +238,7 @@ impl TableProvider for PolicyTable {
         let reads = self.reads(&wanted, filters, limit, row_filter)?;
         let input = match &self.dictionaries {
             Some(scan) if !reads.dictionaries.is_empty() => {
-                scan.scan_with_dictionaries(
-                    state,
-                    &reads.projection,
-                    &reads.filters,
-                    reads.limit,
-                    &reads.dictionaries,
-                )
-                .await?
+                scan.scan_with_dictionaries(state, &reads).await?
             }
             _ => {
                 self.inner
@@ -312,7 +292,7 @@ impl PolicyTable {
         filters: &[Expr],
         limit: Option<usize>,
         row_filter: Option<&Expr>,
-    ) -> Result<Reads> {
+    ) -> Result<ScanRequest> {
         let base = self.inner.schema();
 
         // The raw columns the barrier needs: those the requested columns are
@@ -375,7 +355,7 @@ impl PolicyTable {
                 scan_filters.push((*filter).clone());
             }
         }
-        Ok(Reads {
+        Ok(ScanRequest {
             projection: needed.into_iter().collect(),
             dictionaries,
             filters: scan_filters,
