@@ -34,7 +34,9 @@ use parquet::arrow::parquet_to_arrow_schema;
 use parquet::file::metadata::ParquetMetaData;
 
 use super::files::listing_table;
-use super::stored_values::{StoredValues, is_dictionary_encoded, is_string, top_level_leaf};
+use super::stored_values::{
+    Condition, StoredValues, is_dictionary_encoded, is_string, top_level_leaf,
+};
 use crate::policy::{DictionaryScan, ScanRequest, WhereTrue, dictionary_type};
 
 /// A Parquet product: its listing table, and the means to scan it with
@@ -410,20 +412,24 @@ impl FileFormat for DictionaryParquet {
             .runtime_env()
             .object_store(conf.object_store_url.clone())?;
         if let Some(proof) = &self.proof {
-            let mut shown = vec![true; proof.conditions.len()];
+            // Compiled once for all files; one that does not compile is
+            // not shown.
+            let conditions: Vec<Option<Condition>> = proof
+                .conditions
+                .iter()
+                .map(|(condition, column)| {
+                    Condition::new(state, &proof.schema, condition, column).ok()
+                })
+                .collect();
+            let mut shown: Vec<bool> = conditions.iter().map(Option::is_some).collect();
             for file in conf.file_groups.iter().flat_map(|group| group.iter()) {
-                for (condition, holds) in proof.conditions.iter().zip(shown.iter_mut()) {
-                    *holds = *holds
-                        && proof
+                for (condition, holds) in conditions.iter().zip(shown.iter_mut()) {
+                    if let (Some(condition), true) = (condition, *holds) {
+                        *holds = proof
                             .values
-                            .holds_in(
-                                state,
-                                store.as_ref(),
-                                &file.object_meta,
-                                &proof.schema,
-                                condition,
-                            )
+                            .holds_in(state, store.as_ref(), &file.object_meta, condition)
                             .await;
+                    }
                 }
             }
             let all = shown.iter().all(|&holds| holds);
@@ -506,13 +512,21 @@ mod tests {
                 Arc::new(note),
             ];
             let batch = RecordBatch::try_new(Arc::clone(&schema), columns).expect("batch");
-            let out = std::fs::File::create(dir.join(file)).expect("file");
-            let mut writer =
-                ArrowWriter::try_new(out, Arc::clone(&schema), Some(properties.clone()))
-                    .expect("writer");
-            writer.write(&batch).expect("write");
-            writer.close().expect("close");
+            write_file(&dir.join(file), &batch, properties.clone());
         }
+    }
+
+    /// Writes `batch` as the Parquet file at `path`.
+    pub(super) fn write_file(
+        path: &std::path::Path,
+        batch: &RecordBatch,
+        properties: WriterProperties,
+    ) {
+        let out = std::fs::File::create(path).expect("file");
+        let mut writer =
+            ArrowWriter::try_new(out, batch.schema(), Some(properties)).expect("writer");
+        writer.write(batch).expect("write");
+        writer.close().expect("close");
     }
 
     /// Runs `sql` over the people product in `dir` behind `row_filter`:
@@ -686,10 +700,9 @@ mod shown_conditions {
     use arrow::datatypes::DataType;
     use datafusion::common::ScalarValue;
     use datafusion::prelude::{SessionContext, col, lit};
-    use parquet::arrow::ArrowWriter;
     use parquet::file::properties::WriterProperties;
 
-    use super::tests::{open, run, run_on};
+    use super::tests::{open, run, run_on, write_file};
     use super::*;
 
     /// Writes `file` in `dir`: `id` over `ids`, `region` as `region(id)`
@@ -722,12 +735,8 @@ mod shown_conditions {
             Arc::new(regions),
             Arc::new(amounts),
         ];
-        let batch = RecordBatch::try_new(Arc::clone(&schema), columns).expect("batch");
-        let out = std::fs::File::create(dir.join(file)).expect("file");
-        let mut writer =
-            ArrowWriter::try_new(out, Arc::clone(&schema), Some(properties)).expect("writer");
-        writer.write(&batch).expect("write");
-        writer.close().expect("close");
+        let batch = RecordBatch::try_new(schema, columns).expect("batch");
+        write_file(&dir.join(file), &batch, properties);
     }
 
     fn write(

@@ -22,7 +22,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
 use arrow::compute::{cast, concat};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use bytes::{Buf, Bytes};
@@ -30,6 +30,7 @@ use datafusion::catalog::Session;
 use datafusion::common::DFSchema;
 use datafusion::error::Result;
 use datafusion::logical_expr::{Expr, Operator};
+use datafusion::physical_expr::PhysicalExpr;
 use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore};
 use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 use parquet::arrow::parquet_to_arrow_schema;
@@ -119,23 +120,22 @@ impl StoredValues {
         }
     }
 
-    /// Whether `condition` (over `column`, a column of `schema`) is true
-    /// for every row of `file`. What cannot be shown (a column stored
-    /// otherwise, a NULL, a condition that fails on a value) is not.
+    /// Whether `condition` is true for every row of `file`. What cannot be
+    /// shown (a column stored otherwise, a NULL, a condition that fails on
+    /// a value) is not.
     pub(crate) async fn holds_in(
         &self,
         state: &dyn Session,
         store: &dyn ObjectStore,
         file: &ObjectMeta,
-        schema: &SchemaRef,
-        (condition, column): &(Expr, String),
+        condition: &Condition,
     ) -> bool {
-        let key = FileColumn::new(file, column);
+        let key = FileColumn::new(file, &condition.column);
         let shown = match self.cache.get(&key) {
             Some(shown) => shown,
             // A file that cannot be read now shows nothing (and is tried
             // again next time); the scan reports why when it reads it.
-            None => match stored_values(state, store, file, column).await {
+            None => match stored_values(state, store, file, &condition.column).await {
                 Ok(shown) => {
                     self.cache.insert(key, shown.clone());
                     shown
@@ -145,16 +145,69 @@ impl StoredValues {
         };
         let values = match &shown {
             Some(Shown::Values(values)) => values,
-            Some(Shown::Bounds(bounds))
-                if schema
-                    .field_with_name(column)
-                    .is_ok_and(|field| is_one_interval(condition, column, field.data_type())) =>
-            {
-                bounds
-            }
+            Some(Shown::Bounds(bounds)) if condition.is_one_interval => bounds,
             _ => return false,
         };
-        is_true_for_each(state, schema, condition, column, values).unwrap_or(false)
+        condition.is_true_for_each(values).unwrap_or(false)
+    }
+}
+
+/// A condition over one column, compiled to be evaluated over that column's
+/// values alone.
+#[derive(Debug)]
+pub(crate) struct Condition {
+    column: String,
+    /// The one column, of the product's type.
+    schema: SchemaRef,
+    predicate: Arc<dyn PhysicalExpr>,
+    /// Whether the values it keeps form one interval (see
+    /// [`is_one_interval`]), so that row-group bounds can show it.
+    is_one_interval: bool,
+}
+
+impl Condition {
+    /// `condition` over `column`, a column of `product`.
+    pub(crate) fn new(
+        state: &dyn Session,
+        product: &Schema,
+        condition: &Expr,
+        column: &str,
+    ) -> Result<Self> {
+        let data_type = product.field_with_name(column)?.data_type();
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            column,
+            data_type.clone(),
+            true,
+        )]));
+        let predicate = state
+            .create_physical_expr(condition.clone(), &DFSchema::try_from(Arc::clone(&schema))?)?;
+        Ok(Self {
+            column: column.to_string(),
+            is_one_interval: is_one_interval(condition, column, data_type),
+            schema,
+            predicate,
+        })
+    }
+
+    /// Whether it is true (not false, not NULL) for each of `values`.
+    /// String values are cast to the column's string type; bounds must be
+    /// of its type.
+    fn is_true_for_each(&self, values: &ArrayRef) -> Result<bool> {
+        let data_type = self.schema.field(0).data_type();
+        let values = match values.data_type() {
+            DataType::Utf8 if is_string(data_type) => cast(values, data_type)?,
+            stored if stored == data_type => Arc::clone(values),
+            _ => return Ok(false),
+        };
+        let batch = RecordBatch::try_new(Arc::clone(&self.schema), vec![values])?;
+        let result = self
+            .predicate
+            .evaluate(&batch)?
+            .into_array(batch.num_rows())?;
+        let Some(result) = result.as_any().downcast_ref::<BooleanArray>() else {
+            return Ok(false);
+        };
+        Ok(result.true_count() == result.len())
     }
 }
 
@@ -186,36 +239,6 @@ fn is_one_interval(condition: &Expr, column: &str, data_type: &DataType) -> bool
         }
         _ => false,
     }
-}
-
-/// Whether `condition` is true (not false, not NULL) for each of `values`
-/// taken as column `column` of `schema`. String values are cast to the
-/// column's string type; bounds must be of its type.
-fn is_true_for_each(
-    state: &dyn Session,
-    schema: &SchemaRef,
-    condition: &Expr,
-    column: &str,
-    values: &ArrayRef,
-) -> Result<bool> {
-    let field = schema.field_with_name(column)?;
-    let values = match values.data_type() {
-        DataType::Utf8 if is_string(field.data_type()) => cast(values, field.data_type())?,
-        stored if stored == field.data_type() => Arc::clone(values),
-        _ => return Ok(false),
-    };
-    let single = Arc::new(Schema::new(vec![Field::new(
-        column,
-        field.data_type().clone(),
-        true,
-    )]));
-    let batch = RecordBatch::try_new(Arc::clone(&single), vec![values])?;
-    let expr = state.create_physical_expr(condition.clone(), &DFSchema::try_from(single)?)?;
-    let result = expr.evaluate(&batch)?.into_array(batch.num_rows())?;
-    let Some(result) = result.as_any().downcast_ref::<arrow::array::BooleanArray>() else {
-        return Ok(false);
-    };
-    Ok(result.true_count() == result.len())
 }
 
 /// What `file` shows of column `column` (a top-level column), read from its
