@@ -617,6 +617,50 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[index]
 
 
+def run_latency_duckdb(data: pathlib.Path, scale: float, seconds: float) -> dict:
+    """The same small queries, one after another, in DuckDB embedded in this
+    process and reading the same files: what a lookup costs the peer with
+    no network, no client driver and no gateway between."""
+    connection = duckdb.connect()
+    for domain, tables in DOMAINS.items():
+        connection.execute(f"CREATE SCHEMA {domain}")
+        for table in tables:
+            connection.execute(
+                f"CREATE VIEW {domain}.{table} AS "
+                f"SELECT * FROM read_parquet('{data / (table + '.parquet')}')"
+            )
+    rng = random.Random(1000)
+    orders, customers = int(1_500_000 * scale), int(150_000 * scale)
+    connection.sql(_small_query(rng, orders, customers)[1]).to_arrow_table()
+    timed = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        kind, sql = _small_query(rng, orders, customers)
+        start = time.perf_counter()
+        connection.sql(sql).to_arrow_table()
+        timed.append((kind, (time.perf_counter() - start) * 1000))
+    connection.close()
+    latencies = [ms for _, ms in timed]
+    result = {
+        "queries": len(timed),
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "by_kind": {
+            kind: {"p50_ms": percentile(values, 50), "p99_ms": percentile(values, 99)}
+            for kind in ("point", "range")
+            if (values := [ms for k, ms in timed if k == kind])
+        },
+    }
+    print(
+        f"  small queries, DuckDB in-process: p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms  "
+        + "  ".join(
+            f"{kind} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f}" for kind, v in result["by_kind"].items()
+        ),
+        flush=True,
+    )
+    return result
+
+
 def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: list[int]) -> dict:
     orders = int(1_500_000 * scale)
     customers = int(150_000 * scale)
@@ -850,6 +894,11 @@ def main() -> None:
             report["latency"] = run_latency(gateway, args.scale, args.latency_seconds, clients)
         finally:
             gateway.stop()
+        report["latency_duckdb"] = run_latency_duckdb(data, args.scale, args.latency_seconds)
+        for measure in ("p50", "p99"):
+            rows_csv.append(
+                ["latency", "duckdb in-process", measure, "", report["latency_duckdb"][f"{measure}_ms"], "", "ms"]
+            )
         for clients, r in report["latency"].items():
             rows_csv.append(["latency", f"{clients} clients", "p50", "", r["p50_ms"], "", "ms"])
             rows_csv.append(["latency", f"{clients} clients", "p99", "", r["p99_ms"], "", "ms"])
@@ -913,6 +962,14 @@ def print_report(report: dict) -> None:
             )
             for kind, v in r["by_kind"].items():
                 print(f"    {kind:<5} p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms")
+    duck = report.get("latency_duckdb")
+    if duck:
+        print(
+            f"small queries, DuckDB in-process on the same files (reference): p50 {duck['p50_ms']:.2f} ms,"
+            f" p99 {duck['p99_ms']:.2f} ms"
+        )
+        for kind, v in duck["by_kind"].items():
+            print(f"    {kind:<5} p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms")
 
 
 if __name__ == "__main__":
