@@ -3,6 +3,7 @@
 //! product.
 
 mod files;
+mod listed_version;
 mod parquet;
 mod stored_values;
 mod views;

@@ -21,7 +21,10 @@ use datafusion::datasource::file_format::file_compression_type::FileCompressionT
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTableUrl};
 use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
-use datafusion::datasource::physical_plan::{FileScanConfig, FileSinkConfig, FileSource};
+use datafusion::datasource::physical_plan::{
+    FileScanConfig, FileScanConfigBuilder, FileSinkConfig, FileSource, ParquetSource,
+};
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
@@ -34,6 +37,7 @@ use parquet::arrow::parquet_to_arrow_schema;
 use parquet::file::metadata::ParquetMetaData;
 
 use super::files::listing_table;
+use super::listed_version::ListedVersionReaders;
 use super::stored_values::{
     Condition, StoredValues, is_dictionary_encoded, is_string, top_level_leaf,
 };
@@ -451,7 +455,13 @@ impl FileFormat for DictionaryParquet {
                 }
             }
         }
-        self.inner.create_physical_plan(state, conf).await
+        let plan = self.inner.create_physical_plan(state, conf).await?;
+        if self.proof.is_none() {
+            return Ok(plan);
+        }
+        // The conditions left out were shown over the versions listed: the
+        // scan reads those versions or fails.
+        pinned_to_listed_versions(plan, store)
     }
 
     async fn create_writer_physical_plan(
@@ -471,13 +481,43 @@ impl FileFormat for DictionaryParquet {
     }
 }
 
+/// `plan`, a Parquet scan, with every data read checked to come from the
+/// version of the file its listing saw (see `listed_version`).
+fn pinned_to_listed_versions(
+    plan: Arc<dyn ExecutionPlan>,
+    store: Arc<dyn ObjectStore>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let not_parquet = || DataFusionError::Internal("a Parquet scan was expected".into());
+    let exec = plan
+        .downcast_ref::<DataSourceExec>()
+        .ok_or_else(not_parquet)?;
+    let config = exec
+        .data_source()
+        .downcast_ref::<FileScanConfig>()
+        .ok_or_else(not_parquet)?;
+    let source = config
+        .file_source()
+        .downcast_ref::<ParquetSource>()
+        .ok_or_else(not_parquet)?;
+    let footers = source
+        .parquet_file_reader_factory()
+        .cloned()
+        .ok_or_else(not_parquet)?;
+    let source = source
+        .clone()
+        .with_parquet_file_reader_factory(Arc::new(ListedVersionReaders::new(footers, store)));
+    let config = FileScanConfigBuilder::from(config.clone())
+        .with_source(Arc::new(source))
+        .build();
+    Ok(DataSourceExec::from_data_source(config))
+}
+
 #[cfg(test)]
 mod tests {
     use arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch, StringArray};
     use arrow::datatypes::{DataType, Int64Type};
     use datafusion::common::ScalarValue;
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-    use datafusion::datasource::source::DataSourceExec;
     use datafusion::physical_plan::{collect, displayable};
     use datafusion::prelude::{SessionConfig, SessionContext, col, lit};
     use parquet::arrow::ArrowWriter;
@@ -568,19 +608,7 @@ mod tests {
         sql: &str,
         column: &str,
     ) -> (Vec<i64>, Vec<DataType>, String) {
-        let mut view = CallerProductView::unrestricted(product.schema().fields().len());
-        view.row_filter = Some(row_filter);
-        let dictionaries = as_dictionary_scan(&product);
-        let table = PolicyTable::wrap("people".into(), product, dictionaries, &view);
-        ctx.deregister_table("people").expect("deregister");
-        ctx.register_table("people", table).expect("register");
-        let plan = ctx
-            .sql(sql)
-            .await
-            .expect("plan")
-            .create_physical_plan()
-            .await
-            .expect("physical plan");
+        let plan = plan_on(ctx, product, row_filter, sql).await;
         let mut types = Vec::new();
         plan.apply(|node| {
             if node.downcast_ref::<DataSourceExec>().is_some()
@@ -599,6 +627,28 @@ mod tests {
             .collect();
         ids.sort_unstable();
         (ids, types, text)
+    }
+
+    /// The plan of `sql` over `product` as table `people`, behind a barrier
+    /// with `row_filter`.
+    pub(super) async fn plan_on(
+        ctx: &SessionContext,
+        product: Arc<dyn TableProvider>,
+        row_filter: Expr,
+        sql: &str,
+    ) -> Arc<dyn ExecutionPlan> {
+        let mut view = CallerProductView::unrestricted(product.schema().fields().len());
+        view.row_filter = Some(row_filter);
+        let dictionaries = as_dictionary_scan(&product);
+        let table = PolicyTable::wrap("people".into(), product, dictionaries, &view);
+        ctx.deregister_table("people").expect("deregister");
+        ctx.register_table("people", table).expect("register");
+        ctx.sql(sql)
+            .await
+            .expect("plan")
+            .create_physical_plan()
+            .await
+            .expect("physical plan")
     }
 
     /// The ids of `write_people` whose region `keep` accepts.
@@ -702,7 +752,9 @@ mod shown_conditions {
     use datafusion::prelude::{SessionContext, col, lit};
     use parquet::file::properties::WriterProperties;
 
-    use super::tests::{open, run, run_on, write_file};
+    use datafusion::physical_plan::{collect, displayable};
+
+    use super::tests::{open, plan_on, run, run_on, write_file};
     use super::*;
 
     /// Writes `file` in `dir`: `id` over `ids`, `region` as `region(id)`
@@ -970,6 +1022,80 @@ mod shown_conditions {
         assert_eq!(ids.len(), 1095);
         assert!(ids.iter().all(|&id| id >= 5), "a hidden row was returned");
         assert_eq!(types.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_file_rewritten_after_its_condition_was_shown_fails_the_scan_that_left_it_out() {
+        let (dir, ctx) = regions();
+        let path = dir.path();
+        let people = open(&ctx, path).await;
+        let not_hidden = col("region").not_eq(view("HIDDEN"));
+        let sql = "SELECT id, region FROM people";
+
+        // Planned over the versions listed, which hold no hidden row: the
+        // condition is left out.
+        let plan = plan_on(&ctx, Arc::clone(&people), not_hidden.clone(), sql).await;
+        let text = displayable(plan.as_ref()).indent(true).to_string();
+        assert!(!text.contains("HIDDEN"), "{text}");
+
+        // Rewritten in place, with hidden rows, before the scan reads it.
+        write(
+            path,
+            "a.parquet",
+            0..600,
+            |id| Some(if id < 300 { "HIDDEN" } else { "EU" }),
+            true,
+        );
+        let error = collect(plan, ctx.task_ctx())
+            .await
+            .expect_err("a file changed since it was listed was read");
+        assert!(
+            error
+                .to_string()
+                .contains("changed while the query read it"),
+            "{error}"
+        );
+
+        // Planned again, over the new version: the condition is checked and
+        // no hidden row is returned.
+        let (ids, types, _) = run_on(&ctx, Arc::clone(&people), not_hidden, sql, "region").await;
+        assert_eq!(ids, (300..1000).collect::<Vec<_>>());
+        assert_eq!(types.len(), 1);
+
+        // Replaced by a file of the very same layout, whose `US` rows now say
+        // `ZZ`: read with the footer of the version listed, it would decode.
+        write(
+            path,
+            "a.parquet",
+            0..600,
+            |id| Some(["EU", "US"][id as usize % 2]),
+            true,
+        );
+        let plan = plan_on(
+            &ctx,
+            Arc::clone(&people),
+            col("region").not_eq(view("ZZ")),
+            sql,
+        )
+        .await;
+        let staged = tempfile::tempdir_in(path).expect("tempdir");
+        write(
+            staged.path(),
+            "a.parquet",
+            0..600,
+            |id| Some(["EU", "ZZ"][id as usize % 2]),
+            true,
+        );
+        std::fs::rename(staged.path().join("a.parquet"), path.join("a.parquet")).expect("rename");
+        let error = collect(plan, ctx.task_ctx())
+            .await
+            .expect_err("a file replaced since it was listed was read");
+        assert!(
+            error
+                .to_string()
+                .contains("changed while the query read it"),
+            "{error}"
+        );
     }
 
     #[tokio::test]

@@ -31,7 +31,7 @@ use datafusion::common::DFSchema;
 use datafusion::error::Result;
 use datafusion::logical_expr::{Expr, Operator};
 use datafusion::physical_expr::PhysicalExpr;
-use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore};
+use object_store::{ObjectMeta, ObjectStore};
 use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 use parquet::arrow::parquet_to_arrow_schema;
 use parquet::basic::{Encoding, Type as PhysicalType};
@@ -43,6 +43,7 @@ use parquet::file::reader::{ChunkReader, Length};
 use parquet::file::serialized_reader::SerializedPageReader;
 use parquet::schema::types::SchemaDescriptor;
 
+use super::listed_version::read_listed;
 use super::parquet::footer;
 
 /// The most distinct values kept for one column of one file; a column with
@@ -391,17 +392,7 @@ async fn dictionary(
     if end <= start {
         return Err(ParquetError::General("no room for a dictionary page".into()).into());
     }
-    let options = GetOptions {
-        range: Some(GetRange::Bounded(start..end)),
-        if_match: file.e_tag.clone(),
-        version: file.version.clone(),
-        ..GetOptions::default()
-    };
-    let bytes = store
-        .get_opts(&file.location, options)
-        .await?
-        .bytes()
-        .await?;
+    let bytes = read_listed(store, file, start..end).await?;
     let reader = Arc::new(FileSlice { start, bytes });
     // The page locations name the first data page; what lies before it is
     // the dictionary page, which the reader returns (decompressed) first.
