@@ -115,18 +115,21 @@ impl ListedVersionReader {
     fn error(&self, error: object_store::Error) -> ParquetError {
         match error {
             object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. } => {
-                ParquetError::General(format!(
-                    "{} changed while the query read it (it is no longer the version \
-                     listed when the query was planned); run the query again",
-                    self.listed.location
-                ))
+                self.changed()
             }
             other => ParquetError::External(Box::new(other)),
         }
     }
-}
 
-impl ListedVersionReader {
+    /// The file is no longer the version listed.
+    fn changed(&self) -> ParquetError {
+        ParquetError::General(format!(
+            "{} changed while the query read it (it is no longer the version \
+             listed when the query was planned); run the query again",
+            self.listed.location
+        ))
+    }
+
     /// `ranges` of the file, read as the store reads several (one request
     /// each, or coalesced), then checked to be of the version listed: the
     /// file is looked up once more after the reads, so a version replaced
@@ -147,10 +150,7 @@ impl ListedVersionReader {
             .await
             .map_err(|e| self.error(e))?;
         if !same_version(&self.listed, &now) {
-            return Err(self.error(object_store::Error::Precondition {
-                path: self.listed.location.to_string(),
-                source: "the file is no longer the version listed".into(),
-            }));
+            return Err(self.changed());
         }
         self.bytes_scanned
             .add(parts.iter().map(Bytes::len).sum::<usize>());

@@ -1024,6 +1024,17 @@ mod shown_conditions {
         assert_eq!(types.len(), 1);
     }
 
+    /// Runs `plan`, which must fail for a file changed since it was listed.
+    async fn fails_as_changed(plan: Arc<dyn ExecutionPlan>, ctx: &SessionContext, what: &str) {
+        let error = collect(plan, ctx.task_ctx()).await.expect_err(what);
+        assert!(
+            error
+                .to_string()
+                .contains("changed while the query read it"),
+            "{error}"
+        );
+    }
+
     #[tokio::test]
     async fn a_file_rewritten_after_its_condition_was_shown_fails_the_scan_that_left_it_out() {
         let (dir, ctx) = regions();
@@ -1046,15 +1057,7 @@ mod shown_conditions {
             |id| Some(if id < 300 { "HIDDEN" } else { "EU" }),
             true,
         );
-        let error = collect(plan, ctx.task_ctx())
-            .await
-            .expect_err("a file changed since it was listed was read");
-        assert!(
-            error
-                .to_string()
-                .contains("changed while the query read it"),
-            "{error}"
-        );
+        fails_as_changed(plan, &ctx, "a file changed since it was listed was read").await;
 
         // Planned again, over the new version: the condition is checked and
         // no hidden row is returned.
@@ -1087,15 +1090,7 @@ mod shown_conditions {
             true,
         );
         std::fs::rename(staged.path().join("a.parquet"), path.join("a.parquet")).expect("rename");
-        let error = collect(plan, ctx.task_ctx())
-            .await
-            .expect_err("a file replaced since it was listed was read");
-        assert!(
-            error
-                .to_string()
-                .contains("changed while the query read it"),
-            "{error}"
-        );
+        fails_as_changed(plan, &ctx, "a file replaced since it was listed was read").await;
     }
 
     #[tokio::test]
