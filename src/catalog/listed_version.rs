@@ -9,16 +9,22 @@
 //! than being read unchecked.
 
 use std::fmt;
+use std::fs::File;
+use std::io::ErrorKind;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::ParquetFileReaderFactory;
 use datafusion::error::Result;
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::physical_plan::metrics::{Count, ExecutionPlanMetricsSet, MetricBuilder};
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use object_store::local::LocalFileSystem;
 use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::ArrowReaderOptions;
 use parquet::arrow::async_reader::AsyncFileReader;
@@ -48,14 +54,27 @@ pub(super) async fn read_listed(
 pub(super) struct ListedVersionReaders {
     footers: Arc<dyn ParquetFileReaderFactory>,
     store: Arc<dyn ObjectStore>,
+    /// Where `store` is the local file system, the paths of its files:
+    /// they are read directly (see `LocalFile`).
+    local: Option<LocalFileSystem>,
 }
 
 impl ListedVersionReaders {
+    /// Readers of the files of `store`, found at `url`.
     pub(super) fn new(
         footers: Arc<dyn ParquetFileReaderFactory>,
         store: Arc<dyn ObjectStore>,
+        url: &ObjectStoreUrl,
     ) -> Self {
-        Self { footers, store }
+        let local = url
+            .as_str()
+            .starts_with("file://")
+            .then(LocalFileSystem::new);
+        Self {
+            footers,
+            store,
+            local,
+        }
     }
 }
 
@@ -64,6 +83,7 @@ impl fmt::Debug for ListedVersionReaders {
         f.debug_struct("ListedVersionReaders")
             .field("footers", &self.footers)
             .field("store", &self.store.to_string())
+            .field("local", &self.local.is_some())
             .finish()
     }
 }
@@ -80,12 +100,20 @@ impl ParquetFileReaderFactory for ListedVersionReaders {
         let bytes_scanned = MetricBuilder::new(metrics)
             .with_new_label("filename", listed.location.to_string())
             .counter("bytes_scanned", partition_index);
+        let local = match &self.local {
+            Some(files) => Some(LocalFile {
+                path: files.path_to_filesystem(&listed.location)?,
+                open: None,
+            }),
+            None => None,
+        };
         let footer =
             self.footers
                 .create_reader(partition_index, file, metadata_size_hint, metrics)?;
         Ok(Box::new(ListedVersionReader {
             footer,
             store: Arc::clone(&self.store),
+            local,
             listed,
             bytes_scanned,
         }))
@@ -97,6 +125,8 @@ impl ParquetFileReaderFactory for ListedVersionReaders {
 struct ListedVersionReader {
     footer: Box<dyn AsyncFileReader + Send>,
     store: Arc<dyn ObjectStore>,
+    /// The file itself, where it is on the local file system.
+    local: Option<LocalFile>,
     listed: ObjectMeta,
     bytes_scanned: Count,
 }
@@ -130,15 +160,36 @@ impl ListedVersionReader {
         ))
     }
 
-    /// `ranges` of the file, read as the store reads several (one request
-    /// each, or coalesced), then checked to be of the version listed: the
-    /// file is looked up once more after the reads, so a version replaced
-    /// before or while they ran is seen (versions are told apart by e-tag,
-    /// or by modification time and size; a file only ever moves on to new
-    /// versions). A read that names the version itself (one precondition
-    /// per request) costs two requests a range on a local file system, and
-    /// was 6% of TPC-H time there.
+    /// `ranges` of the file, checked to be of the version listed.
     async fn read(&mut self, ranges: &[Range<u64>]) -> parquet::errors::Result<Vec<Bytes>> {
+        let parts = match &mut self.local {
+            Some(file) => match file.read(&self.listed, ranges).await {
+                Ok(Some(parts)) => parts,
+                Ok(None) => return Err(self.changed()),
+                Err(error) => {
+                    return Err(ParquetError::General(format!(
+                        "cannot read {}: {error}",
+                        self.listed.location
+                    )));
+                }
+            },
+            None => self.read_from_store(ranges).await?,
+        };
+        self.bytes_scanned
+            .add(parts.iter().map(Bytes::len).sum::<usize>());
+        Ok(parts)
+    }
+
+    /// `ranges` read as the store reads several (one request each, or
+    /// coalesced), then the file looked up once more, so a version
+    /// replaced before or while they ran is seen (versions are told apart
+    /// by e-tag, or by modification time and size; a file only ever moves
+    /// on to new versions). A read that names the version itself (one
+    /// precondition per request) would cost a request more per range.
+    async fn read_from_store(
+        &mut self,
+        ranges: &[Range<u64>],
+    ) -> parquet::errors::Result<Vec<Bytes>> {
         let parts = self
             .store
             .get_ranges(&self.listed.location, ranges)
@@ -152,9 +203,67 @@ impl ListedVersionReader {
         if !same_version(&self.listed, &now) {
             return Err(self.changed());
         }
-        self.bytes_scanned
-            .add(parts.iter().map(Bytes::len).sum::<usize>());
         Ok(parts)
+    }
+}
+
+/// A file on the local file system, opened at its first read and kept
+/// open: every later read is of the file the first one opened, even if
+/// another is renamed over its path. Each batch of reads ends with a look
+/// at the open file's modification time and size, in the same trip to the
+/// blocking pool as the reads; they must still be the listing's, so a file
+/// replaced before it was opened, or written while it was open, is seen.
+/// Reading through the store would open the file for every batch and
+/// look it up by path in a second trip.
+struct LocalFile {
+    path: PathBuf,
+    open: Option<Arc<File>>,
+}
+
+impl LocalFile {
+    /// `ranges` of the file, or `None` if it is no longer the version
+    /// `listed`.
+    async fn read(
+        &mut self,
+        listed: &ObjectMeta,
+        ranges: &[Range<u64>],
+    ) -> std::io::Result<Option<Vec<Bytes>>> {
+        use std::os::unix::fs::FileExt;
+
+        let path = self.path.clone();
+        let open = self.open.clone();
+        let size = listed.size;
+        let modified = SystemTime::from(listed.last_modified);
+        let ranges = ranges.to_vec();
+        let read = tokio::task::spawn_blocking(move || {
+            let file = match open {
+                Some(file) => file,
+                None => match File::open(&path) {
+                    Ok(file) => Arc::new(file),
+                    Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
+                    Err(error) => return Err(error),
+                },
+            };
+            let parts: std::io::Result<Vec<Bytes>> = ranges
+                .into_iter()
+                .map(|range| {
+                    let mut part = vec![0; (range.end - range.start) as usize];
+                    file.read_exact_at(&mut part, range.start)?;
+                    Ok(Bytes::from(part))
+                })
+                .collect();
+            let now = file.metadata()?;
+            if now.len() != size || now.modified()? != modified {
+                return Ok(None);
+            }
+            Ok(Some((file, parts?)))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(read.map(|(file, parts)| {
+            self.open = Some(file);
+            parts
+        }))
     }
 }
 

@@ -27,6 +27,7 @@ use datafusion::datasource::physical_plan::{
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_expr::LexRequirement;
 use datafusion::physical_expr_common::sort_expr::LexOrdering;
@@ -455,13 +456,14 @@ impl FileFormat for DictionaryParquet {
                 }
             }
         }
+        let url = conf.object_store_url.clone();
         let plan = self.inner.create_physical_plan(state, conf).await?;
         if self.proof.is_none() {
             return Ok(plan);
         }
         // The conditions left out were shown over the versions listed: the
         // scan reads those versions or fails.
-        pinned_to_listed_versions(plan, store)
+        pinned_to_listed_versions(plan, store, &url)
     }
 
     async fn create_writer_physical_plan(
@@ -486,6 +488,7 @@ impl FileFormat for DictionaryParquet {
 fn pinned_to_listed_versions(
     plan: Arc<dyn ExecutionPlan>,
     store: Arc<dyn ObjectStore>,
+    url: &ObjectStoreUrl,
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let not_parquet = || DataFusionError::Internal("a Parquet scan was expected".into());
     let exec = plan
@@ -505,7 +508,7 @@ fn pinned_to_listed_versions(
         .ok_or_else(not_parquet)?;
     let source = source
         .clone()
-        .with_parquet_file_reader_factory(Arc::new(ListedVersionReaders::new(footers, store)));
+        .with_parquet_file_reader_factory(Arc::new(ListedVersionReaders::new(footers, store, url)));
     let config = FileScanConfigBuilder::from(config.clone())
         .with_source(Arc::new(source))
         .build();
@@ -588,10 +591,14 @@ mod tests {
         ctx: &SessionContext,
         dir: &std::path::Path,
     ) -> Arc<dyn TableProvider> {
-        let url = url::Url::from_directory_path(dir).expect("url");
+        open_at(ctx, &url::Url::from_directory_path(dir).expect("url")).await
+    }
+
+    /// The Parquet product whose files are at `url`.
+    pub(super) async fn open_at(ctx: &SessionContext, url: &url::Url) -> Arc<dyn TableProvider> {
         super::super::files::open_file_product(
             &ctx.state(),
-            &url,
+            url,
             FileFormat::Parquet,
             &CsvOptions::default(),
             &[],
@@ -754,7 +761,9 @@ mod shown_conditions {
 
     use datafusion::physical_plan::{collect, displayable};
 
-    use super::tests::{open, plan_on, run, run_on, write_file};
+    use object_store::local::LocalFileSystem;
+
+    use super::tests::{open, open_at, plan_on, run, run_on, write_file};
     use super::*;
 
     /// Writes `file` in `dir`: `id` over `ids`, `region` as `region(id)`
@@ -1037,15 +1046,36 @@ mod shown_conditions {
 
     #[tokio::test]
     async fn a_file_rewritten_after_its_condition_was_shown_fails_the_scan_that_left_it_out() {
-        let (dir, ctx) = regions();
-        let path = dir.path();
-        let people = open(&ctx, path).await;
+        // Files read from the local file system directly, and through an
+        // object store (here one over the same directory).
+        for through_a_store in [false, true] {
+            let (dir, ctx) = regions();
+            let url = if through_a_store {
+                let url = url::Url::parse("files://mesh/").expect("url");
+                let store = LocalFileSystem::new_with_prefix(dir.path()).expect("store");
+                ctx.runtime_env()
+                    .register_object_store(&url, Arc::new(store));
+                url
+            } else {
+                url::Url::from_directory_path(dir.path()).expect("url")
+            };
+            fails_on_rewritten_files(dir.path(), &ctx, open_at(&ctx, &url).await).await;
+        }
+    }
+
+    /// Shows a condition over `people`, whose files are in `path`, then
+    /// changes them under the scans that left it out.
+    async fn fails_on_rewritten_files(
+        path: &std::path::Path,
+        ctx: &SessionContext,
+        people: Arc<dyn TableProvider>,
+    ) {
         let not_hidden = col("region").not_eq(view("HIDDEN"));
         let sql = "SELECT id, region FROM people";
 
         // Planned over the versions listed, which hold no hidden row: the
         // condition is left out.
-        let plan = plan_on(&ctx, Arc::clone(&people), not_hidden.clone(), sql).await;
+        let plan = plan_on(ctx, Arc::clone(&people), not_hidden.clone(), sql).await;
         let text = displayable(plan.as_ref()).indent(true).to_string();
         assert!(!text.contains("HIDDEN"), "{text}");
 
@@ -1057,11 +1087,11 @@ mod shown_conditions {
             |id| Some(if id < 300 { "HIDDEN" } else { "EU" }),
             true,
         );
-        fails_as_changed(plan, &ctx, "a file changed since it was listed was read").await;
+        fails_as_changed(plan, ctx, "a file changed since it was listed was read").await;
 
         // Planned again, over the new version: the condition is checked and
         // no hidden row is returned.
-        let (ids, types, _) = run_on(&ctx, Arc::clone(&people), not_hidden, sql, "region").await;
+        let (ids, types, _) = run_on(ctx, Arc::clone(&people), not_hidden, sql, "region").await;
         assert_eq!(ids, (300..1000).collect::<Vec<_>>());
         assert_eq!(types.len(), 1);
 
@@ -1075,7 +1105,7 @@ mod shown_conditions {
             true,
         );
         let plan = plan_on(
-            &ctx,
+            ctx,
             Arc::clone(&people),
             col("region").not_eq(view("ZZ")),
             sql,
@@ -1090,7 +1120,7 @@ mod shown_conditions {
             true,
         );
         std::fs::rename(staged.path().join("a.parquet"), path.join("a.parquet")).expect("rename");
-        fails_as_changed(plan, &ctx, "a file replaced since it was listed was read").await;
+        fails_as_changed(plan, ctx, "a file replaced since it was listed was read").await;
     }
 
     #[tokio::test]
