@@ -66,10 +66,9 @@ impl ListedVersionReaders {
         store: Arc<dyn ObjectStore>,
         url: &ObjectStoreUrl,
     ) -> Self {
-        let local = url
-            .as_str()
-            .starts_with("file://")
-            .then(LocalFileSystem::new);
+        // Read directly where a file is read at an offset without a shared
+        // cursor (Unix); elsewhere through the store.
+        let local = (cfg!(unix) && url.as_str().starts_with("file://")).then(LocalFileSystem::new);
         Self {
             footers,
             store,
@@ -228,8 +227,6 @@ impl LocalFile {
         listed: &ObjectMeta,
         ranges: &[Range<u64>],
     ) -> std::io::Result<Option<Vec<Bytes>>> {
-        use std::os::unix::fs::FileExt;
-
         let path = self.path.clone();
         let open = self.open.clone();
         let size = listed.size;
@@ -248,7 +245,7 @@ impl LocalFile {
                 .into_iter()
                 .map(|range| {
                     let mut part = vec![0; (range.end - range.start) as usize];
-                    file.read_exact_at(&mut part, range.start)?;
+                    read_at(&file, &mut part, range.start)?;
                     Ok(Bytes::from(part))
                 })
                 .collect();
@@ -265,6 +262,19 @@ impl LocalFile {
             parts
         }))
     }
+}
+
+/// Fills `part` with the bytes of `file` from `offset`.
+#[cfg(unix)]
+fn read_at(file: &File, part: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, part, offset)
+}
+
+/// Not called: off Unix, local files are read through the store (see
+/// `ListedVersionReaders::new`).
+#[cfg(not(unix))]
+fn read_at(_: &File, _: &mut [u8], _: u64) -> std::io::Result<()> {
+    Err(ErrorKind::Unsupported.into())
 }
 
 /// Whether `now` describes the same version of a file as `listed`.
