@@ -59,10 +59,16 @@ pub(super) async fn read_listed(
 /// listed one, since the data reads would fail.
 pub(super) struct ListedVersionReaders {
     footers: Arc<dyn ParquetFileReaderFactory>,
-    store: Arc<dyn ObjectStore>,
-    /// Where `store` is the local file system, the paths of its files:
-    /// they are read directly (see `LocalFile`).
-    local: Option<LocalFileSystem>,
+    files: Files,
+}
+
+/// Where the data of the files is read from.
+enum Files {
+    /// The object store, each request naming the listed version.
+    Store(Arc<dyn ObjectStore>),
+    /// The local file system, directly (see `LocalFile`); the store's
+    /// paths are its paths.
+    Local(LocalFileSystem),
 }
 
 impl ListedVersionReaders {
@@ -74,12 +80,12 @@ impl ListedVersionReaders {
     ) -> Self {
         // Read directly where a file is read at an offset without a shared
         // cursor (Unix); elsewhere through the store.
-        let local = (cfg!(unix) && url.as_str().starts_with("file://")).then(LocalFileSystem::new);
-        Self {
-            footers,
-            store,
-            local,
-        }
+        let files = if cfg!(unix) && url.as_str().starts_with("file://") {
+            Files::Local(LocalFileSystem::new())
+        } else {
+            Files::Store(store)
+        };
+        Self { footers, files }
     }
 }
 
@@ -87,8 +93,7 @@ impl fmt::Debug for ListedVersionReaders {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ListedVersionReaders")
             .field("footers", &self.footers)
-            .field("store", &self.store.to_string())
-            .field("local", &self.local.is_some())
+            .field("local", &matches!(self.files, Files::Local(_)))
             .finish()
     }
 }
@@ -105,20 +110,19 @@ impl ParquetFileReaderFactory for ListedVersionReaders {
         let bytes_scanned = MetricBuilder::new(metrics)
             .with_new_label("filename", listed.location.to_string())
             .counter("bytes_scanned", partition_index);
-        let local = match &self.local {
-            Some(files) => Some(LocalFile {
+        let data = match &self.files {
+            Files::Store(store) => Data::Store(Arc::clone(store)),
+            Files::Local(files) => Data::Local(LocalFile {
                 path: files.path_to_filesystem(&listed.location)?,
                 open: None,
             }),
-            None => None,
         };
         let footer =
             self.footers
                 .create_reader(partition_index, file, metadata_size_hint, metrics)?;
         Ok(Box::new(ListedVersionReader {
             footer,
-            store: Arc::clone(&self.store),
-            local,
+            data,
             listed,
             bytes_scanned,
         }))
@@ -129,9 +133,7 @@ impl ParquetFileReaderFactory for ListedVersionReaders {
 /// listed version.
 struct ListedVersionReader {
     footer: Box<dyn AsyncFileReader + Send>,
-    store: Arc<dyn ObjectStore>,
-    /// The file itself, where it is on the local file system.
-    local: Option<LocalFile>,
+    data: Data,
     listed: ObjectMeta,
     bytes_scanned: Count,
 }
@@ -165,10 +167,14 @@ impl ListedVersionReader {
         ))
     }
 
-    /// `ranges` of the file, checked to be of the version listed.
+    /// `ranges` of the file, checked to be of the version listed. From a
+    /// store, nearby ranges are coalesced and some requests run in
+    /// parallel (as the store reads several), each naming the listed
+    /// version (`read_listed`): a version replaced before or while they
+    /// ran fails them, with no request more.
     async fn read(&mut self, ranges: &[Range<u64>]) -> parquet::errors::Result<Vec<Bytes>> {
-        let parts = match &mut self.local {
-            Some(file) => match file.read(&self.listed, ranges).await {
+        let parts = match &mut self.data {
+            Data::Local(file) => match file.read(&self.listed, ranges).await {
                 Ok(Some(parts)) => parts,
                 Ok(None) => return Err(self.changed()),
                 Err(error) => {
@@ -178,27 +184,24 @@ impl ListedVersionReader {
                     )));
                 }
             },
-            None => self.read_from_store(ranges).await?,
+            Data::Store(store) => {
+                let listed = &self.listed;
+                let read = |range| read_listed(store.as_ref(), listed, range);
+                coalesce_ranges(ranges, read, OBJECT_STORE_COALESCE_DEFAULT)
+                    .await
+                    .map_err(|e| self.error(e))?
+            }
         };
         self.bytes_scanned
             .add(parts.iter().map(Bytes::len).sum::<usize>());
         Ok(parts)
     }
+}
 
-    /// `ranges` read as the store reads several (nearby ranges coalesced,
-    /// some requests in parallel), each request naming the listed version
-    /// (`read_listed`), so a version replaced before or while they ran
-    /// fails them and no extra request is needed.
-    async fn read_from_store(
-        &mut self,
-        ranges: &[Range<u64>],
-    ) -> parquet::errors::Result<Vec<Bytes>> {
-        let (store, listed) = (&self.store, &self.listed);
-        let read = |range| read_listed(store.as_ref(), listed, range);
-        coalesce_ranges(ranges, read, OBJECT_STORE_COALESCE_DEFAULT)
-            .await
-            .map_err(|e| self.error(e))
-    }
+/// Where one file's data is read from (see [`Files`]).
+enum Data {
+    Store(Arc<dyn ObjectStore>),
+    Local(LocalFile),
 }
 
 /// A file on the local file system, opened at its first read and kept
