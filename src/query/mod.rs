@@ -2,6 +2,7 @@
 //! parameters, and execute it into a stream of wire-typed batches.
 
 mod guard;
+mod join_filters;
 mod session;
 mod stack;
 mod wire;

@@ -19,6 +19,8 @@ use crate::catalog::{CATALOG_NAME, Mesh, MeshCatalog, ReadLog};
 use crate::metrics::Metrics;
 use crate::sources::{SourcePlanner, SourcePushdown};
 
+use super::join_filters::SelectiveJoinFilters;
+
 /// The schema unqualified names resolve in; it holds no products, so every
 /// product is named `domain.product` (or `mesh.domain.product`).
 const DEFAULT_SCHEMA: &str = "public";
@@ -45,6 +47,13 @@ pub fn engine_config() -> SessionConfig {
     // within √2 of the real one): the margin keeps the TPC-H build sides that
     // fit without policies (up to 9.6 MB) fitting with them.
     options.optimizer.hash_join_single_partition_threshold = 16 * 1024 * 1024;
+    // A build side of up to 4096 distinct keys hands the probe side's scan
+    // its keys as a list (rather than its hash table), which the scan can
+    // judge and, when sparse, evaluate while decoding (`join_filters`).
+    options
+        .optimizer
+        .hash_join_inlist_pushdown_max_distinct_values = 4096;
+    options.optimizer.hash_join_inlist_pushdown_max_size = 1024 * 1024;
     config
 }
 
@@ -66,6 +75,7 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
         .with_runtime_env(runtime)
         .with_default_features()
         .with_optimizer_rule(Arc::new(SourcePushdown))
+        .with_physical_optimizer_rule(Arc::new(SelectiveJoinFilters))
         .with_query_planner(Arc::new(SourcePlanner))
         .build()
 }
