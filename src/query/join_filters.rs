@@ -103,15 +103,6 @@ pub(super) struct JoinFilteredScan {
     /// The scan as planned: batches decoded whole, dynamic filters used for
     /// pruning only.
     scan: Arc<dyn ExecutionPlan>,
-    config: FileScanConfig,
-    source: ParquetSource,
-    /// The planned predicate's conjuncts other than dynamic filters, kept
-    /// in every variant.
-    fixed: Vec<Arc<dyn PhysicalExpr>>,
-    /// The dynamic filters of hash joins ([`DynamicFilterPhysicalExpr`]).
-    /// Other dynamic filters (a TopK's, an aggregate's) are left out of the
-    /// variant that checks keys while decoding.
-    joins: Vec<Arc<dyn PhysicalExpr>>,
     /// The identities of the plan's join filters.
     join_ids: Arc<HashSet<u64>>,
     /// The scan chosen at the first poll of any partition. Every partition
@@ -124,36 +115,9 @@ impl JoinFilteredScan {
     /// `node` wrapped, if it is a Parquet scan decoding whole batches whose
     /// predicate holds at least one of the join filters `join_ids` names.
     fn over(node: &Arc<dyn ExecutionPlan>, join_ids: &Arc<HashSet<u64>>) -> Option<Self> {
-        let exec = node.downcast_ref::<DataSourceExec>()?;
-        let config = exec.data_source().downcast_ref::<FileScanConfig>()?;
-        let source = config.file_source().downcast_ref::<ParquetSource>()?;
-        if source.table_parquet_options().global.pushdown_filters {
-            return None;
-        }
-        let predicate = source.filter()?;
-        let (mut fixed, mut joins) = (Vec::new(), Vec::new());
-        for conjunct in split_conjunction(&predicate) {
-            if conjunct
-                .downcast_ref::<DynamicFilterPhysicalExpr>()
-                .is_none()
-            {
-                fixed.push(Arc::clone(conjunct));
-            } else if conjunct
-                .expression_id()
-                .is_some_and(|id| join_ids.contains(&id))
-            {
-                joins.push(Arc::clone(conjunct));
-            }
-        }
-        if joins.is_empty() {
-            return None;
-        }
-        Some(Self {
+        let (_, source) = batch_parquet_scan(node)?;
+        (!conjuncts(source, join_ids).joins.is_empty()).then(|| Self {
             scan: Arc::clone(node),
-            config: config.clone(),
-            source: source.clone(),
-            fixed,
-            joins,
             join_ids: Arc::clone(join_ids),
             chosen: Arc::default(),
         })
@@ -173,12 +137,6 @@ impl JoinFilteredScan {
         ))
     }
 
-    fn join_filters(&self) -> impl Iterator<Item = &DynamicFilterPhysicalExpr> {
-        self.joins
-            .iter()
-            .filter_map(|filter| filter.downcast_ref::<DynamicFilterPhysicalExpr>())
-    }
-
     /// The scan every partition runs, chosen at the first call.
     fn chosen(&self) -> Result<Arc<dyn ExecutionPlan>> {
         if let Some(scan) = self.chosen.get() {
@@ -191,8 +149,15 @@ impl JoinFilteredScan {
     /// The scan to run now: with the sparse key lists of the join filters
     /// that are final evaluated row by row, or as planned when none is.
     fn choose(&self) -> Result<Arc<dyn ExecutionPlan>> {
+        let Some((config, source)) = batch_parquet_scan(&self.scan) else {
+            return Ok(Arc::clone(&self.scan));
+        };
+        let Conjuncts { joins, fixed } = conjuncts(source, &self.join_ids);
         let mut selective = Vec::new();
-        for filter in self.join_filters() {
+        let joins = joins
+            .iter()
+            .filter_map(|filter| filter.downcast_ref::<DynamicFilterPhysicalExpr>());
+        for filter in joins {
             // A filter not final yet is left to prune what it can.
             if filter.wait_complete().now_or_never().is_none() {
                 continue;
@@ -205,18 +170,59 @@ impl JoinFilteredScan {
             return Ok(Arc::clone(&self.scan));
         }
         // The key lists first: the scan's own conjuncts are then evaluated
-        // only on the rows they keep.
-        let predicate = conjunction(selective.into_iter().chain(self.fixed.iter().cloned()));
-        let source = self
-            .source
+        // only on the rows they keep. Other dynamic filters are left out.
+        let predicate = conjunction(selective.into_iter().chain(fixed));
+        let source = source
             .clone()
             .with_pushdown_filters(true)
             .with_predicate(predicate);
-        let config = FileScanConfigBuilder::from(self.config.clone())
+        let config = FileScanConfigBuilder::from(config.clone())
             .with_source(Arc::new(source))
             .build();
         Ok(DataSourceExec::from_data_source(config))
     }
+}
+
+/// The configuration and source of `node`, if it is a Parquet scan that
+/// decodes whole batches.
+fn batch_parquet_scan(node: &Arc<dyn ExecutionPlan>) -> Option<(&FileScanConfig, &ParquetSource)> {
+    let exec = node.downcast_ref::<DataSourceExec>()?;
+    let config = exec.data_source().downcast_ref::<FileScanConfig>()?;
+    let source = config.file_source().downcast_ref::<ParquetSource>()?;
+    (!source.table_parquet_options().global.pushdown_filters).then_some((config, source))
+}
+
+/// A scan predicate's conjuncts, sorted (a TopK's or an aggregate's
+/// dynamic filter is in neither list).
+#[derive(Default)]
+struct Conjuncts {
+    /// The join filters ([`DynamicFilterPhysicalExpr`]s).
+    joins: Vec<Arc<dyn PhysicalExpr>>,
+    /// The conjuncts that are not dynamic filters.
+    fixed: Vec<Arc<dyn PhysicalExpr>>,
+}
+
+/// The conjuncts of `source`'s predicate, with the join filters `join_ids`
+/// names.
+fn conjuncts(source: &ParquetSource, join_ids: &HashSet<u64>) -> Conjuncts {
+    let mut conjuncts = Conjuncts::default();
+    let Some(predicate) = source.filter() else {
+        return conjuncts;
+    };
+    for conjunct in split_conjunction(&predicate) {
+        if conjunct
+            .downcast_ref::<DynamicFilterPhysicalExpr>()
+            .is_none()
+        {
+            conjuncts.fixed.push(Arc::clone(conjunct));
+        } else if conjunct
+            .expression_id()
+            .is_some_and(|id| join_ids.contains(&id))
+        {
+            conjuncts.joins.push(Arc::clone(conjunct));
+        }
+    }
+    conjuncts
 }
 
 impl DisplayAs for JoinFilteredScan {
@@ -288,10 +294,6 @@ impl ExecutionPlan for JoinFilteredScan {
             self.scan.schema(),
             chosen.try_flatten(),
         )))
-    }
-
-    fn metrics(&self) -> Option<datafusion::physical_plan::metrics::MetricsSet> {
-        None
     }
 }
 
@@ -526,8 +528,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_key_list_sparse_among_the_probe_keys_is_evaluated_while_decoding_and_a_dense_one_is_not()
-     {
+    async fn sparse_key_lists_are_checked_while_decoding_and_dense_ones_are_not() {
         let dir = tempfile::tempdir().expect("tempdir");
         // Keys scattered so that every row group spans nearly all of them.
         write(
@@ -551,29 +552,16 @@ mod tests {
                 (keys.len() as i64 * per_key, sum)
             };
 
-            let (count, sum, row_level) = join(&ctx, "sparse").await;
-            assert_eq!(
-                (count, sum),
-                expected(sparse.clone().collect()),
-                "collect_left {collect_left}"
-            );
-            assert!(row_level, "collect_left {collect_left}");
-
-            let (count, sum, row_level) = join(&ctx, "narrow").await;
-            assert_eq!(
-                (count, sum),
-                expected(narrow.clone().collect()),
-                "collect_left {collect_left}"
-            );
-            assert!(row_level, "collect_left {collect_left}");
-
-            let (count, sum, row_level) = join(&ctx, "dense").await;
-            assert_eq!(
-                (count, sum),
-                expected(dense.clone().collect()),
-                "collect_left {collect_left}"
-            );
-            assert!(!row_level, "collect_left {collect_left}");
+            for (dimension, keys, checked) in [
+                ("sparse", sparse.clone().collect(), true),
+                ("narrow", narrow.clone().collect(), true),
+                ("dense", dense.clone().collect(), false),
+            ] {
+                let (count, sum, row_level) = join(&ctx, dimension).await;
+                let case = format!("{dimension}, collect_left {collect_left}");
+                assert_eq!((count, sum), expected(keys), "{case}");
+                assert_eq!(row_level, checked, "{case}");
+            }
         }
     }
 
