@@ -527,23 +527,48 @@ mod tests {
         (column(0), column(1), row_level[0])
     }
 
+    /// The keys of the three dimension tables.
+    struct Dimensions {
+        sparse: Vec<i64>,
+        narrow: Vec<i64>,
+        dense: Vec<i64>,
+    }
+
+    /// Writes the fact file and the three dimension files into `dir`.
+    fn write_tables(dir: &std::path::Path) -> Dimensions {
+        // Keys scattered so that every row group spans nearly all of them.
+        write(
+            &dir.join("facts.parquet"),
+            (0..FACTS).map(|i| i * 7919 % KEYS),
+        );
+        let dimensions = Dimensions {
+            // 20 keys: 0.25% of the facts' keys.
+            sparse: (0..20).map(|i| i * 397 + 7).collect(),
+            // 10 keys in a row: no gap between them, but 0.125% of the facts'.
+            narrow: (100..110).collect(),
+            // 2000 keys in a row: a quarter of the facts' keys.
+            dense: (3000..5000).collect(),
+        };
+        write(
+            &dir.join("sparse.parquet"),
+            dimensions.sparse.iter().copied(),
+        );
+        write(
+            &dir.join("narrow.parquet"),
+            dimensions.narrow.iter().copied(),
+        );
+        write(&dir.join("dense.parquet"), dimensions.dense.iter().copied());
+        dimensions
+    }
+
     #[tokio::test]
     async fn sparse_key_lists_are_checked_while_decoding_and_dense_ones_are_not() {
         let dir = tempfile::tempdir().expect("tempdir");
-        // Keys scattered so that every row group spans nearly all of them.
-        write(
-            &dir.path().join("facts.parquet"),
-            (0..FACTS).map(|i| i * 7919 % KEYS),
-        );
-        // 20 keys: 0.25% of the facts' keys.
-        let sparse = (0..20).map(|i| i * 397 + 7);
-        write(&dir.path().join("sparse.parquet"), sparse.clone());
-        // 10 keys in a row: no gap between them, but 0.125% of the facts'.
-        let narrow = 100..110;
-        write(&dir.path().join("narrow.parquet"), narrow.clone());
-        // 2000 keys in a row: a quarter of the facts' keys.
-        let dense = 3000..5000;
-        write(&dir.path().join("dense.parquet"), dense.clone());
+        let Dimensions {
+            sparse,
+            narrow,
+            dense,
+        } = write_tables(dir.path());
         for collect_left in [true, false] {
             let ctx = session(dir.path(), collect_left).await;
             let per_key = FACTS / KEYS;
@@ -553,9 +578,9 @@ mod tests {
             };
 
             for (dimension, keys, checked) in [
-                ("sparse", sparse.clone().collect(), true),
-                ("narrow", narrow.clone().collect(), true),
-                ("dense", dense.clone().collect(), false),
+                ("sparse", sparse.clone(), true),
+                ("narrow", narrow.clone(), true),
+                ("dense", dense.clone(), false),
             ] {
                 let (count, sum, row_level) = join(&ctx, dimension).await;
                 let case = format!("{dimension}, collect_left {collect_left}");
@@ -568,16 +593,7 @@ mod tests {
     #[tokio::test]
     async fn answers_are_the_same_with_the_choice_and_without() {
         let dir = tempfile::tempdir().expect("tempdir");
-        write(
-            &dir.path().join("facts.parquet"),
-            (0..FACTS).map(|i| i * 7919 % KEYS),
-        );
-        write(
-            &dir.path().join("sparse.parquet"),
-            (0..20).map(|i| i * 397 + 7),
-        );
-        write(&dir.path().join("narrow.parquet"), 100..110);
-        write(&dir.path().join("dense.parquet"), 3000..5000);
+        write_tables(dir.path());
         let queries = [
             // A TopK's dynamic filter beside the join's.
             "SELECT f.key, f.value FROM facts f JOIN sparse s ON f.key = s.key \
