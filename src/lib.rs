@@ -23,6 +23,7 @@
 //! flight    FlightData stream with one schema, equal to FlightInfo's
 //! ```
 
+pub mod allocator;
 pub mod api;
 pub mod audit;
 pub mod auth;

@@ -124,6 +124,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    meshgate::allocator::reset_purged_pages();
     let cli = Cli::parse();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
