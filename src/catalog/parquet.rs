@@ -8,12 +8,13 @@
 //! `PolicyTable::scan`); every other read sees the product's own types.
 
 use std::any::Any;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arrow::datatypes::{Field, Fields, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::stats::Precision;
 use datafusion::common::{Statistics, TableReference};
 use datafusion::config::TableParquetOptions;
 use datafusion::datasource::file_format::FileFormat;
@@ -40,7 +41,7 @@ use parquet::file::metadata::ParquetMetaData;
 use super::files::listing_table;
 use super::listed_version::ListedVersionReaders;
 use super::stored_values::{
-    Condition, StoredValues, is_dictionary_encoded, is_string, top_level_leaf,
+    Condition, StoredValues, dictionary_len, is_dictionary_encoded, is_string, top_level_leaf,
 };
 use crate::policy::{DictionaryScan, ScanRequest, WhereTrue, dictionary_type};
 
@@ -58,6 +59,10 @@ pub(crate) struct ParquetProduct {
     /// be hashed back into one, row by row). Files written since may differ;
     /// they are read correctly either way.
     dictionary_encoded: BTreeSet<usize>,
+    /// How many distinct values each of those columns holds, as the files'
+    /// dictionary pages tell (when they are small): what the planner
+    /// estimates an equality's selectivity from (see `query::selectivity`).
+    distinct_counts: BTreeMap<usize, usize>,
     /// What the files show of their columns' values.
     values: StoredValues,
     /// Conditions recently not shown true for every row: not tried again
@@ -79,7 +84,7 @@ impl ParquetProduct {
         options: TableParquetOptions,
         extension: &str,
     ) -> Self {
-        let dictionary_encoded =
+        let (dictionary_encoded, distinct_counts) =
             dictionary_encoded_columns(state, &url, extension, &table.schema())
                 .await
                 .unwrap_or_default();
@@ -89,6 +94,7 @@ impl ParquetProduct {
             options,
             extension: extension.to_string(),
             dictionary_encoded,
+            distinct_counts,
             values: StoredValues::new(),
             not_shown: moka::sync::Cache::builder()
                 .max_capacity(10_000)
@@ -113,10 +119,11 @@ impl ParquetProduct {
             .copied()
             .collect();
         if chosen.is_empty() && proof.is_none() {
-            return self
+            let plan = self
                 .table
                 .scan(state, projection, &request.filters, request.limit)
-                .await;
+                .await?;
+            return Ok(with_distinct_counts(plan, &self.distinct_counts));
         }
         let schema = self.table.schema();
         let fields: Fields = schema
@@ -147,10 +154,43 @@ impl ParquetProduct {
         };
         let options =
             ListingOptions::new(Arc::new(format)).with_file_extension(self.extension.clone());
-        listing_table(state, url, options, schema)?
+        let plan = listing_table(state, url, options, schema)?
             .scan(state, projection, &request.filters, request.limit)
-            .await
+            .await?;
+        Ok(with_distinct_counts(plan, &self.distinct_counts))
     }
+}
+
+/// `plan`, a scan of the product's files, with the distinct counts of the
+/// columns in `counts` (by index in the product's schema) among its
+/// statistics where they have none.
+fn with_distinct_counts(
+    plan: Arc<dyn ExecutionPlan>,
+    counts: &BTreeMap<usize, usize>,
+) -> Arc<dyn ExecutionPlan> {
+    let Some(config) = plan
+        .downcast_ref::<DataSourceExec>()
+        .and_then(|exec| exec.data_source().downcast_ref::<FileScanConfig>())
+    else {
+        return plan;
+    };
+    let mut statistics = config.statistics();
+    let mut added = false;
+    for (&index, &count) in counts {
+        if let Some(column) = statistics.column_statistics.get_mut(index)
+            && column.distinct_count == Precision::Absent
+        {
+            column.distinct_count = Precision::Inexact(count);
+            added = true;
+        }
+    }
+    if !added {
+        return plan;
+    }
+    let config = FileScanConfigBuilder::from(config.clone())
+        .with_statistics(statistics)
+        .build();
+    DataSourceExec::from_data_source(config)
 }
 
 /// Conditions a scan leaves out, to be shown true for every row of every
@@ -248,18 +288,21 @@ impl TableProvider for ParquetProduct {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        self.table.scan(state, projection, filters, limit).await
+        let plan = self.table.scan(state, projection, filters, limit).await?;
+        Ok(with_distinct_counts(plan, &self.distinct_counts))
     }
 }
 
 /// The columns of `schema` that hold strings and are stored
-/// dictionary-encoded in every row group of every file at `url`.
+/// dictionary-encoded in every row group of every file at `url`, and of
+/// those, how many distinct values each holds, estimated from the
+/// dictionary pages of the first files (when every one read is small).
 async fn dictionary_encoded_columns(
     state: &dyn Session,
     url: &ListingTableUrl,
     extension: &str,
     schema: &Schema,
-) -> Result<BTreeSet<usize>> {
+) -> Result<(BTreeSet<usize>, BTreeMap<usize, usize>)> {
     let mut candidates: BTreeSet<usize> = schema
         .fields()
         .iter()
@@ -267,6 +310,11 @@ async fn dictionary_encoded_columns(
         .filter(|(_, field)| is_string(field.data_type()))
         .map(|(index, _)| index)
         .collect();
+    // For each candidate, the (distinct values, rows) of each row group read.
+    let mut counted: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+    let mut rows = 0;
+    let mut counted_rows = 0;
+    let mut files_counted = 0;
     let store = state.runtime_env().object_store(url)?;
     let mut files = url.list_all_files(state, store.as_ref(), extension).await?;
     while let Some(file) = files.try_next().await? {
@@ -275,17 +323,69 @@ async fn dictionary_encoded_columns(
         }
         let metadata = footer(state, store.as_ref(), &file).await?;
         let columns = metadata.file_metadata().schema_descr();
+        let file_rows = usize::try_from(metadata.file_metadata().num_rows()).unwrap_or(0);
+        rows += file_rows;
+        let mut leaves = BTreeMap::new();
         candidates.retain(|&index| {
             let Some(leaf) = top_level_leaf(columns, schema.field(index).name()) else {
                 return false;
             };
+            leaves.insert(index, leaf);
             metadata
                 .row_groups()
                 .iter()
                 .all(|row_group| is_dictionary_encoded(row_group.column(leaf)))
         });
+        if files_counted == FILES_COUNTED {
+            continue;
+        }
+        files_counted += 1;
+        counted_rows += file_rows;
+        for &index in &candidates {
+            for row_group in metadata.row_groups() {
+                let chunk = row_group.column(leaves[&index]);
+                let count = dictionary_len(store.as_ref(), &file, chunk).await?;
+                let group_rows = usize::try_from(row_group.num_rows()).unwrap_or(0);
+                let entry = counted.entry(index).or_default();
+                match count {
+                    Some(count) => entry.push((count, group_rows)),
+                    // Not counted: the column has no estimate.
+                    None => entry.push((usize::MAX, group_rows)),
+                }
+            }
+        }
     }
-    Ok(candidates)
+    let distinct = counted
+        .into_iter()
+        .filter(|(index, _)| candidates.contains(index))
+        .filter_map(|(index, groups)| {
+            distinct_estimate(&groups, counted_rows, rows).map(|count| (index, count))
+        })
+        .collect();
+    Ok((candidates, distinct))
+}
+
+/// The files whose dictionary pages are read to count distinct values.
+const FILES_COUNTED: usize = 8;
+
+/// A column's distinct count from its row groups' (distinct values, rows),
+/// read over `counted_rows` of the product's `rows`: a column whose values
+/// repeat within each row group is taken to hold the same values in each
+/// (the most any holds); one whose values hardly repeat, different values
+/// in each (their sum, scaled to all rows).
+fn distinct_estimate(groups: &[(usize, usize)], counted_rows: usize, rows: usize) -> Option<usize> {
+    if groups.is_empty() || groups.iter().any(|&(count, _)| count == usize::MAX) {
+        return None;
+    }
+    let repeats = groups
+        .iter()
+        .all(|&(count, group_rows)| count.saturating_mul(2) <= group_rows);
+    if repeats {
+        return groups.iter().map(|&(count, _)| count).max();
+    }
+    let sum: usize = groups.iter().map(|&(count, _)| count).sum();
+    let scaled = (sum as f64) * (rows as f64) / (counted_rows.max(1) as f64);
+    Some((scaled as usize).clamp(1, rows.max(1)))
 }
 
 /// A file's footer, through the runtime's metadata cache (the cache scans
@@ -526,6 +626,9 @@ mod tests {
     use parquet::arrow::ArrowWriter;
     use parquet::file::properties::WriterProperties;
 
+    use datafusion::catalog::CatalogProvider;
+    use datafusion::physical_plan::statistics::{StatisticsArgs, StatisticsContext};
+
     use super::*;
     use crate::config::{CsvOptions, FileFormat};
     use crate::policy::{CallerProductView, PolicyTable};
@@ -656,6 +759,97 @@ mod tests {
             .create_physical_plan()
             .await
             .expect("physical plan")
+    }
+
+    /// The rows the planner expects out of `sql` over `product`, planned
+    /// with meshgate's settings and rules, behind a barrier when `barrier`.
+    async fn estimated_rows(product: &Arc<dyn TableProvider>, sql: &str, barrier: bool) -> usize {
+        let runtime = Arc::new(datafusion::execution::runtime_env::RuntimeEnv::default());
+        let ctx = SessionContext::new_with_state(crate::query::base_session_state(runtime));
+        let catalog = Arc::new(datafusion::catalog::MemoryCatalogProvider::new());
+        catalog
+            .register_schema(
+                "public",
+                Arc::new(datafusion::catalog::MemorySchemaProvider::new()),
+            )
+            .expect("schema");
+        ctx.register_catalog(crate::catalog::CATALOG_NAME, catalog);
+        let plan = if barrier {
+            plan_on(&ctx, Arc::clone(product), lit(true), sql).await
+        } else {
+            ctx.register_table("people", Arc::clone(product))
+                .expect("register");
+            ctx.sql(sql)
+                .await
+                .expect("plan")
+                .create_physical_plan()
+                .await
+                .expect("physical plan")
+        };
+        let statistics = StatisticsContext::new()
+            .compute(plan.as_ref(), &StatisticsArgs::new())
+            .expect("statistics");
+        let plan = displayable(plan.as_ref()).indent(true);
+        *statistics
+            .num_rows
+            .get_value()
+            .unwrap_or_else(|| panic!("no row estimate for\n{plan}"))
+    }
+
+    #[tokio::test]
+    async fn string_columns_count_their_distinct_values_from_dictionary_pages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_people(dir.path());
+        let ctx = SessionContext::new();
+        let product = open(&ctx, dir.path()).await;
+        let plan = product
+            .scan(&ctx.state(), None, &[], None)
+            .await
+            .expect("scan");
+        let statistics = StatisticsContext::new()
+            .compute(plan.as_ref(), &StatisticsArgs::new())
+            .expect("statistics");
+        let distinct: Vec<_> = statistics
+            .column_statistics
+            .iter()
+            .map(|column| column.distinct_count)
+            .collect();
+        // `id` is no string; `region` holds 3 values (and NULL) in every
+        // row group; `note` is stored without a dictionary.
+        assert_eq!(
+            distinct,
+            [Precision::Absent, Precision::Inexact(3), Precision::Absent]
+        );
+
+        // 1 000 rows; an equality passes one value in 3, a list of two 2 in
+        // 3, its negation 1 in 3; with a condition on `note`, which has no
+        // count, that one is taken to pass 20%; conditions on one column
+        // pass different rows, on two, independent ones. Behind a barrier, the
+        // estimate leaves it rounded to a power of two.
+        for (condition, open, behind_barrier) in [
+            ("region = 'EU'", 330, 256),
+            ("region IN ('EU', 'US')", 670, 512),
+            // (Each `<>` is taken as independent of the other.)
+            ("region NOT IN ('EU', 'US')", 440, 512),
+            ("region <> 'EU'", 670, 512),
+            ("region = 'EU' OR region = 'US'", 670, 512),
+            ("region = 'EU' OR note = 'note 1'", 200, 256),
+            ("region = 'EU' AND note LIKE 'note 1%'", 70, 64),
+            // Nothing to estimate from: DataFusion's 20%.
+            ("note = 'note 1'", 200, 256),
+        ] {
+            let sql = format!("SELECT id FROM people WHERE {condition}");
+            assert_eq!(
+                estimated_rows(&product, &sql, false).await,
+                open,
+                "{condition}"
+            );
+            assert_eq!(
+                estimated_rows(&product, &sql, true).await,
+                behind_barrier,
+                "{condition} behind a barrier"
+            );
+        }
     }
 
     /// The ids of `write_people` whose region `keep` accepts.

@@ -379,6 +379,26 @@ async fn dictionary_values(
     Ok(Some(Shown::Values(Arc::new(StringArray::from(strings)))))
 }
 
+/// The largest dictionary page read only to count its values.
+const MOST_COUNTED_DICTIONARY_BYTES: u64 = 256 << 10;
+
+/// How many values the dictionary page of a column chunk stored
+/// dictionary-encoded in every data page holds (its distinct values), when
+/// the page is small enough to be worth reading for that; `None` otherwise.
+pub(super) async fn dictionary_len(
+    store: &dyn ObjectStore,
+    file: &ObjectMeta,
+    chunk: &ColumnChunkMetaData,
+) -> Result<Option<usize>> {
+    let (start, _) = chunk.byte_range();
+    let small = u64::try_from(chunk.data_page_offset())
+        .is_ok_and(|end| end.saturating_sub(start) <= MOST_COUNTED_DICTIONARY_BYTES);
+    if !is_dictionary_encoded(chunk) || !small {
+        return Ok(None);
+    }
+    Ok(Some(dictionary(store, file, chunk).await?.len()))
+}
+
 /// The values of a column chunk's dictionary page, read from the file
 /// version the listing saw (a file changed since is an error).
 async fn dictionary(

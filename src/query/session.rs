@@ -12,6 +12,8 @@ use datafusion::execution::memory_pool::{
     FairSpillPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation, TrackConsumersPool,
 };
 use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::auth::CallerIdentity;
@@ -20,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::sources::{SourcePlanner, SourcePushdown};
 
 use super::join_filters::SelectiveJoinFilters;
+use super::selectivity::StringFilterSelectivity;
 
 /// The schema unqualified names resolve in; it holds no products, so every
 /// product is named `domain.product` (or `mesh.domain.product`).
@@ -80,9 +83,23 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
         .with_runtime_env(runtime)
         .with_default_features()
         .with_optimizer_rule(Arc::new(SourcePushdown))
-        .with_physical_optimizer_rule(Arc::new(SelectiveJoinFilters))
+        .with_physical_optimizer_rules(physical_optimizer_rules())
         .with_query_planner(Arc::new(SourcePlanner))
         .build()
+}
+
+/// DataFusion's physical optimizer rules, with filters on strings given a
+/// selectivity before joins are chosen, and join filters chosen at run time
+/// once the joins have pushed them down.
+fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
+    let mut rules = PhysicalOptimizer::new().rules;
+    let join_selection = rules
+        .iter()
+        .position(|rule| rule.name() == "join_selection")
+        .unwrap_or(0);
+    rules.insert(join_selection, Arc::new(StringFilterSelectivity));
+    rules.push(Arc::new(SelectiveJoinFilters));
+    rules
 }
 
 /// The runtime of one query: the mesh's object stores, caches and spill
