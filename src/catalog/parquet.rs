@@ -296,7 +296,7 @@ impl TableProvider for ParquetProduct {
 /// The columns of `schema` that hold strings and are stored
 /// dictionary-encoded in every row group of every file at `url`, and of
 /// those, how many distinct values each holds, estimated from the
-/// dictionary pages of the first files (when every one read is small).
+/// dictionary pages of the first row groups (when every one read is small).
 async fn dictionary_encoded_columns(
     state: &dyn Session,
     url: &ListingTableUrl,
@@ -310,11 +310,12 @@ async fn dictionary_encoded_columns(
         .filter(|(_, field)| is_string(field.data_type()))
         .map(|(index, _)| index)
         .collect();
-    // For each candidate, the (distinct values, rows) of each row group read.
-    let mut counted: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+    // For each candidate, the (distinct values, rows) of each row group
+    // counted; `None` once one could not be counted.
+    let mut counted: BTreeMap<usize, Option<Vec<(usize, usize)>>> = BTreeMap::new();
     let mut rows = 0;
     let mut counted_rows = 0;
-    let mut files_counted = 0;
+    let mut groups_counted = 0;
     let store = state.runtime_env().object_store(url)?;
     let mut files = url.list_all_files(state, store.as_ref(), extension).await?;
     while let Some(file) = files.try_next().await? {
@@ -323,8 +324,7 @@ async fn dictionary_encoded_columns(
         }
         let metadata = footer(state, store.as_ref(), &file).await?;
         let columns = metadata.file_metadata().schema_descr();
-        let file_rows = usize::try_from(metadata.file_metadata().num_rows()).unwrap_or(0);
-        rows += file_rows;
+        rows += usize::try_from(metadata.file_metadata().num_rows()).unwrap_or(0);
         let mut leaves = BTreeMap::new();
         candidates.retain(|&index| {
             let Some(leaf) = top_level_leaf(columns, schema.field(index).name()) else {
@@ -336,21 +336,24 @@ async fn dictionary_encoded_columns(
                 .iter()
                 .all(|row_group| is_dictionary_encoded(row_group.column(leaf)))
         });
-        if files_counted == FILES_COUNTED {
-            continue;
-        }
-        files_counted += 1;
-        counted_rows += file_rows;
-        for &index in &candidates {
-            for row_group in metadata.row_groups() {
+        for row_group in metadata.row_groups() {
+            if groups_counted == ROW_GROUPS_COUNTED {
+                break;
+            }
+            groups_counted += 1;
+            let group_rows = usize::try_from(row_group.num_rows()).unwrap_or(0);
+            counted_rows += group_rows;
+            for &index in &candidates {
+                let entry = counted.entry(index).or_insert_with(|| Some(Vec::new()));
+                let Some(groups) = entry else {
+                    continue;
+                };
                 let chunk = row_group.column(leaves[&index]);
-                let count = dictionary_len(store.as_ref(), &file, chunk).await?;
-                let group_rows = usize::try_from(row_group.num_rows()).unwrap_or(0);
-                let entry = counted.entry(index).or_default();
-                match count {
-                    Some(count) => entry.push((count, group_rows)),
-                    // Not counted: the column has no estimate.
-                    None => entry.push((usize::MAX, group_rows)),
+                // A page too large to count, or one that cannot be read,
+                // leaves the column without an estimate.
+                match dictionary_len(store.as_ref(), &file, chunk).await {
+                    Ok(Some(count)) => groups.push((count, group_rows)),
+                    Ok(None) | Err(_) => *entry = None,
                 }
             }
         }
@@ -359,14 +362,16 @@ async fn dictionary_encoded_columns(
         .into_iter()
         .filter(|(index, _)| candidates.contains(index))
         .filter_map(|(index, groups)| {
-            distinct_estimate(&groups, counted_rows, rows).map(|count| (index, count))
+            let count = distinct_estimate(&groups?, counted_rows, rows)?;
+            Some((index, count))
         })
         .collect();
     Ok((candidates, distinct))
 }
 
-/// The files whose dictionary pages are read to count distinct values.
-const FILES_COUNTED: usize = 8;
+/// The row groups (the first ones listed) whose dictionary pages are read
+/// to count distinct values.
+const ROW_GROUPS_COUNTED: usize = 16;
 
 /// A column's distinct count from its row groups' (distinct values, rows),
 /// read over `counted_rows` of the product's `rows`: a column whose values
@@ -374,14 +379,12 @@ const FILES_COUNTED: usize = 8;
 /// (the most any holds); one whose values hardly repeat, different values
 /// in each (their sum, scaled to all rows).
 fn distinct_estimate(groups: &[(usize, usize)], counted_rows: usize, rows: usize) -> Option<usize> {
-    if groups.is_empty() || groups.iter().any(|&(count, _)| count == usize::MAX) {
-        return None;
-    }
+    let most = groups.iter().map(|&(count, _)| count).max()?;
     let repeats = groups
         .iter()
         .all(|&(count, group_rows)| count.saturating_mul(2) <= group_rows);
     if repeats {
-        return groups.iter().map(|&(count, _)| count).max();
+        return Some(most);
     }
     let sum: usize = groups.iter().map(|&(count, _)| count).sum();
     let scaled = (sum as f64) * (rows as f64) / (counted_rows.max(1) as f64);
@@ -850,6 +853,24 @@ mod tests {
                 "{condition} behind a barrier"
             );
         }
+    }
+
+    #[test]
+    fn distinct_counts_repeat_across_row_groups_or_add_up() {
+        // Values repeating within each row group: the same ones in each.
+        assert_eq!(
+            distinct_estimate(&[(3, 128), (3, 128), (2, 100)], 356, 1000),
+            Some(3)
+        );
+        // Values hardly repeating: different ones in each, scaled from the
+        // rows counted to all.
+        assert_eq!(
+            distinct_estimate(&[(128, 128), (100, 128)], 256, 1024),
+            Some(912)
+        );
+        // Never more than the rows.
+        assert_eq!(distinct_estimate(&[(128, 128)], 128, 100), Some(100));
+        assert_eq!(distinct_estimate(&[], 0, 1000), None);
     }
 
     /// The ids of `write_people` whose region `keep` accepts.
