@@ -56,8 +56,12 @@ impl PhysicalOptimizerRule for StringFilterSelectivity {
             if check_support(filter.predicate(), &input.schema()) {
                 return Ok(Transformed::no(node));
             }
-            let statistics =
-                StatisticsContext::new().compute(input.as_ref(), &StatisticsArgs::new())?;
+            // An estimate that cannot be made leaves the filter as it is.
+            let Ok(statistics) =
+                StatisticsContext::new().compute(input.as_ref(), &StatisticsArgs::new())
+            else {
+                return Ok(Transformed::no(node));
+            };
             let Some(selectivity) = selectivity(filter.predicate(), &statistics) else {
                 return Ok(Transformed::no(node));
             };
