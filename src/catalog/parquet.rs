@@ -756,6 +756,11 @@ mod tests {
         let table = PolicyTable::wrap("people".into(), product, dictionaries, &view);
         ctx.deregister_table("people").expect("deregister");
         ctx.register_table("people", table).expect("register");
+        physical_plan(ctx, sql).await
+    }
+
+    /// The physical plan of `sql` in `ctx`.
+    async fn physical_plan(ctx: &SessionContext, sql: &str) -> Arc<dyn ExecutionPlan> {
         ctx.sql(sql)
             .await
             .expect("plan")
@@ -782,12 +787,7 @@ mod tests {
         } else {
             ctx.register_table("people", Arc::clone(product))
                 .expect("register");
-            ctx.sql(sql)
-                .await
-                .expect("plan")
-                .create_physical_plan()
-                .await
-                .expect("physical plan")
+            physical_plan(&ctx, sql).await
         };
         let statistics = StatisticsContext::new()
             .compute(plan.as_ref(), &StatisticsArgs::new())
