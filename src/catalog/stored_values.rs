@@ -20,6 +20,7 @@
 //! its conditions over it.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
@@ -390,13 +391,26 @@ pub(super) async fn dictionary_len(
     file: &ObjectMeta,
     chunk: &ColumnChunkMetaData,
 ) -> Result<Option<usize>> {
-    let (start, _) = chunk.byte_range();
-    let small = u64::try_from(chunk.data_page_offset())
-        .is_ok_and(|end| end.saturating_sub(start) <= MOST_COUNTED_DICTIONARY_BYTES);
+    let small = dictionary_page_bytes(chunk)
+        .is_ok_and(|bytes| bytes.end - bytes.start <= MOST_COUNTED_DICTIONARY_BYTES);
     if !is_dictionary_encoded(chunk) || !small {
         return Ok(None);
     }
     Ok(Some(dictionary(store, file, chunk).await?.len()))
+}
+
+/// Where a column chunk's dictionary page lies in its file: before the
+/// first data page.
+fn dictionary_page_bytes(chunk: &ColumnChunkMetaData) -> parquet::errors::Result<Range<u64>> {
+    let (start, _) = chunk.byte_range();
+    let end = u64::try_from(chunk.data_page_offset())
+        .map_err(|_| ParquetError::General("a negative data page offset".into()))?;
+    if end <= start {
+        return Err(ParquetError::General(
+            "no room for a dictionary page".into(),
+        ));
+    }
+    Ok(start..end)
 }
 
 /// The values of a column chunk's dictionary page, read from the file
@@ -406,13 +420,9 @@ async fn dictionary(
     file: &ObjectMeta,
     chunk: &ColumnChunkMetaData,
 ) -> Result<Vec<Bytes>> {
-    let (start, _) = chunk.byte_range();
-    let end = u64::try_from(chunk.data_page_offset())
-        .map_err(|_| ParquetError::General("a negative data page offset".into()))?;
-    if end <= start {
-        return Err(ParquetError::General("no room for a dictionary page".into()).into());
-    }
-    let bytes = read_listed(store, file, start..end).await?;
+    let range = dictionary_page_bytes(chunk)?;
+    let start = range.start;
+    let bytes = read_listed(store, file, range).await?;
     let reader = Arc::new(FileSlice { start, bytes });
     // The page locations name the first data page; what lies before it is
     // the dictionary page, which the reader returns (decompressed) first.
