@@ -513,16 +513,31 @@ mod tests {
     /// The fact file's keys are 0..KEYS, scattered, each five times.
     const KEYS: i64 = 8_000;
 
+    /// Writes `keys` and, beside each, its value (three times the key).
     fn write(path: &std::path::Path, keys: impl Iterator<Item = i64> + Clone) {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("key", DataType::Int64, false),
-            Field::new("value", DataType::Int64, false),
-        ]));
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from_iter_values(keys.clone())),
-            Arc::new(Int64Array::from_iter_values(keys.map(|key| key * 3))),
-        ];
-        let batch = RecordBatch::try_new(Arc::clone(&schema), columns).expect("batch");
+        write_columns(
+            path,
+            &[
+                ("key", keys.clone().collect()),
+                ("value", keys.map(|key| key * 3).collect()),
+            ],
+        );
+    }
+
+    /// Writes `columns` (name, values) as one Parquet file, in row groups of
+    /// 4096 rows.
+    fn write_columns(path: &std::path::Path, columns: &[(&str, Vec<i64>)]) {
+        let schema = Arc::new(Schema::new(
+            columns
+                .iter()
+                .map(|(name, _)| Field::new(*name, DataType::Int64, false))
+                .collect::<Vec<_>>(),
+        ));
+        let arrays: Vec<ArrayRef> = columns
+            .iter()
+            .map(|(_, values)| Arc::new(Int64Array::from(values.clone())) as ArrayRef)
+            .collect();
+        let batch = RecordBatch::try_new(Arc::clone(&schema), arrays).expect("batch");
         let properties = WriterProperties::builder()
             .set_max_row_group_row_count(Some(4096))
             .build();
@@ -530,6 +545,28 @@ mod tests {
         let mut writer = ArrowWriter::try_new(out, schema, Some(properties)).expect("writer");
         writer.write(&batch).expect("write");
         writer.close().expect("close");
+    }
+
+    /// Plans and runs `sql`, which answers one row of two integers: the plan
+    /// as it ran, and the row.
+    async fn run_pair(ctx: &SessionContext, sql: &str) -> (Arc<dyn ExecutionPlan>, (i64, i64)) {
+        let plan = ctx
+            .sql(sql)
+            .await
+            .expect("sql")
+            .create_physical_plan()
+            .await
+            .expect("plan");
+        let batches = collect(Arc::clone(&plan), ctx.task_ctx())
+            .await
+            .expect("run");
+        let column = |index: usize| {
+            batches[0]
+                .column(index)
+                .as_primitive::<Int64Type>()
+                .value(0)
+        };
+        (plan, (column(0), column(1)))
     }
 
     /// A session with meshgate's settings and this rule, two partitions
@@ -568,22 +605,7 @@ mod tests {
         let sql = format!(
             "SELECT count(*), sum(f.value) FROM facts f JOIN {dimension} d ON f.key = d.key"
         );
-        let plan = ctx
-            .sql(&sql)
-            .await
-            .expect("sql")
-            .create_physical_plan()
-            .await
-            .expect("plan");
-        let batches = collect(Arc::clone(&plan), ctx.task_ctx())
-            .await
-            .expect("run");
-        let column = |index: usize| {
-            batches[0]
-                .column(index)
-                .as_primitive::<Int64Type>()
-                .value(0)
-        };
+        let (plan, (count, sum)) = run_pair(ctx, &sql).await;
         let mut row_level = Vec::new();
         plan.apply(|node| {
             if let Some(scan) = node.downcast_ref::<JoinFilteredScan>() {
@@ -594,7 +616,7 @@ mod tests {
         })
         .expect("walk");
         assert_eq!(row_level.len(), 1, "one fact scan, wrapped: {row_level:?}");
-        (column(0), column(1), row_level[0])
+        (count, sum, row_level[0])
     }
 
     /// The keys of the three dimension tables.
@@ -660,25 +682,6 @@ mod tests {
         }
     }
 
-    /// Writes `columns` (name, values) as one Parquet file.
-    fn write_columns(path: &std::path::Path, columns: &[(&str, Vec<i64>)]) {
-        let schema = Arc::new(Schema::new(
-            columns
-                .iter()
-                .map(|(name, _)| Field::new(*name, DataType::Int64, false))
-                .collect::<Vec<_>>(),
-        ));
-        let arrays: Vec<ArrayRef> = columns
-            .iter()
-            .map(|(_, values)| Arc::new(Int64Array::from(values.clone())) as ArrayRef)
-            .collect();
-        let batch = RecordBatch::try_new(Arc::clone(&schema), arrays).expect("batch");
-        let out = std::fs::File::create(path).expect("file");
-        let mut writer = ArrowWriter::try_new(out, schema, None).expect("writer");
-        writer.write(&batch).expect("write");
-        writer.close().expect("close");
-    }
-
     #[tokio::test]
     async fn a_key_list_that_reaches_its_scan_through_another_join_is_checked_when_denser() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -703,28 +706,13 @@ mod tests {
         }
         let sql = "SELECT count(*), sum(f.value) FROM facts f \
                    JOIN tags t ON f.key = t.key JOIN chosen c ON t.tag = c.tag";
-        let plan = ctx
-            .sql(sql)
-            .await
-            .expect("sql")
-            .create_physical_plan()
-            .await
-            .expect("plan");
-        let batches = collect(Arc::clone(&plan), ctx.task_ctx())
-            .await
-            .expect("run");
-        let answer = |index: usize| {
-            batches[0]
-                .column(index)
-                .as_primitive::<Int64Type>()
-                .value(0)
-        };
+        let (plan, answer) = run_pair(&ctx, sql).await;
         let picked: Vec<i64> = (0..FACTS)
             .map(|i| i * 7919 % KEYS)
             .filter(|&key| [3, 17].contains(&tag(key)))
             .collect();
         assert_eq!(
-            (answer(0), answer(1)),
+            answer,
             (picked.len() as i64, picked.iter().map(|key| key * 3).sum())
         );
         // The chosen tags reach the tags scan through the join of tags with
