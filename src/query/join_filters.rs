@@ -61,8 +61,8 @@ const SPARSE_KEYS: f64 = 0.03;
 /// rows it drops there would otherwise go through those joins (and the
 /// repartitioning between them) before the join that made the list drops
 /// them. (Measured on TPC-H q7: 2 of the 25 nation keys checked while
-/// decoding `supplier` and `customer`, whose joins with `lineitem` and
-/// `orders` then carry a twelfth of the rows.)
+/// decoding `supplier`, whose joins with `lineitem`, `orders` and
+/// `customer` then carry a twelfth of the rows.)
 const CARRIED_KEYS: f64 = 0.25;
 
 /// Each scan's address, and the join filters that reach it through at least
@@ -83,18 +83,11 @@ impl PhysicalOptimizerRule for SelectiveJoinFilters {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         // The dynamic filters hash joins make, by their identity (a filter
         // pushed down into a scan keeps the identity of the one its join
-        // holds).
+        // holds), and those that reach each scan through another join.
         let mut joins = HashSet::new();
-        plan.apply(|node| {
-            if node.downcast_ref::<HashJoinExec>().is_some() {
-                let made = node.dynamic_expressions_produced();
-                joins.extend(made.iter().filter_map(|filter| filter.expression_id()));
-            }
-            Ok(TreeNodeRecursion::Continue)
-        })?;
-        let joins = Arc::new(joins);
         let mut carried = CarriedFilters::new();
-        find_carried(&plan, &[], &mut carried);
+        find_join_filters(&plan, &[], &mut joins, &mut carried);
+        let joins = Arc::new(joins);
         plan.transform_up(|node| {
             let through = carried.get(&address(&node)).cloned().unwrap_or_default();
             Ok(match JoinFilteredScan::over(&node, &joins, through) {
@@ -114,17 +107,23 @@ impl PhysicalOptimizerRule for SelectiveJoinFilters {
     }
 }
 
-/// Records, for each Parquet scan at or below `node`, the join filters that
-/// reach it through another join. `above` holds the filters of the hash joins
-/// above `node`, each with whether a join lies between that one and `node`.
-fn find_carried(node: &Arc<dyn ExecutionPlan>, above: &[(u64, bool)], found: &mut CarriedFilters) {
+/// Records the filters of the hash joins at or below `node` in `joins` and,
+/// for each Parquet scan, those that reach it through another join in
+/// `carried`. `above` holds the filters of the hash joins above `node`, each
+/// with whether a join lies between that one and `node`.
+fn find_join_filters(
+    node: &Arc<dyn ExecutionPlan>,
+    above: &[(u64, bool)],
+    joins: &mut HashSet<u64>,
+    carried: &mut CarriedFilters,
+) {
     if batch_parquet_scan(node).is_some() {
         let through = above
             .iter()
             .filter(|(_, through)| *through)
             .map(|(id, _)| *id)
             .collect();
-        found.insert(address(node), Arc::new(through));
+        carried.insert(address(node), Arc::new(through));
         return;
     }
     let mut below = above.to_vec();
@@ -133,14 +132,15 @@ fn find_carried(node: &Arc<dyn ExecutionPlan>, above: &[(u64, bool)], found: &mu
             *through = true;
         }
         let made = node.dynamic_expressions_produced();
-        below.extend(
-            made.iter()
-                .filter_map(|filter| filter.expression_id())
-                .map(|id| (id, false)),
-        );
+        let ids: Vec<u64> = made
+            .iter()
+            .filter_map(|filter| filter.expression_id())
+            .collect();
+        joins.extend(&ids);
+        below.extend(ids.into_iter().map(|id| (id, false)));
     }
     for child in node.children() {
-        find_carried(child, &below, found);
+        find_join_filters(child, &below, joins, carried);
     }
 }
 
