@@ -3,6 +3,7 @@
 
 mod guard;
 mod join_filters;
+mod join_sides;
 mod selectivity;
 mod session;
 mod stack;

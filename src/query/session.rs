@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::sources::{SourcePlanner, SourcePushdown};
 
 use super::join_filters::SelectiveJoinFilters;
+use super::join_sides::RowCountJoinSides;
 use super::selectivity::StringFilterSelectivity;
 
 /// The schema unqualified names resolve in; it holds no products, so every
@@ -89,14 +90,16 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
 }
 
 /// DataFusion's physical optimizer rules, with filters on strings given a
-/// selectivity before joins are chosen, and join filters chosen at run time
+/// selectivity before joins are chosen, partitioned joins built on the side
+/// with far fewer rows once they are, and join filters chosen at run time
 /// once the joins have pushed them down.
-fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
+pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules = PhysicalOptimizer::new().rules;
     let join_selection = rules
         .iter()
         .position(|rule| rule.name() == "join_selection")
         .unwrap_or(0);
+    rules.insert(join_selection + 1, Arc::new(RowCountJoinSides));
     rules.insert(join_selection, Arc::new(StringFilterSelectivity));
     rules.push(Arc::new(SelectiveJoinFilters));
     rules
