@@ -22,7 +22,10 @@
 //! as planned. A key list that reaches its scan through other joins (a join
 //! high in the plan filtering a scan below a join nearer to it) is evaluated
 //! while decoding even when denser: the rows it drops there would otherwise
-//! go through every join in between first.
+//! go through every join in between first. Hash joins start reading their
+//! build sides at once, so such a scan (on the build side of a join below)
+//! can start before the join above has its keys; when that join is built on
+//! one partition from few rows, the scan waits a moment for its list.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -44,11 +47,13 @@ use datafusion::physical_expr::expressions::{
 };
 use datafusion::physical_expr::utils::{conjunction, split_conjunction};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
-use datafusion::physical_plan::joins::HashJoinExec;
+use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
 use datafusion::physical_plan::statistics::{StatisticsArgs, StatisticsContext};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures::{FutureExt, TryStreamExt};
+
+use super::join_sides::estimated_rows;
 
 /// A key list is evaluated row by row when its distinct keys are at most
 /// this share of the integers in the probe column's range: a probe row then
@@ -65,9 +70,29 @@ const SPARSE_KEYS: f64 = 0.03;
 /// `customer` then carry a twelfth of the rows.)
 const CARRIED_KEYS: f64 = 0.25;
 
+/// How long a scan's first poll waits for the key lists it awaits (see
+/// [`Carried::awaited`]) to be final. Those come from joins higher up whose
+/// build sides are small, and each is final once every partition of its
+/// join has been polled and has its build side in, which is usually a
+/// millisecond or two after the scan is first polled: hash joins start
+/// reading their build sides all at once, before the joins above them hand
+/// down their filters.
+const CARRIED_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Each scan's address, and the join filters that reach it through at least
 /// one other join.
-type CarriedFilters = HashMap<usize, Arc<HashSet<u64>>>;
+type CarriedFilters = HashMap<usize, Carried>;
+
+/// The join filters that reach a scan through at least one other join.
+#[derive(Debug, Clone, Default)]
+struct Carried {
+    /// Their identities.
+    ids: Arc<HashSet<u64>>,
+    /// Those the scan waits for, briefly, before it chooses: the filters of
+    /// joins built on one partition from few enough rows to hand down a key
+    /// list.
+    awaited: Arc<HashSet<u64>>,
+}
 
 /// Wraps the Parquet scans that receive hash joins' dynamic filters. Runs
 /// after DataFusion's own rules, once the joins have pushed their filters
@@ -79,14 +104,17 @@ impl PhysicalOptimizerRule for SelectiveJoinFilters {
     fn optimize(
         &self,
         plan: Arc<dyn ExecutionPlan>,
-        _config: &ConfigOptions,
+        config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         // The dynamic filters hash joins make, by their identity (a filter
         // pushed down into a scan keeps the identity of the one its join
         // holds), and those that reach each scan through another join.
         let mut joins = HashSet::new();
         let mut carried = CarriedFilters::new();
-        find_join_filters(&plan, &[], &mut joins, &mut carried);
+        let listed = config
+            .optimizer
+            .hash_join_inlist_pushdown_max_distinct_values;
+        find_join_filters(&plan, &[], listed, &mut joins, &mut carried);
         let joins = Arc::new(joins);
         plan.transform_up(|node| {
             let through = carried.get(&address(&node)).cloned().unwrap_or_default();
@@ -110,38 +138,65 @@ impl PhysicalOptimizerRule for SelectiveJoinFilters {
 /// Records the filters of the hash joins at or below `node` in `joins` and,
 /// for each Parquet scan, those that reach it through another join in
 /// `carried`. `above` holds the filters of the hash joins above `node`, each
-/// with whether a join lies between that one and `node`.
+/// with whether a join lies between that one and `node` and whether its
+/// join hands down a key list (is built on one partition from at most
+/// `listed` estimated rows).
 fn find_join_filters(
     node: &Arc<dyn ExecutionPlan>,
-    above: &[(u64, bool)],
+    above: &[Above],
+    listed: usize,
     joins: &mut HashSet<u64>,
     carried: &mut CarriedFilters,
 ) {
     if batch_parquet_scan(node).is_some() {
-        let through = above
-            .iter()
-            .filter(|(_, through)| *through)
-            .map(|(id, _)| *id)
+        let through = || above.iter().filter(|filter| filter.through);
+        let ids = through().map(|filter| filter.id).collect();
+        let awaited = through()
+            .filter(|filter| filter.listed)
+            .map(|filter| filter.id)
             .collect();
-        carried.insert(address(node), Arc::new(through));
+        carried.insert(
+            address(node),
+            Carried {
+                ids: Arc::new(ids),
+                awaited: Arc::new(awaited),
+            },
+        );
         return;
     }
     let mut below = above.to_vec();
-    if node.downcast_ref::<HashJoinExec>().is_some() {
-        for (_, through) in &mut below {
-            *through = true;
+    if let Some(join) = node.downcast_ref::<HashJoinExec>() {
+        for filter in &mut below {
+            filter.through = true;
         }
+        let lists = *join.partition_mode() == PartitionMode::CollectLeft
+            && estimated_rows(join.left()).is_some_and(|rows| rows <= listed);
         let made = node.dynamic_expressions_produced();
         let ids: Vec<u64> = made
             .iter()
             .filter_map(|filter| filter.expression_id())
             .collect();
         joins.extend(&ids);
-        below.extend(ids.into_iter().map(|id| (id, false)));
+        below.extend(ids.into_iter().map(|id| Above {
+            id,
+            through: false,
+            listed: lists,
+        }));
     }
     for child in node.children() {
-        find_join_filters(child, &below, joins, carried);
+        find_join_filters(child, &below, listed, joins, carried);
     }
+}
+
+/// A join filter on the way down to the scans, as [`find_join_filters`]
+/// sees it.
+#[derive(Debug, Clone, Copy)]
+struct Above {
+    id: u64,
+    /// Whether a join lies between the filter's join and the node.
+    through: bool,
+    /// Whether the filter's join hands down a key list.
+    listed: bool,
 }
 
 /// A plan node's identity within one plan.
@@ -159,7 +214,7 @@ pub(super) struct JoinFilteredScan {
     /// The identities of the plan's join filters.
     join_ids: Arc<HashSet<u64>>,
     /// Those of them that reach the scan through another join.
-    carried: Arc<HashSet<u64>>,
+    carried: Carried,
     /// The scan chosen at the first poll of any partition. Every partition
     /// runs that one scan: the partitions of a scan share its files out
     /// among themselves, so each must be a partition of the same one.
@@ -172,7 +227,7 @@ impl JoinFilteredScan {
     fn over(
         node: &Arc<dyn ExecutionPlan>,
         join_ids: &Arc<HashSet<u64>>,
-        carried: Arc<HashSet<u64>>,
+        carried: Carried,
     ) -> Option<Self> {
         let (_, source) = batch_parquet_scan(node)?;
         (!conjuncts(source, join_ids).joins.is_empty()).then(|| Self {
@@ -195,6 +250,30 @@ impl JoinFilteredScan {
             integer(column.min_value.get_value()?)?,
             integer(column.max_value.get_value()?)?,
         ))
+    }
+
+    /// Waits, for at most [`CARRIED_WAIT`], until the join filters the scan
+    /// awaits are final. Only the first poll waits: the choice is made once
+    /// for every partition.
+    async fn wait_for_carried(&self) {
+        if self.chosen.get().is_some() || self.carried.awaited.is_empty() {
+            return;
+        }
+        let Some((_, source)) = batch_parquet_scan(&self.scan) else {
+            return;
+        };
+        let joins = conjuncts(source, &self.join_ids).joins;
+        let waits = joins
+            .iter()
+            .filter(|filter| {
+                filter
+                    .expression_id()
+                    .is_some_and(|id| self.carried.awaited.contains(&id))
+            })
+            .filter_map(|filter| filter.downcast_ref::<DynamicFilterPhysicalExpr>())
+            .map(DynamicFilterPhysicalExpr::wait_complete);
+        // Not final in time: the scan goes without them.
+        let _ = tokio::time::timeout(CARRIED_WAIT, futures::future::join_all(waits)).await;
     }
 
     /// The scan every partition runs, chosen at the first call.
@@ -223,7 +302,7 @@ impl JoinFilteredScan {
                 continue;
             }
             let bound = match filter.expression_id() {
-                Some(id) if self.carried.contains(&id) => CARRIED_KEYS,
+                Some(id) if self.carried.ids.contains(&id) => CARRIED_KEYS,
                 _ => SPARSE_KEYS,
             };
             let domain = |column: &Column| self.domain(column);
@@ -337,7 +416,7 @@ impl ExecutionPlan for JoinFilteredScan {
         }
         let child = children.swap_remove(0);
         Ok(
-            match Self::over(&child, &self.join_ids, Arc::clone(&self.carried)) {
+            match Self::over(&child, &self.join_ids, self.carried.clone()) {
                 Some(scan) => Arc::new(scan),
                 None => child,
             },
@@ -354,9 +433,13 @@ impl ExecutionPlan for JoinFilteredScan {
         // polled sooner (on the build side of another join, read ahead while
         // that join's own build side is read) goes without that join's
         // filter: waiting for it would keep the two from being read at once.
+        // Only the key lists of small build sides of joins higher up are
+        // waited for, briefly.
         let this = self.clone();
-        let chosen =
-            futures::stream::once(async move { this.chosen()?.execute(partition, context) });
+        let chosen = futures::stream::once(async move {
+            this.wait_for_carried().await;
+            this.chosen()?.execute(partition, context)
+        });
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             self.scan.schema(),
             chosen.try_flatten(),

@@ -48,7 +48,9 @@ impl PhysicalOptimizerRule for RowCountJoinSides {
             {
                 return Ok(Transformed::no(node));
             }
-            let (Some(build), Some(probe)) = (rows(join.left()), rows(join.right())) else {
+            let (Some(build), Some(probe)) =
+                (estimated_rows(join.left()), estimated_rows(join.right()))
+            else {
                 return Ok(Transformed::no(node));
             };
             if build < probe.saturating_mul(ROWS_APART) {
@@ -71,7 +73,7 @@ impl PhysicalOptimizerRule for RowCountJoinSides {
 }
 
 /// The estimated rows of `plan`'s output, when there is an estimate.
-fn rows(plan: &Arc<dyn ExecutionPlan>) -> Option<usize> {
+pub(super) fn estimated_rows(plan: &Arc<dyn ExecutionPlan>) -> Option<usize> {
     StatisticsContext::new()
         .compute(plan.as_ref(), &StatisticsArgs::new())
         .ok()?
