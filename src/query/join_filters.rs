@@ -580,16 +580,15 @@ fn integer(value: &ScalarValue) -> Option<i128> {
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch};
-    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+    use arrow::array::AsArray;
+    use arrow::datatypes::Int64Type;
     use datafusion::execution::SessionStateBuilder;
     use datafusion::physical_plan::collect;
     use datafusion::prelude::{ParquetReadOptions, SessionContext};
-    use parquet::arrow::ArrowWriter;
-    use parquet::file::properties::WriterProperties;
 
     use super::*;
     use crate::query::session::engine_config;
+    use crate::query::testing::write_int64_columns;
 
     /// Rows in the fact file.
     const FACTS: i64 = 40_000;
@@ -610,24 +609,7 @@ mod tests {
     /// Writes `columns` (name, values) as one Parquet file, in row groups of
     /// 4096 rows.
     fn write_columns(path: &std::path::Path, columns: &[(&str, Vec<i64>)]) {
-        let schema = Arc::new(Schema::new(
-            columns
-                .iter()
-                .map(|(name, _)| Field::new(*name, DataType::Int64, false))
-                .collect::<Vec<_>>(),
-        ));
-        let arrays: Vec<ArrayRef> = columns
-            .iter()
-            .map(|(_, values)| Arc::new(Int64Array::from(values.clone())) as ArrayRef)
-            .collect();
-        let batch = RecordBatch::try_new(Arc::clone(&schema), arrays).expect("batch");
-        let properties = WriterProperties::builder()
-            .set_max_row_group_row_count(Some(4096))
-            .build();
-        let out = std::fs::File::create(path).expect("file");
-        let mut writer = ArrowWriter::try_new(out, schema, Some(properties)).expect("writer");
-        writer.write(&batch).expect("write");
-        writer.close().expect("close");
+        write_int64_columns(path, columns, Some(4096));
     }
 
     /// Plans and runs `sql`, which answers one row of two integers: the plan

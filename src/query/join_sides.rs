@@ -24,7 +24,8 @@ use datafusion::physical_plan::statistics::{StatisticsArgs, StatisticsContext};
 
 /// How many times the probe side's estimated rows the build side must hold
 /// for the join to be built on the probe side instead: far enough apart
-/// that no byte width could make the build side the smaller.
+/// that wider rows on the probe side are unlikely to make up the
+/// difference.
 const ROWS_APART: usize = 10;
 
 /// Swaps the sides of partitioned hash joins whose build side is estimated
@@ -84,18 +85,18 @@ pub(super) fn estimated_rows(plan: &Arc<dyn ExecutionPlan>) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch};
-    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+    use arrow::array::AsArray;
+    use arrow::datatypes::Int64Type;
     use datafusion::common::JoinType;
     use datafusion::common::tree_node::TreeNodeRecursion;
     use datafusion::execution::SessionStateBuilder;
     use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
     use datafusion::physical_plan::collect;
     use datafusion::prelude::{ParquetReadOptions, SessionContext};
-    use parquet::arrow::ArrowWriter;
 
     use super::*;
     use crate::query::session::{engine_config, physical_optimizer_rules};
+    use crate::query::testing::write_int64_columns;
 
     /// Rows of `facts`: four per key, one for each `sup` 0..4.
     const FACTS: i64 = 40_000;
@@ -107,21 +108,7 @@ mod tests {
 
     /// Writes `name`.parquet with the Int64 `columns` into `dir`.
     fn write(dir: &std::path::Path, name: &str, columns: &[(&str, Vec<i64>)]) {
-        let schema = Arc::new(Schema::new(
-            columns
-                .iter()
-                .map(|(column, _)| Field::new(*column, DataType::Int64, false))
-                .collect::<Vec<_>>(),
-        ));
-        let arrays: Vec<ArrayRef> = columns
-            .iter()
-            .map(|(_, values)| Arc::new(Int64Array::from(values.clone())) as ArrayRef)
-            .collect();
-        let batch = RecordBatch::try_new(Arc::clone(&schema), arrays).expect("batch");
-        let out = std::fs::File::create(dir.join(format!("{name}.parquet"))).expect("file");
-        let mut writer = ArrowWriter::try_new(out, schema, None).expect("writer");
-        writer.write(&batch).expect("write");
-        writer.close().expect("close");
+        write_int64_columns(&dir.join(format!("{name}.parquet")), columns, None);
     }
 
     /// A session over `facts` and `chosen` with `rules`, on two partitions,

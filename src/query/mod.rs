@@ -7,6 +7,8 @@ mod join_sides;
 mod selectivity;
 mod session;
 mod stack;
+#[cfg(test)]
+mod testing;
 mod wire;
 
 use std::collections::HashMap;

@@ -1,0 +1,37 @@
+//! Files for the planner's tests.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+
+/// Writes `columns` (name, values), each a non-null `Int64`, as one Parquet
+/// file at `path`, in row groups of at most `row_group_rows` rows (the
+/// writer's default when `None`).
+pub(super) fn write_int64_columns(
+    path: &std::path::Path,
+    columns: &[(&str, Vec<i64>)],
+    row_group_rows: Option<usize>,
+) {
+    let schema = Arc::new(Schema::new(
+        columns
+            .iter()
+            .map(|(name, _)| Field::new(*name, DataType::Int64, false))
+            .collect::<Vec<_>>(),
+    ));
+    let arrays: Vec<ArrayRef> = columns
+        .iter()
+        .map(|(_, values)| Arc::new(Int64Array::from(values.clone())) as ArrayRef)
+        .collect();
+    let batch = RecordBatch::try_new(Arc::clone(&schema), arrays).expect("batch");
+    let mut properties = WriterProperties::builder();
+    if let Some(rows) = row_group_rows {
+        properties = properties.set_max_row_group_row_count(Some(rows));
+    }
+    let out = std::fs::File::create(path).expect("file");
+    let mut writer = ArrowWriter::try_new(out, schema, Some(properties.build())).expect("writer");
+    writer.write(&batch).expect("write");
+    writer.close().expect("close");
+}
