@@ -583,12 +583,11 @@ mod tests {
     use arrow::array::AsArray;
     use arrow::datatypes::Int64Type;
     use datafusion::execution::SessionStateBuilder;
-    use datafusion::physical_plan::collect;
     use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
     use super::*;
     use crate::query::session::engine_config;
-    use crate::query::testing::write_int64_columns;
+    use crate::query::testing::{plan_and_run, write_int64_columns};
 
     /// Rows in the fact file.
     const FACTS: i64 = 40_000;
@@ -615,16 +614,7 @@ mod tests {
     /// Plans and runs `sql`, which answers one row of two integers: the plan
     /// as it ran, and the row.
     async fn run_pair(ctx: &SessionContext, sql: &str) -> (Arc<dyn ExecutionPlan>, (i64, i64)) {
-        let plan = ctx
-            .sql(sql)
-            .await
-            .expect("sql")
-            .create_physical_plan()
-            .await
-            .expect("plan");
-        let batches = collect(Arc::clone(&plan), ctx.task_ctx())
-            .await
-            .expect("run");
+        let (plan, batches) = plan_and_run(ctx, sql).await;
         let column = |index: usize| {
             batches[0]
                 .column(index)

@@ -91,12 +91,11 @@ mod tests {
     use datafusion::common::tree_node::TreeNodeRecursion;
     use datafusion::execution::SessionStateBuilder;
     use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
-    use datafusion::physical_plan::collect;
     use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
     use super::*;
     use crate::query::session::{engine_config, physical_optimizer_rules};
-    use crate::query::testing::write_int64_columns;
+    use crate::query::testing::{plan_and_run, write_int64_columns};
 
     /// Rows of `facts`: four per key, one for each `sup` 0..4.
     const FACTS: i64 = 40_000;
@@ -145,16 +144,7 @@ mod tests {
             WHERE EXISTS (SELECT 1 FROM facts f2 WHERE f2.key = f1.key AND f2.sup <> f1.sup) \
             AND NOT EXISTS (SELECT 1 FROM facts f3 \
                 WHERE f3.key = f1.key AND f3.sup <> f1.sup AND f3.day < 20000)";
-        let plan = ctx
-            .sql(sql)
-            .await
-            .expect("sql")
-            .create_physical_plan()
-            .await
-            .expect("plan");
-        let batches = collect(Arc::clone(&plan), ctx.task_ctx())
-            .await
-            .expect("run");
+        let (plan, batches) = plan_and_run(ctx, sql).await;
         let mut anti = Vec::new();
         plan.apply(|node| {
             if let Some(join) = node.downcast_ref::<HashJoinExec>()

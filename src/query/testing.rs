@@ -1,9 +1,11 @@
-//! Files for the planner's tests.
+//! Files and runs for the planner's tests.
 
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
+use datafusion::physical_plan::{ExecutionPlan, collect};
+use datafusion::prelude::SessionContext;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 
@@ -34,4 +36,23 @@ pub(super) fn write_int64_columns(
     let mut writer = ArrowWriter::try_new(out, schema, Some(properties.build())).expect("writer");
     writer.write(&batch).expect("write");
     writer.close().expect("close");
+}
+
+/// Plans and runs `sql`: the plan as it ran (with its metrics), and the
+/// batches it answered.
+pub(super) async fn plan_and_run(
+    ctx: &SessionContext,
+    sql: &str,
+) -> (Arc<dyn ExecutionPlan>, Vec<RecordBatch>) {
+    let plan = ctx
+        .sql(sql)
+        .await
+        .expect("sql")
+        .create_physical_plan()
+        .await
+        .expect("plan");
+    let batches = collect(Arc::clone(&plan), ctx.task_ctx())
+        .await
+        .expect("run");
+    (plan, batches)
 }
