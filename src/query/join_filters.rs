@@ -825,13 +825,7 @@ mod tests {
             }
             for sql in queries {
                 let answer = |ctx: SessionContext| async move {
-                    let batches = ctx
-                        .sql(sql)
-                        .await
-                        .expect("sql")
-                        .collect()
-                        .await
-                        .expect("run");
+                    let (_, batches) = plan_and_run(&ctx, sql).await;
                     arrow::util::pretty::pretty_format_batches(&batches)
                         .expect("format")
                         .to_string()
