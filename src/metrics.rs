@@ -418,6 +418,17 @@ impl Metrics {
         }
         header(
             &mut out,
+            "meshgate_row_group_cache_bytes",
+            "gauge",
+            "Bytes of decoded Parquet column chunks kept for lookups (see limits.row_group_cache).",
+        );
+        let _ = writeln!(
+            out,
+            "meshgate_row_group_cache_bytes {}",
+            crate::catalog::row_group_cache_bytes()
+        );
+        header(
+            &mut out,
             "meshgate_source_up",
             "gauge",
             "Whether a SQL or Flight SQL source answers (1) or not (0), probed at each scrape.",

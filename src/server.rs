@@ -82,6 +82,7 @@ impl Gateway {
         if let Some(tls) = &config.server.tls {
             server_tls(tls)?;
         }
+        crate::catalog::set_row_group_cache(config.limits.row_group_cache);
         let (mesh, problems) = Mesh::open(&config).await.map_err(ServerError::Catalog)?;
         for problem in &problems {
             tracing::error!(product = %problem.product, reason = %problem.reason, "product not published");

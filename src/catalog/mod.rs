@@ -3,12 +3,14 @@
 //! product.
 
 mod files;
+mod hot_row_groups;
 mod listed_version;
 mod parquet;
 mod stored_values;
 mod views;
 
 pub(crate) use files::check_contract;
+pub use hot_row_groups::{row_group_cache_bytes, set_row_group_cache};
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -39,6 +39,7 @@ use parquet::arrow::parquet_to_arrow_schema;
 use parquet::file::metadata::ParquetMetaData;
 
 use super::files::listing_table;
+use super::hot_row_groups::hot_or_planned;
 use super::listed_version::ListedVersionReaders;
 use super::stored_values::{
     Condition, StoredValues, dictionary_len, is_dictionary_encoded, is_string, top_level_leaf,
@@ -123,7 +124,8 @@ impl ParquetProduct {
                 .table
                 .scan(state, projection, &request.filters, request.limit)
                 .await?;
-            return Ok(with_distinct_counts(plan, &self.distinct_counts));
+            let plan = with_distinct_counts(plan, &self.distinct_counts);
+            return Ok(hot_or_planned(state, plan, &request.filters).await);
         }
         let schema = self.table.schema();
         let fields: Fields = schema
@@ -157,7 +159,8 @@ impl ParquetProduct {
         let plan = listing_table(state, url, options, schema)?
             .scan(state, projection, &request.filters, request.limit)
             .await?;
-        Ok(with_distinct_counts(plan, &self.distinct_counts))
+        let plan = with_distinct_counts(plan, &self.distinct_counts);
+        Ok(hot_or_planned(state, plan, &request.filters).await)
     }
 }
 
@@ -289,7 +292,8 @@ impl TableProvider for ParquetProduct {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let plan = self.table.scan(state, projection, filters, limit).await?;
-        Ok(with_distinct_counts(plan, &self.distinct_counts))
+        let plan = with_distinct_counts(plan, &self.distinct_counts);
+        Ok(hot_or_planned(state, plan, filters).await)
     }
 }
 

@@ -96,6 +96,9 @@ pub struct Limits {
     pub max_concurrent_queries_per_user: Option<usize>,
     /// Longest SQL text accepted, in bytes.
     pub max_sql_length: usize,
+    /// Bytes of decoded Parquet column chunks kept for lookups that read
+    /// few row groups (0: none). Read when the gateway starts.
+    pub row_group_cache: u64,
 }
 
 impl Default for Limits {
@@ -106,6 +109,7 @@ impl Default for Limits {
             max_concurrent_queries: 64,
             max_concurrent_queries_per_user: None,
             max_sql_length: 256 * 1024,
+            row_group_cache: 512 << 20,
         }
     }
 }
@@ -550,15 +554,20 @@ fn load_limits(file: &Path, limits: raw::LimitsSection) -> Result<Limits, Config
         Some(t) => parse_duration(file, "limits.query_timeout", t)?,
         None => defaults.query_timeout,
     };
+    let bytes = |key: &str, value: &str| {
+        ByteSize::from_str(value)
+            .map(|b| b.0)
+            .map_err(|e| ConfigError::new(file, format!("limits.{key}: {e}")))
+    };
     let memory_per_query = limits
         .memory_per_query
         .as_deref()
-        .map(|m| {
-            ByteSize::from_str(m)
-                .map(|b| b.0)
-                .map_err(|e| ConfigError::new(file, format!("limits.memory_per_query: {e}")))
-        })
+        .map(|m| bytes("memory_per_query", m))
         .transpose()?;
+    let row_group_cache = match limits.row_group_cache.as_deref() {
+        Some(size) => bytes("row_group_cache", size)?,
+        None => defaults.row_group_cache,
+    };
     let max_concurrent_queries = limits
         .max_concurrent_queries
         .unwrap_or(defaults.max_concurrent_queries);
@@ -580,6 +589,7 @@ fn load_limits(file: &Path, limits: raw::LimitsSection) -> Result<Limits, Config
         max_concurrent_queries,
         max_concurrent_queries_per_user: limits.max_concurrent_queries_per_user,
         max_sql_length: limits.max_sql_length.unwrap_or(defaults.max_sql_length),
+        row_group_cache,
     })
 }
 

@@ -78,6 +78,7 @@ pub(crate) struct LimitsSection {
     pub max_concurrent_queries: Option<usize>,
     pub max_concurrent_queries_per_user: Option<usize>,
     pub max_sql_length: Option<usize>,
+    pub row_group_cache: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

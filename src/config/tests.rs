@@ -17,6 +17,7 @@ token_ttl = "2h"
 [limits]
 query_timeout = "30s"
 memory_per_query = "1GiB"
+row_group_cache = "64MiB"
 "#;
 
 const DOMAIN: &str = r#"
@@ -49,6 +50,7 @@ fn loads_gateway_and_domains_with_typed_values() {
     );
     assert_eq!(config.limits.query_timeout, Duration::from_secs(30));
     assert_eq!(config.limits.memory_per_query, Some(1 << 30));
+    assert_eq!(config.limits.row_group_cache, 64 << 20);
     let product = &config.domains[0].products[0];
     let ProductSource::Files { url, format, .. } = &product.source else {
         panic!("expected a file product");
