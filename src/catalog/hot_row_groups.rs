@@ -623,7 +623,6 @@ mod tests {
     use arrow::util::pretty::pretty_format_batches;
     use datafusion::catalog::TableProvider;
     use datafusion::common::tree_node::TreeNode;
-    use datafusion::physical_plan::collect;
     use datafusion::prelude::{SessionContext, col, lit};
     use parquet::arrow::ArrowWriter;
     use parquet::file::properties::WriterProperties;
@@ -632,6 +631,7 @@ mod tests {
     use crate::catalog::parquet::as_dictionary_scan;
     use crate::config::{CsvOptions, FileFormat};
     use crate::policy::{CallerProductView, PolicyTable};
+    use crate::query::testing::{plan_and_run, relisting_context};
 
     /// Writes `people.parquet` in `dir`: `id` 0..1000 in row groups of 100,
     /// `name` "`prefix` `id`", `region` EU, US or APAC in turn.
@@ -661,19 +661,11 @@ mod tests {
         writer.close().expect("close");
     }
 
-    /// A context that lists a product's directory at each scan, as the
-    /// mesh's does, with the people product in `dir` as `people` and its
-    /// file read by DataFusion alone as `plain`.
+    /// A context that lists a product's directory at each scan, with the
+    /// people product in `dir` as `people` and its file read by DataFusion
+    /// alone as `plain`.
     async fn context(dir: &std::path::Path) -> (SessionContext, Arc<dyn TableProvider>) {
-        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-            .with_cache_manager(
-                datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
-                    .with_list_files_cache_limit(0),
-            )
-            .build_arc()
-            .expect("runtime");
-        let ctx =
-            SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime);
+        let ctx = relisting_context();
         let url = url::Url::from_directory_path(dir).expect("url");
         let product = super::super::files::open_file_product(
             &ctx.state(),
@@ -699,16 +691,7 @@ mod tests {
     /// Runs `sql`: its rows as a sorted table, and the hot scans in its plan
     /// (what they show, and their metrics after the run).
     async fn run(ctx: &SessionContext, sql: &str) -> (String, Vec<(String, MetricsSet)>) {
-        let plan = ctx
-            .sql(sql)
-            .await
-            .expect("sql")
-            .create_physical_plan()
-            .await
-            .expect("plan");
-        let batches = collect(Arc::clone(&plan), ctx.task_ctx())
-            .await
-            .expect("run");
+        let (plan, batches) = plan_and_run(ctx, sql).await;
         let mut lines: Vec<String> = pretty_format_batches(&batches)
             .expect("format")
             .to_string()

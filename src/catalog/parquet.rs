@@ -984,6 +984,7 @@ mod shown_conditions {
 
     use super::tests::{open, open_at, plan_on, run, run_on, write_file};
     use super::*;
+    use crate::query::testing::relisting_context;
 
     /// Writes `file` in `dir`: `id` over `ids`, `region` as `region(id)`
     /// says, stored dictionary-encoded when `dictionary`, `amount` ten
@@ -1047,24 +1048,11 @@ mod shown_conditions {
         );
     }
 
-    /// A context that lists a product's directory at each scan, as the
-    /// mesh's does.
-    fn context() -> SessionContext {
-        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-            .with_cache_manager(
-                datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
-                    .with_list_files_cache_limit(0),
-            )
-            .build_arc()
-            .expect("runtime");
-        SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime)
-    }
-
     /// A directory of `write_regions`'s files, and a context over it.
     fn regions() -> (tempfile::TempDir, SessionContext) {
         let dir = tempfile::tempdir().expect("tempdir");
         write_regions(dir.path());
-        (dir, context())
+        (dir, relisting_context())
     }
 
     /// A string constant as policies compile it (a view).

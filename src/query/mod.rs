@@ -8,7 +8,7 @@ mod selectivity;
 mod session;
 mod stack;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 mod wire;
 
 use std::collections::HashMap;

@@ -4,15 +4,17 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::physical_plan::{ExecutionPlan, collect};
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{SessionConfig, SessionContext};
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 
 /// Writes `columns` (name, values), each a non-null `Int64`, as one Parquet
 /// file at `path`, in row groups of at most `row_group_rows` rows (the
 /// writer's default when `None`).
-pub(super) fn write_int64_columns(
+pub(crate) fn write_int64_columns(
     path: &std::path::Path,
     columns: &[(&str, Vec<i64>)],
     row_group_rows: Option<usize>,
@@ -40,7 +42,7 @@ pub(super) fn write_int64_columns(
 
 /// Plans and runs `sql`: the plan as it ran (with its metrics), and the
 /// batches it answered.
-pub(super) async fn plan_and_run(
+pub(crate) async fn plan_and_run(
     ctx: &SessionContext,
     sql: &str,
 ) -> (Arc<dyn ExecutionPlan>, Vec<RecordBatch>) {
@@ -55,4 +57,14 @@ pub(super) async fn plan_and_run(
         .await
         .expect("run");
     (plan, batches)
+}
+
+/// A context that lists a product's directory at each scan, as the mesh's
+/// does.
+pub(crate) fn relisting_context() -> SessionContext {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
+        .build_arc()
+        .expect("runtime");
+    SessionContext::new_with_config_rt(SessionConfig::new(), runtime)
 }
