@@ -59,6 +59,7 @@ use datafusion::physical_plan::{
     displayable,
 };
 use futures::TryStreamExt;
+use object_store::ObjectStore;
 use object_store::path::Path;
 use parquet::arrow::arrow_reader::ArrowReaderOptions;
 use parquet::arrow::async_reader::AsyncFileReader;
@@ -69,7 +70,7 @@ use super::parquet::footer;
 
 /// A scan is read from decoded row groups when its filters keep at most
 /// this many row groups of its files.
-pub(super) const HOT_ROW_GROUPS: usize = 2;
+const HOT_ROW_GROUPS: usize = 2;
 
 /// ... and those row groups hold at most this many rows: decoding a chunk
 /// whole costs about as much per row as a scan.
@@ -96,26 +97,26 @@ struct ChunkKey {
 /// The decoded column chunks, shared by every product of the gateway.
 static CHUNKS: OnceLock<moka::sync::Cache<ChunkKey, ArrayRef>> = OnceLock::new();
 
+/// A cache of decoded column chunks holding at most `bytes`.
+fn chunk_cache(bytes: u64) -> moka::sync::Cache<ChunkKey, ArrayRef> {
+    moka::sync::Cache::builder()
+        .max_capacity(bytes)
+        .weigher(|_, array: &ArrayRef| {
+            u32::try_from(array.get_array_memory_size()).unwrap_or(u32::MAX)
+        })
+        .build()
+}
+
 /// Sets how many bytes of decoded column chunks the gateway keeps. Only the
 /// first setting counts (the gateway's, at start); a cache set to 0 bytes
 /// keeps nothing and no scan is planned hot.
 pub fn set_row_group_cache(bytes: u64) {
-    let _ = CHUNKS.set(
-        moka::sync::Cache::builder()
-            .max_capacity(bytes)
-            .weigher(|_, array: &ArrayRef| {
-                u32::try_from(array.get_array_memory_size()).unwrap_or(u32::MAX)
-            })
-            .build(),
-    );
+    let _ = CHUNKS.set(chunk_cache(bytes));
 }
 
 /// The cache, at its default size when none was set.
 fn chunks() -> &'static moka::sync::Cache<ChunkKey, ArrayRef> {
-    if CHUNKS.get().is_none() {
-        set_row_group_cache(crate::config::Limits::default().row_group_cache);
-    }
-    CHUNKS.get().expect("the cache was just set")
+    CHUNKS.get_or_init(|| chunk_cache(crate::config::Limits::default().row_group_cache))
 }
 
 /// The bytes of decoded column chunks the gateway keeps now.
@@ -151,6 +152,51 @@ struct FileRead {
     /// For each column the scan reads (in [`HotScan::read`] order), its
     /// index in `schema`.
     columns: Vec<usize>,
+}
+
+impl FileRead {
+    /// How the columns of `read` are read from `file`, and the row groups
+    /// that `predicate` (over the product's schema) keeps by their
+    /// statistics; with how many row groups the file has.
+    async fn pruned(
+        state: &dyn Session,
+        store: &dyn ObjectStore,
+        file: PartitionedFile,
+        read: &Schema,
+        predicate: &Arc<dyn PhysicalExpr>,
+        metrics: &ExecutionPlanMetricsSet,
+    ) -> Option<(Self, usize)> {
+        let metadata = footer(state, store, &file.object_meta).await.ok()?;
+        let (schema, columns) = read_schema(&file, &metadata, read)?;
+        let file_predicate = reassign_expr_columns(Arc::clone(predicate), &schema).ok()?;
+        // A filter that cannot prune keeps every row group.
+        let pruning = PruningPredicateBuilder::new()
+            .with_file_schema(Arc::clone(&schema))
+            .with_max_in_list_size(state.config_options().execution.parquet.max_in_list_size)
+            .build(file_predicate)?;
+        let groups = metadata.row_groups();
+        let mut access = RowGroupAccessPlanFilter::new(ParquetAccessPlan::new_all(groups.len()));
+        let file_metrics = ParquetFileMetrics::new(0, file.object_meta.location.as_ref(), metrics);
+        access.prune_by_statistics(
+            &schema,
+            metadata.file_metadata().schema_descr(),
+            groups,
+            &pruning,
+            &file_metrics,
+        );
+        let row_groups = access.build().row_group_indexes();
+        let count = groups.len();
+        Some((
+            Self {
+                file,
+                metadata,
+                row_groups,
+                schema,
+                columns,
+            },
+            count,
+        ))
+    }
 }
 
 /// A Parquet scan that reads the few row groups its filters keep from
@@ -265,46 +311,20 @@ impl HotScan {
         let metrics = ExecutionPlanMetricsSet::new();
         let (mut reads, mut kept, mut total, mut rows) = (Vec::new(), 0, 0, 0);
         for file in files {
-            let metadata = footer(state, store.as_ref(), &file.object_meta)
-                .await
-                .ok()?;
-            let (schema, columns) = read_schema(&file, &metadata, &read)?;
-            let file_predicate = reassign_expr_columns(Arc::clone(&predicate), &schema).ok()?;
-            // A filter that cannot prune keeps every row group.
-            let pruning = PruningPredicateBuilder::new()
-                .with_file_schema(Arc::clone(&schema))
-                .with_max_in_list_size(state.config_options().execution.parquet.max_in_list_size)
-                .build(file_predicate)?;
-            let groups = metadata.row_groups();
-            let mut access =
-                RowGroupAccessPlanFilter::new(ParquetAccessPlan::new_all(groups.len()));
-            let file_metrics =
-                ParquetFileMetrics::new(0, file.object_meta.location.as_ref(), &metrics);
-            access.prune_by_statistics(
-                &schema,
-                metadata.file_metadata().schema_descr(),
-                groups,
-                &pruning,
-                &file_metrics,
-            );
-            let row_groups = access.build().row_group_indexes();
-            total += groups.len();
-            kept += row_groups.len();
-            rows += row_groups
+            let (file, row_groups) =
+                FileRead::pruned(state, store.as_ref(), file, &read, &predicate, &metrics).await?;
+            total += row_groups;
+            kept += file.row_groups.len();
+            rows += file
+                .row_groups
                 .iter()
-                .map(|&g| groups[g].num_rows())
+                .map(|&g| file.metadata.row_group(g).num_rows())
                 .sum::<i64>();
             if kept > HOT_ROW_GROUPS || rows > HOT_ROWS {
                 return None;
             }
-            if !row_groups.is_empty() {
-                reads.push(FileRead {
-                    file,
-                    metadata,
-                    row_groups,
-                    schema,
-                    columns,
-                });
+            if !file.row_groups.is_empty() {
+                reads.push(file);
             }
         }
         if kept == total {
