@@ -739,6 +739,15 @@ mod tests {
             .map_or(0, |value| value.as_usize())
     }
 
+    /// How many column chunks a hot scan decoded, and how many it took
+    /// from the cache.
+    fn chunks_read(metrics: &MetricsSet) -> (usize, usize) {
+        (
+            count(metrics, "column_chunks_decoded"),
+            count(metrics, "column_chunks_cached"),
+        )
+    }
+
     #[tokio::test]
     async fn a_scan_keeping_few_row_groups_reads_them_decoded_once_then_from_the_cache() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -750,18 +759,15 @@ mod tests {
         assert_eq!(rows, "| 345 | person 345 |");
         assert_eq!(hot.len(), 1, "{hot:?}");
         assert!(hot[0].0.contains("row_groups=1 of 10"), "{}", hot[0].0);
-        assert_eq!(count(&hot[0].1, "column_chunks_decoded"), 2);
-        assert_eq!(count(&hot[0].1, "column_chunks_cached"), 0);
+        assert_eq!(chunks_read(&hot[0].1), (2, 0));
 
         // The same row group again, one more column: two chunks from the
         // cache, one decoded.
         let (rows, hot) = run(&ctx, "SELECT region, name FROM people WHERE id = 301").await;
         assert_eq!(rows, "| US     | person 301 |");
-        assert_eq!(count(&hot[0].1, "column_chunks_decoded"), 1);
-        assert_eq!(count(&hot[0].1, "column_chunks_cached"), 2);
+        assert_eq!(chunks_read(&hot[0].1), (1, 2));
         let (_, hot) = run(&ctx, lookup).await;
-        assert_eq!(count(&hot[0].1, "column_chunks_decoded"), 0);
-        assert_eq!(count(&hot[0].1, "column_chunks_cached"), 2);
+        assert_eq!(chunks_read(&hot[0].1), (0, 2));
     }
 
     #[tokio::test]
