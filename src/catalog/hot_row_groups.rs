@@ -8,8 +8,12 @@
 //! lookup. A scan whose filters keep at most [`HOT_ROW_GROUPS`] of its
 //! files' row groups (and not all of them) is planned as a [`HotScan`]
 //! instead: it reads those row groups' columns from a cache of decoded
-//! column chunks, decoding a chunk whole the first time it is read, and
-//! evaluates the filters over the decoded rows.
+//! column chunks and evaluates the filters over the decoded rows.
+//!
+//! A scan whose chunks are not all cached yet is planned as DataFusion
+//! plans it, and the row groups it keeps are decoded into the cache in the
+//! background (one task a row group at a time): the first lookups into a
+//! row group cost what they did, not the decoding of the row group whole.
 //!
 //! A chunk is cached under the version of its file the listing saw
 //! (location, size, modification time, e-tag, version) and the type it is
@@ -19,7 +23,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arrow::array::{ArrayRef, AsArray, RecordBatch, RecordBatchOptions};
 use arrow::compute::{concat_batches, filter_record_batch};
@@ -119,6 +123,20 @@ fn chunks() -> &'static moka::sync::Cache<ChunkKey, ArrayRef> {
     CHUNKS.get_or_init(|| chunk_cache(crate::config::Limits::default().row_group_cache))
 }
 
+/// A row group being decoded into the cache: its file's version and its
+/// index.
+type Warming = (
+    Path,
+    u64,
+    DateTime<Utc>,
+    Option<String>,
+    Option<String>,
+    usize,
+);
+
+/// The row groups being decoded into the cache now.
+static WARMING: Mutex<BTreeSet<Warming>> = Mutex::new(BTreeSet::new());
+
 /// The bytes of decoded column chunks the gateway keeps now.
 pub fn row_group_cache_bytes() -> u64 {
     CHUNKS.get().map_or(0, |cache| {
@@ -128,14 +146,20 @@ pub fn row_group_cache_bytes() -> u64 {
 }
 
 /// `plan`, a scan of a Parquet product with `filters`, as a [`HotScan`]
-/// when the filters keep few of its files' row groups; otherwise `plan`.
+/// when the filters keep few of its files' row groups and their chunks are
+/// cached; otherwise `plan` (and the row groups kept are decoded into the
+/// cache in the background).
 pub(super) async fn hot_or_planned(
     state: &dyn Session,
     plan: Arc<dyn ExecutionPlan>,
     filters: &[Expr],
 ) -> Arc<dyn ExecutionPlan> {
     match HotScan::try_new(state, &plan, filters).await {
-        Some(hot) => Arc::new(hot),
+        Some(hot) if hot.reads.cached() => Arc::new(hot),
+        Some(hot) => {
+            hot.reads.warm();
+            plan
+        }
         None => plan,
     }
 }
@@ -155,6 +179,40 @@ struct FileRead {
 }
 
 impl FileRead {
+    /// The cache's keys of the columns read from `row_group`.
+    fn keys(&self, row_group: usize) -> Vec<ChunkKey> {
+        let meta = &self.file.object_meta;
+        self.columns
+            .iter()
+            .map(|&index| {
+                let field = self.schema.field(index);
+                ChunkKey {
+                    location: meta.location.clone(),
+                    size: meta.size,
+                    last_modified: meta.last_modified,
+                    e_tag: meta.e_tag.clone(),
+                    version: meta.version.clone(),
+                    row_group,
+                    column: field.name().clone(),
+                    data_type: field.data_type().clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// `row_group` of this file, as [`WARMING`] holds it.
+    fn warming(&self, row_group: usize) -> Warming {
+        let meta = &self.file.object_meta;
+        (
+            meta.location.clone(),
+            meta.size,
+            meta.last_modified,
+            meta.e_tag.clone(),
+            meta.version.clone(),
+            row_group,
+        )
+    }
+
     /// How the columns of `read` are read from `file`, and the row groups
     /// that `predicate` (over the product's schema) keeps by their
     /// statistics; with how many row groups the file has.
@@ -390,6 +448,49 @@ impl HotReads {
         Ok(batches)
     }
 
+    /// Whether every chunk the scan reads is cached.
+    fn cached(&self) -> bool {
+        self.files.iter().all(|file| {
+            file.row_groups.iter().all(|&group| {
+                file.keys(group)
+                    .iter()
+                    .all(|key| chunks().contains_key(key))
+            })
+        })
+    }
+
+    /// Decodes the chunks the scan reads into the cache, in the background:
+    /// a task for each row group not cached whole and not being decoded
+    /// already.
+    fn warm(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for file in &self.files {
+            for &row_group in &file.row_groups {
+                let keys = file.keys(row_group);
+                if keys.iter().all(|key| chunks().contains_key(key)) {
+                    continue;
+                }
+                let warming = file.warming(row_group);
+                let mut underway = WARMING.lock().unwrap_or_else(|e| e.into_inner());
+                if !underway.insert(warming.clone()) {
+                    continue;
+                }
+                drop(underway);
+                let (reads, file) = (self.clone(), file.clone());
+                runtime.spawn(async move {
+                    let _done = Warmed(warming);
+                    let counts = (Count::new(), Count::new());
+                    if let Err(error) = reads.chunks(&file, row_group, (&counts.0, &counts.1)).await
+                    {
+                        tracing::debug!(file = %file.file.object_meta.location, row_group, %error, "row group not cached");
+                    }
+                });
+            }
+        }
+    }
+
     /// The columns `self.read` of `row_group` of `file`: from the cache, or
     /// decoded (and then cached).
     async fn chunks(
@@ -398,24 +499,7 @@ impl HotReads {
         row_group: usize,
         (decoded, cached): (&Count, &Count),
     ) -> Result<Vec<ArrayRef>> {
-        let meta = &file.file.object_meta;
-        let keys: Vec<ChunkKey> = file
-            .columns
-            .iter()
-            .map(|&index| {
-                let field = file.schema.field(index);
-                ChunkKey {
-                    location: meta.location.clone(),
-                    size: meta.size,
-                    last_modified: meta.last_modified,
-                    e_tag: meta.e_tag.clone(),
-                    version: meta.version.clone(),
-                    row_group,
-                    column: field.name().clone(),
-                    data_type: field.data_type().clone(),
-                }
-            })
-            .collect();
+        let keys = file.keys(row_group);
         let mut columns: Vec<Option<ArrayRef>> = keys.iter().map(|key| chunks().get(key)).collect();
         let missing: Vec<usize> = (0..columns.len())
             .filter(|&i| columns[i].is_none())
@@ -460,6 +544,26 @@ impl HotReads {
         let schema = Arc::clone(stream.schema());
         let batches: Vec<RecordBatch> = stream.try_collect().await?;
         Ok(concat_batches(&schema, &batches)?)
+    }
+}
+
+/// Takes a row group off [`WARMING`] when its task ends, however it ends.
+struct Warmed(Warming);
+
+impl Drop for Warmed {
+    fn drop(&mut self) {
+        WARMING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.0);
+    }
+}
+
+/// Waits until no row group is being decoded into the cache.
+#[cfg(test)]
+pub(crate) async fn warmed() {
+    while !WARMING.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
 
@@ -712,7 +816,12 @@ mod tests {
     /// (what they show, and their metrics after the run).
     async fn run(ctx: &SessionContext, sql: &str) -> (String, Vec<(String, MetricsSet)>) {
         let (plan, batches) = plan_and_run(ctx, sql).await;
-        let mut lines: Vec<String> = pretty_format_batches(&batches)
+        (sorted_rows(&batches), hot_scans(&plan))
+    }
+
+    /// The rows of `batches`, as a sorted table.
+    fn sorted_rows(batches: &[RecordBatch]) -> String {
+        let mut lines: Vec<String> = pretty_format_batches(batches)
             .expect("format")
             .to_string()
             .lines()
@@ -721,6 +830,11 @@ mod tests {
             .map(String::from)
             .collect();
         lines.sort();
+        lines.join("\n")
+    }
+
+    /// The hot scans in `plan`: what they show, and their metrics.
+    fn hot_scans(plan: &Arc<dyn ExecutionPlan>) -> Vec<(String, MetricsSet)> {
         let mut hot = Vec::new();
         plan.apply(|node| {
             if let Some(scan) = node.downcast_ref::<HotScan>() {
@@ -730,7 +844,7 @@ mod tests {
             Ok(TreeNodeRecursion::Continue)
         })
         .expect("walk");
-        (lines.join("\n"), hot)
+        hot
     }
 
     fn count(metrics: &MetricsSet, name: &str) -> usize {
@@ -748,26 +862,60 @@ mod tests {
         )
     }
 
+    /// Runs `sql` once, waits for the row groups it keeps to be decoded
+    /// into the cache, and runs it again: the rows of both runs, which must
+    /// be equal, and the hot scans of the second.
+    async fn run_warmed(ctx: &SessionContext, sql: &str) -> (String, Vec<(String, MetricsSet)>) {
+        let (first, _) = run(ctx, sql).await;
+        warmed().await;
+        let (rows, hot) = run(ctx, sql).await;
+        assert_eq!(rows, first, "{sql}");
+        (rows, hot)
+    }
+
     #[tokio::test]
-    async fn a_scan_keeping_few_row_groups_reads_them_decoded_once_then_from_the_cache() {
+    async fn a_scan_keeping_few_row_groups_is_read_from_chunks_decoded_in_the_background() {
         let dir = tempfile::tempdir().expect("tempdir");
         write_people(dir.path(), "person");
         let (ctx, _) = context(dir.path()).await;
 
+        // Planned as a Parquet scan while its row group is decoded.
         let lookup = "SELECT id, name FROM people WHERE id = 345";
+        let (rows, hot) = run(&ctx, lookup).await;
+        assert_eq!(rows, "| 345 | person 345 |");
+        assert!(hot.is_empty(), "{hot:?}");
+        warmed().await;
         let (rows, hot) = run(&ctx, lookup).await;
         assert_eq!(rows, "| 345 | person 345 |");
         assert_eq!(hot.len(), 1, "{hot:?}");
         assert!(hot[0].0.contains("row_groups=1 of 10"), "{}", hot[0].0);
-        assert_eq!(chunks_read(&hot[0].1), (2, 0));
-
-        // The same row group again, one more column: two chunks from the
-        // cache, one decoded.
-        let (rows, hot) = run(&ctx, "SELECT region, name FROM people WHERE id = 301").await;
-        assert_eq!(rows, "| US     | person 301 |");
-        assert_eq!(chunks_read(&hot[0].1), (1, 2));
-        let (_, hot) = run(&ctx, lookup).await;
         assert_eq!(chunks_read(&hot[0].1), (0, 2));
+
+        // The same row group, one more column: planned as a Parquet scan
+        // until that column is cached too.
+        let other = "SELECT region, name FROM people WHERE id = 301";
+        let (rows, hot) = run(&ctx, other).await;
+        assert_eq!(rows, "| US     | person 301 |");
+        assert!(hot.is_empty(), "{hot:?}");
+        let (_, hot) = run_warmed(&ctx, other).await;
+        assert_eq!(chunks_read(&hot[0].1), (0, 3));
+
+        // Chunks evicted between planning and running are decoded then.
+        let plan = ctx
+            .sql(lookup)
+            .await
+            .expect("sql")
+            .create_physical_plan()
+            .await
+            .expect("plan");
+        chunks().invalidate_all();
+        let batches = datafusion::physical_plan::collect(Arc::clone(&plan), ctx.task_ctx())
+            .await
+            .expect("run");
+        assert_eq!(sorted_rows(&batches), "| 345 | person 345 |");
+        let hot = hot_scans(&plan);
+        assert_eq!(hot.len(), 1, "{hot:?}");
+        assert_eq!(chunks_read(&hot[0].1), (2, 0));
     }
 
     #[tokio::test]
@@ -793,7 +941,7 @@ mod tests {
         for (filter, hot) in cases {
             for select in ["*", "name, id * 2 AS twice", "count(*)"] {
                 let sql = format!("SELECT {select} FROM people WHERE {filter}");
-                let (rows, scans) = run(&ctx, &sql).await;
+                let (rows, scans) = run_warmed(&ctx, &sql).await;
                 let plain = format!("SELECT {select} FROM plain WHERE {filter}");
                 let (expected, _) = run(&ctx, &plain).await;
                 assert_eq!(rows, expected, "{sql}");
@@ -805,7 +953,7 @@ mod tests {
         // A join's keys reach the hot scan as a dynamic filter.
         let join = "SELECT p.id, p.name FROM (VALUES (7), (8), (345)) v(k) \
                     JOIN {} p ON p.id = v.k WHERE p.id IN (7, 345)";
-        let (rows, scans) = run(&ctx, &join.replace("{}", "people")).await;
+        let (rows, scans) = run_warmed(&ctx, &join.replace("{}", "people")).await;
         assert_eq!(rows, "| 345 | person 345 |\n| 7   | person 7   |");
         assert_eq!(rows, run(&ctx, &join.replace("{}", "plain")).await.0);
         assert!(scans[0].0.contains("DynamicFilter"), "{scans:?}");
@@ -817,11 +965,16 @@ mod tests {
         write_people(dir.path(), "person");
         let (ctx, _) = context(dir.path()).await;
         let lookup = "SELECT name FROM people WHERE id = 345";
-        assert_eq!(run(&ctx, lookup).await.0, "| person 345 |");
+        let (rows, hot) = run_warmed(&ctx, lookup).await;
+        assert_eq!(rows, "| person 345 |");
+        assert_eq!(hot.len(), 1, "{hot:?}");
         write_people(dir.path(), "renamed person");
         let (rows, hot) = run(&ctx, lookup).await;
         assert_eq!(rows, "| renamed person 345 |");
-        assert_eq!(count(&hot[0].1, "column_chunks_decoded"), 2);
+        assert!(hot.is_empty(), "{hot:?}");
+        let (rows, hot) = run_warmed(&ctx, lookup).await;
+        assert_eq!(rows, "| renamed person 345 |");
+        assert_eq!(chunks_read(&hot[0].1), (0, 2));
     }
 
     #[tokio::test]
@@ -853,7 +1006,8 @@ mod tests {
                 PolicyTable::wrap("people".into(), Arc::clone(&product), dictionaries, &caller);
             ctx.deregister_table("governed").expect("deregister");
             ctx.register_table("governed", table).expect("register");
-            let (rows, hot) = run(&ctx, "SELECT * FROM governed WHERE id IN (345, 346)").await;
+            let (rows, hot) =
+                run_warmed(&ctx, "SELECT * FROM governed WHERE id IN (345, 346)").await;
             assert_eq!(rows, expected);
             assert_eq!(hot.len(), 1, "{hot:?}");
         }
