@@ -39,6 +39,29 @@ struct JwksKey {
     key: DecodingKey,
 }
 
+/// Tokens verified already are remembered this long at most (and never
+/// past their `exp`), so that the several calls of one query check a
+/// token's signature once.
+const VERIFIED_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A token verified: the identity it carries, whether it was minted for a
+/// local user, and its `nbf` and `exp`.
+#[derive(Debug, Clone)]
+struct Verified {
+    identity: CallerIdentity,
+    local_user: bool,
+    not_before: u64,
+    expires: u64,
+}
+
+impl Verified {
+    /// Whether the token is valid at `now` (seconds since the epoch), with
+    /// the leeway of a full verification.
+    fn valid_at(&self, now: u64) -> bool {
+        self.not_before <= now + LEEWAY_SECONDS && now <= self.expires + LEEWAY_SECONDS
+    }
+}
+
 /// Verifies and mints bearer tokens.
 pub struct TokenVerifier {
     issuer: String,
@@ -51,6 +74,8 @@ pub struct TokenVerifier {
     /// The secret was drawn at random, not configured.
     random_secret: bool,
     jwks: Vec<JwksKey>,
+    /// Tokens verified with these keys, by their text.
+    verified: moka::sync::Cache<String, Verified>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -90,12 +115,32 @@ impl TokenVerifier {
             hs256_secret,
             random_secret: config.hs256_secret.is_none(),
             jwks,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(VERIFIED_TTL)
+                .build(),
         })
     }
 
     /// Verifies a compact JWS and returns the identity it carries, and
-    /// whether it was minted for a local user.
+    /// whether it was minted for a local user. A token verified moments ago
+    /// is only checked against the clock again.
     pub fn verify(&self, token: &str) -> Result<(CallerIdentity, bool), AuthError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(verified) = self.verified.get(token)
+            && verified.valid_at(now)
+        {
+            return Ok((verified.identity, verified.local_user));
+        }
+        let verified = self.verify_signed(token)?;
+        if verified.valid_at(now) {
+            self.verified.insert(token.to_string(), verified.clone());
+        }
+        Ok((verified.identity, verified.local_user))
+    }
+
+    /// Verifies a compact JWS: its header, signature and claims.
+    fn verify_signed(&self, token: &str) -> Result<Verified, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             ErrorKind::InvalidAlgorithmName => {
                 AuthError::InvalidToken("algorithm not allowed".into())
@@ -146,7 +191,16 @@ impl TokenVerifier {
             _ => return Err(AuthError::InvalidToken("algorithm not allowed".into())),
         };
         let local_user = claims.get(LOCAL_USER_CLAIM) == Some(&Value::Bool(true));
-        Ok((self.identity_from_claims(claims)?, local_user))
+        let time = |claim: &str| claims.get(claim).and_then(Value::as_u64);
+        // `exp` is required, but may be written as a fraction: such a token
+        // is valid now (it was just verified) and is not remembered.
+        let (not_before, expires) = (time("nbf").unwrap_or(0), time("exp").unwrap_or(0));
+        Ok(Verified {
+            identity: self.identity_from_claims(claims)?,
+            local_user,
+            not_before,
+            expires,
+        })
     }
 
     fn identity_from_claims(

@@ -175,6 +175,24 @@ async fn bad_tokens_are_unauthenticated_with_a_clear_reason() {
 }
 
 #[tokio::test]
+async fn a_token_accepted_is_refused_once_it_expires() {
+    let server = TestServer::start().await;
+    // Valid for two more seconds, counting the 30 s of clock skew allowed.
+    let mut soon = claims("alice");
+    let expires = now() - 30 + 2;
+    soon["exp"] = json!(expires);
+    let token = hs256(&soon);
+    let mut client = server.client().await.with_token(&token);
+    client.query("SELECT 1").await.unwrap();
+    client.query("SELECT 1").await.unwrap();
+    while now() <= expires + 30 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    expect_unauthenticated(&server, &token, "expired").await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn alg_none_is_refused() {
     use base64::Engine;
     let server = TestServer::start().await;
