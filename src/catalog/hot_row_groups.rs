@@ -12,8 +12,9 @@
 //!
 //! A scan whose chunks are not all cached yet is planned as DataFusion
 //! plans it, and the row groups it keeps are decoded into the cache in the
-//! background (one task a row group at a time): the first lookups into a
-//! row group cost what they did, not the decoding of the row group whole.
+//! background (a task a row group, about one a core at once): the first
+//! lookups into a row group cost what they did, not the decoding of the row
+//! group whole.
 //!
 //! A chunk is cached under the version of its file the listing saw
 //! (location, size, modification time, e-tag, version) and the type it is
@@ -474,7 +475,9 @@ impl HotReads {
                 }
                 let warming = file.warming(row_group);
                 let mut underway = WARMING.lock().unwrap_or_else(|e| e.into_inner());
-                if !underway.insert(warming.clone()) {
+                // At most one row group a core is decoded at once; a row
+                // group left out is taken up by a later lookup into it.
+                if underway.len() >= warmers() || !underway.insert(warming.clone()) {
                     continue;
                 }
                 drop(underway);
@@ -545,6 +548,14 @@ impl HotReads {
         let batches: Vec<RecordBatch> = stream.try_collect().await?;
         Ok(concat_batches(&schema, &batches)?)
     }
+}
+
+/// How many row groups may be decoded into the cache at once: one a core,
+/// and at least the row groups one hot scan reads.
+fn warmers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(HOT_ROW_GROUPS, usize::from)
+        .max(HOT_ROW_GROUPS)
 }
 
 /// Takes a row group off [`WARMING`] when its task ends, however it ends.
