@@ -766,7 +766,7 @@ mod tests {
     use crate::catalog::parquet::as_dictionary_scan;
     use crate::config::{CsvOptions, FileFormat};
     use crate::policy::{CallerProductView, PolicyTable};
-    use crate::query::testing::{plan_and_run, relisting_context};
+    use crate::query::testing::{physical_plan, plan_and_run, relisting_context, run_plan};
 
     /// Writes `people.parquet` in `dir`: `id` 0..1000 in row groups of 100,
     /// `name` "`prefix` `id`", `region` EU, US or APAC in turn.
@@ -912,17 +912,9 @@ mod tests {
         assert_eq!(chunks_read(&hot[0].1), (0, 3));
 
         // Chunks evicted between planning and running are decoded then.
-        let plan = ctx
-            .sql(lookup)
-            .await
-            .expect("sql")
-            .create_physical_plan()
-            .await
-            .expect("plan");
+        let plan = physical_plan(&ctx, lookup).await;
         chunks().invalidate_all();
-        let batches = datafusion::physical_plan::collect(Arc::clone(&plan), ctx.task_ctx())
-            .await
-            .expect("run");
+        let batches = run_plan(&ctx, &plan).await;
         assert_eq!(sorted_rows(&batches), "| 345 | person 345 |");
         let hot = hot_scans(&plan);
         assert_eq!(hot.len(), 1, "{hot:?}");

@@ -639,6 +639,7 @@ mod tests {
     use super::*;
     use crate::config::{CsvOptions, FileFormat};
     use crate::policy::{CallerProductView, PolicyTable};
+    use crate::query::testing::physical_plan;
 
     /// `id` 0..1000; `region` EU, US, APAC or NULL in turn (dictionary
     /// encoded); `note` unique strings stored plain; in two files.
@@ -761,16 +762,6 @@ mod tests {
         ctx.deregister_table("people").expect("deregister");
         ctx.register_table("people", table).expect("register");
         physical_plan(ctx, sql).await
-    }
-
-    /// The physical plan of `sql` in `ctx`.
-    async fn physical_plan(ctx: &SessionContext, sql: &str) -> Arc<dyn ExecutionPlan> {
-        ctx.sql(sql)
-            .await
-            .expect("plan")
-            .create_physical_plan()
-            .await
-            .expect("physical plan")
     }
 
     /// The rows the planner expects out of `sql` over `product`, planned

@@ -40,22 +40,34 @@ pub(crate) fn write_int64_columns(
     writer.close().expect("close");
 }
 
+/// The physical plan of `sql`.
+pub(crate) async fn physical_plan(ctx: &SessionContext, sql: &str) -> Arc<dyn ExecutionPlan> {
+    ctx.sql(sql)
+        .await
+        .expect("sql")
+        .create_physical_plan()
+        .await
+        .expect("plan")
+}
+
+/// Runs `plan`: the batches it answered.
+pub(crate) async fn run_plan(
+    ctx: &SessionContext,
+    plan: &Arc<dyn ExecutionPlan>,
+) -> Vec<RecordBatch> {
+    collect(Arc::clone(plan), ctx.task_ctx())
+        .await
+        .expect("run")
+}
+
 /// Plans and runs `sql`: the plan as it ran (with its metrics), and the
 /// batches it answered.
 pub(crate) async fn plan_and_run(
     ctx: &SessionContext,
     sql: &str,
 ) -> (Arc<dyn ExecutionPlan>, Vec<RecordBatch>) {
-    let plan = ctx
-        .sql(sql)
-        .await
-        .expect("sql")
-        .create_physical_plan()
-        .await
-        .expect("plan");
-    let batches = collect(Arc::clone(&plan), ctx.task_ctx())
-        .await
-        .expect("run");
+    let plan = physical_plan(ctx, sql).await;
+    let batches = run_plan(ctx, &plan).await;
     (plan, batches)
 }
 
