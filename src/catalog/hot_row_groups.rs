@@ -85,16 +85,23 @@ const HOT_ROWS: i64 = 1 << 20;
 /// files.
 const HOT_FILES: usize = 64;
 
-/// A column chunk as read: the version of its file, the row group, the
-/// column's name in the file and the type it is read as.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct ChunkKey {
+/// A row group of a file, as the listing saw the file: its location,
+/// size, modification time, e-tag and version, and the row group's index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct RowGroupKey {
     location: Path,
     size: u64,
     last_modified: DateTime<Utc>,
     e_tag: Option<String>,
     version: Option<String>,
     row_group: usize,
+}
+
+/// A column chunk as read: its row group, the column's name in the file
+/// and the type it is read as.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ChunkKey {
+    row_group: RowGroupKey,
     column: String,
     data_type: DataType,
 }
@@ -124,19 +131,8 @@ fn chunks() -> &'static moka::sync::Cache<ChunkKey, ArrayRef> {
     CHUNKS.get_or_init(|| chunk_cache(crate::config::Limits::default().row_group_cache))
 }
 
-/// A row group being decoded into the cache: its file's version and its
-/// index.
-type Warming = (
-    Path,
-    u64,
-    DateTime<Utc>,
-    Option<String>,
-    Option<String>,
-    usize,
-);
-
 /// The row groups being decoded into the cache now.
-static WARMING: Mutex<BTreeSet<Warming>> = Mutex::new(BTreeSet::new());
+static WARMING: Mutex<BTreeSet<RowGroupKey>> = Mutex::new(BTreeSet::new());
 
 /// The bytes of decoded column chunks the gateway keeps now.
 pub fn row_group_cache_bytes() -> u64 {
@@ -180,20 +176,27 @@ struct FileRead {
 }
 
 impl FileRead {
+    /// `row_group` of this file, as the listing saw the file.
+    fn row_group(&self, row_group: usize) -> RowGroupKey {
+        let meta = &self.file.object_meta;
+        RowGroupKey {
+            location: meta.location.clone(),
+            size: meta.size,
+            last_modified: meta.last_modified,
+            e_tag: meta.e_tag.clone(),
+            version: meta.version.clone(),
+            row_group,
+        }
+    }
+
     /// The cache's keys of the columns read from `row_group`.
     fn keys(&self, row_group: usize) -> Vec<ChunkKey> {
-        let meta = &self.file.object_meta;
         self.columns
             .iter()
             .map(|&index| {
                 let field = self.schema.field(index);
                 ChunkKey {
-                    location: meta.location.clone(),
-                    size: meta.size,
-                    last_modified: meta.last_modified,
-                    e_tag: meta.e_tag.clone(),
-                    version: meta.version.clone(),
-                    row_group,
+                    row_group: self.row_group(row_group),
                     column: field.name().clone(),
                     data_type: field.data_type().clone(),
                 }
@@ -201,17 +204,11 @@ impl FileRead {
             .collect()
     }
 
-    /// `row_group` of this file, as [`WARMING`] holds it.
-    fn warming(&self, row_group: usize) -> Warming {
-        let meta = &self.file.object_meta;
-        (
-            meta.location.clone(),
-            meta.size,
-            meta.last_modified,
-            meta.e_tag.clone(),
-            meta.version.clone(),
-            row_group,
-        )
+    /// Whether every column read from `row_group` is cached.
+    fn cached(&self, row_group: usize) -> bool {
+        self.keys(row_group)
+            .iter()
+            .all(|key| chunks().contains_key(key))
     }
 
     /// How the columns of `read` are read from `file`, and the row groups
@@ -451,13 +448,9 @@ impl HotReads {
 
     /// Whether every chunk the scan reads is cached.
     fn cached(&self) -> bool {
-        self.files.iter().all(|file| {
-            file.row_groups.iter().all(|&group| {
-                file.keys(group)
-                    .iter()
-                    .all(|key| chunks().contains_key(key))
-            })
-        })
+        self.files
+            .iter()
+            .all(|file| file.row_groups.iter().all(|&group| file.cached(group)))
     }
 
     /// Decodes the chunks the scan reads into the cache, in the background:
@@ -469,11 +462,10 @@ impl HotReads {
         };
         for file in &self.files {
             for &row_group in &file.row_groups {
-                let keys = file.keys(row_group);
-                if keys.iter().all(|key| chunks().contains_key(key)) {
+                if file.cached(row_group) {
                     continue;
                 }
-                let warming = file.warming(row_group);
+                let warming = file.row_group(row_group);
                 let mut underway = WARMING.lock().unwrap_or_else(|e| e.into_inner());
                 // At most one row group a core is decoded at once; a row
                 // group left out is taken up by a later lookup into it.
@@ -559,7 +551,7 @@ fn warmers() -> usize {
 }
 
 /// Takes a row group off [`WARMING`] when its task ends, however it ends.
-struct Warmed(Warming);
+struct Warmed(RowGroupKey);
 
 impl Drop for Warmed {
     fn drop(&mut self) {
