@@ -14,6 +14,8 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::datasource::physical_plan::FileScanConfig;
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use object_store::ObjectStoreExt;
@@ -141,10 +143,27 @@ impl TableProvider for SingleFile {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let store = state.runtime_env().object_store(&self.table_url)?;
-        store.head(self.table_url.prefix()).await?;
-        self.table.scan(state, projection, filters, limit).await
+        let plan = self.table.scan(state, projection, filters, limit).await?;
+        // The listing looked the file up; only when it did not find it
+        // there (and listed whatever the path holds instead) is the file
+        // looked up again, to fail as missing.
+        if !reads_only(&plan, self.table_url.prefix()) {
+            let store = state.runtime_env().object_store(&self.table_url)?;
+            store.head(self.table_url.prefix()).await?;
+        }
+        Ok(plan)
     }
+}
+
+/// Whether `plan` is a scan of the file at `location` alone.
+fn reads_only(plan: &Arc<dyn ExecutionPlan>, location: &object_store::path::Path) -> bool {
+    plan.downcast_ref::<DataSourceExec>()
+        .and_then(|exec| exec.data_source().downcast_ref::<FileScanConfig>())
+        .is_some_and(|config| {
+            let mut files = config.file_groups.iter().flat_map(|group| group.iter());
+            files.all(|file| &file.object_meta.location == location)
+                && !config.file_groups.iter().all(|group| group.is_empty())
+        })
 }
 
 /// When the files at `url` last changed (the newest modification time of

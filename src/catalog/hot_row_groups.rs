@@ -12,9 +12,10 @@
 //!
 //! A scan whose chunks are not all cached yet is planned as DataFusion
 //! plans it, and the row groups it keeps are decoded into the cache in the
-//! background (a task a row group, about one a core at once): the first
-//! lookups into a row group cost what they did, not the decoding of the row
-//! group whole.
+//! background (a task a row group, about one a core at once, on threads of
+//! the lowest priority): the first lookups into a row group cost what they
+//! did, not the decoding of the row group whole, and the decoding does not
+//! hold up the lookups that run meanwhile.
 //!
 //! A chunk is cached under the version of its file the listing saw
 //! (location, size, modification time, e-tag, version) and the type it is
@@ -457,7 +458,7 @@ impl HotReads {
     /// a task for each row group not cached whole and not being decoded
     /// already.
     fn warm(&self) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some(runtime) = warmer() else {
             return;
         };
         for file in &self.files {
@@ -539,6 +540,41 @@ impl HotReads {
         let schema = Arc::clone(stream.schema());
         let batches: Vec<RecordBatch> = stream.try_collect().await?;
         Ok(concat_batches(&schema, &batches)?)
+    }
+}
+
+/// The runtime row groups are decoded on in the background: a thread a
+/// core, each at the lowest scheduling priority, so that decoding takes only
+/// the CPU that queries leave (a lookup that wakes does not wait for a
+/// decode to yield its core). `None` when no runtime could be started;
+/// then the caller's runtime is used, when there is one.
+fn warmer() -> Option<tokio::runtime::Handle> {
+    static WARMER: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    let started = WARMER.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(warmers())
+            .thread_name("meshgate-warmer")
+            .on_thread_start(lowest_priority)
+            .enable_all()
+            .build()
+            .map_err(|error| tracing::warn!(%error, "no background decoding runtime"))
+            .ok()
+    });
+    match started {
+        Some(runtime) => Some(runtime.handle().clone()),
+        None => tokio::runtime::Handle::try_current().ok(),
+    }
+}
+
+/// Gives the calling thread the lowest scheduling priority (nice 19). On
+/// Linux a thread's priority is its own; elsewhere this does nothing.
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority only read their arguments and change
+    // the calling thread's scheduling priority.
+    unsafe {
+        let thread = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, thread as libc::id_t, 19);
     }
 }
 
@@ -759,6 +795,22 @@ mod tests {
     use crate::config::{CsvOptions, FileFormat};
     use crate::policy::{CallerProductView, PolicyTable};
     use crate::query::testing::{physical_plan, plan_and_run, relisting_context, run_plan};
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn row_groups_are_decoded_on_threads_of_the_lowest_priority() {
+        let runtime = warmer().expect("a runtime for background decoding");
+        let (name, nice) = futures::executor::block_on(runtime.spawn(async {
+            let name = std::thread::current().name().map(str::to_string);
+            // SAFETY: gettid and getpriority only read the calling thread's state.
+            let nice =
+                unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+            (name, nice)
+        }))
+        .expect("the task runs");
+        assert_eq!(name.as_deref(), Some("meshgate-warmer"));
+        assert_eq!(nice, 19);
+    }
 
     /// Writes `people.parquet` in `dir`: `id` 0..1000 in row groups of 100,
     /// `name` "`prefix` `id`", `region` EU, US or APAC in turn.
