@@ -160,9 +160,12 @@ fn reads_only(plan: &Arc<dyn ExecutionPlan>, location: &object_store::path::Path
     plan.downcast_ref::<DataSourceExec>()
         .and_then(|exec| exec.data_source().downcast_ref::<FileScanConfig>())
         .is_some_and(|config| {
-            let mut files = config.file_groups.iter().flat_map(|group| group.iter());
-            files.all(|file| &file.object_meta.location == location)
-                && !config.file_groups.iter().all(|group| group.is_empty())
+            let mut files = config
+                .file_groups
+                .iter()
+                .flat_map(|group| group.iter())
+                .peekable();
+            files.peek().is_some() && files.all(|file| &file.object_meta.location == location)
         })
 }
 
