@@ -543,8 +543,8 @@ impl HotReads {
     }
 }
 
-/// The runtime row groups are decoded on in the background: a thread a
-/// core, each at the lowest scheduling priority, so that decoding takes only
+/// The runtime row groups are decoded on in the background: a thread for
+/// each row group decoded at once, each at the lowest scheduling priority, so that decoding takes only
 /// the CPU that queries leave (a lookup that wakes does not wait for a
 /// decode to yield its core). `None` when no runtime could be started;
 /// then the caller's runtime is used, when there is one.
@@ -578,12 +578,17 @@ fn lowest_priority() {
     }
 }
 
-/// How many row groups may be decoded into the cache at once: one a core,
-/// and at least the row groups one hot scan reads.
+/// How many row groups may be decoded into the cache at once (and how many
+/// threads decode them): one a core, and at least the row groups one hot
+/// scan reads. Counted once: finding the cores reads the process's cgroup
+/// files, and this is asked on every lookup planned as DataFusion plans it.
 fn warmers() -> usize {
-    std::thread::available_parallelism()
-        .map_or(HOT_ROW_GROUPS, usize::from)
-        .max(HOT_ROW_GROUPS)
+    static WARMERS: OnceLock<usize> = OnceLock::new();
+    *WARMERS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(HOT_ROW_GROUPS, usize::from)
+            .max(HOT_ROW_GROUPS)
+    })
 }
 
 /// Takes a row group off [`WARMING`] when its task ends, however it ends.
