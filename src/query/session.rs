@@ -21,6 +21,7 @@ use crate::catalog::{CATALOG_NAME, Mesh, MeshCatalog, ReadLog};
 use crate::metrics::Metrics;
 use crate::sources::{SourcePlanner, SourcePushdown};
 
+use super::decimal::NarrowDecimals;
 use super::join_filters::SelectiveJoinFilters;
 use super::join_sides::RowCountJoinSides;
 use super::selectivity::StringFilterSelectivity;
@@ -92,7 +93,8 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
 /// DataFusion's physical optimizer rules, with filters on strings given a
 /// selectivity before joins are chosen, partitioned joins built on the side
 /// with far fewer rows once they are, and join filters chosen at run time
-/// once the joins have pushed them down.
+/// once the joins have pushed them down, and decimal arithmetic on values
+/// that fit in 64 bits computed on them.
 pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules = PhysicalOptimizer::new().rules;
     let join_selection = rules
@@ -102,6 +104,7 @@ pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + 
     rules.insert(join_selection + 1, Arc::new(RowCountJoinSides));
     rules.insert(join_selection, Arc::new(StringFilterSelectivity));
     rules.push(Arc::new(SelectiveJoinFilters));
+    rules.push(Arc::new(NarrowDecimals));
     rules
 }
 
