@@ -7,6 +7,7 @@ mod join_filters;
 mod join_sides;
 mod selectivity;
 mod session;
+mod shared_subplans;
 mod stack;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -25,6 +25,7 @@ use super::decimal::NarrowDecimals;
 use super::join_filters::SelectiveJoinFilters;
 use super::join_sides::RowCountJoinSides;
 use super::selectivity::StringFilterSelectivity;
+use super::shared_subplans::SharedSubplans;
 
 /// The schema unqualified names resolve in; it holds no products, so every
 /// product is named `domain.product` (or `mesh.domain.product`).
@@ -93,8 +94,9 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
 /// DataFusion's physical optimizer rules, with filters on strings given a
 /// selectivity before joins are chosen, partitioned joins built on the side
 /// with far fewer rows once they are, and join filters chosen at run time
-/// once the joins have pushed them down, and decimal arithmetic on values
-/// that fit in 64 bits computed on them.
+/// once the joins have pushed them down, aggregates that occur twice
+/// computed once, and decimal arithmetic on values that fit in 64 bits
+/// computed on them.
 pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules = PhysicalOptimizer::new().rules;
     let join_selection = rules
@@ -103,6 +105,11 @@ pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + 
         .unwrap_or(0);
     rules.insert(join_selection + 1, Arc::new(RowCountJoinSides));
     rules.insert(join_selection, Arc::new(StringFilterSelectivity));
+    let dynamic_filters = rules
+        .iter()
+        .position(|rule| rule.name() == "FilterPushdown(Post)")
+        .unwrap_or(rules.len());
+    rules.insert(dynamic_filters, Arc::new(SharedSubplans));
     rules.push(Arc::new(SelectiveJoinFilters));
     rules.push(Arc::new(NarrowDecimals));
     rules
