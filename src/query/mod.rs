@@ -1,10 +1,10 @@
 //! Queries: parse and guard the SQL, plan it in the caller's session, bind
 //! parameters, and execute it into a stream of wire-typed batches.
 
-mod decimal;
 mod guard;
 mod join_filters;
 mod join_sides;
+mod kernels;
 mod selectivity;
 mod session;
 mod shared_subplans;

@@ -21,9 +21,9 @@ use crate::catalog::{CATALOG_NAME, Mesh, MeshCatalog, ReadLog};
 use crate::metrics::Metrics;
 use crate::sources::{SourcePlanner, SourcePushdown};
 
-use super::decimal::NarrowDecimals;
 use super::join_filters::SelectiveJoinFilters;
 use super::join_sides::RowCountJoinSides;
+use super::kernels::ExpressionKernels;
 use super::selectivity::StringFilterSelectivity;
 use super::shared_subplans::SharedSubplans;
 
@@ -95,8 +95,8 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
 /// selectivity before joins are chosen, partitioned joins built on the side
 /// with far fewer rows once they are, and join filters chosen at run time
 /// once the joins have pushed them down, aggregates that occur twice
-/// computed once, and decimal arithmetic on values that fit in 64 bits
-/// computed on them.
+/// computed once, and faster kernels for decimal arithmetic and
+/// conjunctions.
 pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules = PhysicalOptimizer::new().rules;
     let join_selection = rules
@@ -111,7 +111,7 @@ pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + 
         .unwrap_or(rules.len());
     rules.insert(dynamic_filters, Arc::new(SharedSubplans));
     rules.push(Arc::new(SelectiveJoinFilters));
-    rules.push(Arc::new(NarrowDecimals));
+    rules.push(Arc::new(ExpressionKernels));
     rules
 }
 

@@ -9,8 +9,8 @@
 //! time. Prices, quantities and rates of up to 18 digits (`DECIMAL(15,
 //! 2)` and the like) fit in 64 bits, and the product of two 64-bit values,
 //! or the sum of two of them each scaled by a power of ten that fits in 64
-//! bits, cannot overflow 128 bits: [`NarrowDecimals`] wraps each such
-//! expression in a [`NarrowDecimal`] that, batch by batch, checks that
+//! bits, cannot overflow 128 bits: each such expression is wrapped in a
+//! [`NarrowDecimal`] that, batch by batch, checks that
 //! every operand fits in 64 bits and then computes the results with one
 //! widening multiplication each and no checks. A batch with any wider
 //! operand is computed as before, and fails as before where a value
@@ -25,147 +25,32 @@ use arrow::array::{Array, ArrayRef, AsArray, Decimal128Array};
 use arrow::buffer::{NullBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Decimal128Type, FieldRef, Schema};
 use arrow::record_batch::RecordBatch;
-use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{ScalarValue, internal_err};
-use datafusion::config::ConfigOptions;
 use datafusion::error::Result;
 use datafusion::logical_expr::interval_arithmetic::Interval;
 use datafusion::logical_expr::sort_properties::ExprProperties;
 use datafusion::logical_expr::{ColumnarValue, Operator};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::BinaryExpr;
-use datafusion::physical_optimizer::PhysicalOptimizerRule;
-use datafusion::physical_plan::ExecutionPlan;
-use datafusion::physical_plan::aggregates::{AggregateExec, AggregateInputMode};
-use datafusion::physical_plan::filter::{FilterExec, FilterExecBuilder};
-use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
 
 /// The largest scale a fast sum or difference brings an operand to: ten to
 /// this power still fits in 64 bits.
 const MAX_RESCALE: i8 = 18;
 
-/// Wraps the decimal `+`, `-` and `*` that projections, filters and the
-/// first stage of aggregates evaluate in [`NarrowDecimal`]. Runs after the
-/// other rules: it changes how values are computed, not the plan.
-#[derive(Debug, Default)]
-pub(super) struct NarrowDecimals;
-
-impl PhysicalOptimizerRule for NarrowDecimals {
-    fn optimize(
-        &self,
-        plan: Arc<dyn ExecutionPlan>,
-        _config: &ConfigOptions,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        plan.transform_up(|node| {
-            narrow_node(&node).map(|narrowed| match narrowed {
-                Some(narrowed) => Transformed::yes(narrowed),
-                None => Transformed::no(node),
-            })
-        })
-        .map(|transformed| transformed.data)
+/// `binary` wrapped in a [`NarrowDecimal`], if it is a `+`, `-` or `*` of
+/// two decimals (as `schema` types them).
+pub(super) fn narrow_decimal(binary: &BinaryExpr, schema: &Schema) -> Option<NarrowDecimal> {
+    if !matches!(
+        binary.op(),
+        Operator::Plus | Operator::Minus | Operator::Multiply
+    ) {
+        return None;
     }
-
-    fn name(&self) -> &str {
-        "narrow_decimals"
-    }
-
-    fn schema_check(&self) -> bool {
-        true
-    }
-}
-
-/// `node` with its decimal arithmetic wrapped, or `None` when it has none
-/// (or is not an operator whose expressions are rewritten).
-fn narrow_node(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan>>> {
-    if let Some(projection) = node.downcast_ref::<ProjectionExec>() {
-        let schema = projection.input().schema();
-        let mut changed = false;
-        let exprs = projection
-            .expr()
-            .iter()
-            .map(|projected| {
-                let expr = narrow_expr(&projected.expr, &schema)?;
-                changed |= expr.transformed;
-                Ok(ProjectionExpr::new(expr.data, projected.alias.clone()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if !changed {
-            return Ok(None);
-        }
-        let narrowed = ProjectionExec::try_new(exprs, Arc::clone(projection.input()))?;
-        return Ok(Some(Arc::new(narrowed)));
-    }
-    if let Some(filter) = node.downcast_ref::<FilterExec>() {
-        let predicate = narrow_expr(filter.predicate(), &filter.input().schema())?;
-        if !predicate.transformed {
-            return Ok(None);
-        }
-        let narrowed = FilterExecBuilder::from(filter)
-            .with_predicate(predicate.data)
-            .build()?;
-        return Ok(Some(Arc::new(narrowed)));
-    }
-    if let Some(aggregate) = node.downcast_ref::<AggregateExec>() {
-        // Only a first stage evaluates its arguments on rows; the later
-        // ones merge states.
-        if aggregate.mode().input_mode() != AggregateInputMode::Raw {
-            return Ok(None);
-        }
-        let schema = aggregate.input().schema();
-        let mut changed = false;
-        let mut functions = Vec::with_capacity(aggregate.aggr_expr().len());
-        for function in aggregate.aggr_expr() {
-            let expressions = function.all_expressions();
-            let mut args = Vec::with_capacity(expressions.args.len());
-            let mut rewritten = false;
-            for arg in &expressions.args {
-                let arg = narrow_expr(arg, &schema)?;
-                rewritten |= arg.transformed;
-                args.push(arg.data);
-            }
-            let narrowed = rewritten
-                .then(|| function.with_new_expressions(args, expressions.order_by_exprs))
-                .flatten();
-            match narrowed {
-                Some(narrowed) => {
-                    changed = true;
-                    functions.push(Arc::new(narrowed));
-                }
-                None => functions.push(Arc::clone(function)),
-            }
-        }
-        if !changed {
-            return Ok(None);
-        }
-        return Ok(Some(Arc::new(aggregate.with_new_aggr_exprs(functions))));
-    }
-    Ok(None)
-}
-
-/// `expr` with each decimal `+`, `-` and `*` in it wrapped.
-fn narrow_expr(
-    expr: &Arc<dyn PhysicalExpr>,
-    schema: &Schema,
-) -> Result<Transformed<Arc<dyn PhysicalExpr>>> {
-    Arc::clone(expr).transform_up(|expr| {
-        let Some(binary) = expr.downcast_ref::<BinaryExpr>() else {
-            return Ok(Transformed::no(expr));
-        };
-        if !matches!(
-            binary.op(),
-            Operator::Plus | Operator::Minus | Operator::Multiply
-        ) {
-            return Ok(Transformed::no(expr));
-        }
-        let decimal = |side: &Arc<dyn PhysicalExpr>| {
-            matches!(side.data_type(schema), Ok(DataType::Decimal128(..)))
-        };
-        if !decimal(binary.left()) || !decimal(binary.right()) {
-            return Ok(Transformed::no(expr));
-        }
-        Ok(Transformed::yes(Arc::new(NarrowDecimal {
-            arithmetic: binary.clone(),
-        })))
+    let decimal = |side: &Arc<dyn PhysicalExpr>| {
+        matches!(side.data_type(schema), Ok(DataType::Decimal128(..)))
+    };
+    (decimal(binary.left()) && decimal(binary.right())).then(|| NarrowDecimal {
+        arithmetic: binary.clone(),
     })
 }
 
@@ -173,7 +58,7 @@ fn narrow_expr(
 /// 64 bits without overflow checks, and any other batch as `arithmetic`
 /// does. Displays, and compares, as `arithmetic`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(super) struct NarrowDecimal {
+pub(crate) struct NarrowDecimal {
     arithmetic: BinaryExpr,
 }
 
@@ -515,78 +400,5 @@ mod tests {
                 .expect("narrow")
                 .is_none()
         );
-    }
-
-    /// A query's projections, filters and first-stage aggregates get the
-    /// narrow arithmetic from the gateway's rules, and answer as without.
-    #[tokio::test]
-    async fn gateway_plans_compute_decimals_narrow_and_answer_alike() {
-        use datafusion::common::tree_node::TreeNodeRecursion;
-        use datafusion::datasource::MemTable;
-        use datafusion::execution::SessionStateBuilder;
-        use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
-        use datafusion::prelude::SessionContext;
-
-        use crate::query::session::{engine_config, physical_optimizer_rules};
-        use crate::query::testing::plan_and_run;
-
-        let rows = 10_000i128;
-        let price = column(
-            (0..rows)
-                .map(|i| Some(100_000 + i * 7919 % 9_000_000))
-                .collect(),
-            15,
-            2,
-        );
-        let rate = column((0..rows).map(|i| Some(i % 11)).collect(), 15, 2);
-        let table = batch(price, rate);
-        let sql = "SELECT r, sum(l * (1 - r)), sum(l * (1 - r) * (1 + r)), count(*) FROM t \
-                   WHERE l * r > 1000 GROUP BY r ORDER BY r";
-        let mut answers = Vec::new();
-        for rules in [PhysicalOptimizer::new().rules, physical_optimizer_rules()] {
-            let state = SessionStateBuilder::new()
-                .with_config(engine_config().with_target_partitions(2))
-                .with_default_features()
-                .with_physical_optimizer_rules(rules)
-                .build();
-            let ctx = SessionContext::new_with_state(state);
-            let t = MemTable::try_new(table.schema(), vec![vec![table.clone()]]).expect("table");
-            ctx.register_table("t", Arc::new(t)).expect("register");
-            let (plan, batches) = plan_and_run(&ctx, sql).await;
-            let mut narrowed = 0;
-            plan.apply(|node| {
-                let mut exprs: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
-                if let Some(projection) = node.downcast_ref::<ProjectionExec>() {
-                    exprs.extend(projection.expr().iter().map(|p| Arc::clone(&p.expr)));
-                }
-                if let Some(filter) = node.downcast_ref::<FilterExec>() {
-                    exprs.push(Arc::clone(filter.predicate()));
-                }
-                if let Some(aggregate) = node.downcast_ref::<AggregateExec>() {
-                    exprs.extend(aggregate.aggr_expr().iter().flat_map(|f| f.expressions()));
-                }
-                for expr in exprs {
-                    expr.apply(|e| {
-                        narrowed += usize::from(e.downcast_ref::<NarrowDecimal>().is_some());
-                        Ok(TreeNodeRecursion::Continue)
-                    })?;
-                }
-                Ok(TreeNodeRecursion::Continue)
-            })
-            .expect("walk");
-            answers.push((
-                narrowed,
-                arrow::util::pretty::pretty_format_batches(&batches)
-                    .expect("format")
-                    .to_string(),
-            ));
-        }
-        assert_eq!(
-            answers[0].0, 0,
-            "DataFusion's own rules leave the plan alone"
-        );
-        assert!(answers[1].0 >= 3, "{} narrow operations", answers[1].0);
-        assert_eq!(answers[0].1, answers[1].1);
-        assert!(answers[1].1.lines().count() > 12, "{}", answers[1].1);
     }
 }

@@ -1,0 +1,246 @@
+//! Faster kernels for expressions DataFusion evaluates slowly: decimal
+//! arithmetic on values that fit in 64 bits ([`decimal`]) and conjunctions
+//! of conditions that pass few rows ([`conjunction`]). Each replaces an
+//! expression of the physical plan with one that answers the same, and
+//! displays the same.
+
+mod conjunction;
+mod decimal;
+
+use std::sync::Arc;
+
+use arrow::datatypes::Schema;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::config::ConfigOptions;
+use datafusion::error::Result;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::BinaryExpr;
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateInputMode};
+use datafusion::physical_plan::filter::{FilterExec, FilterExecBuilder};
+use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
+
+use conjunction::conjunction_of;
+use decimal::narrow_decimal;
+
+/// Swaps faster kernels into the expressions that projections, filters and
+/// the first stage of aggregates evaluate: [`NarrowDecimal`](decimal::NarrowDecimal) for decimal
+/// `+`, `-` and `*`, [`Conjunction`](conjunction::Conjunction) for `AND`s. Runs after the other
+/// rules: it changes how values are computed, not the plan.
+#[derive(Debug, Default)]
+pub(super) struct ExpressionKernels;
+
+impl PhysicalOptimizerRule for ExpressionKernels {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        plan.transform_up(|node| {
+            rewrite_node(&node).map(|narrowed| match narrowed {
+                Some(narrowed) => Transformed::yes(narrowed),
+                None => Transformed::no(node),
+            })
+        })
+        .map(|transformed| transformed.data)
+    }
+
+    fn name(&self) -> &str {
+        "expression_kernels"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
+/// `node` with faster kernels in its expressions, or `None` when none
+/// applies (or it is not an operator whose expressions are rewritten).
+fn rewrite_node(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    if let Some(projection) = node.downcast_ref::<ProjectionExec>() {
+        let schema = projection.input().schema();
+        let mut changed = false;
+        let exprs = projection
+            .expr()
+            .iter()
+            .map(|projected| {
+                let expr = rewrite_expr(&projected.expr, &schema)?;
+                changed |= expr.transformed;
+                Ok(ProjectionExpr::new(expr.data, projected.alias.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if !changed {
+            return Ok(None);
+        }
+        let narrowed = ProjectionExec::try_new(exprs, Arc::clone(projection.input()))?;
+        return Ok(Some(Arc::new(narrowed)));
+    }
+    if let Some(filter) = node.downcast_ref::<FilterExec>() {
+        let predicate = rewrite_expr(filter.predicate(), &filter.input().schema())?;
+        if !predicate.transformed {
+            return Ok(None);
+        }
+        let narrowed = FilterExecBuilder::from(filter)
+            .with_predicate(predicate.data)
+            .build()?;
+        return Ok(Some(Arc::new(narrowed)));
+    }
+    if let Some(aggregate) = node.downcast_ref::<AggregateExec>() {
+        // Only a first stage evaluates its arguments on rows; the later
+        // ones merge states.
+        if aggregate.mode().input_mode() != AggregateInputMode::Raw {
+            return Ok(None);
+        }
+        let schema = aggregate.input().schema();
+        let mut changed = false;
+        let mut functions = Vec::with_capacity(aggregate.aggr_expr().len());
+        for function in aggregate.aggr_expr() {
+            let expressions = function.all_expressions();
+            let mut args = Vec::with_capacity(expressions.args.len());
+            let mut rewritten = false;
+            for arg in &expressions.args {
+                let arg = rewrite_expr(arg, &schema)?;
+                rewritten |= arg.transformed;
+                args.push(arg.data);
+            }
+            let narrowed = rewritten
+                .then(|| function.with_new_expressions(args, expressions.order_by_exprs))
+                .flatten();
+            match narrowed {
+                Some(narrowed) => {
+                    changed = true;
+                    functions.push(Arc::new(narrowed));
+                }
+                None => functions.push(Arc::clone(function)),
+            }
+        }
+        if !changed {
+            return Ok(None);
+        }
+        return Ok(Some(Arc::new(aggregate.with_new_aggr_exprs(functions))));
+    }
+    Ok(None)
+}
+
+/// `expr` with each `AND` of conditions a conjunction and each decimal
+/// `+`, `-` and `*` a narrow decimal operation.
+fn rewrite_expr(
+    expr: &Arc<dyn PhysicalExpr>,
+    schema: &Schema,
+) -> Result<Transformed<Arc<dyn PhysicalExpr>>> {
+    Arc::clone(expr).transform_down(|expr| {
+        if let Some(conjunction) = conjunction_of(&expr) {
+            return Ok(Transformed::yes(Arc::new(conjunction)));
+        }
+        let narrowed = expr
+            .downcast_ref::<BinaryExpr>()
+            .and_then(|binary| narrow_decimal(binary, schema));
+        Ok(match narrowed {
+            Some(narrowed) => Transformed::yes(Arc::new(narrowed)),
+            None => Transformed::no(expr),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{ArrayRef, Decimal128Array, Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field};
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    use datafusion::datasource::MemTable;
+    use datafusion::execution::SessionStateBuilder;
+    use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
+    use datafusion::prelude::SessionContext;
+
+    use super::conjunction::Conjunction;
+    use super::decimal::NarrowDecimal;
+    use super::*;
+    use crate::query::session::{engine_config, physical_optimizer_rules};
+    use crate::query::testing::plan_and_run;
+
+    /// How many expressions of the kernels `plan` evaluates: narrow decimal
+    /// operations and conjunctions.
+    fn kernels_in(plan: &Arc<dyn ExecutionPlan>) -> (usize, usize) {
+        let (mut narrowed, mut conjunctions) = (0, 0);
+        plan.apply(|node| {
+            let mut exprs: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
+            if let Some(projection) = node.downcast_ref::<ProjectionExec>() {
+                exprs.extend(projection.expr().iter().map(|p| Arc::clone(&p.expr)));
+            }
+            if let Some(filter) = node.downcast_ref::<FilterExec>() {
+                exprs.push(Arc::clone(filter.predicate()));
+            }
+            if let Some(aggregate) = node.downcast_ref::<AggregateExec>() {
+                exprs.extend(aggregate.aggr_expr().iter().flat_map(|f| f.expressions()));
+            }
+            for expr in exprs {
+                expr.apply(|e| {
+                    narrowed += usize::from(e.downcast_ref::<NarrowDecimal>().is_some());
+                    conjunctions += usize::from(e.downcast_ref::<Conjunction>().is_some());
+                    Ok(TreeNodeRecursion::Continue)
+                })?;
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .expect("walk");
+        (narrowed, conjunctions)
+    }
+
+    /// A query's projections, filters and first-stage aggregates get the
+    /// kernels from the gateway's rules, and answer as without them.
+    #[tokio::test]
+    async fn gateway_plans_evaluate_with_the_kernels_and_answer_alike() {
+        let rows = 10_000i64;
+        let decimals = |values: Vec<i128>| -> ArrayRef {
+            Arc::new(
+                Decimal128Array::from(values)
+                    .with_precision_and_scale(15, 2)
+                    .expect("decimal type"),
+            )
+        };
+        let price = decimals(
+            (0..rows)
+                .map(|i| i128::from(100_000 + i * 7919 % 9_000_000))
+                .collect(),
+        );
+        let rate = decimals((0..rows).map(|i| i128::from(i % 11)).collect());
+        let day: ArrayRef = Arc::new(Int64Array::from_iter_values(
+            (0..rows).map(|i| i * 31 % 365),
+        ));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("l", DataType::Decimal128(15, 2), false),
+            Field::new("r", DataType::Decimal128(15, 2), false),
+            Field::new("d", DataType::Int64, false),
+        ]));
+        let table = RecordBatch::try_new(schema, vec![price, rate, day]).expect("batch");
+        let sql = "SELECT r, sum(l * (1 - r)), sum(l * (1 - r) * (1 + r)), count(*) FROM t \
+                   WHERE l * r > 1000 AND d >= 30 AND d < 90 AND r <> 0.05 GROUP BY r ORDER BY r";
+        let mut answers = Vec::new();
+        for rules in [PhysicalOptimizer::new().rules, physical_optimizer_rules()] {
+            let state = SessionStateBuilder::new()
+                .with_config(engine_config().with_target_partitions(2))
+                .with_default_features()
+                .with_physical_optimizer_rules(rules)
+                .build();
+            let ctx = SessionContext::new_with_state(state);
+            let t = MemTable::try_new(table.schema(), vec![vec![table.clone()]]).expect("table");
+            ctx.register_table("t", Arc::new(t)).expect("register");
+            let (plan, batches) = plan_and_run(&ctx, sql).await;
+            let answer = arrow::util::pretty::pretty_format_batches(&batches)
+                .expect("format")
+                .to_string();
+            answers.push((kernels_in(&plan), answer));
+        }
+        assert_eq!(
+            answers[0].0,
+            (0, 0),
+            "DataFusion's own rules leave the plan alone"
+        );
+        let (narrowed, conjunctions) = answers[1].0;
+        assert!(narrowed >= 4, "{narrowed} narrow operations");
+        assert_eq!(conjunctions, 1);
+        assert_eq!(answers[0].1, answers[1].1);
+        assert_eq!(answers[1].1.lines().count(), 4 + 8, "{}", answers[1].1);
+    }
+}
