@@ -419,29 +419,36 @@ mod tests {
         );
     }
 
-    /// A CTE read twice (TPC-H q15's shape) is aggregated once, and answers
-    /// as when it is aggregated twice.
+    /// A CTE read twice is aggregated once, and answers as when it is
+    /// aggregated twice: read by a scalar subquery and the query (TPC-H
+    /// q15's shape), and joined with itself (its two reads run at once).
     #[tokio::test]
     async fn an_aggregate_read_twice_is_computed_once() {
         let dir = tempfile::tempdir().expect("dir");
         write_facts(dir.path());
-        let sql = "WITH totals AS (SELECT grp, sum(amount) AS total FROM facts \
-                   WHERE day < 200 GROUP BY grp) \
-                   SELECT grp, total FROM totals \
-                   WHERE total >= (SELECT max(total) FROM totals) - 2000 ORDER BY grp";
-        let (plain, plain_shared, plain_scanned) =
-            run(dir.path(), PhysicalOptimizer::new().rules, sql).await;
-        let (answer, shared, scanned) = run(dir.path(), physical_optimizer_rules(), sql).await;
-        assert_eq!(plain_shared, 0);
-        assert_eq!(shared, 2, "both references share one run");
-        assert_eq!(answer, plain);
-        assert!(answer.lines().count() > 5, "{answer}");
-        assert_eq!(
-            plain_scanned,
-            2 * FACTS as usize,
-            "without sharing the file is read twice"
-        );
-        assert_eq!(scanned, FACTS as usize, "the file is read once");
+        for sql in [
+            "WITH totals AS (SELECT grp, sum(amount) AS total FROM facts \
+             WHERE day < 200 GROUP BY grp) \
+             SELECT grp, total FROM totals \
+             WHERE total >= (SELECT max(total) FROM totals) - 2000 ORDER BY grp",
+            "WITH totals AS (SELECT day, sum(amount) AS total FROM facts GROUP BY day) \
+             SELECT a.day, a.total, b.total FROM totals a JOIN totals b ON a.day = b.day + 1 \
+             ORDER BY a.day",
+        ] {
+            let (plain, plain_shared, plain_scanned) =
+                run(dir.path(), PhysicalOptimizer::new().rules, sql).await;
+            let (answer, shared, scanned) = run(dir.path(), physical_optimizer_rules(), sql).await;
+            assert_eq!(plain_shared, 0);
+            assert_eq!(shared, 2, "both references share one run: {sql}");
+            assert_eq!(answer, plain, "{sql}");
+            assert!(answer.lines().count() > 5, "{answer}");
+            assert_eq!(
+                plain_scanned,
+                2 * FACTS as usize,
+                "without sharing the file is read twice"
+            );
+            assert_eq!(scanned, FACTS as usize, "the file is read once: {sql}");
+        }
     }
 
     /// Aggregates that differ anywhere (here the filter below them) are not
@@ -464,5 +471,62 @@ mod tests {
             assert_eq!(answer, plain, "{sql}");
             assert_eq!(scanned, plain_scanned, "{sql}");
         }
+    }
+
+    /// A run that fails (here: out of the query's memory) fails every
+    /// occurrence with its error, and the query ends.
+    #[tokio::test]
+    async fn a_failed_run_fails_the_query_with_its_error() {
+        use datafusion::execution::memory_pool::GreedyMemoryPool;
+        use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+        use datafusion::physical_plan::collect;
+
+        let dir = tempfile::tempdir().expect("dir");
+        write_facts(dir.path());
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(GreedyMemoryPool::new(16 * 1024)))
+            .build_arc()
+            .expect("runtime");
+        let state = SessionStateBuilder::new()
+            .with_config(engine_config().with_target_partitions(2))
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .with_physical_optimizer_rules(physical_optimizer_rules())
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        let path = dir.path().join("facts.parquet");
+        ctx.register_parquet("facts", path.to_string_lossy(), ParquetReadOptions::new())
+            .await
+            .expect("register");
+        let sql = "WITH totals AS (SELECT day, sum(amount) AS total FROM facts GROUP BY day) \
+                   SELECT a.day, a.total, b.total FROM totals a JOIN totals b ON a.day = b.day + 1";
+        let plan = ctx
+            .sql(sql)
+            .await
+            .expect("sql")
+            .create_physical_plan()
+            .await
+            .expect("plan");
+        let mut shared = 0;
+        plan.apply(|node| {
+            shared += usize::from(node.name() == "SharedSubplan");
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .expect("walk");
+        assert_eq!(shared, 2);
+        let outcome = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            collect(plan, ctx.task_ctx()),
+        )
+        .await
+        .expect("the query ends");
+        let error = outcome.expect_err("16 KiB is too little memory");
+        assert!(
+            error
+                .find_root()
+                .to_string()
+                .contains("Resources exhausted"),
+            "{error}"
+        );
     }
 }
