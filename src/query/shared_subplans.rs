@@ -62,12 +62,7 @@ impl PhysicalOptimizerRule for SharedSubplans {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let mut recursive = false;
-        plan.apply(|node| {
-            recursive |= node.name() == "RecursiveQueryExec";
-            Ok(TreeNodeRecursion::Continue)
-        })?;
-        if recursive {
+        if plan.exists(|node| Ok(node.name() == "RecursiveQueryExec"))? {
             return Ok(plan);
         }
         // Every candidate's occurrences; then the ones met first from the
@@ -90,7 +85,7 @@ impl PhysicalOptimizerRule for SharedSubplans {
             *outermost.entry(print).or_default() += 1;
             Ok(TreeNodeRecursion::Jump)
         })?;
-        let mut shared: HashMap<String, Arc<SharedResults>> = outermost
+        let shared: HashMap<String, Arc<SharedResults>> = outermost
             .into_iter()
             .filter(|(_, count)| *count > 1)
             .map(|(print, count)| (print, Arc::new(SharedResults::new(count))))
@@ -99,7 +94,7 @@ impl PhysicalOptimizerRule for SharedSubplans {
             return Ok(plan);
         }
         plan.transform_down(|node| {
-            let Some(results) = fingerprint(&node).and_then(|print| shared.get_mut(&print)) else {
+            let Some(results) = fingerprint(&node).and_then(|print| shared.get(&print)) else {
                 return Ok(Transformed::no(node));
             };
             let shared = SharedSubplan::new(node, Arc::clone(results));

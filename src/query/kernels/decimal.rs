@@ -166,12 +166,12 @@ fn narrow(op: Operator, left: &ColumnarValue, right: &ColumnarValue) -> Result<O
     let (Some((l, p1, s1)), Some((r, p2, s2))) = (Operand::of(left), Operand::of(right)) else {
         return Ok(None);
     };
-    if matches!((&l, &r), (Operand::Value(_), Operand::Value(_))) || !(0..=38).contains(&s1) {
+    if !(0..=38).contains(&s1) || !(0..=38).contains(&s2) || !l.fits() || !r.fits() {
         return Ok(None);
     }
-    if !(0..=38).contains(&s2) || !l.fits() || !r.fits() {
+    let Some(operands) = Operands::new(l, r) else {
         return Ok(None);
-    }
+    };
     // Arrow's result types (Hive's rules), as its kernel computes them.
     let (precision, scale, values) = match op {
         Operator::Multiply => {
@@ -183,7 +183,7 @@ fn narrow(op: Operator, left: &ColumnarValue, right: &ColumnarValue) -> Result<O
             (
                 precision,
                 scale,
-                apply(&l, &r, |a, b| i128::from(a) * i128::from(b)),
+                operands.apply(|a, b| i128::from(a) * i128::from(b)),
             )
         }
         Operator::Plus | Operator::Minus => {
@@ -200,48 +200,61 @@ fn narrow(op: Operator, left: &ColumnarValue, right: &ColumnarValue) -> Result<O
                 10i64.pow((scale - s2) as u32),
             );
             let values = if op == Operator::Plus {
-                apply(&l, &r, |a, b| {
-                    i128::from(a) * i128::from(lm) + i128::from(b) * i128::from(rm)
-                })
+                operands
+                    .apply(|a, b| i128::from(a) * i128::from(lm) + i128::from(b) * i128::from(rm))
             } else {
-                apply(&l, &r, |a, b| {
-                    i128::from(a) * i128::from(lm) - i128::from(b) * i128::from(rm)
-                })
+                operands
+                    .apply(|a, b| i128::from(a) * i128::from(lm) - i128::from(b) * i128::from(rm))
             };
             (precision, scale, values)
         }
         _ => return Ok(None),
     };
-    let nulls = match (&l, &r) {
-        (Operand::Column(l), Operand::Column(r)) => NullBuffer::union(l.nulls(), r.nulls()),
-        (Operand::Column(column), Operand::Value(_))
-        | (Operand::Value(_), Operand::Column(column)) => column.nulls().cloned(),
-        (Operand::Value(_), Operand::Value(_)) => None,
-    };
-    let result =
-        Decimal128Array::try_new(values, nulls)?.with_precision_and_scale(precision, scale)?;
+    let result = Decimal128Array::try_new(values, operands.nulls())?
+        .with_precision_and_scale(precision, scale)?;
     Ok(Some(Arc::new(result)))
 }
 
-/// `f` of each row's operands, both known to fit in 64 bits.
-fn apply(left: &Operand, right: &Operand, f: impl Fn(i64, i64) -> i128) -> ScalarBuffer<i128> {
-    match (left, right) {
-        (Operand::Column(l), Operand::Column(r)) => l
-            .values()
-            .iter()
-            .zip(r.values().iter())
-            .map(|(&a, &b)| f(a as i64, b as i64))
-            .collect(),
-        (Operand::Column(l), Operand::Value(b)) => {
-            let b = *b as i64;
-            l.values().iter().map(|&a| f(a as i64, b)).collect()
+/// The operands of a decimal operation over a batch, each known to fit in
+/// 64 bits: two columns, or a column and one value for every row.
+enum Operands<'a> {
+    Columns(&'a Decimal128Array, &'a Decimal128Array),
+    ColumnValue(&'a Decimal128Array, i64),
+    ValueColumn(i64, &'a Decimal128Array),
+}
+
+impl<'a> Operands<'a> {
+    /// `left` and `right`, unless both are single values.
+    fn new(left: Operand<'a>, right: Operand<'a>) -> Option<Self> {
+        match (left, right) {
+            (Operand::Column(l), Operand::Column(r)) => Some(Operands::Columns(l, r)),
+            (Operand::Column(l), Operand::Value(r)) => Some(Operands::ColumnValue(l, r as i64)),
+            (Operand::Value(l), Operand::Column(r)) => Some(Operands::ValueColumn(l as i64, r)),
+            (Operand::Value(_), Operand::Value(_)) => None,
         }
-        (Operand::Value(a), Operand::Column(r)) => {
-            let a = *a as i64;
-            r.values().iter().map(|&b| f(a, b as i64)).collect()
+    }
+
+    /// `f` of each row's operands.
+    fn apply(&self, f: impl Fn(i64, i64) -> i128) -> ScalarBuffer<i128> {
+        match self {
+            Operands::Columns(l, r) => l
+                .values()
+                .iter()
+                .zip(r.values().iter())
+                .map(|(&a, &b)| f(a as i64, b as i64))
+                .collect(),
+            Operands::ColumnValue(l, b) => l.values().iter().map(|&a| f(a as i64, *b)).collect(),
+            Operands::ValueColumn(a, r) => r.values().iter().map(|&b| f(*a, b as i64)).collect(),
         }
-        (Operand::Value(a), Operand::Value(b)) => {
-            std::iter::once(f(*a as i64, *b as i64)).collect()
+    }
+
+    /// The rows whose result is null: those where a column is.
+    fn nulls(&self) -> Option<NullBuffer> {
+        match self {
+            Operands::Columns(l, r) => NullBuffer::union(l.nulls(), r.nulls()),
+            Operands::ColumnValue(column, _) | Operands::ValueColumn(_, column) => {
+                column.nulls().cloned()
+            }
         }
     }
 }

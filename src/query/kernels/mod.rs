@@ -38,8 +38,8 @@ impl PhysicalOptimizerRule for ExpressionKernels {
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         plan.transform_up(|node| {
-            rewrite_node(&node).map(|narrowed| match narrowed {
-                Some(narrowed) => Transformed::yes(narrowed),
+            rewrite_node(&node).map(|rewritten| match rewritten {
+                Some(rewritten) => Transformed::yes(rewritten),
                 None => Transformed::no(node),
             })
         })
@@ -73,54 +73,57 @@ fn rewrite_node(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn Executio
         if !changed {
             return Ok(None);
         }
-        let narrowed = ProjectionExec::try_new(exprs, Arc::clone(projection.input()))?;
-        return Ok(Some(Arc::new(narrowed)));
+        let rewritten = ProjectionExec::try_new(exprs, Arc::clone(projection.input()))?;
+        return Ok(Some(Arc::new(rewritten)));
     }
     if let Some(filter) = node.downcast_ref::<FilterExec>() {
         let predicate = rewrite_expr(filter.predicate(), &filter.input().schema())?;
         if !predicate.transformed {
             return Ok(None);
         }
-        let narrowed = FilterExecBuilder::from(filter)
+        let rewritten = FilterExecBuilder::from(filter)
             .with_predicate(predicate.data)
             .build()?;
-        return Ok(Some(Arc::new(narrowed)));
+        return Ok(Some(Arc::new(rewritten)));
     }
     if let Some(aggregate) = node.downcast_ref::<AggregateExec>() {
-        // Only a first stage evaluates its arguments on rows; the later
-        // ones merge states.
-        if aggregate.mode().input_mode() != AggregateInputMode::Raw {
-            return Ok(None);
-        }
-        let schema = aggregate.input().schema();
-        let mut changed = false;
-        let mut functions = Vec::with_capacity(aggregate.aggr_expr().len());
-        for function in aggregate.aggr_expr() {
-            let expressions = function.all_expressions();
-            let mut args = Vec::with_capacity(expressions.args.len());
-            let mut rewritten = false;
-            for arg in &expressions.args {
-                let arg = rewrite_expr(arg, &schema)?;
-                rewritten |= arg.transformed;
-                args.push(arg.data);
-            }
-            let narrowed = rewritten
-                .then(|| function.with_new_expressions(args, expressions.order_by_exprs))
-                .flatten();
-            match narrowed {
-                Some(narrowed) => {
-                    changed = true;
-                    functions.push(Arc::new(narrowed));
-                }
-                None => functions.push(Arc::clone(function)),
-            }
-        }
-        if !changed {
-            return Ok(None);
-        }
-        return Ok(Some(Arc::new(aggregate.with_new_aggr_exprs(functions))));
+        return rewrite_aggregate(aggregate);
     }
     Ok(None)
+}
+
+/// `aggregate` with faster kernels in its functions' arguments, or `None`
+/// when none applies. Only a first stage evaluates its arguments on rows;
+/// the later ones merge states.
+fn rewrite_aggregate(aggregate: &AggregateExec) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    if aggregate.mode().input_mode() != AggregateInputMode::Raw {
+        return Ok(None);
+    }
+    let schema = aggregate.input().schema();
+    let mut changed = false;
+    let mut functions = Vec::with_capacity(aggregate.aggr_expr().len());
+    for function in aggregate.aggr_expr() {
+        let expressions = function.all_expressions();
+        let mut args = Vec::with_capacity(expressions.args.len());
+        let mut rewritten = false;
+        for arg in &expressions.args {
+            let arg = rewrite_expr(arg, &schema)?;
+            rewritten |= arg.transformed;
+            args.push(arg.data);
+        }
+        let rewritten = rewritten
+            .then(|| function.with_new_expressions(args, expressions.order_by_exprs))
+            .flatten();
+        match rewritten {
+            Some(rewritten) => {
+                changed = true;
+                functions.push(Arc::new(rewritten));
+            }
+            None => functions.push(Arc::clone(function)),
+        }
+    }
+    Ok(changed
+        .then(|| Arc::new(aggregate.with_new_aggr_exprs(functions)) as Arc<dyn ExecutionPlan>))
 }
 
 /// `expr` with each `AND` of conditions a conjunction and each decimal
