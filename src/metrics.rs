@@ -112,9 +112,11 @@ pub struct Metrics {
     products: Mutex<BTreeMap<String, ProductCounters>>,
     sources: Mutex<BTreeMap<String, SourceCounters>>,
     latency: Mutex<Histogram>,
-    /// Statements planned, and plans reused for the same caller.
+    /// Statements planned, plans reused for the same caller, and plans
+    /// of a statement's shape bound with its constants.
     plans_made: AtomicU64,
     plans_reused: AtomicU64,
+    plans_rebound: AtomicU64,
     /// Config reloads by outcome (`ok`, `rejected`).
     reloads: Mutex<BTreeMap<&'static str, u64>>,
     /// When the config was last loaded successfully (UNIX seconds).
@@ -182,6 +184,12 @@ impl Metrics {
             &self.plans_made
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A statement was planned by binding its constants into the plan of
+    /// its shape (see `query::shapes`).
+    pub fn statement_rebound(&self) {
+        self.plans_rebound.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn config_reloaded(&self, ok: bool) {
@@ -257,11 +265,12 @@ impl Metrics {
             &mut out,
             "meshgate_plans_total",
             "counter",
-            "Statements planned, and plans reused by the same caller's next request (`reused`).",
+            "Statements planned, plans reused by the same caller's next request (`reused`), and plans of the same caller's statement with other constants, rebound (`rebound`).",
         );
         for (outcome, counter) in [
             ("planned", &self.plans_made),
             ("reused", &self.plans_reused),
+            ("rebound", &self.plans_rebound),
         ] {
             let count = counter.load(Ordering::Relaxed);
             let _ = writeln!(out, "meshgate_plans_total{{outcome=\"{outcome}\"}} {count}");

@@ -7,6 +7,7 @@ mod join_sides;
 mod kernels;
 mod selectivity;
 mod session;
+mod shapes;
 mod shared_subplans;
 mod stack;
 #[cfg(test)]
@@ -33,7 +34,7 @@ use datafusion::execution::session_state::SessionState;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
-use datafusion::sql::parser::DFParserBuilder;
+use datafusion::sql::parser::{DFParserBuilder, Statement as DataFusionStatement};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use futures::{Stream, StreamExt};
 
@@ -47,6 +48,7 @@ use crate::catalog::{Mesh, MeshCatalog, ProductData, ProductName, ReadLog};
 use crate::config::Limits;
 use crate::metrics::{FinishedQuery, Metrics};
 use crate::policy::render_plan;
+use shapes::{ShapeCache, Shapes};
 
 /// Why a query could not run. Messages are safe to show the caller.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +211,9 @@ struct Published {
     /// Statements planned over `mesh`, so that the requests of one query
     /// (prepare, describe, fetch) plan it once.
     plans: PlanCache,
+    /// The shapes of statements planned over `mesh`, so that statements
+    /// differing only in their constants are planned once.
+    shapes: ShapeCache,
 }
 
 /// How long a planned statement is reused.
@@ -233,15 +238,18 @@ impl Published {
         metrics: &Arc<Metrics>,
     ) -> Self {
         let template = session::template_state(&mesh, limits.memory_per_query, metrics);
-        let plans = moka::sync::Cache::builder()
-            .max_capacity(PLAN_CACHE_ENTRIES)
-            .time_to_live(PLAN_TTL)
-            .build();
         Self {
             mesh,
             admin_groups,
             template,
-            plans,
+            plans: moka::sync::Cache::builder()
+                .max_capacity(PLAN_CACHE_ENTRIES)
+                .time_to_live(PLAN_TTL)
+                .build(),
+            shapes: moka::sync::Cache::builder()
+                .max_capacity(PLAN_CACHE_ENTRIES)
+                .time_to_live(PLAN_TTL)
+                .build(),
         }
     }
 }
@@ -327,6 +335,7 @@ impl QueryEngine {
             context,
             runtime,
             plans: published.plans.clone(),
+            shapes: published.shapes.clone(),
             catalog,
             is_admin,
             caller,
@@ -485,6 +494,8 @@ pub struct CallerSession {
     runtime: Arc<RuntimeEnv>,
     /// Statements planned over the same mesh.
     plans: PlanCache,
+    /// Shapes of statements planned over the same mesh.
+    shapes: ShapeCache,
     catalog: Arc<MeshCatalog>,
     /// Sees EXPLAIN below policy barriers.
     is_admin: bool,
@@ -584,11 +595,13 @@ impl CallerSession {
     }
 
     /// Plans `sql` for this caller, or reuses the plan made for the same
-    /// caller, token and text over the same mesh moments ago.
+    /// caller, token and text over the same mesh moments ago, or binds its
+    /// constants into the plan made for its shape (see [`shapes`]).
     async fn plan(&self, sql: &str) -> Result<PreparedQuery, QueryError> {
+        let token = self.forwarded_token();
         let key = PlanKey {
             caller: Arc::clone(&self.caller),
-            token: self.forwarded_token(),
+            token: token.clone(),
             sql: sql.into(),
         };
         if let Some(cached) = self.plans.get(&key) {
@@ -598,15 +611,26 @@ impl CallerSession {
         }
         let context = self.context.clone();
         let text = sql.to_string();
+        let shapes = Shapes {
+            cache: self.shapes.clone(),
+            caller: Arc::clone(&self.caller),
+            token,
+            reads: Arc::clone(&self.reads),
+        };
         // Planning counts against the query's time limit: a statement
         // that plans too long gets its answer at the limit.
         let timeout = self.limits.query_timeout;
-        let planning = stack::on_planning_stack(async move { plan_sql(&context, &text).await });
-        let query = match tokio::time::timeout(timeout, planning).await {
+        let planning =
+            stack::on_planning_stack(async move { plan_sql(&context, &text, &shapes).await });
+        let (query, rebound) = match tokio::time::timeout(timeout, planning).await {
             Ok(result) => result?,
             Err(_) => return Err(QueryError::Timeout(timeout)),
         };
-        self.metrics.statement_planned(false);
+        if rebound {
+            self.metrics.statement_rebound();
+        } else {
+            self.metrics.statement_planned(false);
+        }
         let reads = self.reads.lock().clone();
         self.plans.insert(
             key,
@@ -804,11 +828,32 @@ impl CallerSession {
     }
 }
 
-/// Parses, guards and plans one statement in `context`.
-async fn plan_sql(context: &SessionContext, sql: &str) -> Result<PreparedQuery, QueryError> {
+/// Parses, guards and plans one statement in `context`, through its shape
+/// when it has a usable one: the plan, and whether it was bound into the
+/// plan of a shape planned before.
+async fn plan_sql(
+    context: &SessionContext,
+    sql: &str,
+    shapes: &Shapes,
+) -> Result<(PreparedQuery, bool), QueryError> {
+    let statement = parse_statement(context, sql)?;
+    if let Some(planned) = shapes.plan(context, &statement, sql).await {
+        return Ok(planned);
+    }
+    Ok((plan_statement(context, statement, sql).await?, false))
+}
+
+/// Parses and guards the one statement of `sql`.
+fn parse_statement(context: &SessionContext, sql: &str) -> Result<DataFusionStatement, QueryError> {
     guard::check_complexity(sql)?;
-    let state = context.state();
-    let recursion_limit = state.config().options().sql_parser.recursion_limit.get();
+    let recursion_limit = context
+        .state_ref()
+        .read()
+        .config()
+        .options()
+        .sql_parser
+        .recursion_limit
+        .get();
     let mut statements = DFParserBuilder::new(sql)
         .with_dialect(&GenericDialect {})
         .with_recursion_limit(recursion_limit)
@@ -828,6 +873,16 @@ async fn plan_sql(context: &SessionContext, sql: &str) -> Result<PreparedQuery, 
         }
     };
     guard::check_and_normalize(&mut statement)?;
+    Ok(statement)
+}
+
+/// Plans one parsed and guarded statement (whose text is `sql`) in `context`.
+async fn plan_statement(
+    context: &SessionContext,
+    statement: DataFusionStatement,
+    sql: &str,
+) -> Result<PreparedQuery, QueryError> {
+    let state = context.state();
     let plan = state.statement_to_plan(statement).await?;
     datafusion::execution::context::SQLOptions::new()
         .with_allow_ddl(false)

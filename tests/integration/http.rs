@@ -177,6 +177,74 @@ async fn health_readiness_and_metrics() {
 }
 
 #[tokio::test]
+async fn a_statement_with_other_constants_is_bound_into_its_shapes_plan_under_the_same_policies() {
+    let server = TestServer::start().await;
+    let http = server.serve_http().await;
+    let plans = async || {
+        let (_, text) = http.get("/metrics", None).await;
+        ["planned", "reused", "rebound"].map(|outcome| {
+            metric(
+                &text,
+                &format!("meshgate_plans_total{{outcome=\"{outcome}\"}}"),
+            )
+            .unwrap()
+        })
+    };
+    // Two customers, one in Europe and one elsewhere, as the crm team sees them.
+    let mut crm = server.as_identity("cory", &["crm"], &[]).await;
+    let keys = crate::fixture::rows(
+        &mut crm,
+        "SELECT min(c_custkey) FROM crm.customer GROUP BY c_region = 'EUROPE' ORDER BY 1",
+    )
+    .await;
+    let keys: Vec<i64> = keys
+        .lines()
+        .filter_map(|line| line.trim_matches(|c| c == '|' || c == ' ').parse().ok())
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let lookup =
+        |key: i64| format!("SELECT c_custkey, c_region FROM crm.customer WHERE c_custkey = {key}");
+    let region_of = async |client: &mut crate::fixture::TestClient, key: i64| {
+        let out = crate::fixture::rows(client, &lookup(key)).await;
+        ["EUROPE", "AMERICA", "ASIA", "AFRICA", "MIDDLE EAST"]
+            .into_iter()
+            .find(|region| out.contains(&format!(" {region} ")))
+            .map(str::to_string)
+    };
+    let before = plans().await;
+    let mut eu = server
+        .as_identity("sam", &["analyst"], &[("region", "EUROPE")])
+        .await;
+    let mut found = Vec::new();
+    for key in &keys {
+        found.push(region_of(&mut eu, *key).await);
+    }
+    // The analyst's row filter holds for the rebound statement: one of the
+    // two customers is theirs, the other is not shown.
+    assert_eq!(
+        found
+            .iter()
+            .filter(|r| r.as_deref() == Some("EUROPE"))
+            .count(),
+        1,
+        "{found:?}"
+    );
+    assert_eq!(found.iter().filter(|r| r.is_none()).count(), 1, "{found:?}");
+    let after = plans().await;
+    assert_eq!(after[0] - before[0], 1.0, "the shape is planned once");
+    assert_eq!(after[2] - before[2], 1.0, "the second lookup is rebound");
+    // Another caller's lookups are planned for them, and see what they may.
+    let mut crm_found = Vec::new();
+    for key in &keys {
+        crm_found.push(region_of(&mut crm, *key).await);
+    }
+    assert!(crm_found.iter().all(Option::is_some), "{crm_found:?}");
+    assert_eq!(plans().await[0] - after[0], 1.0);
+    http.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_plan_is_reused_by_the_same_callers_next_request_only() {
     let server = TestServer::start().await;
     let http = server.serve_http().await;
