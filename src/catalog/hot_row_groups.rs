@@ -50,19 +50,23 @@ use datafusion::physical_expr::projection::ProjectionExprs;
 use datafusion::physical_expr::utils::{
     collect_columns, conjunction as conjunction_physical, reassign_expr_columns,
 };
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_optimizer::pruning::PruningPredicateBuilder;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::filter_pushdown::{
     ChildPushdownResult, FilterPushdownPhase, FilterPushdownPropagation, PushedDown,
 };
 use datafusion::physical_plan::metrics::{
     BaselineMetrics, Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet,
 };
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::statistics::{StatisticsArgs, StatisticsContext};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties, Statistics,
-    displayable,
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
+    PlanProperties, Statistics, displayable, replace_children_if_necessary,
 };
 use futures::TryStreamExt;
 use object_store::ObjectStore;
@@ -73,6 +77,7 @@ use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask, parquet_to
 use parquet::file::metadata::ParquetMetaData;
 
 use super::parquet::footer;
+use crate::policy::PolicyExec;
 
 /// A scan is read from decoded row groups when its filters keep at most
 /// this many row groups of its files.
@@ -785,6 +790,55 @@ impl ExecutionPlan for HotScan {
     }
 }
 
+/// Runs a plan that only filters, projects and governs the rows of one
+/// hot scan in one partition. DataFusion spreads such a scan's rows over
+/// the partitions (a round-robin repartition) for the operators above to
+/// run in parallel; for the few rows of a lookup, the tasks and channels
+/// that takes cost more than those operators, and the answer waits on them.
+#[derive(Debug)]
+pub(crate) struct SerialHotScans;
+
+impl PhysicalOptimizerRule for SerialHotScans {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(serial(&plan).unwrap_or(plan))
+    }
+
+    fn name(&self) -> &str {
+        "SerialHotScans"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
+/// `plan` in one partition, when it is a chain of filters, projections,
+/// policy barriers and round-robin repartitions over a hot scan that
+/// answers in one partition: the chain without its repartitions.
+fn serial(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+    if plan.downcast_ref::<HotScan>().is_some() {
+        return (plan.output_partitioning().partition_count() == 1).then(|| Arc::clone(plan));
+    }
+    let [child] = plan.children()[..] else {
+        return None;
+    };
+    if let Some(repartition) = plan.downcast_ref::<RepartitionExec>() {
+        let round_robin = matches!(repartition.partitioning(), Partitioning::RoundRobinBatch(_));
+        return if round_robin { serial(child) } else { None };
+    }
+    let passes_rows = plan.downcast_ref::<FilterExec>().is_some()
+        || plan.downcast_ref::<ProjectionExec>().is_some()
+        || plan.downcast_ref::<PolicyExec>().is_some();
+    if !passes_rows {
+        return None;
+    }
+    replace_children_if_necessary(Arc::clone(plan), vec![serial(child)?]).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use arrow::array::{Int64Array, StringArray};
@@ -968,6 +1022,68 @@ mod tests {
         let hot = hot_scans(&plan);
         assert_eq!(hot.len(), 1, "{hot:?}");
         assert_eq!(chunks_read(&hot[0].1), (2, 0));
+    }
+
+    /// The operators of `plan`, root first, and its partitions.
+    fn shape(plan: &Arc<dyn ExecutionPlan>) -> (Vec<String>, usize) {
+        let mut names = Vec::new();
+        plan.apply(|node| {
+            names.push(node.name().to_string());
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .expect("walk");
+        (names, plan.output_partitioning().partition_count())
+    }
+
+    #[tokio::test]
+    async fn a_lookup_read_hot_runs_in_one_partition() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_people(dir.path(), "person");
+        // Four partitions, so that DataFusion spreads the rows over them.
+        let (ctx, people) = context(dir.path()).await;
+        let ctx = SessionContext::new_with_config_rt(
+            ctx.copied_config().with_target_partitions(4),
+            ctx.runtime_env(),
+        );
+        ctx.register_table("people", people).expect("register");
+        let lookup = "SELECT name, id + 1 AS next FROM people WHERE id = 345 OR id = 360";
+        run_warmed(&ctx, lookup).await;
+        let plan = physical_plan(&ctx, lookup).await;
+        let (before, partitions) = shape(&plan);
+        assert!(
+            before.contains(&"RepartitionExec".to_string()),
+            "{before:?}"
+        );
+        assert_eq!(partitions, 4);
+
+        let serial = SerialHotScans
+            .optimize(Arc::clone(&plan), &ConfigOptions::default())
+            .expect("optimize");
+        let (after, partitions) = shape(&serial);
+        let expected: Vec<String> = before
+            .iter()
+            .filter(|name| *name != "RepartitionExec")
+            .cloned()
+            .collect();
+        assert_eq!(after, expected);
+        assert_eq!(after.last().map(String::as_str), Some("HotScan"));
+        assert_eq!(partitions, 1);
+        assert_eq!(
+            sorted_rows(&run_plan(&ctx, &serial).await),
+            "| person 345 | 346  |\n| person 360 | 361  |"
+        );
+
+        // Above an aggregate, or over a Parquet scan, the plan is left as it is.
+        for sql in [
+            "SELECT count(*) FROM people WHERE id = 345",
+            "SELECT name FROM people WHERE id > 10",
+        ] {
+            let plan = physical_plan(&ctx, sql).await;
+            let unchanged = SerialHotScans
+                .optimize(Arc::clone(&plan), &ConfigOptions::default())
+                .expect("optimize");
+            assert!(Arc::ptr_eq(&plan, &unchanged), "{sql}");
+        }
     }
 
     #[tokio::test]

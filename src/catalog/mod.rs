@@ -10,6 +10,7 @@ mod stored_values;
 mod views;
 
 pub(crate) use files::check_contract;
+pub(crate) use hot_row_groups::SerialHotScans;
 pub use hot_row_groups::{row_group_cache_bytes, set_row_group_cache};
 
 use std::collections::BTreeMap;

@@ -17,7 +17,7 @@ use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::auth::CallerIdentity;
-use crate::catalog::{CATALOG_NAME, Mesh, MeshCatalog, ReadLog};
+use crate::catalog::{CATALOG_NAME, Mesh, MeshCatalog, ReadLog, SerialHotScans};
 use crate::metrics::Metrics;
 use crate::sources::{SourcePlanner, SourcePushdown};
 
@@ -95,8 +95,9 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
 /// selectivity before joins are chosen, partitioned joins built on the side
 /// with far fewer rows once they are, and join filters chosen at run time
 /// once the joins have pushed them down, aggregates that occur twice
-/// computed once, and faster kernels for decimal arithmetic and
-/// conjunctions.
+/// computed once, faster kernels for decimal arithmetic and
+/// conjunctions, and lookups read from decoded row groups run in one
+/// partition.
 pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules = PhysicalOptimizer::new().rules;
     let join_selection = rules
@@ -112,6 +113,7 @@ pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + 
     rules.insert(dynamic_filters, Arc::new(SharedSubplans));
     rules.push(Arc::new(SelectiveJoinFilters));
     rules.push(Arc::new(ExpressionKernels));
+    rules.push(Arc::new(SerialHotScans));
     rules
 }
 
