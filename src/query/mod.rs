@@ -246,10 +246,7 @@ impl Published {
                 .max_capacity(PLAN_CACHE_ENTRIES)
                 .time_to_live(PLAN_TTL)
                 .build(),
-            shapes: moka::sync::Cache::builder()
-                .max_capacity(PLAN_CACHE_ENTRIES)
-                .time_to_live(PLAN_TTL)
-                .build(),
+            shapes: shapes::shape_cache(PLAN_CACHE_ENTRIES, PLAN_TTL),
         }
     }
 }

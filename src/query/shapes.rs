@@ -23,6 +23,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::datatypes::DataType;
 use datafusion::common::ScalarValue;
@@ -42,8 +43,40 @@ use crate::catalog::ReadLog;
 /// A shape is kept with its plan, whose placeholders are typed as the
 /// constants were, or with `None`: a shape that did not plan, or whose
 /// placeholders were typed otherwise, and whose statements are planned as
-/// written.
+/// written. That is remembered longer, so that a statement run now and
+/// then (a report filtering on dates) is not planned twice each time.
 pub(super) type ShapeCache = moka::sync::Cache<ShapeKey, Option<Arc<CachedPlan>>>;
+
+/// How long a shape found unusable is remembered.
+const UNUSABLE_TTL: Duration = Duration::from_secs(3600);
+
+/// An empty [`ShapeCache`] of `entries` shapes, each usable one kept for
+/// `ttl`.
+pub(super) fn shape_cache(entries: u64, ttl: Duration) -> ShapeCache {
+    moka::sync::Cache::builder()
+        .max_capacity(entries)
+        .expire_after(Lifetimes { usable: ttl })
+        .build()
+}
+
+struct Lifetimes {
+    usable: Duration,
+}
+
+impl moka::Expiry<ShapeKey, Option<Arc<CachedPlan>>> for Lifetimes {
+    fn expire_after_create(
+        &self,
+        _key: &ShapeKey,
+        plan: &Option<Arc<CachedPlan>>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(if plan.is_some() {
+            self.usable
+        } else {
+            UNUSABLE_TTL
+        })
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) struct ShapeKey {
@@ -296,7 +329,7 @@ mod tests {
 
     fn shapes() -> Shapes {
         Shapes {
-            cache: moka::sync::Cache::new(100),
+            cache: shape_cache(100, Duration::from_secs(10)),
             caller: Arc::new(CallerIdentity {
                 user: "sam".into(),
                 groups: vec![],
