@@ -2,68 +2,204 @@
 //! or more record-batch messages of at most [`MAX_MESSAGE_BYTES`] of Arrow
 //! buffers (the size gRPC clients accept by default with room to spare).
 //!
-//! Each message's body is written into a buffer sized like the previous
-//! one, so a stream of similar batches copies each buffer once (growing the
-//! body buffer as it fills would copy it again).
+//! A message's body is kept as the Arrow buffers it is made of, shared with
+//! the batch rather than copied into one buffer, with the IPC padding
+//! between them: the DoGet response writes them to the connection as they
+//! are (see `do_get`). Where one contiguous body is needed, as in a
+//! [`FlightData`], the buffers are joined.
+
+use std::collections::VecDeque;
 
 use arrow::array::RecordBatch;
+use arrow::buffer::Buffer;
 use arrow::datatypes::Schema;
 use arrow::error::ArrowError;
-use arrow::ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions};
+use arrow::ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteOptions, StreamEncoder};
 use arrow_flight::FlightData;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 /// Arrow buffer bytes per message before a batch is split by rows.
 pub(super) const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 
+/// A Flight message: its IPC header, app metadata, and body.
+#[derive(Debug, Clone)]
+pub(super) struct Message {
+    pub(super) header: Bytes,
+    pub(super) app_metadata: Bytes,
+    /// The body, in pieces laid end to end.
+    pub(super) body: Vec<Bytes>,
+}
+
+impl Message {
+    pub(super) fn body_len(&self) -> usize {
+        self.body.iter().map(Bytes::len).sum()
+    }
+}
+
+impl From<FlightData> for Message {
+    fn from(data: FlightData) -> Self {
+        Self {
+            header: data.data_header,
+            app_metadata: data.app_metadata,
+            body: vec![data.data_body],
+        }
+    }
+}
+
+impl From<Message> for FlightData {
+    fn from(message: Message) -> Self {
+        let data_body = match <[Bytes; 1]>::try_from(message.body) {
+            Ok([body]) => body,
+            Err(pieces) => {
+                let mut body = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+                for piece in pieces {
+                    body.extend_from_slice(&piece);
+                }
+                body.freeze()
+            }
+        };
+        FlightData {
+            data_header: message.header,
+            app_metadata: message.app_metadata,
+            data_body,
+            ..Default::default()
+        }
+    }
+}
+
 /// The IPC state of one Flight stream.
 pub(super) struct FlightEncoder {
-    generator: IpcDataGenerator,
-    dictionaries: DictionaryTracker,
-    options: IpcWriteOptions,
-    context: IpcWriteContext,
+    /// Encodes batches (and their dictionaries) as IPC stream messages whose
+    /// bodies share the batches' buffers.
+    stream: StreamEncoder,
 }
 
 impl FlightEncoder {
-    pub(super) fn new() -> Self {
-        let mut context = IpcWriteContext::default();
-        context.set_reserve_scratch(true);
-        Self {
-            generator: IpcDataGenerator::default(),
-            dictionaries: DictionaryTracker::new(false),
-            options: IpcWriteOptions::default(),
-            context,
-        }
+    pub(super) fn new(schema: &Schema) -> Result<Self, ArrowError> {
+        Ok(Self {
+            stream: StreamEncoder::try_new(schema)?,
+        })
     }
 
     /// The stream's first message.
-    pub(super) fn schema(&mut self, schema: &Schema, app_metadata: Option<Bytes>) -> FlightData {
-        let encoded = self.generator.schema_to_bytes_with_dictionary_tracker(
+    pub(super) fn schema(&self, schema: &Schema, app_metadata: Option<Bytes>) -> Message {
+        let encoded = IpcDataGenerator::default().schema_to_bytes_with_dictionary_tracker(
             schema,
-            &mut self.dictionaries,
-            &self.options,
+            &mut DictionaryTracker::new(false),
+            &IpcWriteOptions::default(),
         );
-        let mut message = FlightData::from(encoded);
-        if let Some(metadata) = app_metadata {
-            message.app_metadata = metadata;
+        Message {
+            header: encoded.ipc_message.into(),
+            app_metadata: app_metadata.unwrap_or_default(),
+            body: Vec::new(),
         }
-        message
     }
 
     /// The messages carrying `batch` (its dictionaries first, if any).
-    pub(super) fn batch(&mut self, batch: &RecordBatch) -> Result<Vec<FlightData>, ArrowError> {
+    pub(super) fn batch(&mut self, batch: &RecordBatch) -> Result<Vec<Message>, ArrowError> {
         let mut messages = Vec::new();
         for part in split(batch) {
-            let (dictionaries, data) = self.generator.encode(
-                &part,
-                &mut self.dictionaries,
-                &self.options,
-                &mut self.context,
-            )?;
-            messages.extend(dictionaries.into_iter().map(FlightData::from));
-            messages.push(FlightData::from(data));
+            let mut pieces = Pieces::from(self.stream.encode(&part)?);
+            while let Some(message) = pieces.next_message()? {
+                messages.push(message);
+            }
         }
         Ok(messages)
+    }
+}
+
+/// The buffers of an IPC stream, read message by message.
+struct Pieces {
+    buffers: VecDeque<Buffer>,
+}
+
+impl From<Vec<Buffer>> for Pieces {
+    fn from(buffers: Vec<Buffer>) -> Self {
+        Self {
+            buffers: buffers.into(),
+        }
+    }
+}
+
+impl Pieces {
+    /// The next record batch or dictionary message; none at the end. The
+    /// stream's schema message, which the encoder writes before its first
+    /// batch, is skipped: the Flight stream sends its own.
+    fn next_message(&mut self) -> Result<Option<Message>, ArrowError> {
+        loop {
+            if self.buffers.iter().all(|b| b.is_empty()) {
+                return Ok(None);
+            }
+            let prefix = join(&self.take(8)?);
+            // A continuation marker, then the metadata's length.
+            let length = match prefix.as_ref() {
+                [0xff, 0xff, 0xff, 0xff, a, b, c, d] => i32::from_le_bytes([*a, *b, *c, *d]),
+                _ => return Err(malformed("a message without its continuation marker")),
+            };
+            if length == 0 {
+                return Ok(None);
+            }
+            let length = usize::try_from(length).map_err(|_| malformed("a negative length"))?;
+            let header = join(&self.take(length)?);
+            let message = arrow::ipc::root_as_message(&header)
+                .map_err(|e| malformed(&format!("a header that does not parse: {e}")))?;
+            let body_len = usize::try_from(message.bodyLength())
+                .map_err(|_| malformed("a negative body length"))?;
+            let kind = message.header_type();
+            let body = self.take(body_len)?;
+            if kind == arrow::ipc::MessageHeader::Schema {
+                continue;
+            }
+            return Ok(Some(Message {
+                header,
+                app_metadata: Bytes::new(),
+                body: body
+                    .into_iter()
+                    .map(|b| Bytes::from_owner(Shared(b)))
+                    .collect(),
+            }));
+        }
+    }
+
+    /// The next `length` bytes, as pieces of the buffers.
+    fn take(&mut self, mut length: usize) -> Result<Vec<Buffer>, ArrowError> {
+        let mut taken = Vec::new();
+        while length > 0 {
+            let Some(front) = self.buffers.pop_front() else {
+                return Err(malformed("a message longer than the stream"));
+            };
+            if front.len() <= length {
+                length -= front.len();
+                taken.push(front);
+            } else {
+                taken.push(front.slice_with_length(0, length));
+                self.buffers.push_front(front.slice(length));
+                length = 0;
+            }
+        }
+        Ok(taken)
+    }
+}
+
+fn malformed(what: &str) -> ArrowError {
+    ArrowError::IpcError(format!("the IPC encoder wrote {what}"))
+}
+
+/// `buffers` copied into one.
+fn join(buffers: &[Buffer]) -> Bytes {
+    let mut joined = BytesMut::with_capacity(buffers.iter().map(|b| b.len()).sum());
+    for buffer in buffers {
+        joined.extend_from_slice(buffer);
+    }
+    joined.freeze()
+}
+
+/// An Arrow buffer lent to a [`Bytes`].
+struct Shared(Buffer);
+
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
     }
 }
 
@@ -106,11 +242,13 @@ mod tests {
 
     use super::*;
 
-    fn decode(schema_message: &FlightData, messages: &[FlightData]) -> Vec<RecordBatch> {
-        let schema = Arc::new(Schema::try_from(schema_message).unwrap());
+    fn decode(schema_message: Message, messages: &[Message]) -> Vec<RecordBatch> {
+        let schema_message = FlightData::from(schema_message);
+        let messages: Vec<FlightData> = messages.iter().cloned().map(FlightData::from).collect();
+        let schema = Arc::new(Schema::try_from(&schema_message).unwrap());
         let mut dictionaries = std::collections::HashMap::new();
         let mut batches = Vec::new();
-        for message in messages {
+        for message in &messages {
             let header = arrow::ipc::root_as_message(&message.data_header).unwrap();
             if header.header_type() == arrow::ipc::MessageHeader::DictionaryBatch {
                 let buffer = arrow::buffer::Buffer::from(message.data_body.to_vec());
@@ -140,24 +278,24 @@ mod tests {
             (0..rows).map(|i| format!("value {i}")),
         ));
         let batch = RecordBatch::try_from_iter([("n", numbers), ("w", words)]).unwrap();
-        let mut encoder = FlightEncoder::new();
+        let mut encoder = FlightEncoder::new(&batch.schema()).unwrap();
         let schema_message = encoder.schema(&batch.schema(), Some(Bytes::from_static(b"note")));
         assert_eq!(schema_message.app_metadata.as_ref(), b"note");
-        // Twice: the second batch is written into the reserved buffer.
+        // Twice: the encoder's state carries over from batch to batch.
         for _ in 0..2 {
             let messages = encoder.batch(&batch).unwrap();
             assert!(messages.len() > 1, "{} messages", messages.len());
             for message in &messages {
-                assert!(message.data_body.len() <= MAX_MESSAGE_BYTES + 1024);
+                assert!(message.body_len() <= MAX_MESSAGE_BYTES + 1024);
             }
-            let decoded = decode(&schema_message, &messages);
+            let decoded = decode(schema_message.clone(), &messages);
             let whole = arrow::compute::concat_batches(&batch.schema(), &decoded).unwrap();
             assert_eq!(whole, batch);
         }
         let sliced = batch.slice(123, 7);
         let messages = encoder.batch(&sliced).unwrap();
         assert_eq!(messages.len(), 1);
-        assert_eq!(decode(&schema_message, &messages), vec![sliced]);
+        assert_eq!(decode(schema_message.clone(), &messages), vec![sliced]);
         // An empty batch sends nothing: the schema message carries an
         // empty result.
         assert!(encoder.batch(&batch.slice(0, 0)).unwrap().is_empty());
@@ -167,10 +305,39 @@ mod tests {
     fn dictionaries_are_sent_before_the_batches_that_use_them() {
         let keys: DictionaryArray<Int32Type> = vec!["a", "b", "a"].into_iter().collect();
         let batch = RecordBatch::try_from_iter([("d", Arc::new(keys) as ArrayRef)]).unwrap();
-        let mut encoder = FlightEncoder::new();
+        let mut encoder = FlightEncoder::new(&batch.schema()).unwrap();
         let schema_message = encoder.schema(&batch.schema(), None);
         let messages = encoder.batch(&batch).unwrap();
         assert_eq!(messages.len(), 2);
-        assert_eq!(decode(&schema_message, &messages), vec![batch]);
+        assert_eq!(decode(schema_message, &messages), vec![batch]);
+    }
+
+    #[test]
+    fn a_message_body_shares_the_batch_buffers_it_is_made_of() {
+        let rows = 50_000;
+        let numbers = Int64Array::from_iter_values(0..rows);
+        let words = StringArray::from_iter_values((0..rows).map(|i| format!("w{}", i % 7)));
+        let flags = arrow::array::BooleanArray::from_iter((0..rows).map(|i| Some(i % 3 == 0)));
+        let values = numbers.values().inner().as_ptr();
+        let batch = RecordBatch::try_from_iter([
+            ("n", Arc::new(numbers) as ArrayRef),
+            ("w", Arc::new(words) as ArrayRef),
+            ("f", Arc::new(flags) as ArrayRef),
+        ])
+        .unwrap();
+        let mut encoder = FlightEncoder::new(&batch.schema()).unwrap();
+        let schema_message = encoder.schema(&batch.schema(), None);
+        let messages = encoder.batch(&batch).unwrap();
+        assert_eq!(messages.len(), 1);
+        // The 400 kB of numbers are a piece of the body as they are.
+        assert!(
+            messages[0]
+                .body
+                .iter()
+                .any(|piece| piece.as_ptr() == values),
+            "{:?}",
+            messages[0].body.iter().map(Bytes::len).collect::<Vec<_>>()
+        );
+        assert_eq!(decode(schema_message, &messages), vec![batch]);
     }
 }

@@ -3,6 +3,7 @@
 //! policy live here.
 
 mod auth_layer;
+mod do_get;
 mod encode;
 mod handle;
 mod metadata;
@@ -29,14 +30,15 @@ use arrow_flight::sql::{
     DoPutPreparedStatementResult, ProstMessageExt, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{
-    Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
-    IpcMessage, SchemaAsIpc, Ticket,
+    Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
+    HandshakeResponse, IpcMessage, SchemaAsIpc, Ticket,
 };
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use auth_layer::AuthLayer;
+pub use do_get::FlightServer;
 use handle::{StatementHandle, single_parameter_row};
 use status::ProtocolError;
 
@@ -59,6 +61,9 @@ pub struct MeshFlightService {
 
 type FlightDataStream = <MeshFlightService as FlightService>::DoGetStream;
 
+/// A DoGet answer as the messages it is sent as (see `do_get`).
+type MessageStream = Pin<Box<dyn Stream<Item = Result<encode::Message, Status>> + Send>>;
+
 impl MeshFlightService {
     pub fn new(authenticator: AuthenticatorRef, engine: Arc<QueryEngine>) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
@@ -70,8 +75,38 @@ impl MeshFlightService {
     }
 
     /// The gRPC server for this service. Wrap it in [`AuthLayer`].
-    pub fn into_server(self) -> FlightServiceServer<Self> {
-        FlightServiceServer::new(self).max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+    pub fn into_server(self) -> FlightServer {
+        let generated = FlightServiceServer::new(self.clone())
+            .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE);
+        FlightServer::new(generated, self)
+    }
+
+    /// The messages answering a DoGet: a query's straight from its batches,
+    /// any other ticket's through [`FlightService::do_get`].
+    async fn do_get_messages(&self, request: Request<Ticket>) -> Result<MessageStream, Status> {
+        let decoding = |e: &dyn std::fmt::Display| {
+            Status::invalid_argument(format!("the ticket does not decode: {e}"))
+        };
+        let any = Any::decode(request.get_ref().ticket.as_ref()).map_err(|e| decoding(&e))?;
+        let handle = if let Some(ticket) = any
+            .unpack::<TicketStatementQuery>()
+            .map_err(|e| decoding(&e))?
+        {
+            Some(ticket.statement_handle)
+        } else {
+            any.unpack::<CommandPreparedStatementQuery>()
+                .map_err(|e| decoding(&e))?
+                .map(|command| command.prepared_statement_handle)
+        };
+        let Some(handle) = handle else {
+            let messages = self.do_get(request).await?.into_inner();
+            return Ok(Box::pin(messages.map_ok(encode::Message::from)));
+        };
+        let caller = caller(&request)?;
+        let (session, bound) = self
+            .plan_handle(&handle, &caller, request.remote_addr(), token(&request))
+            .await?;
+        self.query_messages(session, bound).await
     }
 
     /// Plans a statement handle for its caller, parameters bound.
@@ -92,12 +127,12 @@ impl MeshFlightService {
         Ok((session, bound))
     }
 
-    /// Executes a planned query into a Flight data stream.
-    async fn stream_query(
+    /// Executes a planned query into the messages of its Flight stream.
+    async fn query_messages(
         &self,
         session: crate::query::CallerSession,
         query: PreparedQuery,
-    ) -> Result<Response<FlightDataStream>, Status> {
+    ) -> Result<MessageStream, Status> {
         let warnings = session.warnings();
         for warning in &warnings {
             tracing::warn!(%warning, "deprecated product read");
@@ -108,15 +143,24 @@ impl MeshFlightService {
         let batches = stream.map_err(Status::from);
         // Warnings travel as the app metadata of the stream's first message.
         let notice = (!warnings.is_empty()).then(|| format!("warning: {}", warnings.join("; ")));
-        let response = encode_stream(schema, batches, notice);
+        let messages = encode_messages(schema, batches, notice)?;
         // Counted as each message leaves, before the stream's end (and the
         // query's record) is reached.
-        Ok(response.map(|messages| -> FlightDataStream {
-            Box::pin(messages.inspect_ok(move |message| {
-                let bytes = message.data_header.len() + message.data_body.len();
-                sent.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
-            }))
-        }))
+        Ok(Box::pin(messages.inspect_ok(move |message| {
+            let bytes = message.header.len() + message.body_len();
+            sent.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+        })))
+    }
+
+    /// The same, as the Flight data of the trait's DoGet methods (DoGet
+    /// itself is answered by `do_get`, from the messages).
+    async fn stream_query(
+        &self,
+        session: crate::query::CallerSession,
+        query: PreparedQuery,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        let messages = self.query_messages(session, query).await?;
+        Ok(Response::new(Box::pin(messages.map_ok(FlightData::from))))
     }
 }
 
@@ -166,28 +210,34 @@ fn with_remarks(product: &crate::query::VisibleProduct) -> arrow::datatypes::Sch
 /// How long a login waits for a password-check slot.
 const LOGIN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// `batches` as Flight messages, `app_metadata` on the first.
+fn encode_messages(
+    schema: SchemaRef,
+    batches: impl Stream<Item = Result<RecordBatch, Status>> + Send + 'static,
+    app_metadata: Option<String>,
+) -> Result<MessageStream, Status> {
+    let mut encoder = encode::FlightEncoder::new(&schema).map_err(encoding)?;
+    let first = encoder.schema(&schema, app_metadata.map(bytes::Bytes::from));
+    let rest = batches
+        .map(move |batch| encoder.batch(&batch?).map_err(encoding))
+        .map_ok(|messages| futures::stream::iter(messages.into_iter().map(Ok)))
+        .try_flatten();
+    Ok(Box::pin(
+        futures::stream::once(async { Ok(first) }).chain(rest),
+    ))
+}
+
 /// `batches` as Flight data, `app_metadata` on the first message.
 fn encode_stream(
     schema: SchemaRef,
     batches: impl Stream<Item = Result<RecordBatch, Status>> + Send + 'static,
     app_metadata: Option<String>,
-) -> Response<FlightDataStream> {
-    let mut encoder = encode::FlightEncoder::new();
-    let first = encoder.schema(&schema, app_metadata.map(bytes::Bytes::from));
-    let rest = batches
-        .map(move |batch| {
-            encoder
-                .batch(&batch?)
-                .map_err(|e| Status::from(ProtocolError::Encoding(e.to_string())))
-        })
-        .map_ok(|messages| futures::stream::iter(messages.into_iter().map(Ok)))
-        .try_flatten();
-    Response::new(Box::pin(
-        futures::stream::once(async { Ok(first) }).chain(rest),
-    ))
+) -> Result<Response<FlightDataStream>, Status> {
+    let messages = encode_messages(schema, batches, app_metadata)?;
+    Ok(Response::new(Box::pin(messages.map_ok(FlightData::from))))
 }
 
-fn single_batch(batch: RecordBatch) -> Response<FlightDataStream> {
+fn single_batch(batch: RecordBatch) -> Result<Response<FlightDataStream>, Status> {
     encode_stream(
         batch.schema(),
         futures::stream::once(async { Ok(batch) }),
@@ -492,7 +542,7 @@ impl FlightSqlService for MeshFlightService {
         caller(&request)?;
         let mut builder = query.into_builder();
         builder.append(CATALOG_NAME);
-        Ok(single_batch(builder.build().map_err(encoding)?))
+        single_batch(builder.build().map_err(encoding)?)
     }
 
     async fn do_get_schemas(
@@ -505,7 +555,7 @@ impl FlightSqlService for MeshFlightService {
         for domain in self.engine.visible_domains(&caller) {
             builder.append(CATALOG_NAME, domain);
         }
-        Ok(single_batch(builder.build().map_err(encoding)?))
+        single_batch(builder.build().map_err(encoding)?)
     }
 
     async fn do_get_tables(
@@ -526,7 +576,7 @@ impl FlightSqlService for MeshFlightService {
                 )
                 .map_err(encoding)?;
         }
-        Ok(single_batch(builder.build().map_err(encoding)?))
+        single_batch(builder.build().map_err(encoding)?)
     }
 
     async fn do_get_table_types(
@@ -538,7 +588,7 @@ impl FlightSqlService for MeshFlightService {
         let mut builder = query.into_builder();
         builder.append("TABLE");
         builder.append("VIEW");
-        Ok(single_batch(builder.build().map_err(encoding)?))
+        single_batch(builder.build().map_err(encoding)?)
     }
 
     async fn do_get_sql_info(
@@ -551,7 +601,7 @@ impl FlightSqlService for MeshFlightService {
             .into_builder(&metadata::SQL_INFO)
             .build()
             .map_err(encoding)?;
-        Ok(single_batch(batch))
+        single_batch(batch)
     }
 
     async fn do_get_primary_keys(
@@ -560,9 +610,7 @@ impl FlightSqlService for MeshFlightService {
         request: Request<Ticket>,
     ) -> Result<Response<FlightDataStream>, Status> {
         caller(&request)?;
-        Ok(single_batch(metadata::empty_batch(
-            &metadata::PRIMARY_KEYS_SCHEMA,
-        )))
+        single_batch(metadata::empty_batch(&metadata::PRIMARY_KEYS_SCHEMA))
     }
 
     async fn do_get_exported_keys(
@@ -571,9 +619,7 @@ impl FlightSqlService for MeshFlightService {
         request: Request<Ticket>,
     ) -> Result<Response<FlightDataStream>, Status> {
         caller(&request)?;
-        Ok(single_batch(metadata::empty_batch(
-            &metadata::FOREIGN_KEYS_SCHEMA,
-        )))
+        single_batch(metadata::empty_batch(&metadata::FOREIGN_KEYS_SCHEMA))
     }
 
     async fn do_get_imported_keys(
@@ -582,9 +628,7 @@ impl FlightSqlService for MeshFlightService {
         request: Request<Ticket>,
     ) -> Result<Response<FlightDataStream>, Status> {
         caller(&request)?;
-        Ok(single_batch(metadata::empty_batch(
-            &metadata::FOREIGN_KEYS_SCHEMA,
-        )))
+        single_batch(metadata::empty_batch(&metadata::FOREIGN_KEYS_SCHEMA))
     }
 
     async fn do_get_cross_reference(
@@ -593,9 +637,7 @@ impl FlightSqlService for MeshFlightService {
         request: Request<Ticket>,
     ) -> Result<Response<FlightDataStream>, Status> {
         caller(&request)?;
-        Ok(single_batch(metadata::empty_batch(
-            &metadata::FOREIGN_KEYS_SCHEMA,
-        )))
+        single_batch(metadata::empty_batch(&metadata::FOREIGN_KEYS_SCHEMA))
     }
 
     async fn do_get_xdbc_type_info(
@@ -608,7 +650,7 @@ impl FlightSqlService for MeshFlightService {
             .into_builder(&metadata::XDBC_TYPE_INFO)
             .build()
             .map_err(encoding)?;
-        Ok(single_batch(batch))
+        single_batch(batch)
     }
 
     async fn do_put_statement_update(
