@@ -518,6 +518,11 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
     native = native[1:]
     flight_client.close()
 
+    # The same rows to the same ADBC client from a server that holds them in
+    # memory as the wire sends them: what the client takes when the server
+    # costs next to nothing.
+    memory = stream_from_memory(path, runs)
+
     def rates(samples):
         return {
             "seconds": summary([s[0] for s in samples]),
@@ -532,9 +537,10 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
         "pyarrow_local": rates(local),
         "meshgate_adbc": rates(remote),
         "meshgate_pyarrow_flight": rates(native),
+        "memory_server_adbc": rates(memory),
         "peak_rss": peak,
     }
-    for key in ("pyarrow_local", "meshgate_adbc", "meshgate_pyarrow_flight"):
+    for key in ("pyarrow_local", "meshgate_adbc", "meshgate_pyarrow_flight", "memory_server_adbc"):
         r = result[key]
         print(
             f"  stream {key:<23} {r['rows']} rows  median {r['seconds']['median']:.2f} s"
@@ -544,6 +550,51 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
             flush=True,
         )
     return result
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU time process `pid` has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # Fields after the command name, which is in parentheses.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stream_from_memory(path: pathlib.Path, runs: int) -> list:
+    """Streams of the whole file from `memory_server.py` to an ADBC client:
+    (seconds, rows, bytes, server CPU seconds, client CPU seconds) each."""
+    script = pathlib.Path(__file__).with_name("memory_server.py")
+    server = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline().split()
+        if len(line) != 2 or line[0] != "port":
+            raise RuntimeError(f"the memory server did not start: {line}")
+        connection = flightsql.connect(f"grpc://127.0.0.1:{line[1]}", autocommit=True)
+        cursor = connection.cursor()
+        samples = []
+        for _ in range(runs + 1):
+            start, client_cpu = time.perf_counter(), time.process_time()
+            server_cpu = process_cpu_seconds(server.pid)
+            cursor.execute("SELECT * FROM sales.lineitem")
+            rows = size = 0
+            for batch in cursor.fetch_record_batch():
+                rows += batch.num_rows
+                size += batch.nbytes
+            samples.append(
+                (
+                    time.perf_counter() - start,
+                    rows,
+                    size,
+                    process_cpu_seconds(server.pid) - server_cpu,
+                    time.process_time() - client_cpu,
+                )
+            )
+        cursor.close()
+        connection.close()
+        return samples[1:]
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def statement_query(sql: str) -> bytes:
@@ -882,7 +933,7 @@ def main() -> None:
             report["stream"] = run_stream(gateway, data, args.runs)
         finally:
             gateway.stop()
-        for key in ("pyarrow_local", "meshgate_adbc", "meshgate_pyarrow_flight"):
+        for key in ("pyarrow_local", "meshgate_adbc", "meshgate_pyarrow_flight", "memory_server_adbc"):
             for measure, unit in (("rows_per_s", "rows/s"), ("server_cpu_s", "s"), ("client_cpu_s", "s")):
                 r = report["stream"][key][measure]
                 rows_csv.append(["stream", key, measure, r["min"], r["median"], r["max"], unit])
@@ -946,6 +997,12 @@ def print_report(report: dict) -> None:
         print(
             f"  same stream to pyarrow's Flight client: {native['rows_per_s']['median'] / 1e6:.2f} M rows/s"
             f" ({native['rows_per_s']['median'] / local['rows_per_s']['median']:.0%})"
+        )
+        memory = stream["memory_server_adbc"]
+        print(
+            f"  same rows to ADBC from a server holding them in memory: {memory['rows_per_s']['median'] / 1e6:.2f}"
+            f" M rows/s ({memory['rows_per_s']['median'] / local['rows_per_s']['median']:.0%}),"
+            f" its CPU {memory['server_cpu_s']['median']:.2f} s, the client's {memory['client_cpu_s']['median']:.2f} s"
         )
         print(
             f"  CPU seconds per stream (median): gateway {remote['server_cpu_s']['median']:.2f},"
