@@ -227,10 +227,7 @@ class Gateway:
 
     def cpu_seconds(self) -> float:
         """User and system CPU time the gateway has used so far."""
-        with open(f"/proc/{self.process.pid}/stat") as stat:
-            # Fields after the command name, which is in parentheses.
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.process.pid)
 
     def connect(self):
         return flightsql.connect(
