@@ -29,6 +29,7 @@ use tonic::server::NamedService;
 use tower_service::Service;
 
 use super::encode::Message;
+use super::status::ProtocolError;
 use super::{MeshFlightService, MessageStream};
 
 /// The path of DoGet calls.
@@ -115,25 +116,28 @@ async fn read_ticket(body: tonic::body::Body) -> Result<Ticket, Status> {
     let bytes = http_body_util::Limited::new(body, MAX_REQUEST_BYTES)
         .collect()
         .await
-        .map_err(|e| Status::invalid_argument(format!("reading the DoGet request: {e}")))?
+        .map_err(|e| bad_request(format!("reading the DoGet request: {e}")))?
         .to_bytes();
     let Some((&[compressed, a, b, c, d], message)) = bytes.split_first_chunk::<5>() else {
-        return Err(Status::invalid_argument(
-            "the DoGet request holds no message",
-        ));
+        return Err(bad_request("the DoGet request holds no message".into()));
     };
     if compressed != 0 {
-        return Err(Status::unimplemented(
-            "compressed requests are not accepted: send the ticket uncompressed",
-        ));
+        return Err(ProtocolError::Unsupported(
+            "compressed requests are not accepted: send the ticket uncompressed".into(),
+        )
+        .into());
     }
     if u32::from_be_bytes([a, b, c, d]) as usize != message.len() {
-        return Err(Status::invalid_argument(
-            "the DoGet request must hold exactly one message, the ticket",
+        return Err(bad_request(
+            "the DoGet request must hold exactly one message, the ticket".into(),
         ));
     }
     <Ticket as prost::Message>::decode(message)
-        .map_err(|e| Status::invalid_argument(format!("the DoGet ticket does not decode: {e}")))
+        .map_err(|e| bad_request(format!("the DoGet ticket does not decode: {e}")))
+}
+
+fn bad_request(message: String) -> Status {
+    ProtocolError::BadRequest(message).into()
 }
 
 /// A DoGet response body: each message's frame head and body pieces, then
@@ -223,9 +227,9 @@ fn frame(message: Message, pieces: &mut VecDeque<Bytes>) -> Result<(), Status> {
         length += field(DATA_BODY, body_len);
     }
     let prefixed = u32::try_from(length).map_err(|_| {
-        Status::resource_exhausted(format!(
+        Status::from(ProtocolError::TooLarge(format!(
             "a row of the result takes {length} bytes, more than a gRPC message can hold"
-        ))
+        )))
     })?;
     let mut copied = BytesMut::with_capacity(FRAME_BYTES);
     copied.put_u8(0);

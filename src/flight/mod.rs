@@ -85,7 +85,9 @@ impl MeshFlightService {
     /// any other ticket's through [`FlightService::do_get`].
     async fn do_get_messages(&self, request: Request<Ticket>) -> Result<MessageStream, Status> {
         let decoding = |e: &dyn std::fmt::Display| {
-            Status::invalid_argument(format!("the ticket does not decode: {e}"))
+            Status::from(ProtocolError::BadRequest(format!(
+                "the ticket does not decode: {e}"
+            )))
         };
         let any = Any::decode(request.get_ref().ticket.as_ref()).map_err(|e| decoding(&e))?;
         let handle = if let Some(ticket) = any
@@ -159,8 +161,7 @@ impl MeshFlightService {
         session: crate::query::CallerSession,
         query: PreparedQuery,
     ) -> Result<Response<FlightDataStream>, Status> {
-        let messages = self.query_messages(session, query).await?;
-        Ok(Response::new(Box::pin(messages.map_ok(FlightData::from))))
+        Ok(as_flight_data(self.query_messages(session, query).await?))
     }
 }
 
@@ -233,8 +234,17 @@ fn encode_stream(
     batches: impl Stream<Item = Result<RecordBatch, Status>> + Send + 'static,
     app_metadata: Option<String>,
 ) -> Result<Response<FlightDataStream>, Status> {
-    let messages = encode_messages(schema, batches, app_metadata)?;
-    Ok(Response::new(Box::pin(messages.map_ok(FlightData::from))))
+    Ok(as_flight_data(encode_messages(
+        schema,
+        batches,
+        app_metadata,
+    )?))
+}
+
+/// `messages` as the Flight data of the trait's DoGet methods, each body
+/// joined into one buffer.
+fn as_flight_data(messages: MessageStream) -> Response<FlightDataStream> {
+    Response::new(Box::pin(messages.map_ok(FlightData::from)))
 }
 
 fn single_batch(batch: RecordBatch) -> Result<Response<FlightDataStream>, Status> {

@@ -73,6 +73,12 @@ pub(crate) enum ProtocolError {
     ReadOnly(String),
     #[error("encoding failed: {0}")]
     Encoding(String),
+    /// A request in a form the server does not take (a compressed one).
+    #[error("{0}")]
+    Unsupported(String),
+    /// An answer too large for the protocol to carry.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl From<ProtocolError> for Status {
@@ -90,6 +96,14 @@ impl From<ProtocolError> for Status {
             ProtocolError::Encoding(_) => {
                 tracing::warn!(%message, "encoding fault");
                 Status::internal(message)
+            }
+            ProtocolError::Unsupported(_) => {
+                tracing::info!(%message, "request rejected");
+                Status::unimplemented(message)
+            }
+            ProtocolError::TooLarge(_) => {
+                tracing::info!(%message, "answer too large");
+                Status::resource_exhausted(message)
             }
         }
     }
