@@ -8,10 +8,13 @@ Measured side by side in one run, each with min/median/max over repeated runs:
    DuckDB; every meshgate answer is compared with DuckDB's;
 2. the same 22 with a row filter and a mask on every product (policy cost),
    and embedded DataFusion with the same policies written as views;
-   1 and 2 run every engine side by side, query by query, round after round,
-   so that load on the machine weighs on them alike;
+   and the same 22 federated: the crm tables in a PostgreSQL server and the
+   supply tables in a SQLite file, loaded for the run, sales on Parquet
+   (every answer compared with DuckDB's, and the time with all-Parquet
+   meshgate's); these run every engine side by side, query by query, round
+   after round, so that load on the machine weighs on them alike;
 3. streaming the whole lineitem product (6M rows at SF1) to ADBC as Arrow,
-   against pyarrow reading the same Parquet file locally;
+   against pyarrow reading the same Parquet file locally, in rounds;
 4. small queries (point lookups and 10-row ranges): p50/p99 latency and
    queries/s with 1, 8 and 32 concurrent clients;
 5. the gateway's peak memory (RSS) during each of them.
@@ -34,15 +37,19 @@ import pathlib
 import random
 import re
 import shutil
+import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import adbc_driver_flightsql.dbapi as flightsql
 import duckdb
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
@@ -101,9 +108,16 @@ def generate_data(scale: float, data: pathlib.Path) -> None:
     marker.write_text("")
 
 
-def write_mesh(root: pathlib.Path, data: pathlib.Path, binary: str, policies: bool) -> pathlib.Path:
+def write_mesh(
+    root: pathlib.Path,
+    data: pathlib.Path,
+    binary: str,
+    policies: bool,
+    federation: Federation | None = None,
+) -> pathlib.Path:
     """A mesh of three domains over the TPC-H files; with `policies`, a row
-    filter and a mask on every product."""
+    filter and a mask on every product; with a `federation`, the domains it
+    holds read from its databases rather than from the files."""
     if root.exists():
         shutil.rmtree(root)
     (root / "domains").mkdir(parents=True)
@@ -146,20 +160,23 @@ output = "{root / 'audit.log'}"
             f'owner = "{domain}@bench.example"',
             f'description = "TPC-H tables of the {domain} domain"',
             "",
-            "[storage.files]",
-            'type = "object_store"',
-            f'url = "file://{data}"',
         ]
+        database = federation.storage(domain) if federation else None
+        if database:
+            text += ["[storage.database]", *database]
+        else:
+            text += ["[storage.files]", 'type = "object_store"', f'url = "file://{data}"']
         for table in tables:
             text += [
                 "",
                 "[[products]]",
                 f'name = "{table}"',
                 f'description = "TPC-H {table}"',
-                'storage = "files"',
-                f'location = "{table}.parquet"',
-                'format = "parquet"',
             ]
+            if database:
+                text += ['storage = "database"', f'table = "{table}"']
+            else:
+                text += ['storage = "files"', f'location = "{table}.parquet"', 'format = "parquet"']
         if policies:
             for table in tables:
                 row_filter, column, mask = POLICIES[table]
@@ -172,6 +189,157 @@ output = "{root / 'audit.log'}"
                 ]
         (root / "domains" / f"{domain}.toml").write_text("\n".join(text) + "\n")
     return root / "meshgate.toml"
+
+
+class Federation:
+    """The TPC-H tables of two domains in databases rather than files: `crm`
+    in a PostgreSQL server started for the run, `supply` in a SQLite file,
+    each table loaded from its Parquet file with the same columns and types
+    (integers, NUMERIC(p, s) decimals, dates, text). `sales` stays on
+    Parquet, so queries join products across the three kinds of source."""
+
+    DOMAINS = {"crm": "postgres", "supply": "sqlite"}
+
+    def __init__(self, data: pathlib.Path):
+        # PostgreSQL runs as `postgres` when the harness runs as root, so
+        # its directory is one every user can reach.
+        self.root = pathlib.Path(tempfile.mkdtemp(prefix="meshgate-e2e-db-"))
+        self.root.chmod(0o755)
+        self.as_root = os.geteuid() == 0
+        self.bin = postgres_bin_dir()
+        self.port = free_port()
+        self.started = False
+        try:
+            print(f"loading crm into PostgreSQL (port {self.port}), supply into SQLite", flush=True)
+            self._start_postgres()
+            for table in DOMAINS["crm"]:
+                self._load_postgres(table, pq.read_table(data / f"{table}.parquet"))
+            self.sqlite = self.root / "supply.sqlite"
+            connection = sqlite3.connect(self.sqlite)
+            for table in DOMAINS["supply"]:
+                load_sqlite(connection, table, pq.read_table(data / f"{table}.parquet"))
+            connection.close()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _postgres_command(self, program: str, *args: str) -> list[str]:
+        command = [str(self.bin / program), *args]
+        return ["runuser", "-u", "postgres", "--", *command] if self.as_root else command
+
+    def _start_postgres(self) -> None:
+        pgdata = self.root / "pgdata"
+        if self.as_root:
+            subprocess.run(["chown", "postgres:", str(self.root)], check=True)
+        subprocess.run(
+            self._postgres_command(
+                "initdb", "-D", str(pgdata), "-U", "bench", "--auth=trust", "-E", "UTF8", "--no-sync"
+            ),
+            check=True,
+            capture_output=True,
+        )
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run(
+            self._postgres_command(
+                "pg_ctl", "-D", str(pgdata), "-l", str(self.root / "postgres.log"), "-w", "-o", options, "start"
+            ),
+            check=True,
+            capture_output=True,
+        )
+        self.started = True
+
+    def _load_postgres(self, table: str, rows: pa.Table) -> None:
+        columns = ", ".join(f"{f.name} {sql_type(f.type)}" for f in rows.schema)
+        csv_path = self.root / f"{table}.csv"
+        pa_csv.write_csv(plain_strings(rows), csv_path, pa_csv.WriteOptions(include_header=False))
+        psql = shutil.which("psql") or str(self.bin / "psql")
+        subprocess.run(
+            [
+                psql, "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                "-h", "127.0.0.1", "-p", str(self.port), "-U", "bench", "-d", "postgres",
+                "-c", f"CREATE TABLE {table} ({columns})",
+                "-c", f"\\copy {table} FROM '{csv_path}' WITH (FORMAT csv)",
+                "-c", f"ANALYZE {table}",
+            ],
+            check=True,
+        )
+        csv_path.unlink()
+
+    def storage(self, domain: str) -> list[str] | None:
+        """The `[storage.database]` lines of `domain`, when it is held here."""
+        kind = self.DOMAINS.get(domain)
+        if kind == "postgres":
+            return ['type = "postgres"', f'url = "postgres://bench@127.0.0.1:{self.port}/postgres"']
+        if kind == "sqlite":
+            return ['type = "sqlite"', f'path = "{self.sqlite}"']
+        return None
+
+    def stop(self) -> None:
+        if self.started:
+            subprocess.run(
+                self._postgres_command("pg_ctl", "-D", str(self.root / "pgdata"), "-m", "fast", "-w", "stop"),
+                capture_output=True,
+            )
+            self.started = False
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def postgres_bin_dir() -> pathlib.Path:
+    """Where `initdb` and `pg_ctl` are: on PATH, or Debian's directory."""
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return pathlib.Path(found).parent
+    for directory in sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (directory / "initdb").is_file():
+            return directory
+    raise SystemExit("the federated part needs PostgreSQL's initdb and pg_ctl (PostgreSQL 15)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sql_type(arrow_type: pa.DataType) -> str:
+    """The SQL type a column of `arrow_type` is stored with (in PostgreSQL and
+    SQLite alike)."""
+    if pa.types.is_int64(arrow_type):
+        return "BIGINT"
+    if pa.types.is_integer(arrow_type):
+        return "INTEGER"
+    if pa.types.is_decimal(arrow_type):
+        return f"NUMERIC({arrow_type.precision}, {arrow_type.scale})"
+    if pa.types.is_date32(arrow_type):
+        return "DATE"
+    if pa.types.is_string(arrow_type) or pa.types.is_string_view(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "TEXT"
+    raise SystemExit(f"no SQL type for {arrow_type} in the federated part")
+
+
+def plain_strings(table: pa.Table) -> pa.Table:
+    return table.cast(
+        pa.schema([f.with_type(pa.string()) if pa.types.is_string_view(f.type) else f for f in table.schema])
+    )
+
+
+def load_sqlite(connection: sqlite3.Connection, table: str, rows: pa.Table) -> None:
+    """Creates `table` with `rows`: decimals as SQLite keeps them (REAL under
+    a NUMERIC(p, s) declaration), dates as ISO text."""
+    columns = ", ".join(f"{f.name} {sql_type(f.type)}" for f in rows.schema)
+    connection.execute(f"CREATE TABLE {table} ({columns})")
+
+    def stored(value):
+        if isinstance(value, decimal.Decimal):
+            return float(value)
+        if isinstance(value, datetime.date):
+            return value.isoformat()
+        return value
+
+    values = zip(*([stored(v) for v in column.to_pylist()] for column in rows.columns))
+    marks = ", ".join("?" for _ in rows.schema)
+    connection.executemany(f"INSERT INTO {table} VALUES ({marks})", values)
+    connection.commit()
 
 
 class Gateway:
@@ -455,47 +623,54 @@ def compare_answers(expected: pa.Table, actual: pa.Table) -> str | None:
 # ---------------------------------------------------------------- streaming
 
 
-def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
-    path = data / "lineitem.parquet"
-    # Each sample: seconds, rows, bytes, the gateway's CPU seconds and this
-    # process's (the client's) CPU seconds.
-    local = []
-    for _ in range(runs + 1):
-        start, client_cpu = time.perf_counter(), time.process_time()
-        table = pq.read_table(path)
-        elapsed = time.perf_counter() - start
-        local.append((elapsed, table.num_rows, table.nbytes, 0.0, time.process_time() - client_cpu))
-        del table
-    local = local[1:]
+STREAM_SUBJECTS = ("pyarrow_local", "meshgate_adbc", "meshgate_pyarrow_flight", "memory_server_adbc")
 
+
+def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
+    """Streams the whole lineitem product, in rounds: each round reads the
+    file locally with pyarrow, then streams it from meshgate to ADBC and to
+    pyarrow's Flight client, then from a server holding the rows in memory
+    to ADBC, each twice (the first read warms up, the second is timed).
+    Each stream's rate is compared with the local read of its own round,
+    seconds apart, so that a slow spell of the machine weighs on both."""
+    path = data / "lineitem.parquet"
     connection = gateway.connect()
     cursor = connection.cursor()
-    remote = []
-    gateway.reset_peak()
-    for _ in range(runs + 1):
-        start, client_cpu, server_cpu = time.perf_counter(), time.process_time(), gateway.cpu_seconds()
-        cursor.execute("SELECT * FROM sales.lineitem")
-        reader = cursor.fetch_record_batch()
-        rows = size = 0
-        for batch in reader:
-            rows += batch.num_rows
-            size += batch.nbytes
-        elapsed = time.perf_counter() - start
-        remote.append(
-            (elapsed, rows, size, gateway.cpu_seconds() - server_cpu, time.process_time() - client_cpu)
+    flight_client = flight.FlightClient(gateway.uri)
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {gateway.token}".encode())])
+    memory = MemoryServer(path)
+
+    # Each sample: seconds, rows, bytes, the server's CPU seconds and this
+    # process's (the client's) CPU seconds.
+    def timed(read, server_cpu) -> tuple:
+        start, client_cpu, server_start = time.perf_counter(), time.process_time(), server_cpu()
+        rows, size = read()
+        return (
+            time.perf_counter() - start,
+            rows,
+            size,
+            server_cpu() - server_start,
+            time.process_time() - client_cpu,
         )
-    remote = remote[1:]
-    peak = gateway.peak
-    cursor.close()
-    connection.close()
+
+    def local():
+        table = pq.read_table(path)
+        return table.num_rows, table.nbytes
+
+    def adbc(cursor):
+        def read():
+            cursor.execute("SELECT * FROM sales.lineitem")
+            rows = size = 0
+            for batch in cursor.fetch_record_batch():
+                rows += batch.num_rows
+                size += batch.nbytes
+            return rows, size
+
+        return read
 
     # The same stream read by pyarrow's C++ Flight client: what the server
     # sends when the client is not the bottleneck.
-    flight_client = flight.FlightClient(gateway.uri)
-    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {gateway.token}".encode())])
-    native = []
-    for _ in range(runs + 1):
-        start, client_cpu, server_cpu = time.perf_counter(), time.process_time(), gateway.cpu_seconds()
+    def native():
         descriptor = flight.FlightDescriptor.for_command(statement_query("SELECT * FROM sales.lineitem"))
         info = flight_client.get_flight_info(descriptor, options)
         rows = size = 0
@@ -503,46 +678,71 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
             for chunk in flight_client.do_get(endpoint.ticket, options):
                 rows += chunk.data.num_rows
                 size += chunk.data.nbytes
-        native.append(
-            (
-                time.perf_counter() - start,
-                rows,
-                size,
-                gateway.cpu_seconds() - server_cpu,
-                time.process_time() - client_cpu,
-            )
-        )
-    native = native[1:]
-    flight_client.close()
+        return rows, size
 
-    # The same rows to the same ADBC client from a server that holds them in
-    # memory as the wire sends them: what the client takes when the server
-    # costs next to nothing.
-    memory = stream_from_memory(path, runs)
-
-    def rates(samples):
-        return {
-            "seconds": summary([s[0] for s in samples]),
-            "rows": samples[0][1],
-            "rows_per_s": summary([s[1] / s[0] for s in samples]),
-            "bytes_per_s": summary([s[2] / s[0] for s in samples]),
-            "server_cpu_s": summary([s[3] for s in samples]),
-            "client_cpu_s": summary([s[4] for s in samples]),
+    samples = {subject: [] for subject in STREAM_SUBJECTS}
+    try:
+        # The same rows to the same ADBC client from a server that holds
+        # them in memory as the wire sends them: what the client takes when
+        # the server costs next to nothing.
+        memory_cursor = memory.connect().cursor()
+        reads = {
+            "pyarrow_local": (local, lambda: 0.0),
+            "meshgate_adbc": (adbc(cursor), gateway.cpu_seconds),
+            "meshgate_pyarrow_flight": (native, gateway.cpu_seconds),
+            "memory_server_adbc": (adbc(memory_cursor), memory.cpu_seconds),
         }
+        gateway.reset_peak()
+        for _ in range(runs):
+            for subject, (read, server_cpu) in reads.items():
+                # Each timed read follows one of its own: a read right after
+                # another subject's would first pay for the memory that one
+                # left (in this VM, a cold gigabyte costs a local read four
+                # times its CPU), which no repeated read of a client pays.
+                read()
+                samples[subject].append(timed(read, server_cpu))
+        peak = gateway.peak
+        memory_cursor.close()
+    finally:
+        memory.stop()
+        cursor.close()
+        connection.close()
+        flight_client.close()
 
-    result = {
-        "pyarrow_local": rates(local),
-        "meshgate_adbc": rates(remote),
-        "meshgate_pyarrow_flight": rates(native),
-        "memory_server_adbc": rates(memory),
-        "peak_rss": peak,
-    }
-    for key in ("pyarrow_local", "meshgate_adbc", "meshgate_pyarrow_flight", "memory_server_adbc"):
-        r = result[key]
+    def rates(subject: str) -> dict:
+        own, local_samples = samples[subject], samples["pyarrow_local"]
+        result = {
+            "seconds": summary([s[0] for s in own]),
+            "rows": own[0][1],
+            "rows_per_s": summary([s[1] / s[0] for s in own]),
+            "bytes_per_s": summary([s[2] / s[0] for s in own]),
+            "server_cpu_s": summary([s[3] for s in own]),
+            "client_cpu_s": summary([s[4] for s in own]),
+        }
+        if subject != "pyarrow_local":
+            # Rows/s against the local read of the same round.
+            result["of_local"] = summary([(s[1] / s[0]) / (l[1] / l[0]) for s, l in zip(own, local_samples)])
+            # The rate the stream's CPU time would allow if the server and
+            # the client together kept every core busy, against the local
+            # read's: what the machine's cores allow at best.
+            cores = os.cpu_count() or 1
+            result["cpu_bound_of_local"] = summary(
+                [
+                    (s[1] * cores / (s[3] + s[4])) / (l[1] / l[0])
+                    for s, l in zip(own, local_samples)
+                ]
+            )
+        return result
+
+    result = {subject: rates(subject) for subject in STREAM_SUBJECTS}
+    result["peak_rss"] = peak
+    for subject in STREAM_SUBJECTS:
+        r = result[subject]
+        of_local = f"  {r['of_local']['median']:.0%} of local" if "of_local" in r else ""
         print(
-            f"  stream {key:<23} {r['rows']} rows  median {r['seconds']['median']:.2f} s"
+            f"  stream {subject:<23} {r['rows']} rows  median {r['seconds']['median']:.2f} s"
             f"  {r['rows_per_s']['median'] / 1e6:.2f} M rows/s"
-            f"  {r['bytes_per_s']['median'] / 1e6:.0f} MB/s"
+            f"  {r['bytes_per_s']['median'] / 1e6:.0f} MB/s{of_local}"
             f"  CPU s: server {r['server_cpu_s']['median']:.2f}, client {r['client_cpu_s']['median']:.2f}",
             flush=True,
         )
@@ -557,41 +757,31 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def stream_from_memory(path: pathlib.Path, runs: int) -> list:
-    """Streams of the whole file from `memory_server.py` to an ADBC client:
-    (seconds, rows, bytes, server CPU seconds, client CPU seconds) each."""
-    script = pathlib.Path(__file__).with_name("memory_server.py")
-    server = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
-    try:
-        line = server.stdout.readline().split()
+class MemoryServer:
+    """`memory_server.py` serving the rows of one Parquet file from memory,
+    in a process of its own."""
+
+    def __init__(self, path: pathlib.Path):
+        script = pathlib.Path(__file__).with_name("memory_server.py")
+        self.process = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline().split()
         if len(line) != 2 or line[0] != "port":
+            self.stop()
             raise RuntimeError(f"the memory server did not start: {line}")
-        connection = flightsql.connect(f"grpc://127.0.0.1:{line[1]}", autocommit=True)
-        cursor = connection.cursor()
-        samples = []
-        for _ in range(runs + 1):
-            start, client_cpu = time.perf_counter(), time.process_time()
-            server_cpu = process_cpu_seconds(server.pid)
-            cursor.execute("SELECT * FROM sales.lineitem")
-            rows = size = 0
-            for batch in cursor.fetch_record_batch():
-                rows += batch.num_rows
-                size += batch.nbytes
-            samples.append(
-                (
-                    time.perf_counter() - start,
-                    rows,
-                    size,
-                    process_cpu_seconds(server.pid) - server_cpu,
-                    time.process_time() - client_cpu,
-                )
-            )
-        cursor.close()
-        connection.close()
-        return samples[1:]
-    finally:
-        server.terminate()
-        server.wait(30)
+        self.uri = f"grpc://127.0.0.1:{line[1]}"
+
+    def connect(self):
+        self.connection = flightsql.connect(self.uri, autocommit=True)
+        return self.connection
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.process.pid)
+
+    def stop(self) -> None:
+        if getattr(self, "connection", None) is not None:
+            self.connection.close()
+        self.process.terminate()
+        self.process.wait(30)
 
 
 def statement_query(sql: str) -> bytes:
@@ -790,6 +980,7 @@ RATIOS = [
     ("meshgate / duckdb", "meshgate", "duckdb"),
     ("policies on / off", "meshgate_policies", "meshgate"),
     ("same policies as views in DataFusion alone: on / off", "datafusion_policy_views", "datafusion_meshgate"),
+    ("federated / files", "meshgate_federated", "meshgate"),
 ]
 
 
@@ -803,7 +994,7 @@ def main() -> None:
     parser.add_argument("--datafusion", required=True, help="command running benches/tpch.rs")
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--only", help="comma-separated queries, e.g. q1,q6")
-    parser.add_argument("--parts", default="tpch,policy,stream,latency")
+    parser.add_argument("--parts", default="tpch,policy,federated,stream,latency")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--clients", default="1,8,32")
     args = parser.parse_args()
@@ -827,13 +1018,13 @@ def main() -> None:
     }
     rows_csv = []
 
-    if parts & {"tpch", "policy", "stream"}:
+    if parts & {"tpch", "policy", "federated", "stream"}:
         open_mesh = write_mesh(out / "mesh-open", data, args.meshgate, policies=False)
     if parts & {"policy", "latency"}:
         governed_mesh = write_mesh(out / "mesh-governed", data, args.meshgate, policies=True)
 
     tpch = {}
-    if "tpch" in parts or "policy" in parts:
+    if parts & {"tpch", "policy", "federated"}:
         print(
             f"TPC-H SF{scale_label}, {len(names)} queries, {args.runs} runs each after a warm-up,"
             " every engine side by side query by query",
@@ -843,6 +1034,7 @@ def main() -> None:
         runners: list[DataFusionRunner] = []
         closers: list = []
         subjects = {}
+        federation = None
         try:
             gateways["meshgate"] = Gateway(args.meshgate, open_mesh)
             subjects["meshgate"] = meshgate_subject(gateways["meshgate"], queries, closers)
@@ -860,6 +1052,15 @@ def main() -> None:
                     runners.append(runner)
                     subjects[f"datafusion_{settings}"] = runner.run
                 subjects["duckdb"] = duckdb_subject(data, queries)
+            if "federated" in parts:
+                federation = Federation(data)
+                federated_mesh = write_mesh(
+                    out / "mesh-federated", data, args.meshgate, policies=False, federation=federation
+                )
+                gateways["meshgate_federated"] = Gateway(args.meshgate, federated_mesh)
+                subjects["meshgate_federated"] = meshgate_subject(gateways["meshgate_federated"], queries, closers)
+                if "duckdb" not in subjects:
+                    subjects["duckdb"] = duckdb_subject(data, queries)
             for gateway in gateways.values():
                 gateway.reset_peak()
             tpch = run_interleaved(subjects, names, args.runs)
@@ -872,6 +1073,8 @@ def main() -> None:
                 gateway.stop()
             for runner in runners:
                 runner.stop()
+            if federation:
+                federation.stop()
     # Every engine answers each query with as many rows as meshgate without
     # policies (the benchmark's filters keep every row).
     for subject, results in tpch.items():
@@ -881,16 +1084,22 @@ def main() -> None:
                     f"{name}: {subject} answered {results[name]['rows']} rows,"
                     f" meshgate {tpch['meshgate'][name]['rows']}"
                 )
-    if "tpch" in parts:
+    # meshgate's answers, from the files and federated, against DuckDB's.
+    for subject, key, mismatches_key in (
+        ("meshgate", "answers_match_duckdb", "answer_mismatches"),
+        ("meshgate_federated", "federated_answers_match_duckdb", "federated_answer_mismatches"),
+    ):
+        if subject not in tpch or "duckdb" not in tpch:
+            continue
         mismatches = {}
         for name in names:
-            problem = compare_answers(tpch["duckdb"][name]["answer"], tpch["meshgate"][name]["answer"])
+            problem = compare_answers(tpch["duckdb"][name]["answer"], tpch[subject][name]["answer"])
             if problem:
                 mismatches[name] = problem
-        report["answers_match_duckdb"] = not mismatches
-        report["answer_mismatches"] = mismatches
+        report[key] = not mismatches
+        report[mismatches_key] = mismatches
         for name, problem in mismatches.items():
-            print(f"  ANSWER MISMATCH {name}: {problem}", flush=True)
+            print(f"  ANSWER MISMATCH {subject} {name}: {problem}", flush=True)
 
     if tpch:
         engines = list(tpch)
@@ -930,10 +1139,17 @@ def main() -> None:
             report["stream"] = run_stream(gateway, data, args.runs)
         finally:
             gateway.stop()
-        for key in ("pyarrow_local", "meshgate_adbc", "meshgate_pyarrow_flight", "memory_server_adbc"):
-            for measure, unit in (("rows_per_s", "rows/s"), ("server_cpu_s", "s"), ("client_cpu_s", "s")):
-                r = report["stream"][key][measure]
-                rows_csv.append(["stream", key, measure, r["min"], r["median"], r["max"], unit])
+        for key in STREAM_SUBJECTS:
+            for measure, unit in (
+                ("rows_per_s", "rows/s"),
+                ("of_local", "x"),
+                ("cpu_bound_of_local", "x"),
+                ("server_cpu_s", "s"),
+                ("client_cpu_s", "s"),
+            ):
+                r = report["stream"][key].get(measure)
+                if r is not None:
+                    rows_csv.append(["stream", key, measure, r["min"], r["median"], r["max"], unit])
 
     if "latency" in parts:
         gateway = Gateway(args.meshgate, governed_mesh)
@@ -981,30 +1197,45 @@ def print_report(report: dict) -> None:
             )
         if "answers_match_duckdb" in report:
             print(f"  answers match DuckDB: {report['answers_match_duckdb']}")
+        if "federated_answers_match_duckdb" in report:
+            print(
+                "  federated (crm in PostgreSQL, supply in SQLite, sales on Parquet) answers match DuckDB:"
+                f" {report['federated_answers_match_duckdb']}"
+            )
     stream = report.get("stream")
     if stream:
-        local, remote = stream["pyarrow_local"], stream["meshgate_adbc"]
+        local = stream["pyarrow_local"]
+
+        def of_local(r: dict) -> str:
+            ratio = r["of_local"]
+            return f"{ratio['median']:.0%} of the local read ({ratio['min']:.0%}-{ratio['max']:.0%})"
+
+        remote = stream["meshgate_adbc"]
         print(
-            f"stream {remote['rows']} rows: meshgate/ADBC {remote['rows_per_s']['median'] / 1e6:.2f} M rows/s,"
-            f" pyarrow local {local['rows_per_s']['median'] / 1e6:.2f} M rows/s"
-            f" ({remote['rows_per_s']['median'] / local['rows_per_s']['median']:.0%}),"
+            f"stream {remote['rows']} rows, rows/s against pyarrow's local read of the same round"
+            f" ({local['rows_per_s']['median'] / 1e6:.2f} M rows/s, median of {report['runs']} rounds):"
+        )
+        print(
+            f"  meshgate -> ADBC {remote['rows_per_s']['median'] / 1e6:.2f} M rows/s, {of_local(remote)},"
             f" peak RSS {stream['peak_rss'] / 2**20:.0f} MiB"
         )
         native = stream["meshgate_pyarrow_flight"]
         print(
-            f"  same stream to pyarrow's Flight client: {native['rows_per_s']['median'] / 1e6:.2f} M rows/s"
-            f" ({native['rows_per_s']['median'] / local['rows_per_s']['median']:.0%})"
+            f"  meshgate -> pyarrow's Flight client {native['rows_per_s']['median'] / 1e6:.2f} M rows/s,"
+            f" {of_local(native)}"
         )
         memory = stream["memory_server_adbc"]
         print(
-            f"  same rows to ADBC from a server holding them in memory: {memory['rows_per_s']['median'] / 1e6:.2f}"
-            f" M rows/s ({memory['rows_per_s']['median'] / local['rows_per_s']['median']:.0%}),"
-            f" its CPU {memory['server_cpu_s']['median']:.2f} s, the client's {memory['client_cpu_s']['median']:.2f} s"
+            f"  a server holding the rows in memory -> ADBC {memory['rows_per_s']['median'] / 1e6:.2f} M rows/s,"
+            f" {of_local(memory)}; its CPU {memory['server_cpu_s']['median']:.2f} s,"
+            f" the client's {memory['client_cpu_s']['median']:.2f} s"
         )
         print(
             f"  CPU seconds per stream (median): gateway {remote['server_cpu_s']['median']:.2f},"
             f" ADBC client {remote['client_cpu_s']['median']:.2f};"
-            f" pyarrow's local read {local['client_cpu_s']['median']:.2f}"
+            f" pyarrow's local read {local['client_cpu_s']['median']:.2f}."
+            f" With every core busy, that CPU time allows"
+            f" {remote['cpu_bound_of_local']['median']:.0%} of the local read"
         )
     latency = report.get("latency")
     if latency:
