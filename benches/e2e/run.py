@@ -26,6 +26,7 @@ Run through `benches/e2e/run`, which builds what it needs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import decimal
@@ -52,6 +53,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
+
+import memory_server
 
 TABLES = ["lineitem", "orders", "customer", "nation", "region", "part", "partsupp", "supplier"]
 DOMAINS = {
@@ -198,7 +201,7 @@ class Federation:
     (integers, NUMERIC(p, s) decimals, dates, text). `sales` stays on
     Parquet, so queries join products across the three kinds of source."""
 
-    DOMAINS = {"crm": "postgres", "supply": "sqlite"}
+    KINDS = {"crm": "postgres", "supply": "sqlite"}
 
     def __init__(self, data: pathlib.Path):
         # PostgreSQL runs as `postgres` when the harness runs as root, so
@@ -209,16 +212,18 @@ class Federation:
         self.bin = postgres_bin_dir()
         self.port = free_port()
         self.started = False
+        self.sqlite = self.root / "supply.sqlite"
         try:
-            print(f"loading crm into PostgreSQL (port {self.port}), supply into SQLite", flush=True)
+            print(f"loading {', '.join(f'{d} into {k}' for d, k in self.KINDS.items())}", flush=True)
             self._start_postgres()
-            for table in DOMAINS["crm"]:
-                self._load_postgres(table, pq.read_table(data / f"{table}.parquet"))
-            self.sqlite = self.root / "supply.sqlite"
-            connection = sqlite3.connect(self.sqlite)
-            for table in DOMAINS["supply"]:
-                load_sqlite(connection, table, pq.read_table(data / f"{table}.parquet"))
-            connection.close()
+            with contextlib.closing(sqlite3.connect(self.sqlite)) as connection:
+                for domain, kind in self.KINDS.items():
+                    for table in DOMAINS[domain]:
+                        rows = pq.read_table(data / f"{table}.parquet")
+                        if kind == "postgres":
+                            self._load_postgres(table, rows)
+                        else:
+                            load_sqlite(connection, table, rows)
         except BaseException:
             self.stop()
             raise
@@ -267,7 +272,7 @@ class Federation:
 
     def storage(self, domain: str) -> list[str] | None:
         """The `[storage.database]` lines of `domain`, when it is held here."""
-        kind = self.DOMAINS.get(domain)
+        kind = self.KINDS.get(domain)
         if kind == "postgres":
             return ['type = "postgres"', f'url = "postgres://bench@127.0.0.1:{self.port}/postgres"']
         if kind == "sqlite":
@@ -318,9 +323,7 @@ def sql_type(arrow_type: pa.DataType) -> str:
 
 
 def plain_strings(table: pa.Table) -> pa.Table:
-    return table.cast(
-        pa.schema([f.with_type(pa.string()) if pa.types.is_string_view(f.type) else f for f in table.schema])
-    )
+    return table.cast(pa.schema([memory_server.plain(f) for f in table.schema]))
 
 
 def load_sqlite(connection: sqlite3.Connection, table: str, rows: pa.Table) -> None:
