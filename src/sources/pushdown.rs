@@ -77,13 +77,31 @@ impl OptimizerRule for SourcePushdown {
         plan: LogicalPlan,
         _config: &dyn OptimizerConfig,
     ) -> Result<Transformed<LogicalPlan>> {
-        let (plan, group) = visit(plan)?;
-        let plan = match group {
-            Some(group) => group.into_remote(plan),
-            None => plan,
-        };
-        Ok(Transformed::yes(plan))
+        push_down(plan).map(Transformed::yes)
     }
+}
+
+/// `plan` with each sub-plan that one source can run sent there, in the plan
+/// itself and in every subquery its expressions hold (an uncorrelated
+/// scalar subquery stays a subquery until it is executed).
+fn push_down(plan: LogicalPlan) -> Result<LogicalPlan> {
+    let plan = plan
+        .transform_up(|node| {
+            node.map_subqueries(|subquery| match subquery {
+                LogicalPlan::Subquery(mut subquery) => {
+                    let inner = Arc::unwrap_or_clone(subquery.subquery);
+                    subquery.subquery = Arc::new(push_down(inner)?);
+                    Ok(Transformed::yes(LogicalPlan::Subquery(subquery)))
+                }
+                other => Ok(Transformed::no(other)),
+            })
+        })?
+        .data;
+    let (plan, group) = visit(plan)?;
+    Ok(match group {
+        Some(group) => group.into_remote(plan),
+        None => plan,
+    })
 }
 
 /// A table of a source as it appears in the SQL sent there.

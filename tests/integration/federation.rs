@@ -320,6 +320,29 @@ async fn postgres_receives_the_work_and_sends_only_result_rows() {
         pg.statements()
     );
 
+    // (e) a join of two PostgreSQL products inside a scalar subquery, which
+    // stays a subquery until it runs: it too goes as one statement, and
+    // the answer is that of the same question asked with a derived table.
+    let average = "SELECT avg(o.o_totalprice) AS a FROM ledger.orders o
+         JOIN ledger.customer c ON o.o_custkey = c.c_custkey WHERE c.c_custkey < 4";
+    let subquery = format!(
+        "SELECT o_orderkey FROM ledger.orders WHERE o_totalprice > ({average})
+         ORDER BY o_orderkey LIMIT 3"
+    );
+    let reads = remote_reads(&mut carol, &subquery).await;
+    let joins: Vec<&(String, usize)> = reads
+        .iter()
+        .filter(|(line, _)| line.contains("JOIN"))
+        .collect();
+    assert_eq!(joins.len(), 1, "the subquery's join, sent whole: {reads:?}");
+    let derived = format!(
+        "SELECT o_orderkey FROM ledger.orders, ({average}) t WHERE o_totalprice > t.a
+         ORDER BY o_orderkey LIMIT 3"
+    );
+    let got = rows(&mut carol, &subquery).await;
+    assert_eq!(got, rows(&mut carol, &derived).await);
+    assert_eq!(got.lines().filter(|l| l.contains('|')).count(), 4, "{got}");
+
     // EXPLAIN shows the statement the source receives.
     let explain = rows(
         &mut carol,
