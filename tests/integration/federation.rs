@@ -408,6 +408,22 @@ async fn policies_are_sent_fenced_and_caller_predicates_never_see_hidden_rows() 
     )
     .await;
     assert!(got.contains("Bob") && !got.contains("Ann"), "{got}");
+    // Inside a scalar subquery, sent to PostgreSQL as a statement of its
+    // own, the policy holds too: the largest id is that of the caller's
+    // rows (Bob's), not Dee's.
+    let got = rows(
+        &mut eu,
+        "SELECT name FROM ledger.people WHERE id = (SELECT max(id) FROM ledger.people)",
+    )
+    .await;
+    assert!(got.contains("Bob") && !got.contains("Dee"), "{got}");
+    assert!(
+        received(&pg, "max(")
+            .iter()
+            .any(|s| s.contains("OFFSET 0") && s.contains("'EU'")),
+        "{:#?}",
+        pg.statements()
+    );
     // The caller does not see the policy in EXPLAIN.
     let explain = rows(&mut eu, "EXPLAIN SELECT name FROM ledger.people").await;
     assert!(
