@@ -1,64 +1,63 @@
 //! The one place where errors become gRPC statuses. User errors are logged at
 //! info, faults at warn; the message sent is the error's own safe text.
 
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::auth::AuthError;
 use crate::query::QueryError;
 
+/// How an error is logged: a caller's mistake at info, a fault at warn,
+/// each under a label.
+enum Logged {
+    Info(&'static str),
+    Warn(&'static str),
+    Not,
+}
+
+/// The status of `code` carrying `message`, logged as `logged` says.
+fn status(code: Code, message: String, logged: Logged) -> Status {
+    match logged {
+        Logged::Info(label) => tracing::info!(%message, "{label}"),
+        Logged::Warn(label) => tracing::warn!(%message, "{label}"),
+        Logged::Not => {}
+    }
+    Status::new(code, message)
+}
+
 impl From<QueryError> for Status {
     fn from(error: QueryError) -> Self {
-        let message = error.to_string();
-        match &error {
+        use Logged::{Info, Not, Warn};
+        let (code, logged) = match &error {
             QueryError::Refused(_)
             | QueryError::Syntax(_)
             | QueryError::Invalid(_)
             | QueryError::Parameters(_)
-            | QueryError::Execution(_) => {
-                tracing::info!(%message, "query rejected");
-                Status::invalid_argument(message)
-            }
-            QueryError::NotFound(_) => {
-                tracing::info!(%message, "query rejected");
-                Status::not_found(message)
-            }
-            QueryError::ResourcesExhausted(_) => {
-                tracing::warn!(%message, "query failed");
-                Status::resource_exhausted(message)
-            }
-            QueryError::Timeout(_) => {
-                tracing::info!(%message, "query timed out");
-                Status::deadline_exceeded(message)
-            }
-            QueryError::Source(_) => {
-                tracing::warn!(%message, "source failed");
-                Status::unavailable(message)
-            }
-            QueryError::ShuttingDown => Status::unavailable(message),
-            QueryError::Internal(_) => {
-                tracing::warn!(%message, "internal error");
-                Status::internal(message)
-            }
-        }
+            | QueryError::Execution(_) => (Code::InvalidArgument, Info("query rejected")),
+            QueryError::NotFound(_) => (Code::NotFound, Info("query rejected")),
+            QueryError::ResourcesExhausted(_) => (Code::ResourceExhausted, Warn("query failed")),
+            QueryError::Timeout(_) => (Code::DeadlineExceeded, Info("query timed out")),
+            QueryError::Source(_) => (Code::Unavailable, Warn("source failed")),
+            QueryError::ShuttingDown => (Code::Unavailable, Not),
+            QueryError::Internal(_) => (Code::Internal, Warn("internal error")),
+        };
+        status(code, error.to_string(), logged)
     }
 }
 
 impl From<AuthError> for Status {
     fn from(error: AuthError) -> Self {
-        let message = error.to_string();
-        match &error {
+        let (code, logged) = match &error {
             AuthError::MissingCredentials
             | AuthError::MalformedHeader(_)
             | AuthError::InvalidToken(_)
             | AuthError::BadPassword => {
-                tracing::info!(%message, "authentication failed");
-                Status::unauthenticated(message)
+                (Code::Unauthenticated, Logged::Info("authentication failed"))
             }
             AuthError::Minting(_) | AuthError::Keys(_) => {
-                tracing::warn!(%message, "authentication fault");
-                Status::internal(message)
+                (Code::Internal, Logged::Warn("authentication fault"))
             }
-        }
+        };
+        status(code, error.to_string(), logged)
     }
 }
 
@@ -83,28 +82,16 @@ pub(crate) enum ProtocolError {
 
 impl From<ProtocolError> for Status {
     fn from(error: ProtocolError) -> Self {
-        let message = error.to_string();
-        match &error {
+        use Logged::{Info, Warn};
+        let (code, logged) = match &error {
             ProtocolError::BadRequest(_) | ProtocolError::ReadOnly(_) => {
-                tracing::info!(%message, "request rejected");
-                Status::invalid_argument(message)
+                (Code::InvalidArgument, Info("request rejected"))
             }
-            ProtocolError::WrongCaller(_) => {
-                tracing::info!(%message, "request rejected");
-                Status::permission_denied(message)
-            }
-            ProtocolError::Encoding(_) => {
-                tracing::warn!(%message, "encoding fault");
-                Status::internal(message)
-            }
-            ProtocolError::Unsupported(_) => {
-                tracing::info!(%message, "request rejected");
-                Status::unimplemented(message)
-            }
-            ProtocolError::TooLarge(_) => {
-                tracing::info!(%message, "answer too large");
-                Status::resource_exhausted(message)
-            }
-        }
+            ProtocolError::WrongCaller(_) => (Code::PermissionDenied, Info("request rejected")),
+            ProtocolError::Encoding(_) => (Code::Internal, Warn("encoding fault")),
+            ProtocolError::Unsupported(_) => (Code::Unimplemented, Info("request rejected")),
+            ProtocolError::TooLarge(_) => (Code::ResourceExhausted, Info("answer too large")),
+        };
+        status(code, error.to_string(), logged)
     }
 }
