@@ -782,17 +782,22 @@ impl CallerSession {
     /// The session state `query` is planned and run with.
     fn query_state(&self, query: &PreparedQuery) -> SessionState {
         let mut state = self.context.state();
-        if returns_filtered_rows(&query.plan) {
+        let Some(filtered) = reads_rows(&query.plan) else {
+            return state;
+        };
+        // Rows that go from the files to the client as they are read are
+        // read in larger batches: a 6M-row product streamed to ADBC took
+        // the gateway 15% and the client 17% less CPU time, and 0.80 of the
+        // time, than in batches of 8 192 rows (lookups: no change). Joins
+        // and aggregates keep the engine's batches.
+        let config = state.config_mut();
+        *config = std::mem::take(config).with_batch_size(STREAM_BATCH_ROWS);
+        if filtered {
             // Late materialization: the filter's columns are decoded first,
             // the others only for the rows that pass. It pays for lookups and
             // filtered reads; behind joins and aggregates, decoding whole
             // pages and filtering after is faster on typical files.
-            state
-                .config_mut()
-                .options_mut()
-                .execution
-                .parquet
-                .pushdown_filters = true;
+            config.options_mut().execution.parquet.pushdown_filters = true;
         }
         state
     }
@@ -1006,9 +1011,14 @@ impl Drop for PendingAudit {
     }
 }
 
+/// Rows a batch, read from the files, of a query that only reads rows
+/// (see [`reads_rows`]).
+const STREAM_BATCH_ROWS: usize = 32 * 1024;
+
 /// Whether `plan` only filters, projects, sorts and limits the rows of its
-/// tables (a lookup, a page, a filtered read), with at least one filter.
-fn returns_filtered_rows(plan: &LogicalPlan) -> bool {
+/// tables (a lookup, a page, a whole product): `Some(filtered)`, where
+/// `filtered` says whether it has a filter; `None` for any other plan.
+fn reads_rows(plan: &LogicalPlan) -> Option<bool> {
     let mut filtered = false;
     let mut simple = true;
     let _ = plan.apply_with_subqueries(|node| {
@@ -1027,7 +1037,7 @@ fn returns_filtered_rows(plan: &LogicalPlan) -> bool {
             TreeNodeRecursion::Stop
         })
     });
-    simple && filtered
+    simple.then_some(filtered)
 }
 
 /// The two rows of an EXPLAIN answer.

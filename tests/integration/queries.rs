@@ -257,3 +257,50 @@ async fn files_changed_while_serving_are_read_as_they_are_now() {
     );
     assert!(only_count.contains("| 6 |"), "{only_count}");
 }
+
+#[tokio::test]
+async fn rows_read_as_they_are_stream_in_large_batches() {
+    let kinds: Vec<&str> = (0..100_000)
+        .map(|i| ["open", "close", "retry"][i % 3])
+        .collect();
+    let server = TestServer::start_with(|dir| {
+        std::fs::write(dir.join("domains/ops.toml"), EVENTS_DOMAIN).unwrap();
+        let events = dir.join("opsdata/events");
+        std::fs::create_dir_all(&events).unwrap();
+        write_events(&events.join("a.parquet"), 1, &kinds);
+    })
+    .await;
+    let mut client = server.as_identity("ana", &["analyst"], &[]).await;
+    let sizes = |batches: &[arrow::array::RecordBatch]| -> Vec<usize> {
+        batches.iter().map(|batch| batch.num_rows()).collect()
+    };
+    // One row group of 100 000 rows, read whole and filtered: batches of
+    // 32 768 rows (the engine's own are 8 192).
+    let whole = client
+        .query("SELECT id, kind FROM ops.events")
+        .await
+        .unwrap();
+    assert_eq!(sizes(&whole), [32_768, 32_768, 32_768, 1_696]);
+    let filtered = client
+        .query("SELECT id FROM ops.events WHERE kind <> 'none'")
+        .await
+        .unwrap();
+    assert_eq!(row_count(&filtered), 100_000);
+    assert_eq!(sizes(&filtered)[0], 32_768, "{:?}", sizes(&filtered));
+    // An aggregate keeps the engine's batches, and its answer.
+    let counted = client
+        .query("SELECT kind, count(*) AS n FROM ops.events GROUP BY kind ORDER BY kind")
+        .await
+        .unwrap();
+    assert_eq!(
+        pretty(&counted),
+        "+-------+-------+\n\
+         | kind  | n     |\n\
+         +-------+-------+\n\
+         | close | 33333 |\n\
+         | open  | 33334 |\n\
+         | retry | 33333 |\n\
+         +-------+-------+"
+    );
+    server.stop().await;
+}
