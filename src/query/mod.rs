@@ -782,9 +782,10 @@ impl CallerSession {
     /// The session state `query` is planned and run with.
     fn query_state(&self, query: &PreparedQuery) -> SessionState {
         let mut state = self.context.state();
-        let Some(filtered) = reads_rows(&query.plan) else {
+        let rows = rows_read(&query.plan);
+        if rows == RowsRead::Combined {
             return state;
-        };
+        }
         // Rows that go from the files to the client as they are read are
         // read in larger batches: a 6M-row product streamed to ADBC took
         // the gateway 10-15% and the client 7-17% less CPU time, and 0.80-0.91
@@ -792,7 +793,7 @@ impl CallerSession {
         // Joins and aggregates keep the engine's batches.
         let config = state.config_mut();
         *config = std::mem::take(config).with_batch_size(STREAM_BATCH_ROWS);
-        if filtered {
+        if rows == RowsRead::Filtered {
             // Late materialization: the filter's columns are decoded first,
             // the others only for the rows that pass. It pays for lookups and
             // filtered reads; behind joins and aggregates, decoding whole
@@ -1011,14 +1012,24 @@ impl Drop for PendingAudit {
     }
 }
 
-/// Rows a batch, read from the files, of a query that only reads rows
-/// (see [`reads_rows`]).
+/// Rows a batch, read from the files, of a query that reads its rows as
+/// they are (see [`RowsRead`]).
 const STREAM_BATCH_ROWS: usize = 32 * 1024;
 
-/// Whether `plan` only filters, projects, sorts and limits the rows of its
-/// tables (a lookup, a page, a whole product): `Some(filtered)`, where
-/// `filtered` says whether it has a filter; `None` for any other plan.
-fn reads_rows(plan: &LogicalPlan) -> Option<bool> {
+/// How a plan reads the rows of its tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowsRead {
+    /// As they are: projected, sorted and limited only (a whole product, a
+    /// page).
+    AsTheyAre,
+    /// As they are, with at least one filter (a lookup, a filtered read).
+    Filtered,
+    /// Joined, aggregated, or combined otherwise.
+    Combined,
+}
+
+/// How `plan` reads the rows of its tables.
+fn rows_read(plan: &LogicalPlan) -> RowsRead {
     let mut filtered = false;
     let mut simple = true;
     let _ = plan.apply_with_subqueries(|node| {
@@ -1037,7 +1048,11 @@ fn reads_rows(plan: &LogicalPlan) -> Option<bool> {
             TreeNodeRecursion::Stop
         })
     });
-    simple.then_some(filtered)
+    match (simple, filtered) {
+        (false, _) => RowsRead::Combined,
+        (true, true) => RowsRead::Filtered,
+        (true, false) => RowsRead::AsTheyAre,
+    }
 }
 
 /// The two rows of an EXPLAIN answer.
