@@ -287,7 +287,7 @@ async fn rows_read_as_they_are_stream_in_large_batches() {
         .unwrap();
     assert_eq!(row_count(&filtered), 100_000);
     assert_eq!(sizes(&filtered)[0], 32_768, "{:?}", sizes(&filtered));
-    // An aggregate keeps the engine's batches, and its answer.
+    // An aggregate over the same rows (run in the engine's batches).
     let counted = client
         .query("SELECT kind, count(*) AS n FROM ops.events GROUP BY kind ORDER BY kind")
         .await
