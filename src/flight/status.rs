@@ -46,15 +46,14 @@ impl From<QueryError> for Status {
 
 impl From<AuthError> for Status {
     fn from(error: AuthError) -> Self {
+        use Logged::{Info, Warn};
         let (code, logged) = match &error {
             AuthError::MissingCredentials
             | AuthError::MalformedHeader(_)
             | AuthError::InvalidToken(_)
-            | AuthError::BadPassword => {
-                (Code::Unauthenticated, Logged::Info("authentication failed"))
-            }
+            | AuthError::BadPassword => (Code::Unauthenticated, Info("authentication failed")),
             AuthError::Minting(_) | AuthError::Keys(_) => {
-                (Code::Internal, Logged::Warn("authentication fault"))
+                (Code::Internal, Warn("authentication fault"))
             }
         };
         status(code, error.to_string(), logged)
