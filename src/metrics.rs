@@ -117,6 +117,10 @@ pub struct Metrics {
     plans_made: AtomicU64,
     plans_reused: AtomicU64,
     plans_rebound: AtomicU64,
+    /// Physical plans of queries run: made ahead while the client asked
+    /// for the rows, or as the query started.
+    physical_plans_ahead: AtomicU64,
+    physical_plans_at_start: AtomicU64,
     /// Config reloads by outcome (`ok`, `rejected`).
     reloads: Mutex<BTreeMap<&'static str, u64>>,
     /// When the config was last loaded successfully (UNIX seconds).
@@ -190,6 +194,17 @@ impl Metrics {
     /// its shape (see `query::shapes`).
     pub fn statement_rebound(&self) {
         self.plans_rebound.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A query started with a physical plan made ahead (`ahead`), or made
+    /// its own (see `query::ahead`).
+    pub fn physical_plan_made(&self, ahead: bool) {
+        let counter = if ahead {
+            &self.physical_plans_ahead
+        } else {
+            &self.physical_plans_at_start
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn config_reloaded(&self, ok: bool) {
@@ -274,6 +289,22 @@ impl Metrics {
         ] {
             let count = counter.load(Ordering::Relaxed);
             let _ = writeln!(out, "meshgate_plans_total{{outcome=\"{outcome}\"}} {count}");
+        }
+        header(
+            &mut out,
+            "meshgate_physical_plans_total",
+            "counter",
+            "Physical plans of the queries run: made ahead, while the client asked where to fetch the rows (`ahead`), or as the query started (`at_start`).",
+        );
+        for (made, counter) in [
+            ("ahead", &self.physical_plans_ahead),
+            ("at_start", &self.physical_plans_at_start),
+        ] {
+            let count = counter.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "meshgate_physical_plans_total{{made=\"{made}\"}} {count}"
+            );
         }
         header(
             &mut out,

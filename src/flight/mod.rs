@@ -376,6 +376,7 @@ impl FlightSqlService for MeshFlightService {
             )
             .into());
         }
+        session.plan_ahead(&prepared);
         let handle = StatementHandle::new(&caller, &query.query).encode();
         let ticket = TicketStatementQuery {
             statement_handle: handle,
@@ -393,7 +394,7 @@ impl FlightSqlService for MeshFlightService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let caller = caller(&request)?;
-        let (_, bound) = self
+        let (session, bound) = self
             .plan_handle(
                 &command.prepared_statement_handle,
                 &caller,
@@ -401,6 +402,7 @@ impl FlightSqlService for MeshFlightService {
                 token(&request),
             )
             .await?;
+        session.plan_ahead(&bound);
         flight_info(
             &bound.result_schema(),
             command.as_any(),
@@ -742,6 +744,8 @@ impl FlightSqlService for MeshFlightService {
             .session(&caller, request.remote_addr())
             .with_token(token(&request));
         let prepared = session.prepare(&query.query).await?;
+        // ADBC and JDBC ask for the flight info and fetch next.
+        session.plan_ahead(&prepared);
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: StatementHandle::new(&caller, &query.query).encode(),
             dataset_schema: schema_bytes(&prepared.result_schema())?,

@@ -1,6 +1,7 @@
 //! Queries: parse and guard the SQL, plan it in the caller's session, bind
 //! parameters, and execute it into a stream of wire-typed batches.
 
+mod ahead;
 mod guard;
 mod join_filters;
 mod join_sides;
@@ -411,6 +412,9 @@ pub struct PreparedQuery {
     /// The placeholder types, in order (`$1`, `$2`, ...); `Null` when the
     /// planner could not infer one.
     parameter_types: Vec<DataType>,
+    /// Its physical plan made ahead: kept with a statement's plan in the
+    /// plan cache, none for a plan bound with values (see [`ahead`]).
+    ahead: Option<Arc<ahead::PlanAhead>>,
 }
 
 impl PreparedQuery {
@@ -478,6 +482,7 @@ impl PreparedQuery {
             plan,
             explain: self.explain.clone(),
             parameter_types: Vec::new(),
+            ahead: None,
         })
     }
 }
@@ -619,7 +624,7 @@ impl CallerSession {
         let timeout = self.limits.query_timeout;
         let planning =
             stack::on_planning_stack(async move { plan_sql(&context, &text, &shapes).await });
-        let (query, rebound) = match tokio::time::timeout(timeout, planning).await {
+        let (mut query, rebound) = match tokio::time::timeout(timeout, planning).await {
             Ok(result) => result?,
             Err(_) => return Err(QueryError::Timeout(timeout)),
         };
@@ -628,6 +633,7 @@ impl CallerSession {
         } else {
             self.metrics.statement_planned(false);
         }
+        query.ahead = Some(Arc::default());
         let reads = self.reads.lock().clone();
         self.plans.insert(
             key,
@@ -730,7 +736,15 @@ impl CallerSession {
         let timeout = self.limits.query_timeout;
         let state = self.query_state(query);
         let planning = async {
-            let physical = state.create_physical_plan(&query.plan).await?;
+            let ahead = match &query.ahead {
+                Some(ahead) => ahead.take().await,
+                None => None,
+            };
+            self.metrics.physical_plan_made(ahead.is_some());
+            let physical = match ahead {
+                Some(physical) => physical,
+                None => state.create_physical_plan(&query.plan).await?,
+            };
             match &query.explain {
                 None => Ok(datafusion::physical_plan::execute_stream(
                     physical,
@@ -760,6 +774,22 @@ impl CallerSession {
             Ok(result) => result,
             Err(_) => Err(QueryError::Timeout(timeout)),
         }
+    }
+
+    /// Starts making `query`'s physical plan on a task of its own, for the
+    /// fetch of its rows that the client makes next (see [`ahead`]). A
+    /// statement with placeholders, or bound with values, or an EXPLAIN, is
+    /// planned when it runs.
+    pub fn plan_ahead(&self, query: &PreparedQuery) {
+        let Some(ahead) = &query.ahead else { return };
+        if query.parameter_count() > 0 || query.explain.is_some() {
+            return;
+        }
+        ahead.start(
+            || self.query_state(query),
+            &query.plan,
+            self.limits.query_timeout,
+        );
     }
 
     /// The physical plan of a bound query (of the explained query, for EXPLAIN).
@@ -913,6 +943,7 @@ async fn plan_statement(
         plan,
         explain,
         parameter_types,
+        ahead: None,
     })
 }
 

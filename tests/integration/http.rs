@@ -1,6 +1,6 @@
 //! The operator's HTTP endpoint: health, readiness and Prometheus metrics.
 
-use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+use arrow_flight::sql::{CommandPreparedStatementQuery, CommandStatementQuery, ProstMessageExt};
 
 use crate::fixture::TestServer;
 
@@ -240,6 +240,86 @@ async fn a_statement_with_other_constants_is_bound_into_its_shapes_plan_under_th
     }
     assert!(crm_found.iter().all(Option::is_some), "{crm_found:?}");
     assert_eq!(plans().await[0] - after[0], 1.0);
+    http.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_querys_physical_plan_is_made_while_the_client_asks_where_to_fetch_and_run_once() {
+    let server = TestServer::start().await;
+    let http = server.serve_http().await;
+    let made = async || {
+        let (_, text) = http.get("/metrics", None).await;
+        ["ahead", "at_start"].map(|made| {
+            metric(
+                &text,
+                &format!("meshgate_physical_plans_total{{made=\"{made}\"}}"),
+            )
+            .unwrap()
+        })
+    };
+    let regions = |batches: &[arrow::array::RecordBatch]| {
+        let out = crate::fixture::pretty(batches);
+        let mut regions: Vec<String> = ["EUROPE", "AMERICA", "ASIA", "AFRICA", "MIDDLE EAST"]
+            .into_iter()
+            .filter(|region| out.contains(&format!(" {region} ")))
+            .map(str::to_string)
+            .collect();
+        regions.sort();
+        (crate::fixture::row_count(batches), regions)
+    };
+    let sql = "SELECT c_custkey, c_region FROM crm.customer WHERE c_custkey < 200";
+    let mut eu = server
+        .as_identity("sam", &["analyst"], &[("region", "EUROPE")])
+        .await;
+
+    // As ADBC and JDBC do: prepare, ask for the flight info, fetch.
+    let prepared = crate::flight_sql::create_prepared(&mut eu, sql)
+        .await
+        .unwrap();
+    let command = CommandPreparedStatementQuery {
+        prepared_statement_handle: prepared.prepared_statement_handle,
+    };
+    let before = made().await;
+    let (info, batches) = eu.command(command.as_any()).await.unwrap();
+    let first = regions(&batches);
+    assert!(first.0 > 0, "{first:?}");
+    assert_eq!(first.1, ["EUROPE"], "the analyst's row filter holds");
+    let after = made().await;
+    assert_eq!(
+        after[0] - before[0],
+        1.0,
+        "planned ahead: {before:?} {after:?}"
+    );
+    assert_eq!(after[1] - before[1], 0.0, "{before:?} {after:?}");
+
+    // The plan made ahead ran once: fetching the ticket again plans anew.
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let again = eu.fetch(ticket.clone()).await.unwrap();
+    assert_eq!(regions(&again), first);
+    let later = made().await;
+    assert_eq!(later[0] - after[0], 0.0, "{after:?} {later:?}");
+    assert_eq!(later[1] - after[1], 1.0, "{after:?} {later:?}");
+
+    // A plan made ahead and not fetched in time is not used.
+    eu.flight_info(command.as_any()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let late = eu.fetch(ticket).await.unwrap();
+    assert_eq!(regions(&late), first);
+    let last = made().await;
+    assert_eq!(last[0] - later[0], 0.0, "{later:?} {last:?}");
+    assert_eq!(last[1] - later[1], 1.0, "{later:?} {last:?}");
+
+    // As pyarrow does, for another caller: the flight info, then the fetch.
+    // Their plan is made for them, with their own policies.
+    let mut crm = server.as_identity("cory", &["crm"], &[]).await;
+    let theirs = crm.query(sql).await.unwrap();
+    let (rows, seen) = regions(&theirs);
+    assert!(rows > first.0 && seen.len() > 1, "{rows} {seen:?}");
+    let end = made().await;
+    assert_eq!(end[0] - last[0], 1.0, "{last:?} {end:?}");
+    assert_eq!(end[1] - last[1], 0.0, "{last:?} {end:?}");
+
     http.stop().await;
     server.stop().await;
 }

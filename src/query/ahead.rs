@@ -1,0 +1,104 @@
+//! Physical plans made ahead, while the client asks for the rows.
+//!
+//! Flight SQL clients reach a query's rows over several requests: ADBC and
+//! JDBC create a prepared statement, ask for its flight info, then fetch its
+//! ticket; pyarrow's client asks for flight info, then fetches. The first
+//! request makes the statement's logical plan. Its physical plan (the scans
+//! chosen, the physical optimizer's passes) used to be made when the rows
+//! were fetched, while between the requests the gateway sat waiting on the
+//! client. A request that tells the client where to fetch the rows now starts
+//! the physical plan on a task of its own (see
+//! [`super::CallerSession::plan_ahead`]), and the fetch takes it.
+//!
+//! A plan made ahead is run once: a physical plan holds the state of its run
+//! (a hash join's build side, dynamic filters), so the next run of the same
+//! statement makes a plan of its own. A plan started more than [`FRESH_FOR`]
+//! before the fetch is not used either: it listed the products' files when
+//! it was made. A plan made ahead that no query takes is dropped with the
+//! statement's cached plan, and stopped if it is still being made.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::session_state::SessionState;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::ExecutionPlan;
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+
+/// How long after it was started a plan made ahead may be taken.
+pub(super) const FRESH_FOR: Duration = Duration::from_secs(1);
+
+/// The physical plan of one planned statement, made ahead or being made.
+/// Shared by the copies of the statement's plan that the plan cache hands
+/// out.
+#[derive(Debug, Default)]
+pub(super) struct PlanAhead(Mutex<Option<Ahead>>);
+
+#[derive(Debug)]
+struct Ahead {
+    started: Instant,
+    task: JoinHandle<Result<Arc<dyn ExecutionPlan>>>,
+}
+
+impl Ahead {
+    fn fresh(&self) -> bool {
+        self.started.elapsed() <= FRESH_FOR
+    }
+}
+
+impl PlanAhead {
+    /// Starts making the physical plan of `plan` in the session state that
+    /// `state` gives, at most `timeout` long, unless one was started within
+    /// [`FRESH_FOR`] and not taken yet.
+    pub(super) fn start(
+        &self,
+        state: impl FnOnce() -> SessionState,
+        plan: &LogicalPlan,
+        timeout: Duration,
+    ) {
+        let mut slot = self.0.lock();
+        if slot.as_ref().is_some_and(Ahead::fresh) {
+            return;
+        }
+        if let Some(stale) = slot.take() {
+            stale.task.abort();
+        }
+        let state = state();
+        let plan = plan.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::timeout(timeout, state.create_physical_plan(&plan))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(DataFusionError::Execution(format!(
+                        "planning took longer than {timeout:?}"
+                    )))
+                })
+        });
+        *slot = Some(Ahead {
+            started: Instant::now(),
+            task,
+        });
+    }
+
+    /// The plan made ahead, once, waiting for it to be made: `None` when
+    /// none was started within [`FRESH_FOR`], or it failed (the query then
+    /// plans as it starts, and meets the same error there).
+    pub(super) async fn take(&self) -> Option<Arc<dyn ExecutionPlan>> {
+        let ahead = self.0.lock().take()?;
+        if !ahead.fresh() {
+            ahead.task.abort();
+            return None;
+        }
+        ahead.task.await.ok()?.ok()
+    }
+}
+
+impl Drop for PlanAhead {
+    fn drop(&mut self) {
+        if let Some(ahead) = self.0.get_mut().take() {
+            ahead.task.abort();
+        }
+    }
+}
