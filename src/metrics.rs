@@ -147,6 +147,15 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// A counter with one series for each value of `label`.
+fn counters(out: &mut String, name: &str, help: &str, label: &str, series: &[(&str, &AtomicU64)]) {
+    header(out, name, "counter", help);
+    for (value, counter) in series {
+        let count = counter.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
+    }
+}
+
 impl Metrics {
     pub fn query_started(&self) {
         self.active_queries.fetch_add(1, Ordering::Relaxed);
@@ -276,36 +285,27 @@ impl Metrics {
                 "meshgate_queries_total{{outcome=\"{outcome}\"}} {count}"
             );
         }
-        header(
+        counters(
             &mut out,
             "meshgate_plans_total",
-            "counter",
             "Statements planned, plans reused by the same caller's next request (`reused`), and plans of the same caller's statement with other constants, rebound (`rebound`).",
+            "outcome",
+            &[
+                ("planned", &self.plans_made),
+                ("reused", &self.plans_reused),
+                ("rebound", &self.plans_rebound),
+            ],
         );
-        for (outcome, counter) in [
-            ("planned", &self.plans_made),
-            ("reused", &self.plans_reused),
-            ("rebound", &self.plans_rebound),
-        ] {
-            let count = counter.load(Ordering::Relaxed);
-            let _ = writeln!(out, "meshgate_plans_total{{outcome=\"{outcome}\"}} {count}");
-        }
-        header(
+        counters(
             &mut out,
             "meshgate_physical_plans_total",
-            "counter",
             "Physical plans of the queries run: made ahead, while the client asked where to fetch the rows (`ahead`), or as the query started (`at_start`).",
+            "made",
+            &[
+                ("ahead", &self.physical_plans_ahead),
+                ("at_start", &self.physical_plans_at_start),
+            ],
         );
-        for (made, counter) in [
-            ("ahead", &self.physical_plans_ahead),
-            ("at_start", &self.physical_plans_at_start),
-        ] {
-            let count = counter.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "meshgate_physical_plans_total{{made=\"{made}\"}} {count}"
-            );
-        }
         header(
             &mut out,
             "meshgate_query_errors_total",

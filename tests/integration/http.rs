@@ -2,13 +2,25 @@
 
 use arrow_flight::sql::{CommandPreparedStatementQuery, CommandStatementQuery, ProstMessageExt};
 
-use crate::fixture::TestServer;
+use crate::fixture::{HttpEndpoint, TestServer};
 
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// The series of counter `name` for each of `values` of `label`, as the
+/// endpoint tells them now.
+async fn counters<const N: usize>(
+    http: &HttpEndpoint,
+    name: &str,
+    label: &str,
+    values: [&str; N],
+) -> [f64; N] {
+    let (_, text) = http.get("/metrics", None).await;
+    values.map(|value| metric(&text, &format!("{name}{{{label}=\"{value}\"}}")).unwrap())
 }
 
 #[tokio::test]
@@ -181,14 +193,13 @@ async fn a_statement_with_other_constants_is_bound_into_its_shapes_plan_under_th
     let server = TestServer::start().await;
     let http = server.serve_http().await;
     let plans = async || {
-        let (_, text) = http.get("/metrics", None).await;
-        ["planned", "reused", "rebound"].map(|outcome| {
-            metric(
-                &text,
-                &format!("meshgate_plans_total{{outcome=\"{outcome}\"}}"),
-            )
-            .unwrap()
-        })
+        counters(
+            &http,
+            "meshgate_plans_total",
+            "outcome",
+            ["planned", "reused", "rebound"],
+        )
+        .await
     };
     // Two customers, one in Europe and one elsewhere, as the crm team sees them.
     let mut crm = server.as_identity("cory", &["crm"], &[]).await;
@@ -249,14 +260,13 @@ async fn a_querys_physical_plan_is_made_while_the_client_asks_where_to_fetch_and
     let server = TestServer::start().await;
     let http = server.serve_http().await;
     let made = async || {
-        let (_, text) = http.get("/metrics", None).await;
-        ["ahead", "at_start"].map(|made| {
-            metric(
-                &text,
-                &format!("meshgate_physical_plans_total{{made=\"{made}\"}}"),
-            )
-            .unwrap()
-        })
+        counters(
+            &http,
+            "meshgate_physical_plans_total",
+            "made",
+            ["ahead", "at_start"],
+        )
+        .await
     };
     let regions = |batches: &[arrow::array::RecordBatch]| {
         let out = crate::fixture::pretty(batches);
