@@ -102,3 +102,43 @@ impl Drop for PlanAhead {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+
+    const NO_LIMIT: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn a_plan_made_ahead_is_taken_once_and_only_while_fresh() {
+        let context = SessionContext::new();
+        let state = context.state();
+        let plan = state.create_logical_plan("SELECT 1 AS one").await.unwrap();
+        let ahead = PlanAhead::default();
+        assert!(ahead.take().await.is_none(), "nothing was started");
+
+        ahead.start(|| state.clone(), &plan, NO_LIMIT);
+        // A plan being made, or made and not taken, is not made again.
+        ahead.start(|| panic!("planned twice"), &plan, NO_LIMIT);
+        let physical = ahead.take().await.expect("the plan made ahead");
+        assert_eq!(physical.schema().field(0).name(), "one");
+        assert!(ahead.take().await.is_none(), "a plan made ahead runs once");
+
+        // A plan started longer ago than FRESH_FOR is neither taken nor
+        // kept in place of a new one.
+        let age = |ahead: &PlanAhead| {
+            let mut slot = ahead.0.lock();
+            let started = &mut slot.as_mut().unwrap().started;
+            *started = started.checked_sub(FRESH_FOR * 2).unwrap();
+        };
+        ahead.start(|| state.clone(), &plan, NO_LIMIT);
+        age(&ahead);
+        assert!(ahead.take().await.is_none(), "a stale plan is not taken");
+        ahead.start(|| state.clone(), &plan, NO_LIMIT);
+        age(&ahead);
+        ahead.start(|| state.clone(), &plan, NO_LIMIT);
+        assert!(ahead.take().await.is_some(), "a stale plan is made again");
+    }
+}
