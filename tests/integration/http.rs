@@ -330,22 +330,24 @@ async fn a_plan_is_reused_by_the_same_callers_next_request_only() {
     let server = TestServer::start().await;
     let http = server.serve_http().await;
     let plans = async || {
-        let (_, text) = http.get("/metrics", None).await;
-        (
-            metric(&text, "meshgate_plans_total{outcome=\"planned\"}").unwrap(),
-            metric(&text, "meshgate_plans_total{outcome=\"reused\"}").unwrap(),
+        counters(
+            &http,
+            "meshgate_plans_total",
+            "outcome",
+            ["planned", "reused"],
         )
+        .await
     };
-    assert_eq!(plans().await, (0.0, 0.0));
+    assert_eq!(plans().await, [0.0, 0.0]);
     let sql = "SELECT * FROM crm.region";
     let mut eu = server
         .as_identity("sam", &["analyst"], &[("region", "EU")])
         .await;
     // GetFlightInfo plans the statement; DoGet runs that plan.
     let first = eu.query(sql).await.unwrap();
-    assert_eq!(plans().await, (1.0, 1.0));
+    assert_eq!(plans().await, [1.0, 1.0]);
     let again = eu.query(sql).await.unwrap();
-    assert_eq!(plans().await, (1.0, 3.0));
+    assert_eq!(plans().await, [1.0, 3.0]);
     assert_eq!(first, again);
     // The same user name with other attributes, or another statement, is
     // planned afresh.
@@ -353,13 +355,13 @@ async fn a_plan_is_reused_by_the_same_callers_next_request_only() {
         .as_identity("sam", &["analyst"], &[("region", "US")])
         .await;
     us.query(sql).await.unwrap();
-    assert_eq!(plans().await, (2.0, 4.0));
+    assert_eq!(plans().await, [2.0, 4.0]);
     eu.query("SELECT r_name FROM crm.region").await.unwrap();
-    assert_eq!(plans().await, (3.0, 5.0));
+    assert_eq!(plans().await, [3.0, 5.0]);
     // A statement that does not plan leaves nothing to reuse.
     eu.query("SELECT * FROM crm.nope").await.unwrap_err();
     eu.query("SELECT * FROM crm.nope").await.unwrap_err();
-    assert_eq!(plans().await, (3.0, 5.0));
+    assert_eq!(plans().await, [3.0, 5.0]);
     http.stop().await;
     server.stop().await;
 }
