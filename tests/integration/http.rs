@@ -11,6 +11,14 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The TPC-H regions named in a pretty-printed table.
+fn regions_in(table: &str) -> Vec<&'static str> {
+    ["EUROPE", "AMERICA", "ASIA", "AFRICA", "MIDDLE EAST"]
+        .into_iter()
+        .filter(|region| table.contains(&format!(" {region} ")))
+        .collect()
+}
+
 /// The series of counter `name` for each of `values` of `label`, as the
 /// endpoint tells them now.
 async fn counters<const N: usize>(
@@ -217,10 +225,7 @@ async fn a_statement_with_other_constants_is_bound_into_its_shapes_plan_under_th
         |key: i64| format!("SELECT c_custkey, c_region FROM crm.customer WHERE c_custkey = {key}");
     let region_of = async |client: &mut crate::fixture::TestClient, key: i64| {
         let out = crate::fixture::rows(client, &lookup(key)).await;
-        ["EUROPE", "AMERICA", "ASIA", "AFRICA", "MIDDLE EAST"]
-            .into_iter()
-            .find(|region| out.contains(&format!(" {region} ")))
-            .map(str::to_string)
+        regions_in(&out).first().map(|region| region.to_string())
     };
     let before = plans().await;
     let mut eu = server
@@ -269,12 +274,7 @@ async fn a_querys_physical_plan_is_made_while_the_client_asks_where_to_fetch_and
         .await
     };
     let regions = |batches: &[arrow::array::RecordBatch]| {
-        let out = crate::fixture::pretty(batches);
-        let mut regions: Vec<String> = ["EUROPE", "AMERICA", "ASIA", "AFRICA", "MIDDLE EAST"]
-            .into_iter()
-            .filter(|region| out.contains(&format!(" {region} ")))
-            .map(str::to_string)
-            .collect();
+        let mut regions = regions_in(&crate::fixture::pretty(batches));
         regions.sort();
         (crate::fixture::row_count(batches), regions)
     };
