@@ -17,18 +17,27 @@
 //! it was made. A plan made ahead that no query takes is dropped with the
 //! statement's cached plan, and stopped if it is still being made.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::error::{DataFusionError, Result};
-use datafusion::execution::session_state::SessionState;
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::execution::TaskContext;
 use datafusion::physical_plan::ExecutionPlan;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
 /// How long after it was started a plan made ahead may be taken.
 pub(super) const FRESH_FOR: Duration = Duration::from_secs(1);
+
+/// A physical plan made ahead, and the context it runs in: the settings,
+/// functions and forwarded token of the session state that made it, so the
+/// fetch that takes it builds no session state of its own.
+#[derive(Debug)]
+pub(super) struct Planned {
+    pub(super) plan: Arc<dyn ExecutionPlan>,
+    pub(super) context: TaskContext,
+}
 
 /// The physical plan of one planned statement, made ahead or being made.
 /// Shared by the copies of the statement's plan that the plan cache hands
@@ -39,7 +48,7 @@ pub(super) struct PlanAhead(Mutex<Option<Ahead>>);
 #[derive(Debug)]
 struct Ahead {
     started: Instant,
-    task: JoinHandle<Result<Arc<dyn ExecutionPlan>>>,
+    task: JoinHandle<Result<Planned>>,
 }
 
 impl Ahead {
@@ -49,15 +58,13 @@ impl Ahead {
 }
 
 impl PlanAhead {
-    /// Starts making the physical plan of `plan` in the session state that
-    /// `state` gives, at most `timeout` long, unless one was started within
-    /// [`FRESH_FOR`] and not taken yet.
-    pub(super) fn start(
-        &self,
-        state: impl FnOnce() -> SessionState,
-        plan: &LogicalPlan,
-        timeout: Duration,
-    ) {
+    /// Runs the planning that `planning` gives on a task of its own, at
+    /// most `timeout` long, unless one was started within [`FRESH_FOR`] and
+    /// not taken yet (`planning` is then not called).
+    pub(super) fn start<F>(&self, planning: impl FnOnce() -> F, timeout: Duration)
+    where
+        F: Future<Output = Result<Planned>> + Send + 'static,
+    {
         let mut slot = self.0.lock();
         if slot.as_ref().is_some_and(Ahead::fresh) {
             return;
@@ -65,10 +72,9 @@ impl PlanAhead {
         if let Some(stale) = slot.take() {
             stale.task.abort();
         }
-        let state = state();
-        let plan = plan.clone();
+        let planning = planning();
         let task = tokio::spawn(async move {
-            tokio::time::timeout(timeout, state.create_physical_plan(&plan))
+            tokio::time::timeout(timeout, planning)
                 .await
                 .unwrap_or_else(|_| {
                     Err(DataFusionError::Execution(format!(
@@ -85,7 +91,7 @@ impl PlanAhead {
     /// The plan made ahead, once, waiting for it to be made: `None` when
     /// none was started within [`FRESH_FOR`], or it failed (the query then
     /// plans as it starts, and meets the same error there).
-    pub(super) async fn take(&self) -> Option<Arc<dyn ExecutionPlan>> {
+    pub(super) async fn take(&self) -> Option<Planned> {
         let ahead = self.0.lock().take()?;
         if !ahead.fresh() {
             ahead.task.abort();
@@ -105,25 +111,38 @@ impl Drop for PlanAhead {
 
 #[cfg(test)]
 mod tests {
+    use datafusion::execution::session_state::SessionState;
+    use datafusion::logical_expr::LogicalPlan;
     use datafusion::prelude::SessionContext;
 
     use super::*;
 
     const NO_LIMIT: Duration = Duration::from_secs(60);
 
+    async fn planned(state: SessionState, plan: LogicalPlan) -> Result<Planned> {
+        Ok(Planned {
+            plan: state.create_physical_plan(&plan).await?,
+            context: TaskContext::from(&state),
+        })
+    }
+
     #[tokio::test]
     async fn a_plan_made_ahead_is_taken_once_and_only_while_fresh() {
         let context = SessionContext::new();
         let state = context.state();
         let plan = state.create_logical_plan("SELECT 1 AS one").await.unwrap();
+        let planning = || planned(state.clone(), plan.clone());
         let ahead = PlanAhead::default();
         assert!(ahead.take().await.is_none(), "nothing was started");
 
-        ahead.start(|| state.clone(), &plan, NO_LIMIT);
+        ahead.start(planning, NO_LIMIT);
         // A plan being made, or made and not taken, is not made again.
-        ahead.start(|| panic!("planned twice"), &plan, NO_LIMIT);
-        let physical = ahead.take().await.expect("the plan made ahead");
-        assert_eq!(physical.schema().field(0).name(), "one");
+        ahead.start(
+            || -> std::future::Ready<Result<Planned>> { panic!("planned twice") },
+            NO_LIMIT,
+        );
+        let made = ahead.take().await.expect("the plan made ahead");
+        assert_eq!(made.plan.schema().field(0).name(), "one");
         assert!(ahead.take().await.is_none(), "a plan made ahead runs once");
 
         // A plan started longer ago than FRESH_FOR is neither taken nor
@@ -133,12 +152,12 @@ mod tests {
             let started = &mut slot.as_mut().unwrap().started;
             *started = started.checked_sub(FRESH_FOR * 2).unwrap();
         };
-        ahead.start(|| state.clone(), &plan, NO_LIMIT);
+        ahead.start(planning, NO_LIMIT);
         age(&ahead);
         assert!(ahead.take().await.is_none(), "a stale plan is not taken");
-        ahead.start(|| state.clone(), &plan, NO_LIMIT);
+        ahead.start(planning, NO_LIMIT);
         age(&ahead);
-        ahead.start(|| state.clone(), &plan, NO_LIMIT);
+        ahead.start(planning, NO_LIMIT);
         assert!(ahead.take().await.is_some(), "a stale plan is made again");
     }
 }

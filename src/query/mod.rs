@@ -19,8 +19,8 @@ use std::collections::HashMap;
 use std::future::Future as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,7 @@ use crate::catalog::{Mesh, MeshCatalog, ProductData, ProductName, ReadLog};
 use crate::config::Limits;
 use crate::metrics::{FinishedQuery, Metrics};
 use crate::policy::render_plan;
+use crate::sources::ForwardedToken;
 use shapes::{ShapeCache, Shapes};
 
 /// Why a query could not run. Messages are safe to show the caller.
@@ -314,14 +315,6 @@ impl QueryEngine {
     /// A session for one caller and one request.
     pub fn session(&self, caller: &CallerIdentity, client: Option<SocketAddr>) -> CallerSession {
         let published = Arc::clone(&self.current.read());
-        let caller = Arc::new(caller.clone());
-        let reads = Arc::new(parking_lot::Mutex::new(ReadLog::default()));
-        let (context, catalog) = session::caller_context(
-            &published.template,
-            &published.mesh,
-            Arc::clone(&caller),
-            Arc::clone(&reads),
-        );
         let runtime = session::query_runtime(
             &published.mesh.runtime(),
             self.limits.memory_per_query,
@@ -329,16 +322,14 @@ impl QueryEngine {
         );
         let is_admin = published.admin_groups.iter().any(|g| caller.has_group(g));
         CallerSession {
-            mesh: Arc::clone(&published.mesh),
-            context,
+            published,
+            context: OnceLock::new(),
+            token: None,
             runtime,
-            plans: published.plans.clone(),
-            shapes: published.shapes.clone(),
-            catalog,
             is_admin,
-            caller,
+            caller: Arc::new(caller.clone()),
             client,
-            reads,
+            reads: Arc::default(),
             limits: self.limits.clone(),
             audit: Arc::clone(&self.audit),
             metrics: Arc::clone(&self.metrics),
@@ -351,7 +342,7 @@ impl QueryEngine {
     /// The domains the caller can see (those with a product they can see).
     pub fn visible_domains(&self, caller: &CallerIdentity) -> Vec<String> {
         let session = self.session(caller, None);
-        datafusion::catalog::CatalogProvider::schema_names(session.catalog.as_ref())
+        datafusion::catalog::CatalogProvider::schema_names(session.catalog().as_ref())
     }
 
     /// The products the caller can see, with their schemas as the caller
@@ -364,13 +355,14 @@ impl QueryEngine {
     pub async fn visible(&self, caller: &CallerIdentity) -> (Arc<Mesh>, Vec<VisibleProduct>) {
         let session = self.session(caller, None);
         let mut visible = Vec::new();
-        for (domain, entry) in &session.mesh.domains {
-            for name in session.catalog.visible_products(domain) {
+        let mesh = &session.published.mesh;
+        for (domain, entry) in &mesh.domains {
+            for name in session.catalog().visible_products(domain) {
                 let Some(product) = entry.products.get(&name) else {
                     continue;
                 };
                 // A view that does not plan for this caller is not usable by them.
-                let Ok(Some(table)) = session.catalog.product_table(domain, &name).await else {
+                let Ok(Some(table)) = session.catalog().product_table(domain, &name).await else {
                     continue;
                 };
                 visible.push(VisibleProduct {
@@ -385,7 +377,7 @@ impl QueryEngine {
                 });
             }
         }
-        (Arc::clone(&session.mesh), visible)
+        (Arc::clone(mesh), visible)
     }
 
     /// Whether `caller` is in one of the admin groups.
@@ -489,16 +481,19 @@ impl PreparedQuery {
 
 /// One caller's session, on the mesh published when it was made.
 pub struct CallerSession {
-    mesh: Arc<Mesh>,
-    context: SessionContext,
+    /// The mesh, the state sessions over it start from, and the statements
+    /// and shapes planned over it.
+    published: Arc<Published>,
+    /// The caller's DataFusion session and the catalog it resolves products
+    /// through, built when first needed: a request whose statement was
+    /// planned moments ago, and whose physical plan was made ahead, needs
+    /// neither.
+    context: OnceLock<(SessionContext, Arc<MeshCatalog>)>,
+    /// The caller's bearer token, for sources that forward it.
+    token: Option<ForwardedToken>,
     /// What the query runs in: the mesh's stores and caches, and the memory
     /// pool its limit applies to.
     runtime: Arc<RuntimeEnv>,
-    /// Statements planned over the same mesh.
-    plans: PlanCache,
-    /// Shapes of statements planned over the same mesh.
-    shapes: ShapeCache,
-    catalog: Arc<MeshCatalog>,
     /// Sees EXPLAIN below policy barriers.
     is_admin: bool,
     caller: Arc<CallerIdentity>,
@@ -554,16 +549,34 @@ impl CallerSession {
         self.reads.lock().warnings.iter().cloned().collect()
     }
 
-    /// The caller's bearer token, sent on by sources that forward it.
-    pub fn with_token(self, token: Option<crate::sources::ForwardedToken>) -> Self {
-        if let Some(token) = token {
-            self.context
-                .state_ref()
-                .write()
-                .config_mut()
-                .set_extension(Arc::new(token));
-        }
+    /// The caller's bearer token, sent on by sources that forward it. Set
+    /// before the session plans anything.
+    pub fn with_token(mut self, token: Option<ForwardedToken>) -> Self {
+        debug_assert!(self.context.get().is_none(), "the session was built");
+        self.token = token;
         self
+    }
+
+    /// The caller's session, built on first use.
+    fn context(&self) -> &SessionContext {
+        &self.caller_context().0
+    }
+
+    /// The catalog the caller's session resolves products through.
+    fn catalog(&self) -> &Arc<MeshCatalog> {
+        &self.caller_context().1
+    }
+
+    fn caller_context(&self) -> &(SessionContext, Arc<MeshCatalog>) {
+        self.context.get_or_init(|| {
+            session::caller_context(
+                &self.published.template,
+                &self.published.mesh,
+                Arc::clone(&self.caller),
+                self.token.clone(),
+                Arc::clone(&self.reads),
+            )
+        })
     }
 
     /// Parses, guards and plans `sql`. A failure is audited.
@@ -586,35 +599,25 @@ impl CallerSession {
         result
     }
 
-    /// The token set by [`CallerSession::with_token`], if any.
-    fn forwarded_token(&self) -> Option<Arc<str>> {
-        self.context
-            .state_ref()
-            .read()
-            .config()
-            .get_extension::<crate::sources::ForwardedToken>()
-            .map(|token| Arc::clone(&token.0))
-    }
-
     /// Plans `sql` for this caller, or reuses the plan made for the same
     /// caller, token and text over the same mesh moments ago, or binds its
     /// constants into the plan made for its shape (see [`shapes`]).
     async fn plan(&self, sql: &str) -> Result<PreparedQuery, QueryError> {
-        let token = self.forwarded_token();
+        let token = self.token.as_ref().map(|token| Arc::clone(&token.0));
         let key = PlanKey {
             caller: Arc::clone(&self.caller),
             token: token.clone(),
             sql: sql.into(),
         };
-        if let Some(cached) = self.plans.get(&key) {
+        if let Some(cached) = self.published.plans.get(&key) {
             self.metrics.statement_planned(true);
             self.reads.lock().merge(&cached.reads);
             return Ok(cached.query.clone());
         }
-        let context = self.context.clone();
+        let context = self.context().clone();
         let text = sql.to_string();
         let shapes = Shapes {
-            cache: self.shapes.clone(),
+            cache: self.published.shapes.clone(),
             caller: Arc::clone(&self.caller),
             token,
             reads: Arc::clone(&self.reads),
@@ -635,7 +638,7 @@ impl CallerSession {
         }
         query.ahead = Some(Arc::default());
         let reads = self.reads.lock().clone();
-        self.plans.insert(
+        self.published.plans.insert(
             key,
             Arc::new(CachedPlan {
                 query: query.clone(),
@@ -734,17 +737,21 @@ impl CallerSession {
             )));
         }
         let timeout = self.limits.query_timeout;
-        let state = self.query_state(query);
         let planning = async {
             let ahead = match &query.ahead {
                 Some(ahead) => ahead.take().await,
                 None => None,
             };
             self.metrics.physical_plan_made(ahead.is_some());
-            let physical = match ahead {
-                Some(physical) => physical,
-                None => state.create_physical_plan(&query.plan).await?,
-            };
+            if let Some(made) = ahead {
+                let context = made.context.with_runtime(Arc::clone(&self.runtime));
+                return Ok(datafusion::physical_plan::execute_stream(
+                    made.plan,
+                    Arc::new(context),
+                )?);
+            }
+            let state = query_state(self.context(), &query.plan);
+            let physical = state.create_physical_plan(&query.plan).await?;
             match &query.explain {
                 None => Ok(datafusion::physical_plan::execute_stream(
                     physical,
@@ -785,11 +792,18 @@ impl CallerSession {
         if query.parameter_count() > 0 || query.explain.is_some() {
             return;
         }
-        ahead.start(
-            || self.query_state(query),
-            &query.plan,
-            self.limits.query_timeout,
-        );
+        let planning = || {
+            let context = self.context().clone();
+            let plan = query.plan.clone();
+            async move {
+                let state = query_state(&context, &plan);
+                Ok(ahead::Planned {
+                    plan: state.create_physical_plan(&plan).await?,
+                    context: TaskContext::from(&state),
+                })
+            }
+        };
+        ahead.start(planning, self.limits.query_timeout);
     }
 
     /// The physical plan of a bound query (of the explained query, for EXPLAIN).
@@ -797,8 +811,7 @@ impl CallerSession {
         &self,
         query: &PreparedQuery,
     ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>, QueryError> {
-        Ok(self
-            .query_state(query)
+        Ok(query_state(self.context(), &query.plan)
             .create_physical_plan(&query.plan)
             .await?)
     }
@@ -807,30 +820,6 @@ impl CallerSession {
     /// session's runtime.
     fn task_context(&self, state: &SessionState) -> Arc<TaskContext> {
         Arc::new(TaskContext::from(state).with_runtime(Arc::clone(&self.runtime)))
-    }
-
-    /// The session state `query` is planned and run with.
-    fn query_state(&self, query: &PreparedQuery) -> SessionState {
-        let mut state = self.context.state();
-        let rows = rows_read(&query.plan);
-        if rows == RowsRead::Combined {
-            return state;
-        }
-        // Rows that go from the files to the client as they are read are
-        // read in larger batches: a 6M-row product streamed to ADBC took
-        // the gateway 10-15% and the client 7-17% less CPU time, and 0.80-0.91
-        // of the time, than in batches of 8 192 rows (lookups: no change).
-        // Joins and aggregates keep the engine's batches.
-        let config = state.config_mut();
-        *config = std::mem::take(config).with_batch_size(STREAM_BATCH_ROWS);
-        if rows == RowsRead::Filtered {
-            // Late materialization: the filter's columns are decoded first,
-            // the others only for the rows that pass. It pays for lookups and
-            // filtered reads; behind joins and aggregates, decoding whole
-            // pages and filtering after is faster on typical files.
-            config.options_mut().execution.parquet.pushdown_filters = true;
-        }
-        state
     }
 
     fn audit_context(&self, sql: &str) -> AuditContext {
@@ -1057,6 +1046,30 @@ enum RowsRead {
     Filtered,
     /// Joined, aggregated, or combined otherwise.
     Combined,
+}
+
+/// The session state `plan` is planned and run with in `context`.
+fn query_state(context: &SessionContext, plan: &LogicalPlan) -> SessionState {
+    let mut state = context.state();
+    let rows = rows_read(plan);
+    if rows == RowsRead::Combined {
+        return state;
+    }
+    // Rows that go from the files to the client as they are read are
+    // read in larger batches: a 6M-row product streamed to ADBC took
+    // the gateway 10-15% and the client 7-17% less CPU time, and 0.80-0.91
+    // of the time, than in batches of 8 192 rows (lookups: no change).
+    // Joins and aggregates keep the engine's batches.
+    let config = state.config_mut();
+    *config = std::mem::take(config).with_batch_size(STREAM_BATCH_ROWS);
+    if rows == RowsRead::Filtered {
+        // Late materialization: the filter's columns are decoded first,
+        // the others only for the rows that pass. It pays for lookups and
+        // filtered reads; behind joins and aggregates, decoding whole
+        // pages and filtering after is faster on typical files.
+        config.options_mut().execution.parquet.pushdown_filters = true;
+    }
+    state
 }
 
 /// How `plan` reads the rows of its tables.

@@ -19,7 +19,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use crate::auth::CallerIdentity;
 use crate::catalog::{CATALOG_NAME, Mesh, MeshCatalog, ReadLog, SerialHotScans};
 use crate::metrics::Metrics;
-use crate::sources::{SourcePlanner, SourcePushdown};
+use crate::sources::{ForwardedToken, SourcePlanner, SourcePushdown};
 
 use super::join_filters::SelectiveJoinFilters;
 use super::join_sides::RowCountJoinSides;
@@ -221,17 +221,22 @@ pub(crate) fn template_state(
 
 /// A session in which `mesh` resolves products for one caller, and the
 /// catalog it resolves them through. `template` comes from
-/// [`template_state`] for the same mesh.
+/// [`template_state`] for the same mesh; `token` is the caller's, for
+/// sources that forward it.
 pub(crate) fn caller_context(
     template: &SessionState,
     mesh: &Arc<Mesh>,
     caller: Arc<CallerIdentity>,
+    token: Option<ForwardedToken>,
     reads: Arc<parking_lot::Mutex<ReadLog>>,
 ) -> (SessionContext, Arc<MeshCatalog>) {
     let mut state = template.clone();
     // The clone shares the template's catalog list: this session's catalog
     // goes into a list of its own.
     state.register_catalog_list(Arc::new(MemoryCatalogProviderList::new()));
+    if let Some(token) = token {
+        state.config_mut().set_extension(Arc::new(token));
+    }
     let context = SessionContext::new_with_state(state);
     let catalog = Arc::new(MeshCatalog::new(
         Arc::clone(mesh),
