@@ -29,6 +29,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{ParamValues, ScalarValue};
+use datafusion::config::ConfigOptions;
 use datafusion::error::DataFusionError;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::session_state::SessionState;
@@ -321,15 +322,21 @@ impl QueryEngine {
             &self.metrics,
         );
         let is_admin = published.admin_groups.iter().any(|g| caller.has_group(g));
+        let caller = Arc::new(caller.clone());
+        let reads = Arc::new(parking_lot::Mutex::new(ReadLog::default()));
         CallerSession {
-            published,
-            context: OnceLock::new(),
-            token: None,
+            context: LazyContext {
+                published,
+                caller: Arc::clone(&caller),
+                token: None,
+                reads: Arc::clone(&reads),
+                built: Arc::default(),
+            },
             runtime,
             is_admin,
-            caller: Arc::new(caller.clone()),
+            caller,
             client,
-            reads: Arc::default(),
+            reads,
             limits: self.limits.clone(),
             audit: Arc::clone(&self.audit),
             metrics: Arc::clone(&self.metrics),
@@ -355,7 +362,7 @@ impl QueryEngine {
     pub async fn visible(&self, caller: &CallerIdentity) -> (Arc<Mesh>, Vec<VisibleProduct>) {
         let session = self.session(caller, None);
         let mut visible = Vec::new();
-        let mesh = &session.published.mesh;
+        let mesh = &session.context.published.mesh;
         for (domain, entry) in &mesh.domains {
             for name in session.catalog().visible_products(domain) {
                 let Some(product) = entry.products.get(&name) else {
@@ -481,16 +488,8 @@ impl PreparedQuery {
 
 /// One caller's session, on the mesh published when it was made.
 pub struct CallerSession {
-    /// The mesh, the state sessions over it start from, and the statements
-    /// and shapes planned over it.
-    published: Arc<Published>,
-    /// The caller's DataFusion session and the catalog it resolves products
-    /// through, built when first needed: a request whose statement was
-    /// planned moments ago, and whose physical plan was made ahead, needs
-    /// neither.
-    context: OnceLock<(SessionContext, Arc<MeshCatalog>)>,
-    /// The caller's bearer token, for sources that forward it.
-    token: Option<ForwardedToken>,
+    /// The caller's DataFusion session over the published mesh.
+    context: LazyContext,
     /// What the query runs in: the mesh's stores and caches, and the memory
     /// pool its limit applies to.
     runtime: Arc<RuntimeEnv>,
@@ -534,6 +533,41 @@ impl PerUser {
     }
 }
 
+/// A caller's DataFusion session over one published mesh, and the catalog it
+/// resolves products through, built on first use: a request whose statement
+/// (or its shape) was planned moments ago, and whose physical plan was made
+/// ahead, builds neither. Its clones (the planning thread's, the plan made
+/// ahead's) share what one of them builds.
+#[derive(Clone)]
+struct LazyContext {
+    /// The mesh, the state sessions over it start from, and the statements
+    /// and shapes planned over it.
+    published: Arc<Published>,
+    caller: Arc<CallerIdentity>,
+    /// The caller's bearer token, for sources that forward it.
+    token: Option<ForwardedToken>,
+    reads: Arc<parking_lot::Mutex<ReadLog>>,
+    built: Arc<OnceLock<(SessionContext, Arc<MeshCatalog>)>>,
+}
+
+impl LazyContext {
+    fn session(&self) -> &SessionContext {
+        &self.build().0
+    }
+
+    fn build(&self) -> &(SessionContext, Arc<MeshCatalog>) {
+        self.built.get_or_init(|| {
+            session::caller_context(
+                &self.published.template,
+                &self.published.mesh,
+                Arc::clone(&self.caller),
+                self.token.clone(),
+                Arc::clone(&self.reads),
+            )
+        })
+    }
+}
+
 impl std::fmt::Debug for CallerSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CallerSession")
@@ -552,31 +586,19 @@ impl CallerSession {
     /// The caller's bearer token, sent on by sources that forward it. Set
     /// before the session plans anything.
     pub fn with_token(mut self, token: Option<ForwardedToken>) -> Self {
-        debug_assert!(self.context.get().is_none(), "the session was built");
-        self.token = token;
+        debug_assert!(self.context.built.get().is_none(), "the session was built");
+        self.context.token = token;
         self
     }
 
     /// The caller's session, built on first use.
     fn context(&self) -> &SessionContext {
-        &self.caller_context().0
+        self.context.session()
     }
 
     /// The catalog the caller's session resolves products through.
     fn catalog(&self) -> &Arc<MeshCatalog> {
-        &self.caller_context().1
-    }
-
-    fn caller_context(&self) -> &(SessionContext, Arc<MeshCatalog>) {
-        self.context.get_or_init(|| {
-            session::caller_context(
-                &self.published.template,
-                &self.published.mesh,
-                Arc::clone(&self.caller),
-                self.token.clone(),
-                Arc::clone(&self.reads),
-            )
-        })
+        &self.context.build().1
     }
 
     /// Parses, guards and plans `sql`. A failure is audited.
@@ -603,21 +625,26 @@ impl CallerSession {
     /// caller, token and text over the same mesh moments ago, or binds its
     /// constants into the plan made for its shape (see [`shapes`]).
     async fn plan(&self, sql: &str) -> Result<PreparedQuery, QueryError> {
-        let token = self.token.as_ref().map(|token| Arc::clone(&token.0));
+        let token = self
+            .context
+            .token
+            .as_ref()
+            .map(|token| Arc::clone(&token.0));
         let key = PlanKey {
             caller: Arc::clone(&self.caller),
             token: token.clone(),
             sql: sql.into(),
         };
-        if let Some(cached) = self.published.plans.get(&key) {
+        let published = &self.context.published;
+        if let Some(cached) = published.plans.get(&key) {
             self.metrics.statement_planned(true);
             self.reads.lock().merge(&cached.reads);
             return Ok(cached.query.clone());
         }
-        let context = self.context().clone();
+        let context = self.context.clone();
         let text = sql.to_string();
         let shapes = Shapes {
-            cache: self.published.shapes.clone(),
+            cache: published.shapes.clone(),
             caller: Arc::clone(&self.caller),
             token,
             reads: Arc::clone(&self.reads),
@@ -638,7 +665,7 @@ impl CallerSession {
         }
         query.ahead = Some(Arc::default());
         let reads = self.reads.lock().clone();
-        self.published.plans.insert(
+        published.plans.insert(
             key,
             Arc::new(CachedPlan {
                 query: query.clone(),
@@ -792,11 +819,13 @@ impl CallerSession {
         if query.parameter_count() > 0 || query.explain.is_some() {
             return;
         }
+        // The caller's session too is built on the task, if this request
+        // did not need it.
         let planning = || {
-            let context = self.context().clone();
+            let context = self.context.clone();
             let plan = query.plan.clone();
             async move {
-                let state = query_state(&context, &plan);
+                let state = query_state(context.session(), &plan);
                 Ok(ahead::Planned {
                     plan: state.create_physical_plan(&plan).await?,
                     context: TaskContext::from(&state),
@@ -854,28 +883,25 @@ impl CallerSession {
 /// when it has a usable one: the plan, and whether it was bound into the
 /// plan of a shape planned before.
 async fn plan_sql(
-    context: &SessionContext,
+    context: &LazyContext,
     sql: &str,
     shapes: &Shapes,
 ) -> Result<(PreparedQuery, bool), QueryError> {
-    let statement = parse_statement(context, sql)?;
-    if let Some(planned) = shapes.plan(context, &statement, sql).await {
+    let statement = parse_statement(context.published.template.config_options(), sql)?;
+    if let Some(planned) = shapes.plan(|| context.session(), &statement, sql).await {
         return Ok(planned);
     }
-    Ok((plan_statement(context, statement, sql).await?, false))
+    Ok((
+        plan_statement(context.session(), statement, sql).await?,
+        false,
+    ))
 }
 
-/// Parses and guards the one statement of `sql`.
-fn parse_statement(context: &SessionContext, sql: &str) -> Result<DataFusionStatement, QueryError> {
+/// Parses and guards the one statement of `sql`, under the parser limits of
+/// `options`.
+fn parse_statement(options: &ConfigOptions, sql: &str) -> Result<DataFusionStatement, QueryError> {
     guard::check_complexity(sql)?;
-    let recursion_limit = context
-        .state_ref()
-        .read()
-        .config()
-        .options()
-        .sql_parser
-        .recursion_limit
-        .get();
+    let recursion_limit = options.sql_parser.recursion_limit.get();
     let mut statements = DFParserBuilder::new(sql)
         .with_dialect(&GenericDialect {})
         .with_recursion_limit(recursion_limit)

@@ -241,9 +241,10 @@ impl Shapes {
     /// its shape, and whether that plan was there already (rather than
     /// planned now): `None` when the statement has no usable shape, and is
     /// to be planned as written.
-    pub(super) async fn plan(
+    /// `context` gives the session to plan a shape in, when one is planned.
+    pub(super) async fn plan<'a>(
         &self,
-        context: &SessionContext,
+        context: impl FnOnce() -> &'a SessionContext,
         statement: &DataFusionStatement,
         sql: &str,
     ) -> Option<(PreparedQuery, bool)> {
@@ -259,7 +260,7 @@ impl Shapes {
             Some(planned) => (planned, true),
             None => {
                 let shape = DataFusionStatement::Statement(Box::new(key.shape.as_ref().clone()));
-                let planned = match plan_statement(context, shape, sql).await {
+                let planned = match plan_statement(context(), shape, sql).await {
                     Ok(query) if query.parameter_types == key.types => Some(Arc::new(CachedPlan {
                         query,
                         reads: self.reads.lock().clone(),
@@ -341,7 +342,7 @@ mod tests {
     }
 
     fn shape(sql: &str) -> Option<(String, Vec<ScalarValue>)> {
-        let statement = parse_statement(&context(), sql).unwrap();
+        let statement = parse_statement(context().copied_config().options(), sql).unwrap();
         shape_of(&statement).map(|shape| (shape.statement.to_string(), shape.values))
     }
 
@@ -403,12 +404,12 @@ mod tests {
         ctx: &SessionContext,
         sql: &str,
     ) -> Option<(PreparedQuery, bool)> {
-        let statement = parse_statement(ctx, sql).unwrap();
-        shapes.plan(ctx, &statement, sql).await
+        let statement = parse_statement(ctx.copied_config().options(), sql).unwrap();
+        shapes.plan(|| ctx, &statement, sql).await
     }
 
     async fn planned_as_written(ctx: &SessionContext, sql: &str) -> PreparedQuery {
-        let statement = parse_statement(ctx, sql).unwrap();
+        let statement = parse_statement(ctx.copied_config().options(), sql).unwrap();
         plan_statement(ctx, statement, sql).await.unwrap()
     }
 
@@ -502,7 +503,7 @@ mod tests {
         ] {
             assert!(through(&shapes, &ctx, sql).await.is_none(), "{sql}");
             // Remembered: not planned again.
-            let statement = parse_statement(&ctx, sql).unwrap();
+            let statement = parse_statement(ctx.copied_config().options(), sql).unwrap();
             let shape = shape_of(&statement).unwrap();
             let key = ShapeKey {
                 caller: Arc::clone(&shapes.caller),
