@@ -322,21 +322,17 @@ impl QueryEngine {
             &self.metrics,
         );
         let is_admin = published.admin_groups.iter().any(|g| caller.has_group(g));
-        let caller = Arc::new(caller.clone());
-        let reads = Arc::new(parking_lot::Mutex::new(ReadLog::default()));
         CallerSession {
             context: LazyContext {
                 published,
-                caller: Arc::clone(&caller),
+                caller: Arc::new(caller.clone()),
                 token: None,
-                reads: Arc::clone(&reads),
+                reads: Arc::default(),
                 built: Arc::default(),
             },
             runtime,
             is_admin,
-            caller,
             client,
-            reads,
             limits: self.limits.clone(),
             audit: Arc::clone(&self.audit),
             metrics: Arc::clone(&self.metrics),
@@ -488,16 +484,15 @@ impl PreparedQuery {
 
 /// One caller's session, on the mesh published when it was made.
 pub struct CallerSession {
-    /// The caller's DataFusion session over the published mesh.
+    /// The caller, what their statements read, and their DataFusion session
+    /// over the published mesh.
     context: LazyContext,
     /// What the query runs in: the mesh's stores and caches, and the memory
     /// pool its limit applies to.
     runtime: Arc<RuntimeEnv>,
     /// Sees EXPLAIN below policy barriers.
     is_admin: bool,
-    caller: Arc<CallerIdentity>,
     client: Option<SocketAddr>,
-    reads: Arc<parking_lot::Mutex<ReadLog>>,
     limits: Limits,
     audit: AuditLogRef,
     metrics: Arc<Metrics>,
@@ -546,6 +541,8 @@ struct LazyContext {
     caller: Arc<CallerIdentity>,
     /// The caller's bearer token, for sources that forward it.
     token: Option<ForwardedToken>,
+    /// What the caller's statements read: the products and policies for
+    /// the audit log, and deprecation warnings.
     reads: Arc<parking_lot::Mutex<ReadLog>>,
     built: Arc<OnceLock<(SessionContext, Arc<MeshCatalog>)>>,
 }
@@ -571,7 +568,7 @@ impl LazyContext {
 impl std::fmt::Debug for CallerSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CallerSession")
-            .field("caller", &self.caller.user)
+            .field("caller", &self.context.caller.user)
             .finish_non_exhaustive()
     }
 }
@@ -580,7 +577,7 @@ impl CallerSession {
     /// What the caller should be told of the products their planned
     /// queries read (a deprecated version and its sunset).
     pub fn warnings(&self) -> Vec<String> {
-        self.reads.lock().warnings.iter().cloned().collect()
+        self.context.reads.lock().warnings.iter().cloned().collect()
     }
 
     /// The caller's bearer token, sent on by sources that forward it. Set
@@ -631,23 +628,23 @@ impl CallerSession {
             .as_ref()
             .map(|token| Arc::clone(&token.0));
         let key = PlanKey {
-            caller: Arc::clone(&self.caller),
+            caller: Arc::clone(&self.context.caller),
             token: token.clone(),
             sql: sql.into(),
         };
         let published = &self.context.published;
         if let Some(cached) = published.plans.get(&key) {
             self.metrics.statement_planned(true);
-            self.reads.lock().merge(&cached.reads);
+            self.context.reads.lock().merge(&cached.reads);
             return Ok(cached.query.clone());
         }
         let context = self.context.clone();
         let text = sql.to_string();
         let shapes = Shapes {
             cache: published.shapes.clone(),
-            caller: Arc::clone(&self.caller),
+            caller: Arc::clone(&self.context.caller),
             token,
-            reads: Arc::clone(&self.reads),
+            reads: Arc::clone(&self.context.reads),
         };
         // Planning counts against the query's time limit: a statement
         // that plans too long gets its answer at the limit.
@@ -664,7 +661,7 @@ impl CallerSession {
             self.metrics.statement_planned(false);
         }
         query.ahead = Some(Arc::default());
-        let reads = self.reads.lock().clone();
+        let reads = self.context.reads.lock().clone();
         published.plans.insert(
             key,
             Arc::new(CachedPlan {
@@ -709,7 +706,7 @@ impl CallerSession {
             Err(error) => {
                 let error = match error {
                     QueryError::Source(message) => {
-                        QueryError::Source(naming_products(&self.reads.lock(), message))
+                        QueryError::Source(naming_products(&self.context.reads.lock(), message))
                     }
                     other => other,
                 };
@@ -724,12 +721,12 @@ impl CallerSession {
     async fn admit(&self) -> Result<Admission, QueryError> {
         let timeout = self.limits.query_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        let user = match self.per_user.semaphore(&self.caller.user) {
+        let user = match self.per_user.semaphore(&self.context.caller.user) {
             Some(semaphore) => Some(
                 acquire(semaphore, deadline, || {
                     format!(
                         "user `{}` already runs {} queries (limits.max_concurrent_queries_per_user) and none finished within {timeout:?}; try again later",
-                        self.caller.user,
+                        self.context.caller.user,
                         self.limits
                             .max_concurrent_queries_per_user
                             .unwrap_or_default()
@@ -855,10 +852,10 @@ impl CallerSession {
         AuditContext {
             log: Arc::clone(&self.audit),
             metrics: Arc::clone(&self.metrics),
-            user: self.caller.user.clone(),
+            user: self.context.caller.user.clone(),
             client: self.client.map(|c| c.to_string()),
             sql: sql.to_string(),
-            reads: Arc::clone(&self.reads),
+            reads: Arc::clone(&self.context.reads),
         }
     }
 
