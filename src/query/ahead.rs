@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
+use datafusion::execution::session_state::SessionState;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::ExecutionPlan;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
@@ -37,6 +39,16 @@ pub(super) const FRESH_FOR: Duration = Duration::from_secs(1);
 pub(super) struct Planned {
     pub(super) plan: Arc<dyn ExecutionPlan>,
     pub(super) context: TaskContext,
+}
+
+impl Planned {
+    /// The physical plan of `plan` in `state`, and `state`'s task context.
+    pub(super) async fn make(state: SessionState, plan: &LogicalPlan) -> Result<Self> {
+        Ok(Self {
+            plan: state.create_physical_plan(plan).await?,
+            context: TaskContext::from(&state),
+        })
+    }
 }
 
 /// The physical plan of one planned statement, made ahead or being made.
@@ -111,27 +123,21 @@ impl Drop for PlanAhead {
 
 #[cfg(test)]
 mod tests {
-    use datafusion::execution::session_state::SessionState;
-    use datafusion::logical_expr::LogicalPlan;
     use datafusion::prelude::SessionContext;
 
     use super::*;
 
     const NO_LIMIT: Duration = Duration::from_secs(60);
 
-    async fn planned(state: SessionState, plan: LogicalPlan) -> Result<Planned> {
-        Ok(Planned {
-            plan: state.create_physical_plan(&plan).await?,
-            context: TaskContext::from(&state),
-        })
-    }
-
     #[tokio::test]
     async fn a_plan_made_ahead_is_taken_once_and_only_while_fresh() {
         let context = SessionContext::new();
         let state = context.state();
         let plan = state.create_logical_plan("SELECT 1 AS one").await.unwrap();
-        let planning = || planned(state.clone(), plan.clone());
+        let planning = || {
+            let (state, plan) = (state.clone(), plan.clone());
+            async move { Planned::make(state, &plan).await }
+        };
         let ahead = PlanAhead::default();
         assert!(ahead.take().await.is_none(), "nothing was started");
 

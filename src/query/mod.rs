@@ -768,10 +768,9 @@ impl CallerSession {
             };
             self.metrics.physical_plan_made(ahead.is_some());
             if let Some(made) = ahead {
-                let context = made.context.with_runtime(Arc::clone(&self.runtime));
                 return Ok(datafusion::physical_plan::execute_stream(
                     made.plan,
-                    Arc::new(context),
+                    self.task_context(made.context),
                 )?);
             }
             let state = query_state(self.context(), &query.plan);
@@ -779,14 +778,14 @@ impl CallerSession {
             match &query.explain {
                 None => Ok(datafusion::physical_plan::execute_stream(
                     physical,
-                    self.task_context(&state),
+                    self.task_context(TaskContext::from(&state)),
                 )?),
                 Some((mode, schema)) => {
                     if *mode == Explain::Analyze {
                         // Run to completion so that metrics are complete.
                         let mut stream = datafusion::physical_plan::execute_stream(
                             Arc::clone(&physical),
-                            self.task_context(&state),
+                            self.task_context(TaskContext::from(&state)),
                         )?;
                         while let Some(batch) = stream.next().await {
                             batch?;
@@ -821,13 +820,7 @@ impl CallerSession {
         let planning = || {
             let context = self.context.clone();
             let plan = query.plan.clone();
-            async move {
-                let state = query_state(context.session(), &plan);
-                Ok(ahead::Planned {
-                    plan: state.create_physical_plan(&plan).await?,
-                    context: TaskContext::from(&state),
-                })
-            }
+            async move { ahead::Planned::make(query_state(context.session(), &plan), &plan).await }
         };
         ahead.start(planning, self.limits.query_timeout);
     }
@@ -842,10 +835,10 @@ impl CallerSession {
             .await?)
     }
 
-    /// The context `query` runs in: `state`'s settings and functions, this
-    /// session's runtime.
-    fn task_context(&self, state: &SessionState) -> Arc<TaskContext> {
-        Arc::new(TaskContext::from(state).with_runtime(Arc::clone(&self.runtime)))
+    /// The context a query runs in: `context`'s settings and functions,
+    /// this session's runtime (the memory pool its limit applies to).
+    fn task_context(&self, context: TaskContext) -> Arc<TaskContext> {
+        Arc::new(context.with_runtime(Arc::clone(&self.runtime)))
     }
 
     fn audit_context(&self, sql: &str) -> AuditContext {
