@@ -22,6 +22,13 @@
 //! read as, so a file rewritten is read afresh. The cache holds at most
 //! `limits.row_group_cache` bytes (512 MiB unless configured; 0 turns hot
 //! scans off); the chunks read least go first.
+//!
+//! A chunk that holds its values in ascending order (a file written in the
+//! order of its key) is marked so when it is decoded, and a comparison of
+//! such a column with a constant narrows the rows the filters are
+//! evaluated over to one run, found by binary search ([`in_order`]).
+
+mod in_order;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -112,15 +119,30 @@ struct ChunkKey {
     data_type: DataType,
 }
 
+/// A decoded column chunk, and whether it holds its values in ascending
+/// order (see [`in_order`]).
+#[derive(Debug, Clone)]
+struct Chunk {
+    values: ArrayRef,
+    ascending: bool,
+}
+
+impl Chunk {
+    fn new(values: ArrayRef) -> Self {
+        let ascending = in_order::ascending(values.as_ref());
+        Self { values, ascending }
+    }
+}
+
 /// The decoded column chunks, shared by every product of the gateway.
-static CHUNKS: OnceLock<moka::sync::Cache<ChunkKey, ArrayRef>> = OnceLock::new();
+static CHUNKS: OnceLock<moka::sync::Cache<ChunkKey, Chunk>> = OnceLock::new();
 
 /// A cache of decoded column chunks holding at most `bytes`.
-fn chunk_cache(bytes: u64) -> moka::sync::Cache<ChunkKey, ArrayRef> {
+fn chunk_cache(bytes: u64) -> moka::sync::Cache<ChunkKey, Chunk> {
     moka::sync::Cache::builder()
         .max_capacity(bytes)
-        .weigher(|_, array: &ArrayRef| {
-            u32::try_from(array.get_array_memory_size()).unwrap_or(u32::MAX)
+        .weigher(|_, chunk: &Chunk| {
+            u32::try_from(chunk.values.get_array_memory_size()).unwrap_or(u32::MAX)
         })
         .build()
 }
@@ -133,7 +155,7 @@ pub fn set_row_group_cache(bytes: u64) {
 }
 
 /// The cache, at its default size when none was set.
-fn chunks() -> &'static moka::sync::Cache<ChunkKey, ArrayRef> {
+fn chunks() -> &'static moka::sync::Cache<ChunkKey, Chunk> {
     CHUNKS.get_or_init(|| chunk_cache(crate::config::Limits::default().row_group_cache))
 }
 
@@ -423,13 +445,28 @@ impl HotReads {
         let baseline = BaselineMetrics::new(&self.metrics, partition);
         let decoded = MetricBuilder::new(&self.metrics).counter("column_chunks_decoded", partition);
         let cached = MetricBuilder::new(&self.metrics).counter("column_chunks_cached", partition);
+        let evaluated = MetricBuilder::new(&self.metrics).counter("rows_evaluated", partition);
         let projector = self.projection.make_projector(&self.read)?;
         let mut batches = Vec::new();
         for file in &self.files {
             for &row_group in &file.row_groups {
-                let columns = self.chunks(file, row_group, (&decoded, &cached)).await?;
+                let chunks = self.chunks(file, row_group, (&decoded, &cached)).await?;
                 let _timer = baseline.elapsed_compute().timer();
+                let columns: Vec<ArrayRef> = chunks.iter().map(|c| Arc::clone(&c.values)).collect();
                 let batch = RecordBatch::try_new(Arc::clone(&self.read), columns)?;
+                // Only the rows that the comparisons with the columns held
+                // in order leave are evaluated.
+                let kept = in_order::rows_kept(
+                    &self.predicate,
+                    batch.columns(),
+                    |i| chunks[i].ascending,
+                    batch.num_rows(),
+                );
+                if kept.is_empty() {
+                    continue;
+                }
+                let batch = batch.slice(kept.start, kept.len());
+                evaluated.add(batch.num_rows());
                 let passes = self
                     .predicate
                     .evaluate(&batch)?
@@ -499,9 +536,9 @@ impl HotReads {
         file: &FileRead,
         row_group: usize,
         (decoded, cached): (&Count, &Count),
-    ) -> Result<Vec<ArrayRef>> {
+    ) -> Result<Vec<Chunk>> {
         let keys = file.keys(row_group);
-        let mut columns: Vec<Option<ArrayRef>> = keys.iter().map(|key| chunks().get(key)).collect();
+        let mut columns: Vec<Option<Chunk>> = keys.iter().map(|key| chunks().get(key)).collect();
         let missing: Vec<usize> = (0..columns.len())
             .filter(|&i| columns[i].is_none())
             .collect();
@@ -512,10 +549,11 @@ impl HotReads {
             decoded.add(missing.len());
             for i in missing {
                 let name = file.schema.field(file.columns[i]).name();
-                let column = Arc::clone(batch.column_by_name(name).ok_or_else(|| {
-                    DataFusionError::Internal(format!("column {name} was not decoded"))
-                })?);
-                chunks().insert(keys[i].clone(), Arc::clone(&column));
+                let column =
+                    Chunk::new(Arc::clone(batch.column_by_name(name).ok_or_else(|| {
+                        DataFusionError::Internal(format!("column {name} was not decoded"))
+                    })?));
+                chunks().insert(keys[i].clone(), column.clone());
                 columns[i] = Some(column);
             }
         }
@@ -1033,6 +1071,40 @@ mod tests {
         })
         .expect("walk");
         (names, plan.output_partitioning().partition_count())
+    }
+
+    #[tokio::test]
+    async fn filters_are_evaluated_only_over_the_run_of_rows_a_column_in_order_leaves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_people(dir.path(), "person");
+        let (ctx, _) = context(dir.path()).await;
+        let evaluated = |hot: &[(String, MetricsSet)]| {
+            assert_eq!(hot.len(), 1, "{hot:?}");
+            count(&hot[0].1, "rows_evaluated")
+        };
+
+        // `id` is in order in every row group; `region` is not.
+        let (rows, hot) = run_warmed(&ctx, "SELECT id, name FROM people WHERE id = 345").await;
+        assert_eq!(rows, "| 345 | person 345 |");
+        assert_eq!(evaluated(&hot), 1);
+        let range = "SELECT id, region FROM people WHERE id BETWEEN 340 AND 349 AND region = 'EU'";
+        let (rows, hot) = run_warmed(&ctx, range).await;
+        assert_eq!(rows, "| 342 | EU     |\n| 345 | EU     |\n| 348 | EU     |");
+        assert_eq!(evaluated(&hot), 10);
+
+        // Filters that order cannot answer are evaluated over the row group.
+        let either = "SELECT id FROM people WHERE id = 345 OR id = 346";
+        let (rows, hot) = run_warmed(&ctx, either).await;
+        assert_eq!(rows, "| 345 |\n| 346 |");
+        assert_eq!(evaluated(&hot), 100);
+        let region = "SELECT id FROM people WHERE id >= 390 AND id < 400 AND region <> 'EU'";
+        let (rows, hot) = run_warmed(&ctx, region).await;
+        assert_eq!(rows, "| 391 |\n| 392 |\n| 394 |\n| 395 |\n| 397 |\n| 398 |");
+        assert_eq!(evaluated(&hot), 10);
+        let none = "SELECT id FROM people WHERE id > 395 AND id < 396";
+        let (rows, hot) = run_warmed(&ctx, none).await;
+        assert_eq!(rows, "");
+        assert_eq!(evaluated(&hot), 0);
     }
 
     #[tokio::test]
