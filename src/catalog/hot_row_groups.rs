@@ -1078,33 +1078,40 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         write_people(dir.path(), "person");
         let (ctx, _) = context(dir.path()).await;
-        let evaluated = |hot: &[(String, MetricsSet)]| {
-            assert_eq!(hot.len(), 1, "{hot:?}");
-            count(&hot[0].1, "rows_evaluated")
-        };
-
-        // `id` is in order in every row group; `region` is not.
-        let (rows, hot) = run_warmed(&ctx, "SELECT id, name FROM people WHERE id = 345").await;
-        assert_eq!(rows, "| 345 | person 345 |");
-        assert_eq!(evaluated(&hot), 1);
-        let range = "SELECT id, region FROM people WHERE id BETWEEN 340 AND 349 AND region = 'EU'";
-        let (rows, hot) = run_warmed(&ctx, range).await;
-        assert_eq!(rows, "| 342 | EU     |\n| 345 | EU     |\n| 348 | EU     |");
-        assert_eq!(evaluated(&hot), 10);
-
-        // Filters that order cannot answer are evaluated over the row group.
-        let either = "SELECT id FROM people WHERE id = 345 OR id = 346";
-        let (rows, hot) = run_warmed(&ctx, either).await;
-        assert_eq!(rows, "| 345 |\n| 346 |");
-        assert_eq!(evaluated(&hot), 100);
-        let region = "SELECT id FROM people WHERE id >= 390 AND id < 400 AND region <> 'EU'";
-        let (rows, hot) = run_warmed(&ctx, region).await;
-        assert_eq!(rows, "| 391 |\n| 392 |\n| 394 |\n| 395 |\n| 397 |\n| 398 |");
-        assert_eq!(evaluated(&hot), 10);
-        let none = "SELECT id FROM people WHERE id > 395 AND id < 396";
-        let (rows, hot) = run_warmed(&ctx, none).await;
-        assert_eq!(rows, "");
-        assert_eq!(evaluated(&hot), 0);
+        // Each statement, its rows, and how many rows its filters were
+        // evaluated over. `id` is in order in every row group; `region` is
+        // not.
+        let cases = [
+            (
+                "SELECT id, name FROM people WHERE id = 345",
+                "| 345 | person 345 |",
+                1,
+            ),
+            (
+                "SELECT id, region FROM people WHERE id BETWEEN 340 AND 349 AND region = 'EU'",
+                "| 342 | EU     |\n| 345 | EU     |\n| 348 | EU     |",
+                10,
+            ),
+            (
+                "SELECT id FROM people WHERE id >= 390 AND id < 400 AND region <> 'EU'",
+                "| 391 |\n| 392 |\n| 394 |\n| 395 |\n| 397 |\n| 398 |",
+                10,
+            ),
+            // No row in the run: nothing evaluated.
+            ("SELECT id FROM people WHERE id > 395 AND id < 396", "", 0),
+            // OR is not answered by order: the whole row group is evaluated.
+            (
+                "SELECT id FROM people WHERE id = 345 OR id = 346",
+                "| 345 |\n| 346 |",
+                100,
+            ),
+        ];
+        for (sql, want, evaluated) in cases {
+            let (rows, hot) = run_warmed(&ctx, sql).await;
+            assert_eq!(rows, want, "{sql}");
+            assert_eq!(hot.len(), 1, "{sql}: {hot:?}");
+            assert_eq!(count(&hot[0].1, "rows_evaluated"), evaluated, "{sql}");
+        }
     }
 
     #[tokio::test]
