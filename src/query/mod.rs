@@ -345,7 +345,7 @@ impl QueryEngine {
     /// The domains the caller can see (those with a product they can see).
     pub fn visible_domains(&self, caller: &CallerIdentity) -> Vec<String> {
         let session = self.session(caller, None);
-        datafusion::catalog::CatalogProvider::schema_names(session.catalog().as_ref())
+        datafusion::catalog::CatalogProvider::schema_names(session.context.catalog().as_ref())
     }
 
     /// The products the caller can see, with their schemas as the caller
@@ -360,12 +360,13 @@ impl QueryEngine {
         let mut visible = Vec::new();
         let mesh = &session.context.published.mesh;
         for (domain, entry) in &mesh.domains {
-            for name in session.catalog().visible_products(domain) {
+            for name in session.context.catalog().visible_products(domain) {
                 let Some(product) = entry.products.get(&name) else {
                     continue;
                 };
                 // A view that does not plan for this caller is not usable by them.
-                let Ok(Some(table)) = session.catalog().product_table(domain, &name).await else {
+                let Ok(Some(table)) = session.context.catalog().product_table(domain, &name).await
+                else {
                     continue;
                 };
                 visible.push(VisibleProduct {
@@ -548,8 +549,14 @@ struct LazyContext {
 }
 
 impl LazyContext {
+    /// The caller's session, built on first use.
     fn session(&self) -> &SessionContext {
         &self.build().0
+    }
+
+    /// The catalog the caller's session resolves products through.
+    fn catalog(&self) -> &Arc<MeshCatalog> {
+        &self.build().1
     }
 
     fn build(&self) -> &(SessionContext, Arc<MeshCatalog>) {
@@ -586,16 +593,6 @@ impl CallerSession {
         debug_assert!(self.context.built.get().is_none(), "the session was built");
         self.context.token = token;
         self
-    }
-
-    /// The caller's session, built on first use.
-    fn context(&self) -> &SessionContext {
-        self.context.session()
-    }
-
-    /// The catalog the caller's session resolves products through.
-    fn catalog(&self) -> &Arc<MeshCatalog> {
-        &self.context.build().1
     }
 
     /// Parses, guards and plans `sql`. A failure is audited.
@@ -773,7 +770,7 @@ impl CallerSession {
                     self.task_context(made.context),
                 )?);
             }
-            let state = query_state(self.context(), &query.plan);
+            let state = query_state(self.context.session(), &query.plan);
             let physical = state.create_physical_plan(&query.plan).await?;
             match &query.explain {
                 None => Ok(datafusion::physical_plan::execute_stream(
@@ -830,7 +827,7 @@ impl CallerSession {
         &self,
         query: &PreparedQuery,
     ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>, QueryError> {
-        Ok(query_state(self.context(), &query.plan)
+        Ok(query_state(self.context.session(), &query.plan)
             .create_physical_plan(&query.plan)
             .await?)
     }

@@ -241,6 +241,7 @@ impl Shapes {
     /// its shape, and whether that plan was there already (rather than
     /// planned now): `None` when the statement has no usable shape, and is
     /// to be planned as written.
+    ///
     /// `context` gives the session to plan a shape in, when one is planned.
     pub(super) async fn plan<'a>(
         &self,

@@ -14,7 +14,7 @@ use std::cmp::Ordering;
 use std::ops::Range;
 use std::sync::Arc;
 
-use arrow::array::{Array, make_comparator};
+use arrow::array::{Array, ArrayRef, make_comparator};
 use arrow::compute::SortOptions;
 use arrow::compute::kernels::cmp::lt_eq;
 use arrow::datatypes::DataType;
@@ -72,7 +72,7 @@ fn ordered_alike(data_type: &DataType) -> bool {
 /// no comparison narrows them.
 pub(super) fn rows_kept(
     predicate: &Arc<dyn PhysicalExpr>,
-    columns: &[Arc<dyn Array>],
+    columns: &[ArrayRef],
     ascending: impl Fn(usize) -> bool,
     rows: usize,
 ) -> Range<usize> {
@@ -148,7 +148,7 @@ fn partition_point(rows: usize, holds: impl Fn(usize) -> bool) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::{ArrayRef, Float64Array, Int64Array, StringViewArray};
+    use arrow::array::{Float64Array, Int64Array, StringViewArray};
     use arrow::datatypes::{Field, Schema};
     use datafusion::common::DFSchema;
     use datafusion::logical_expr::Expr;
