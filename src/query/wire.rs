@@ -218,8 +218,8 @@ mod tests {
     fn views_become_plain_arrays_equal_to_a_cast() {
         use arrow::array::BinaryViewArray;
         let long = "a value longer than twelve bytes, held in a data buffer";
-        // Values of every length from 0 to beyond a run of chunks, the
-        // last ending where its buffer does.
+        // Values of every length from 0 to 220 bytes: empty, inline (12
+        // bytes at most) and held in data buffers.
         let values: Vec<Option<String>> = (0..3000)
             .map(|i| match i % 6 {
                 0 => None,
