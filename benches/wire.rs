@@ -13,6 +13,8 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema};
 use criterion::{Criterion, criterion_group, criterion_main};
 use meshgate::query::{to_wire_batch, wire_schema};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// The allocator the meshgate binary runs with.
 #[global_allocator]
@@ -60,14 +62,8 @@ fn batches() -> Vec<RecordBatch> {
             .map(|(name, _)| Field::new(*name, DataType::Utf8View, false))
             .collect::<Vec<_>>(),
     ));
-    // xorshift: the same rows at every run.
-    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
-    let mut random = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    // Seeded: the same rows at every run.
+    let mut random = StdRng::seed_from_u64(7);
     (0..BATCHES)
         .map(|_| {
             let columns = COLUMNS
@@ -75,7 +71,7 @@ fn batches() -> Vec<RecordBatch> {
                 .map(|(_, value)| {
                     let mut builder = StringViewBuilder::with_capacity(ROWS);
                     for _ in 0..ROWS {
-                        builder.append_value(value(random()));
+                        builder.append_value(value(random.random()));
                     }
                     Arc::new(builder.finish()) as ArrayRef
                 })
