@@ -937,6 +937,16 @@ mod tests {
         writer.close().expect("close");
     }
 
+    /// A new directory holding the people file (names "person N"), and a
+    /// context that lists it at each scan, with the people product in it as
+    /// `people` and its file read by DataFusion alone as `plain`.
+    async fn people_files() -> (tempfile::TempDir, SessionContext, Arc<dyn TableProvider>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_people(dir.path(), "person");
+        let (ctx, product) = context(dir.path()).await;
+        (dir, ctx, product)
+    }
+
     /// A context that lists a product's directory at each scan, with the
     /// people product in `dir` as `people` and its file read by DataFusion
     /// alone as `plain`.
@@ -1027,9 +1037,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_scan_keeping_few_row_groups_is_read_from_chunks_decoded_in_the_background() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        write_people(dir.path(), "person");
-        let (ctx, _) = context(dir.path()).await;
+        let (_dir, ctx, _) = people_files().await;
 
         // Planned as a Parquet scan while its row group is decoded.
         let lookup = "SELECT id, name FROM people WHERE id = 345";
@@ -1075,9 +1083,7 @@ mod tests {
 
     #[tokio::test]
     async fn filters_are_evaluated_only_over_the_run_of_rows_a_column_in_order_leaves() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        write_people(dir.path(), "person");
-        let (ctx, _) = context(dir.path()).await;
+        let (_dir, ctx, _) = people_files().await;
         // Each statement, its rows, and how many rows its filters were
         // evaluated over. `id` is in order in every row group; `region` is
         // not.
@@ -1116,10 +1122,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_lookup_read_hot_runs_in_one_partition() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        write_people(dir.path(), "person");
         // Four partitions, so that DataFusion spreads the rows over them.
-        let (ctx, people) = context(dir.path()).await;
+        let (_dir, ctx, people) = people_files().await;
         let ctx = SessionContext::new_with_config_rt(
             ctx.copied_config().with_target_partitions(4),
             ctx.runtime_env(),
@@ -1167,9 +1171,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_hot_scan_answers_as_the_parquet_scan_does() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        write_people(dir.path(), "person");
-        let (ctx, _) = context(dir.path()).await;
+        let (_dir, ctx, _) = people_files().await;
         // (filter, whether it is read from decoded row groups)
         let cases = [
             ("id = 345", true),
@@ -1208,9 +1210,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_rewritten_is_read_afresh() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        write_people(dir.path(), "person");
-        let (ctx, _) = context(dir.path()).await;
+        let (dir, ctx, _) = people_files().await;
         let lookup = "SELECT name FROM people WHERE id = 345";
         let (rows, hot) = run_warmed(&ctx, lookup).await;
         assert_eq!(rows, "| person 345 |");
@@ -1226,9 +1226,7 @@ mod tests {
 
     #[tokio::test]
     async fn behind_a_row_filter_shown_true_or_checked_a_lookup_is_read_hot() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        write_people(dir.path(), "person");
-        let (ctx, product) = context(dir.path()).await;
+        let (_dir, ctx, product) = people_files().await;
         let view = |value: &str| {
             lit(datafusion::common::ScalarValue::Utf8View(Some(
                 value.into(),
