@@ -218,8 +218,9 @@ mod tests {
     fn views_become_plain_arrays_equal_to_a_cast() {
         use arrow::array::BinaryViewArray;
         let long = "a value longer than twelve bytes, held in a data buffer";
-        // Values of every length from 0 to 220 bytes: empty, inline (12
-        // bytes at most) and held in data buffers.
+        // Nulls, empty values, inline values (12 bytes at most) and values
+        // held in data buffers: of 13 to 112 bytes, and of 55, 110, 165 and
+        // 220.
         let values: Vec<Option<String>> = (0..3000)
             .map(|i| match i % 6 {
                 0 => None,
