@@ -937,9 +937,8 @@ mod tests {
         writer.close().expect("close");
     }
 
-    /// A new directory holding the people file (names "person N"), and a
-    /// context that lists it at each scan, with the people product in it as
-    /// `people` and its file read by DataFusion alone as `plain`.
+    /// A new directory holding the people file (names "person N"), with
+    /// [`context`] over it.
     async fn people_files() -> (tempfile::TempDir, SessionContext, Arc<dyn TableProvider>) {
         let dir = tempfile::tempdir().expect("tempdir");
         write_people(dir.path(), "person");
