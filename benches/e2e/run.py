@@ -16,7 +16,9 @@ Measured side by side in one run, each with min/median/max over repeated runs:
 3. streaming the whole lineitem product (6M rows at SF1) to ADBC as Arrow,
    against pyarrow reading the same Parquet file locally, in rounds;
 4. small queries (point lookups and 10-row ranges): p50/p99 latency and
-   queries/s with 1, 8 and 32 concurrent clients;
+   queries/s with 1, 8 and 32 concurrent clients, and the latency of
+   statements that read no product (what the client driver and the
+   requests cost);
 5. the gateway's peak memory (RSS) during each of them.
 
 Prints a table and writes results.json and results.csv under --out.
@@ -823,22 +825,28 @@ def _small_query(rng: random.Random, orders: int, customers: int) -> tuple[str, 
     )
 
 
+def _constant_query(rng: random.Random, orders: int, customers: int) -> tuple[str, str]:
+    """A statement that reads no product, its text new each time: what a
+    query costs the client driver and its requests, planning included."""
+    return "constant", f"SELECT {rng.randrange(10**9)} AS n"
+
+
 def _latency_client(args) -> tuple[list[tuple[str, float]], int, int]:
-    uri, token, seconds, seed, orders, customers, start_at = args
+    uri, token, seconds, seed, orders, customers, start_at, query = args
     connection = flightsql.connect(
         uri, db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"}, autocommit=True
     )
     cursor = connection.cursor()
     rng = random.Random(seed)
     # One warm-up query, then wait for every client to be connected.
-    cursor.execute(_small_query(rng, orders, customers)[1])
+    cursor.execute(query(rng, orders, customers)[1])
     cursor.fetch_arrow_table()
     while time.time() < start_at:
         time.sleep(0.001)
     latencies, errors, rows = [], 0, 0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        kind, sql = _small_query(rng, orders, customers)
+        kind, sql = query(rng, orders, customers)
         start = time.perf_counter()
         try:
             cursor.execute(sql)
@@ -902,22 +910,51 @@ def run_latency_duckdb(data: pathlib.Path, scale: float, seconds: float) -> dict
     return result
 
 
+def _latency_clients(gateway: Gateway, clients: int, seconds: float, orders: int, customers: int, query):
+    """`clients` processes, each sending statements made by `query` one
+    after another for `seconds`: each one's outcome, and the gateway's CPU
+    seconds over them all."""
+    start_at = time.time() + 3 + clients * 0.1
+    jobs = [
+        (gateway.uri, gateway.token, seconds, 1000 * clients + i, orders, customers, start_at, query)
+        for i in range(clients)
+    ]
+    server_cpu = gateway.cpu_seconds()
+    with multiprocessing.get_context("spawn").Pool(clients) as pool:
+        outcomes = pool.map(_latency_client, jobs)
+    return outcomes, gateway.cpu_seconds() - server_cpu
+
+
+def run_latency_floor(gateway: Gateway, seconds: float) -> dict:
+    """One client sending statements that read no product: the part of a
+    small query's latency that the client driver, its four requests and
+    planning take, whatever the query reads."""
+    outcomes, server_cpu = _latency_clients(gateway, 1, seconds, 0, 0, _constant_query)
+    latencies = [ms for _, ms in outcomes[0][0]]
+    errors = outcomes[0][1]
+    result = {
+        "queries": len(latencies),
+        "errors": errors,
+        "p50_ms": percentile(latencies, 50) if latencies else None,
+        "p99_ms": percentile(latencies, 99) if latencies else None,
+        "server_cpu_ms_per_query": 1000 * server_cpu / (len(latencies) + errors + 1),
+    }
+    print(
+        f"  statements reading no product, 1 client: p50 {result['p50_ms']:.2f} ms"
+        f"  p99 {result['p99_ms']:.2f} ms  errors {errors}"
+        f"  server CPU {result['server_cpu_ms_per_query']:.2f} ms/query",
+        flush=True,
+    )
+    return result
+
+
 def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: list[int]) -> dict:
     orders = int(1_500_000 * scale)
     customers = int(150_000 * scale)
     results = {}
-    context = multiprocessing.get_context("spawn")
     for clients in clients_list:
         gateway.reset_peak()
-        start_at = time.time() + 3 + clients * 0.1
-        jobs = [
-            (gateway.uri, gateway.token, seconds, 1000 * clients + i, orders, customers, start_at)
-            for i in range(clients)
-        ]
-        server_cpu = gateway.cpu_seconds()
-        with context.Pool(clients) as pool:
-            outcomes = pool.map(_latency_client, jobs)
-        server_cpu = gateway.cpu_seconds() - server_cpu
+        outcomes, server_cpu = _latency_clients(gateway, clients, seconds, orders, customers, _small_query)
         timed = [sample for outcome in outcomes for sample in outcome[0]]
         latencies = [ms for _, ms in timed]
         by_kind = {
@@ -1159,12 +1196,17 @@ def main() -> None:
         try:
             clients = [int(c) for c in args.clients.split(",")]
             report["latency"] = run_latency(gateway, args.scale, args.latency_seconds, clients)
+            report["latency_floor"] = run_latency_floor(gateway, args.latency_seconds)
         finally:
             gateway.stop()
         report["latency_duckdb"] = run_latency_duckdb(data, args.scale, args.latency_seconds)
         for measure in ("p50", "p99"):
             rows_csv.append(
                 ["latency", "duckdb in-process", measure, "", report["latency_duckdb"][f"{measure}_ms"], "", "ms"]
+            )
+        for measure in ("p50", "p99"):
+            rows_csv.append(
+                ["latency", "reading no product", measure, "", report["latency_floor"][f"{measure}_ms"], "", "ms"]
             )
         for clients, r in report["latency"].items():
             rows_csv.append(["latency", f"{clients} clients", "p50", "", r["p50_ms"], "", "ms"])
@@ -1250,6 +1292,12 @@ def print_report(report: dict) -> None:
             )
             for kind, v in r["by_kind"].items():
                 print(f"    {kind:<5} p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms")
+    floor = report.get("latency_floor")
+    if floor:
+        print(
+            f"statements reading no product (SELECT <n>), 1 client: p50 {floor['p50_ms']:.2f} ms,"
+            f" p99 {floor['p99_ms']:.2f} ms, gateway CPU {floor['server_cpu_ms_per_query']:.2f} ms/query"
+        )
     duck = report.get("latency_duckdb")
     if duck:
         print(
