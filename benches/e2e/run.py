@@ -866,6 +866,14 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[index]
 
 
+def p50_p99(values: list[float]) -> dict:
+    """The median and 99th percentile of `values`, in ms; None when empty."""
+    return {
+        "p50_ms": percentile(values, 50) if values else None,
+        "p99_ms": percentile(values, 99) if values else None,
+    }
+
+
 def run_latency_duckdb(data: pathlib.Path, scale: float, seconds: float) -> dict:
     """The same small queries, one after another, in DuckDB embedded in this
     process and reading the same files: what a lookup costs the peer with
@@ -892,10 +900,9 @@ def run_latency_duckdb(data: pathlib.Path, scale: float, seconds: float) -> dict
     latencies = [ms for _, ms in timed]
     result = {
         "queries": len(timed),
-        "p50_ms": percentile(latencies, 50),
-        "p99_ms": percentile(latencies, 99),
+        **p50_p99(latencies),
         "by_kind": {
-            kind: {"p50_ms": percentile(values, 50), "p99_ms": percentile(values, 99)}
+            kind: p50_p99(values)
             for kind in ("point", "range")
             if (values := [ms for k, ms in timed if k == kind])
         },
@@ -935,8 +942,7 @@ def run_latency_floor(gateway: Gateway, seconds: float) -> dict:
     result = {
         "queries": len(latencies),
         "errors": errors,
-        "p50_ms": percentile(latencies, 50) if latencies else None,
-        "p99_ms": percentile(latencies, 99) if latencies else None,
+        **p50_p99(latencies),
         "server_cpu_ms_per_query": 1000 * server_cpu / (len(latencies) + errors + 1),
     }
     print(
@@ -968,10 +974,9 @@ def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: li
             "errors": errors,
             "rows": rows,
             "qps": len(latencies) / seconds,
-            "p50_ms": percentile(latencies, 50) if latencies else None,
-            "p99_ms": percentile(latencies, 99) if latencies else None,
+            **p50_p99(latencies),
             "by_kind": {
-                kind: {"p50_ms": percentile(values, 50), "p99_ms": percentile(values, 99)}
+                kind: p50_p99(values)
                 for kind, values in by_kind.items()
                 if values
             },
@@ -1200,14 +1205,9 @@ def main() -> None:
         finally:
             gateway.stop()
         report["latency_duckdb"] = run_latency_duckdb(data, args.scale, args.latency_seconds)
-        for measure in ("p50", "p99"):
-            rows_csv.append(
-                ["latency", "duckdb in-process", measure, "", report["latency_duckdb"][f"{measure}_ms"], "", "ms"]
-            )
-        for measure in ("p50", "p99"):
-            rows_csv.append(
-                ["latency", "reading no product", measure, "", report["latency_floor"][f"{measure}_ms"], "", "ms"]
-            )
+        for subject, key in (("duckdb in-process", "latency_duckdb"), ("reading no product", "latency_floor")):
+            for measure in ("p50", "p99"):
+                rows_csv.append(["latency", subject, measure, "", report[key][f"{measure}_ms"], "", "ms"])
         for clients, r in report["latency"].items():
             rows_csv.append(["latency", f"{clients} clients", "p50", "", r["p50_ms"], "", "ms"])
             rows_csv.append(["latency", f"{clients} clients", "p99", "", r["p99_ms"], "", "ms"])
