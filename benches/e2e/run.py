@@ -920,7 +920,7 @@ def run_latency_duckdb(data: pathlib.Path, scale: float, seconds: float) -> dict
 def _latency_clients(gateway: Gateway, clients: int, seconds: float, orders: int, customers: int, query):
     """`clients` processes, each sending statements made by `query` one
     after another for `seconds`: each one's outcome, and the gateway's CPU
-    seconds over them all."""
+    milliseconds a query (each client's warm-up query included)."""
     start_at = time.time() + 3 + clients * 0.1
     jobs = [
         (gateway.uri, gateway.token, seconds, 1000 * clients + i, orders, customers, start_at, query)
@@ -929,21 +929,23 @@ def _latency_clients(gateway: Gateway, clients: int, seconds: float, orders: int
     server_cpu = gateway.cpu_seconds()
     with multiprocessing.get_context("spawn").Pool(clients) as pool:
         outcomes = pool.map(_latency_client, jobs)
-    return outcomes, gateway.cpu_seconds() - server_cpu
+    server_cpu = gateway.cpu_seconds() - server_cpu
+    queries = sum(len(latencies) + errors for latencies, errors, _ in outcomes) + clients
+    return outcomes, 1000 * server_cpu / queries
 
 
 def run_latency_floor(gateway: Gateway, seconds: float) -> dict:
     """One client sending statements that read no product: the part of a
     small query's latency that the client driver, its four requests and
     planning take, whatever the query reads."""
-    outcomes, server_cpu = _latency_clients(gateway, 1, seconds, 0, 0, _constant_query)
+    outcomes, server_cpu_ms = _latency_clients(gateway, 1, seconds, 0, 0, _constant_query)
     latencies = [ms for _, ms in outcomes[0][0]]
     errors = outcomes[0][1]
     result = {
         "queries": len(latencies),
         "errors": errors,
         **p50_p99(latencies),
-        "server_cpu_ms_per_query": 1000 * server_cpu / (len(latencies) + errors + 1),
+        "server_cpu_ms_per_query": server_cpu_ms,
     }
     print(
         f"  statements reading no product, 1 client: p50 {result['p50_ms']:.2f} ms"
@@ -960,7 +962,7 @@ def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: li
     results = {}
     for clients in clients_list:
         gateway.reset_peak()
-        outcomes, server_cpu = _latency_clients(gateway, clients, seconds, orders, customers, _small_query)
+        outcomes, server_cpu_ms = _latency_clients(gateway, clients, seconds, orders, customers, _small_query)
         timed = [sample for outcome in outcomes for sample in outcome[0]]
         latencies = [ms for _, ms in timed]
         by_kind = {
@@ -981,8 +983,7 @@ def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: li
                 if values
             },
             "peak_rss": gateway.peak,
-            # Every query's share, each client's warm-up query included.
-            "server_cpu_ms_per_query": 1000 * server_cpu / (len(timed) + errors + clients),
+            "server_cpu_ms_per_query": server_cpu_ms,
         }
         results[str(clients)] = result
         print(
