@@ -917,52 +917,31 @@ def run_latency_duckdb(data: pathlib.Path, scale: float, seconds: float) -> dict
     return result
 
 
-def _latency_clients(gateway: Gateway, clients: int, seconds: float, orders: int, customers: int, query):
-    """`clients` processes, each sending statements made by `query` one
-    after another for `seconds`: each one's outcome, and the gateway's CPU
-    milliseconds a query (each client's warm-up query included)."""
-    start_at = time.time() + 3 + clients * 0.1
-    jobs = [
-        (gateway.uri, gateway.token, seconds, 1000 * clients + i, orders, customers, start_at, query)
-        for i in range(clients)
-    ]
-    server_cpu = gateway.cpu_seconds()
-    with multiprocessing.get_context("spawn").Pool(clients) as pool:
-        outcomes = pool.map(_latency_client, jobs)
-    server_cpu = gateway.cpu_seconds() - server_cpu
-    queries = sum(len(latencies) + errors for latencies, errors, _ in outcomes) + clients
-    return outcomes, 1000 * server_cpu / queries
-
-
-def run_latency_floor(gateway: Gateway, seconds: float) -> dict:
-    """One client sending statements that read no product: the part of a
-    small query's latency that the client driver, its four requests and
-    planning take, whatever the query reads."""
-    outcomes, server_cpu_ms = _latency_clients(gateway, 1, seconds, 0, 0, _constant_query)
-    latencies = [ms for _, ms in outcomes[0][0]]
-    errors = outcomes[0][1]
-    result = {
-        "queries": len(latencies),
-        "errors": errors,
-        **p50_p99(latencies),
-        "server_cpu_ms_per_query": server_cpu_ms,
-    }
-    print(
-        f"  statements reading no product, 1 client: p50 {result['p50_ms']:.2f} ms"
-        f"  p99 {result['p99_ms']:.2f} ms  errors {errors}"
-        f"  server CPU {result['server_cpu_ms_per_query']:.2f} ms/query",
-        flush=True,
-    )
-    return result
-
-
-def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: list[int]) -> dict:
+def run_latency(
+    gateway: Gateway,
+    scale: float,
+    seconds: float,
+    clients_list: list[int],
+    query=_small_query,
+    what: str = "small queries",
+) -> dict:
+    """For each number of clients, that many processes each sending
+    statements made by `query` one after another for `seconds`."""
     orders = int(1_500_000 * scale)
     customers = int(150_000 * scale)
     results = {}
+    context = multiprocessing.get_context("spawn")
     for clients in clients_list:
         gateway.reset_peak()
-        outcomes, server_cpu_ms = _latency_clients(gateway, clients, seconds, orders, customers, _small_query)
+        start_at = time.time() + 3 + clients * 0.1
+        jobs = [
+            (gateway.uri, gateway.token, seconds, 1000 * clients + i, orders, customers, start_at, query)
+            for i in range(clients)
+        ]
+        server_cpu = gateway.cpu_seconds()
+        with context.Pool(clients) as pool:
+            outcomes = pool.map(_latency_client, jobs)
+        server_cpu = gateway.cpu_seconds() - server_cpu
         timed = [sample for outcome in outcomes for sample in outcome[0]]
         latencies = [ms for _, ms in timed]
         by_kind = {
@@ -983,11 +962,12 @@ def run_latency(gateway: Gateway, scale: float, seconds: float, clients_list: li
                 if values
             },
             "peak_rss": gateway.peak,
-            "server_cpu_ms_per_query": server_cpu_ms,
+            # Every query's share, each client's warm-up query included.
+            "server_cpu_ms_per_query": 1000 * server_cpu / (len(timed) + errors + clients),
         }
         results[str(clients)] = result
         print(
-            f"  small queries, {clients:>2} clients: {result['qps']:7.1f} q/s"
+            f"  {what}, {clients:>2} clients: {result['qps']:7.1f} q/s"
             f"  p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms"
             f"  errors {errors}  server CPU {result['server_cpu_ms_per_query']:.2f} ms/query  "
             + "  ".join(
@@ -1202,7 +1182,10 @@ def main() -> None:
         try:
             clients = [int(c) for c in args.clients.split(",")]
             report["latency"] = run_latency(gateway, args.scale, args.latency_seconds, clients)
-            report["latency_floor"] = run_latency_floor(gateway, args.latency_seconds)
+            # What any statement costs the client driver and its requests.
+            report["latency_floor"] = run_latency(
+                gateway, args.scale, args.latency_seconds, [1], _constant_query, "statements reading no product"
+            )["1"]
         finally:
             gateway.stop()
         report["latency_duckdb"] = run_latency_duckdb(data, args.scale, args.latency_seconds)
