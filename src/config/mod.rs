@@ -91,11 +91,16 @@ pub struct LocalUser {
 pub struct Limits {
     pub query_timeout: Duration,
     pub memory_per_query: Option<u64>,
+    /// Memory all running queries together may hold (their pools' sum).
+    /// Read when the gateway starts.
+    pub gateway_memory: u64,
     pub max_concurrent_queries: usize,
     /// Queries one user may run at once (default: no limit of its own).
     pub max_concurrent_queries_per_user: Option<usize>,
     /// Longest SQL text accepted, in bytes.
     pub max_sql_length: usize,
+    /// Iterations a recursive query (`WITH RECURSIVE`) may run.
+    pub max_recursion_depth: u64,
     /// Bytes of decoded Parquet column chunks kept for lookups that read
     /// few row groups (0: none). Read when the gateway starts.
     pub row_group_cache: u64,
@@ -106,11 +111,37 @@ impl Default for Limits {
         Self {
             query_timeout: Duration::from_secs(300),
             memory_per_query: None,
+            gateway_memory: default_gateway_memory(),
             max_concurrent_queries: 64,
             max_concurrent_queries_per_user: None,
             max_sql_length: 256 * 1024,
+            max_recursion_depth: crate::query::DEFAULT_MAX_RECURSION_DEPTH,
             row_group_cache: 512 << 20,
         }
+    }
+}
+
+/// Three quarters of the memory this process may use: the machine's, or
+/// its container's (cgroup) limit when that is lower. A query that would
+/// take the rest fails (or spills) instead of the system ending the
+/// gateway, every other query with it. Without either figure, no bound.
+fn default_gateway_memory() -> u64 {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let meminfo = read("/proc/meminfo").and_then(|info| {
+        let line = info.lines().find(|line| line.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    // cgroup v2, then v1 (which reports a huge number when unlimited).
+    let container = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .into_iter()
+    .find_map(|path| read(path)?.trim().parse::<u64>().ok());
+    match [meminfo, container].into_iter().flatten().min() {
+        Some(total) => total / 4 * 3,
+        None => u64::MAX,
     }
 }
 
@@ -564,6 +595,10 @@ fn load_limits(file: &Path, limits: raw::LimitsSection) -> Result<Limits, Config
         .as_deref()
         .map(|m| bytes("memory_per_query", m))
         .transpose()?;
+    let gateway_memory = match limits.gateway_memory.as_deref() {
+        Some(size) => bytes("gateway_memory", size)?,
+        None => defaults.gateway_memory,
+    };
     let row_group_cache = match limits.row_group_cache.as_deref() {
         Some(size) => bytes("row_group_cache", size)?,
         None => defaults.row_group_cache,
@@ -577,6 +612,12 @@ fn load_limits(file: &Path, limits: raw::LimitsSection) -> Result<Limits, Config
             "limits.max_concurrent_queries: must be at least 1",
         ));
     }
+    if limits.max_recursion_depth == Some(0) {
+        return Err(ConfigError::new(
+            file,
+            "limits.max_recursion_depth: must be at least 1",
+        ));
+    }
     if limits.max_concurrent_queries_per_user == Some(0) {
         return Err(ConfigError::new(
             file,
@@ -586,9 +627,13 @@ fn load_limits(file: &Path, limits: raw::LimitsSection) -> Result<Limits, Config
     Ok(Limits {
         query_timeout,
         memory_per_query,
+        gateway_memory,
         max_concurrent_queries,
         max_concurrent_queries_per_user: limits.max_concurrent_queries_per_user,
         max_sql_length: limits.max_sql_length.unwrap_or(defaults.max_sql_length),
+        max_recursion_depth: limits
+            .max_recursion_depth
+            .unwrap_or(defaults.max_recursion_depth),
         row_group_cache,
     })
 }

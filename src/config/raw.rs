@@ -75,9 +75,11 @@ pub(crate) struct UserEntry {
 pub(crate) struct LimitsSection {
     pub query_timeout: Option<String>,
     pub memory_per_query: Option<String>,
+    pub gateway_memory: Option<String>,
     pub max_concurrent_queries: Option<usize>,
     pub max_concurrent_queries_per_user: Option<usize>,
     pub max_sql_length: Option<usize>,
+    pub max_recursion_depth: Option<u64>,
     pub row_group_cache: Option<String>,
 }
 

@@ -17,6 +17,8 @@ token_ttl = "2h"
 [limits]
 query_timeout = "30s"
 memory_per_query = "1GiB"
+gateway_memory = "3GiB"
+max_recursion_depth = 50
 row_group_cache = "64MiB"
 "#;
 
@@ -50,6 +52,8 @@ fn loads_gateway_and_domains_with_typed_values() {
     );
     assert_eq!(config.limits.query_timeout, Duration::from_secs(30));
     assert_eq!(config.limits.memory_per_query, Some(1 << 30));
+    assert_eq!(config.limits.gateway_memory, 3 << 30);
+    assert_eq!(config.limits.max_recursion_depth, 50);
     assert_eq!(config.limits.row_group_cache, 64 << 20);
     let product = &config.domains[0].products[0];
     let ProductSource::Files { url, format, .. } = &product.source else {
@@ -112,6 +116,14 @@ fn every_mistake_names_file_and_key() {
 
     let err = load_error(&GATEWAY.replace("2h", "2 fortnights"), DOMAIN);
     assert!(err.contains("auth.token_ttl"), "{err}");
+
+    let err = load_error(
+        &GATEWAY.replace("max_recursion_depth = 50", "max_recursion_depth = 0"),
+        DOMAIN,
+    );
+    assert!(err.contains("limits.max_recursion_depth"), "{err}");
+    let err = load_error(&GATEWAY.replace("\"3GiB\"", "\"lots\""), DOMAIN);
+    assert!(err.contains("limits.gateway_memory"), "{err}");
 
     let err = load_error(GATEWAY, &DOMAIN.replace("Decimal128(15, 2)", "Money"));
     assert!(

@@ -7,7 +7,8 @@ use std::ops::ControlFlow;
 
 use datafusion::sql::parser::Statement as DataFusionStatement;
 use datafusion::sql::sqlparser::ast::{
-    Expr, ObjectName, Statement, Value, visit_expressions, visit_expressions_mut, visit_relations,
+    Expr, ObjectName, Statement, TableFactor, Value, Visit, Visitor, visit_expressions,
+    visit_expressions_mut, visit_relations,
 };
 
 use super::QueryError;
@@ -122,7 +123,45 @@ fn check_sql_statement(statement: &mut Statement) -> Result<(), QueryError> {
         other => return Err(QueryError::Refused(refusal(other))),
     }
     check_reads(statement)?;
+    check_table_modifiers(statement)?;
     number_placeholders(statement)
+}
+
+/// Refuses table modifiers the planner would pass over in silence, giving
+/// an answer other than the one asked for: `TABLESAMPLE` (every row would
+/// come back) and `WITH ORDINALITY` (no ordinal column).
+fn check_table_modifiers(statement: &Statement) -> Result<(), QueryError> {
+    struct Modifiers;
+    impl Visitor for Modifiers {
+        type Break = QueryError;
+        fn pre_visit_table_factor(&mut self, table: &TableFactor) -> ControlFlow<QueryError> {
+            let (sample, ordinality) = match table {
+                TableFactor::Table {
+                    sample,
+                    with_ordinality,
+                    ..
+                } => (sample.is_some(), *with_ordinality),
+                TableFactor::Derived { sample, .. } => (sample.is_some(), false),
+                _ => (false, false),
+            };
+            if sample {
+                return ControlFlow::Break(QueryError::Invalid(
+                    "TABLESAMPLE is not supported: to sample rows, filter on random(), e.g. `WHERE random() < 0.1`".into(),
+                ));
+            }
+            if ordinality {
+                return ControlFlow::Break(QueryError::Invalid(
+                    "WITH ORDINALITY is not supported: number rows with row_number() OVER ()"
+                        .into(),
+                ));
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    match statement.visit(&mut Modifiers) {
+        ControlFlow::Break(error) => Err(error),
+        ControlFlow::Continue(()) => Ok(()),
+    }
 }
 
 /// The refusal message for a statement that is not a query.

@@ -2,10 +2,12 @@
 //! parameters, and execute it into a stream of wire-typed batches.
 
 mod ahead;
+mod bounded;
 mod guard;
 mod join_filters;
 mod join_sides;
 mod kernels;
+mod recursion;
 mod selectivity;
 mod session;
 mod shapes;
@@ -40,6 +42,7 @@ use datafusion::sql::parser::{DFParserBuilder, Statement as DataFusionStatement}
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use futures::{Stream, StreamExt};
 
+pub use recursion::DEFAULT_MAX_RECURSION_DEPTH;
 pub(crate) use session::base_session_state;
 pub use session::engine_config;
 pub use wire::{to_wire_batch, wire_schema, wire_type};
@@ -195,6 +198,8 @@ pub struct QueryEngine {
     limits: Limits,
     audit: AuditLogRef,
     metrics: Arc<Metrics>,
+    /// The memory every query takes from (`limits.gateway_memory`).
+    memory: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
     /// One permit per query allowed to run at once.
     running: Arc<tokio::sync::Semaphore>,
     /// Per user, one permit per query that user may run at once.
@@ -240,7 +245,7 @@ impl Published {
         limits: &Limits,
         metrics: &Arc<Metrics>,
     ) -> Self {
-        let template = session::template_state(&mesh, limits.memory_per_query, metrics);
+        let template = session::template_state(&mesh, limits, metrics);
         Self {
             mesh,
             admin_groups,
@@ -281,6 +286,7 @@ impl QueryEngine {
             current: parking_lot::RwLock::new(Arc::new(published)),
             audit,
             metrics,
+            memory: session::gateway_pool(limits.gateway_memory),
             running: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_queries)),
             per_user: Arc::new(PerUser::new(limits.max_concurrent_queries_per_user)),
             limits,
@@ -318,6 +324,7 @@ impl QueryEngine {
         let published = Arc::clone(&self.current.read());
         let runtime = session::query_runtime(
             &published.mesh.runtime(),
+            &self.memory,
             self.limits.memory_per_query,
             &self.metrics,
         );

@@ -18,12 +18,15 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::auth::CallerIdentity;
 use crate::catalog::{CATALOG_NAME, Mesh, MeshCatalog, ReadLog, SerialHotScans};
+use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::sources::{ForwardedToken, SourcePlanner, SourcePushdown};
 
+use super::bounded;
 use super::join_filters::SelectiveJoinFilters;
 use super::join_sides::RowCountJoinSides;
 use super::kernels::ExpressionKernels;
+use super::recursion::{BoundedRecursion, RecursionLimit};
 use super::selectivity::StringFilterSelectivity;
 use super::shared_subplans::SharedSubplans;
 
@@ -75,20 +78,22 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
         .with_create_default_catalog_and_schema(false)
         .with_default_catalog_and_schema(CATALOG_NAME, DEFAULT_SCHEMA);
     // A sort reserves memory to merge its spilled runs; under a small
-    // per-query limit, reserve a quarter of it rather than 10 MB.
+    // memory limit, reserve a quarter of it rather than 10 MB.
     if let Some(limit) = memory_limit {
         let quarter = usize::try_from(limit / 4).unwrap_or(usize::MAX);
         let reservation = &mut config.options_mut().execution.sort_spill_reservation_bytes;
         *reservation = (*reservation).min(quarter);
     }
-    SessionStateBuilder::new()
+    let mut state = SessionStateBuilder::new()
         .with_config(config)
         .with_runtime_env(runtime)
         .with_default_features()
         .with_optimizer_rule(Arc::new(SourcePushdown))
         .with_physical_optimizer_rules(physical_optimizer_rules())
         .with_query_planner(Arc::new(SourcePlanner))
-        .build()
+        .build();
+    bounded::register(&mut state).expect("a bounded function registers under its own names");
+    state
 }
 
 /// DataFusion's physical optimizer rules, with filters on strings given a
@@ -96,8 +101,8 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
 /// with far fewer rows once they are, and join filters chosen at run time
 /// once the joins have pushed them down, aggregates that occur twice
 /// computed once, faster kernels for decimal arithmetic and
-/// conjunctions, and lookups read from decoded row groups run in one
-/// partition.
+/// conjunctions, lookups read from decoded row groups run in one
+/// partition, and recursive queries stopped after a number of iterations.
 pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules = PhysicalOptimizer::new().rules;
     let join_selection = rules
@@ -114,25 +119,37 @@ pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + 
     rules.push(Arc::new(SelectiveJoinFilters));
     rules.push(Arc::new(ExpressionKernels));
     rules.push(Arc::new(SerialHotScans));
+    rules.push(Arc::new(BoundedRecursion));
     rules
 }
 
+/// The memory pool all queries take their memory from, `limit` bytes in
+/// all: operators that can spill share it equally and spill under
+/// pressure; the others fail their query with a resources-exhausted error
+/// naming the largest consumers.
+pub(crate) fn gateway_pool(limit: u64) -> Arc<dyn MemoryPool> {
+    Arc::new(TrackConsumersPool::new(
+        FairSpillPool::new(usize::try_from(limit).unwrap_or(usize::MAX)),
+        NonZeroUsize::new(3).expect("3 is not zero"),
+    ))
+}
+
 /// The runtime of one query: the mesh's object stores, caches and spill
-/// directory, with a memory pool of its own when a per-query limit is set.
-/// Operators that can spill do so under pressure; the others fail the query
-/// with a resources-exhausted error. What the pool holds is counted in the
-/// gateway's metrics.
+/// directory, and the gateway's memory pool, within a pool of the query's
+/// own when a per-query limit is set. What the pool holds is counted in
+/// the gateway's metrics.
 pub(crate) fn query_runtime(
     mesh: &Arc<RuntimeEnv>,
+    gateway: &Arc<dyn MemoryPool>,
     memory_limit: Option<u64>,
     metrics: &Arc<Metrics>,
 ) -> Arc<RuntimeEnv> {
     let pool: Arc<dyn MemoryPool> = match memory_limit {
-        Some(limit) => Arc::new(TrackConsumersPool::new(
-            FairSpillPool::new(usize::try_from(limit).unwrap_or(usize::MAX)),
-            NonZeroUsize::new(3).expect("3 is not zero"),
-        )),
-        None => Arc::clone(&mesh.memory_pool),
+        Some(limit) => Arc::new(WithinGateway {
+            query: gateway_pool(limit),
+            gateway: Arc::clone(gateway),
+        }),
+        None => Arc::clone(gateway),
     };
     Arc::new(RuntimeEnv {
         memory_pool: Arc::new(CountedPool {
@@ -143,6 +160,67 @@ pub(crate) fn query_runtime(
         cache_manager: Arc::clone(&mesh.cache_manager),
         object_store_registry: Arc::clone(&mesh.object_store_registry),
     })
+}
+
+/// A query's own pool, whose memory is also taken from the gateway's: a
+/// reservation grows only if both pools allow it.
+#[derive(Debug)]
+struct WithinGateway {
+    query: Arc<dyn MemoryPool>,
+    gateway: Arc<dyn MemoryPool>,
+}
+
+impl std::fmt::Display for WithinGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} within {}", self.query, self.gateway)
+    }
+}
+
+impl MemoryPool for WithinGateway {
+    fn name(&self) -> &str {
+        self.query.name()
+    }
+
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.query.register(consumer);
+        self.gateway.register(consumer);
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        self.query.unregister(consumer);
+        self.gateway.unregister(consumer);
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        self.query.grow(reservation, additional);
+        self.gateway.grow(reservation, additional);
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        self.query.shrink(reservation, shrink);
+        self.gateway.shrink(reservation, shrink);
+    }
+
+    fn try_grow(
+        &self,
+        reservation: &MemoryReservation,
+        additional: usize,
+    ) -> datafusion::error::Result<()> {
+        self.query.try_grow(reservation, additional)?;
+        if let Err(error) = self.gateway.try_grow(reservation, additional) {
+            self.query.shrink(reservation, additional);
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    fn reserved(&self) -> usize {
+        self.query.reserved()
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        self.query.memory_limit()
+    }
 }
 
 /// A memory pool that reports what it holds to the gateway's metrics.
@@ -208,14 +286,17 @@ impl MemoryPool for CountedPool {
 /// functions over the mesh's runtime, with no catalog. Building one
 /// registers every function, so it is built once per published mesh and
 /// cloned per request.
-pub(crate) fn template_state(
-    mesh: &Mesh,
-    memory_limit: Option<u64>,
-    metrics: &Arc<Metrics>,
-) -> SessionState {
-    let mut state = session_state(mesh.runtime(), memory_limit);
+pub(crate) fn template_state(mesh: &Mesh, limits: &Limits, metrics: &Arc<Metrics>) -> SessionState {
+    // The least a query may be held to: its own limit or the gateway's.
+    let memory_limit = limits
+        .memory_per_query
+        .map_or(limits.gateway_memory, |own| own.min(limits.gateway_memory));
+    let mut state = session_state(mesh.runtime(), Some(memory_limit));
     // Sources report their latency here.
     state.config_mut().set_extension(Arc::clone(metrics));
+    state
+        .config_mut()
+        .set_extension(Arc::new(RecursionLimit(limits.max_recursion_depth)));
     state
 }
 

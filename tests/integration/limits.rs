@@ -299,3 +299,172 @@ async fn a_user_past_their_own_limit_waits_then_fails_while_others_run() {
     assert!(answered, "the user's permit was not released");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn functions_whose_result_grows_with_an_argument_stop_before_they_run() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    // Each would allocate gigabytes from a few bytes of SQL.
+    for (sql, function) in [
+        ("SELECT repeat('x', 2147483647) AS s", "repeat()"),
+        ("SELECT lpad('x', 2000000000, 'y') AS s", "lpad()"),
+        ("SELECT rpad('x', 2000000000) AS s", "rpad()"),
+        (
+            "SELECT replace(repeat('x', 10000000), '', repeat('y', 100)) AS s",
+            "replace()",
+        ),
+        (
+            "SELECT regexp_replace(repeat('x', 10000000), '', repeat('y', 20), 'g') AS s",
+            "regexp_replace()",
+        ),
+        ("SELECT array_repeat(1, 1000000000) AS a", "array_repeat()"),
+        (
+            "SELECT array_repeat(array_repeat(1, 30000), 30000) AS a",
+            "array_repeat()",
+        ),
+        (
+            "SELECT array_resize([1], 1000000000, 0) AS a",
+            "array_resize()",
+        ),
+        (
+            "SELECT generate_series(1, 10000000000) AS a",
+            "generate_series()",
+        ),
+        ("SELECT range(10000000000) AS a", "range()"),
+        (
+            "SELECT generate_series(TIMESTAMP '2000-01-01', TIMESTAMP '2030-01-01', INTERVAL '1 second') AS a",
+            "generate_series()",
+        ),
+        // Small per row, but not over a whole batch of rows.
+        (
+            "SELECT max(length(repeat(c_comment, 200000))) AS n FROM crm.customer",
+            "repeat()",
+        ),
+    ] {
+        let error = client.query(sql).await.unwrap_err();
+        assert_eq!(error.code(), Code::ResourceExhausted, "{sql}: {error:?}");
+        assert!(
+            error.message().contains(function) && error.message().contains("256.0 MiB"),
+            "{sql}: {}",
+            error.message()
+        );
+    }
+    // The same functions, at sizes a query asks for.
+    let rows = client
+        .query(
+            "SELECT length(repeat('ab', 1000)) AS r, lpad('7', 3, '0') AS l, \
+             replace('abcabc', 'b', 'XX') AS p, regexp_replace('hello', 'l', 'L', 'g') AS x, \
+             array_length(array_repeat(1, 1000)) AS a, array_length(array_resize([1], 5, 0)) AS z, \
+             array_length(generate_series(1, 100000)) AS g, \
+             array_length(generate_series(DATE '2020-01-01', DATE '2020-12-31', INTERVAL '1 day')) AS d",
+        )
+        .await
+        .unwrap();
+    let text = pretty(&rows);
+    for cell in [
+        "| 2000 |",
+        "| 007 |",
+        "| aXXcaXXc |",
+        "| heLLo |",
+        "| 1000 |",
+        "| 5 ",
+        "| 100000 |",
+        "| 366 |",
+    ] {
+        assert!(text.contains(cell), "{cell} in {text}");
+    }
+    let rows = client
+        .query(
+            "SELECT sum(length(lpad(c_name, 40, '*'))) = 40 * count(*) AS padded FROM crm.customer",
+        )
+        .await
+        .unwrap();
+    assert!(pretty(&rows).contains("| true "), "{}", pretty(&rows));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_recursive_query_stops_after_its_iterations_limit() {
+    let server = limited_server("query_timeout = \"5m\"\nmax_recursion_depth = 50").await;
+    let mut client = server.login("alice").await;
+    // Never runs dry: stopped at the limit, not at the timeout.
+    let started = std::time::Instant::now();
+    let error = client
+        .query("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    assert!(
+        error.message().contains("ran 50 iterations")
+            && error.message().contains("limits.max_recursion_depth"),
+        "{}",
+        error.message()
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    // 49 iterations that yield a row and the one that yields none: within.
+    let rows = client
+        .query("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 50) SELECT count(*) AS c, max(n) AS m FROM r")
+        .await
+        .unwrap();
+    assert!(pretty(&rows).contains("| 50 | 50 |"), "{}", pretty(&rows));
+    let error = client
+        .query("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 51) SELECT count(*) FROM r")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    // Each run of the query counts afresh, and a recursive query nested in
+    // another counts its own iterations.
+    for _ in 0..2 {
+        let rows = client
+            .query(
+                "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 40) \
+                 SELECT count(*) AS c, (WITH RECURSIVE q(m) AS (SELECT 1 UNION ALL SELECT m + 1 FROM q WHERE m < 45) \
+                 SELECT count(*) FROM q) AS d FROM r",
+            )
+            .await
+            .unwrap();
+        assert!(pretty(&rows).contains("| 40 | 45 |"), "{}", pretty(&rows));
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_gateway_memory_bounds_every_query_even_with_a_larger_own_limit() {
+    let server = limited_server(
+        "query_timeout = \"5m\"\ngateway_memory = \"4MiB\"\nmemory_per_query = \"1GiB\"",
+    )
+    .await;
+    let mut client = server.unrestricted().await;
+    // array_agg cannot spill: 3 million values fit the query's own limit,
+    // not the gateway's.
+    let error = client
+        .query("SELECT array_length(array_agg(value)) FROM range(3000000)")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    // A sort over the gateway's memory spills and succeeds.
+    let sorted = client
+        .query("SELECT value FROM range(1000000) ORDER BY value DESC")
+        .await
+        .unwrap();
+    assert_eq!(crate::fixture::row_count(&sorted), 1_000_000);
+    let rows = client
+        .query("SELECT count(*) AS n FROM crm.region")
+        .await
+        .unwrap();
+    assert!(pretty(&rows).contains("| 5 |"));
+    // Nothing is left held once the queries are over.
+    let http = server.serve_http().await;
+    let (_, metrics) = http.get("/metrics", None).await;
+    http.stop().await;
+    assert!(
+        metrics.contains("meshgate_memory_reserved_bytes 0"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|line| line.contains("memory"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    server.stop().await;
+}
