@@ -16,6 +16,7 @@ mod stack;
 #[cfg(test)]
 pub(crate) mod testing;
 mod wire;
+mod yielding;
 
 use std::collections::HashMap;
 use std::future::Future as _;

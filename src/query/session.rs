@@ -29,6 +29,7 @@ use super::kernels::ExpressionKernels;
 use super::recursion::{BoundedRecursion, RecursionLimit};
 use super::selectivity::StringFilterSelectivity;
 use super::shared_subplans::SharedSubplans;
+use super::yielding::YieldingJoins;
 
 /// The schema unqualified names resolve in; it holds no products, so every
 /// product is named `domain.product` (or `mesh.domain.product`).
@@ -102,7 +103,8 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
 /// once the joins have pushed them down, aggregates that occur twice
 /// computed once, faster kernels for decimal arithmetic and
 /// conjunctions, lookups read from decoded row groups run in one
-/// partition, and recursive queries stopped after a number of iterations.
+/// partition, recursive queries stopped after a number of iterations, and
+/// joins that yield their thread as they emit.
 pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules = PhysicalOptimizer::new().rules;
     let join_selection = rules
@@ -120,6 +122,7 @@ pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + 
     rules.push(Arc::new(ExpressionKernels));
     rules.push(Arc::new(SerialHotScans));
     rules.push(Arc::new(BoundedRecursion));
+    rules.push(Arc::new(YieldingJoins));
     rules
 }
 

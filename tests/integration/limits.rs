@@ -468,3 +468,32 @@ async fn the_gateway_memory_bounds_every_query_even_with_a_larger_own_limit() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_join_that_multiplies_rows_stops_at_the_timeout() {
+    let server = limited_server("query_timeout = \"2s\"").await;
+    let mut client = server.login("alice").await;
+    // Every probe row matches all 300 000 build rows: one probe batch is
+    // 2.4 billion joined rows, a minute of work without reading the input.
+    let started = std::time::Instant::now();
+    let error = client
+        .query(
+            "SELECT count(*) FROM range(100000) a JOIN range(300000) b \
+             ON a.value % 1 = b.value % 1",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::DeadlineExceeded, "{error:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "stopped after {:?}",
+        started.elapsed()
+    );
+    // The cores are free again: a query runs at once.
+    let rows = client
+        .query("SELECT count(*) AS n FROM crm.region")
+        .await
+        .unwrap();
+    assert!(pretty(&rows).contains("| 5 |"));
+    server.stop().await;
+}
