@@ -30,7 +30,8 @@ use datafusion::logical_expr::{
     ScalarUDFImpl, Signature,
 };
 
-/// The most one call of a bounded function may produce for one batch.
+/// The most one call of a bounded function may produce for one batch (or,
+/// for `levenshtein`, the most pairs of characters it may compare).
 const MAX_RESULT_BYTES: u64 = 256 << 20;
 
 /// A list element, counted as the 8 bytes of an integer or a timestamp.
@@ -59,10 +60,13 @@ enum Growth {
     /// `range` / `generate_series([start,] stop [, step])`: a list of
     /// (stop - start) / step elements.
     Series,
+    /// `levenshtein(a, b)`: no larger a result, but a step for every pair
+    /// of characters of a and b, in one call that cannot be stopped.
+    Distance,
 }
 
 /// The functions that are bounded, by the name they are registered under.
-const BOUNDED: [(&str, Growth); 9] = [
+const BOUNDED: [(&str, Growth); 10] = [
     ("repeat", Growth::Repeat),
     ("lpad", Growth::Pad),
     ("rpad", Growth::Pad),
@@ -72,6 +76,7 @@ const BOUNDED: [(&str, Growth); 9] = [
     ("array_resize", Growth::ArrayResize),
     ("range", Growth::Series),
     ("generate_series", Growth::Series),
+    ("levenshtein", Growth::Distance),
 ];
 
 /// Replaces each function of [`BOUNDED`] that `state` has with its bounded
@@ -121,13 +126,18 @@ impl Bounded {
         if bytes <= MAX_RESULT_BYTES {
             return Ok(());
         }
-        Err(DataFusionError::ResourcesExhausted(format!(
-            "{}() would produce up to {} for {} row(s), more than the {} one call may produce",
-            self.inner.name(),
-            human_bytes(bytes),
-            args.number_rows,
-            human_bytes(MAX_RESULT_BYTES),
-        )))
+        let (name, rows) = (self.inner.name(), args.number_rows);
+        Err(DataFusionError::ResourcesExhausted(match self.growth {
+            Growth::Distance => format!(
+                "{name}() would compare up to {bytes} pairs of characters for {rows} row(s), \
+                 more than the {MAX_RESULT_BYTES} one call may compare"
+            ),
+            _ => format!(
+                "{name}() would produce up to {} for {rows} row(s), more than the {} one call may produce",
+                human_bytes(bytes),
+                human_bytes(MAX_RESULT_BYTES),
+            ),
+        }))
     }
 }
 
@@ -317,6 +327,11 @@ fn result_bytes(growth: Growth, args: &[ColumnarValue], rows: usize) -> Option<u
             Box::new(move |row| size(length.at(row)) * u128::from(ELEMENT_BYTES))
         }
         Growth::Series => series(args)?,
+        // Pairs of characters compared, counted as bytes.
+        Growth::Distance => {
+            let (a, b) = (Values::lengths(arg(0)?)?, Values::lengths(arg(1)?)?);
+            Box::new(move |row| size(a.at(row)) * size(b.at(row)))
+        }
     };
     let total = (0..rows).fold(0_u128, |total, row| total.saturating_add(per_row(row)));
     Some(u64::try_from(total).unwrap_or(u64::MAX))

@@ -150,6 +150,9 @@ fn classify(error: &DataFusionError) -> QueryError {
         {
             QueryError::Source(e.to_string())
         }
+        DataFusionError::External(e) if e.downcast_ref::<regex::Error>().is_some() => {
+            QueryError::Invalid(format!("invalid regular expression: {e}"))
+        }
         other => QueryError::Internal(other.to_string()),
     }
 }
