@@ -290,7 +290,7 @@ impl QueryEngine {
             current: parking_lot::RwLock::new(Arc::new(published)),
             audit,
             metrics,
-            memory: session::gateway_pool(limits.gateway_memory),
+            memory: session::spilling_pool(limits.gateway_memory),
             running: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_queries)),
             per_user: Arc::new(PerUser::new(limits.max_concurrent_queries_per_user)),
             limits,

@@ -126,11 +126,11 @@ pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + 
     rules
 }
 
-/// The memory pool all queries take their memory from, `limit` bytes in
-/// all: operators that can spill share it equally and spill under
-/// pressure; the others fail their query with a resources-exhausted error
-/// naming the largest consumers.
-pub(crate) fn gateway_pool(limit: u64) -> Arc<dyn MemoryPool> {
+/// A memory pool of `limit` bytes (the gateway's, or a query's own):
+/// operators that can spill share it equally and spill under pressure; the
+/// others fail their query with a resources-exhausted error naming the
+/// largest consumers.
+pub(crate) fn spilling_pool(limit: u64) -> Arc<dyn MemoryPool> {
     Arc::new(TrackConsumersPool::new(
         FairSpillPool::new(usize::try_from(limit).unwrap_or(usize::MAX)),
         NonZeroUsize::new(3).expect("3 is not zero"),
@@ -149,7 +149,7 @@ pub(crate) fn query_runtime(
 ) -> Arc<RuntimeEnv> {
     let pool: Arc<dyn MemoryPool> = match memory_limit {
         Some(limit) => Arc::new(WithinGateway {
-            query: gateway_pool(limit),
+            query: spilling_pool(limit),
             gateway: Arc::clone(gateway),
         }),
         None => Arc::clone(gateway),
