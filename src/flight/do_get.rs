@@ -6,34 +6,24 @@
 //! message leaves as its gRPC frame head (the length prefix and the
 //! protobuf fields of a `FlightData`, body length included) followed by the
 //! body's pieces as they are, shared with the record batch (see
-//! [`super::encode`]); the gRPC status follows in the trailers. Every other
-//! call goes to the generated server unchanged.
+//! [`super::encode`]); the gRPC status follows in the trailers.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use arrow_flight::Ticket;
-use arrow_flight::flight_service_server::FlightServiceServer;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
-use futures::future::BoxFuture;
 use http::HeaderMap;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 use tonic::Status;
-use tonic::server::NamedService;
-use tower_service::Service;
 
 use super::encode::Message;
 use super::status::ProtocolError;
 use super::{MeshFlightService, MessageStream};
-
-/// The path of DoGet calls.
-const PATH: &str = "/arrow.flight.protocol.FlightService/DoGet";
 
 /// The largest DoGet request read: a ticket is a statement handle.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -43,51 +33,9 @@ const DATA_HEADER: u32 = 2;
 const APP_METADATA: u32 = 3;
 const DATA_BODY: u32 = 1000;
 
-/// The Flight service's gRPC server, DoGet answered by [`respond`].
-#[derive(Debug, Clone)]
-pub struct FlightServer {
-    generated: FlightServiceServer<MeshFlightService>,
-    service: Arc<MeshFlightService>,
-}
-
-impl FlightServer {
-    pub(super) fn new(
-        generated: FlightServiceServer<MeshFlightService>,
-        service: MeshFlightService,
-    ) -> Self {
-        Self {
-            generated,
-            service: Arc::new(service),
-        }
-    }
-}
-
-impl NamedService for FlightServer {
-    const NAME: &'static str = <FlightServiceServer<MeshFlightService> as NamedService>::NAME;
-}
-
-impl Service<http::Request<tonic::body::Body>> for FlightServer {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.generated, cx)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        if request.uri().path() == PATH {
-            let service = Arc::clone(&self.service);
-            Box::pin(async move { Ok(respond(&service, request).await) })
-        } else {
-            Box::pin(self.generated.call(request))
-        }
-    }
-}
-
 /// The response to a DoGet request: the messages of its ticket, or the
 /// status it failed with before the first.
-async fn respond(
+pub(super) async fn respond(
     service: &MeshFlightService,
     request: http::Request<tonic::body::Body>,
 ) -> http::Response<tonic::body::Body> {

@@ -7,6 +7,8 @@ mod do_get;
 mod encode;
 mod handle;
 mod metadata;
+mod routes;
+mod running;
 mod status;
 
 use std::collections::HashMap;
@@ -21,25 +23,30 @@ use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
+    ActionBeginSavepointRequest, ActionBeginSavepointResult, ActionBeginTransactionRequest,
+    ActionBeginTransactionResult, ActionCancelQueryRequest, ActionCancelQueryResult,
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
-    ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetCrossReference,
-    CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys, CommandGetPrimaryKeys,
-    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandGetXdbcTypeInfo,
-    CommandPreparedStatementQuery, CommandPreparedStatementUpdate, CommandStatementIngest,
-    CommandStatementQuery, CommandStatementSubstraitPlan, CommandStatementUpdate,
-    DoPutPreparedStatementResult, ProstMessageExt, SqlInfo, TicketStatementQuery,
+    ActionCreatePreparedStatementResult, ActionCreatePreparedSubstraitPlanRequest,
+    ActionEndSavepointRequest, ActionEndTransactionRequest, Any, Command, CommandGetCatalogs,
+    CommandGetCrossReference, CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys,
+    CommandGetPrimaryKeys, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables,
+    CommandGetXdbcTypeInfo, CommandPreparedStatementQuery, CommandPreparedStatementUpdate,
+    CommandStatementIngest, CommandStatementQuery, CommandStatementSubstraitPlan,
+    CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
+    TicketStatementQuery,
 };
 use arrow_flight::{
-    Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
-    HandshakeResponse, IpcMessage, SchemaAsIpc, Ticket,
+    Action, CancelFlightInfoRequest, CancelFlightInfoResult, CancelStatus, FlightData,
+    FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, IpcMessage,
+    RenewFlightEndpointRequest, SchemaAsIpc, Ticket,
 };
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use auth_layer::AuthLayer;
-pub use do_get::FlightServer;
 use handle::{StatementHandle, single_parameter_row};
+pub use routes::FlightServer;
 use status::ProtocolError;
 
 use crate::auth::{AuthenticatorRef, CallerIdentity};
@@ -57,6 +64,8 @@ pub struct MeshFlightService {
     engine: Arc<QueryEngine>,
     /// One permit per password check allowed to run at once.
     logins: Arc<tokio::sync::Semaphore>,
+    /// The query streams being read now, for cancels.
+    running: Arc<running::RunningStreams>,
 }
 
 type FlightDataStream = <MeshFlightService as FlightService>::DoGetStream;
@@ -71,6 +80,7 @@ impl MeshFlightService {
             authenticator,
             engine,
             logins: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
+            running: Arc::default(),
         }
     }
 
@@ -84,23 +94,8 @@ impl MeshFlightService {
     /// The messages answering a DoGet: a query's straight from its batches,
     /// any other ticket's through [`FlightService::do_get`].
     async fn do_get_messages(&self, request: Request<Ticket>) -> Result<MessageStream, Status> {
-        let decoding = |e: &dyn std::fmt::Display| {
-            Status::from(ProtocolError::BadRequest(format!(
-                "the ticket does not decode: {e}"
-            )))
-        };
-        let any = Any::decode(request.get_ref().ticket.as_ref()).map_err(|e| decoding(&e))?;
-        let handle = if let Some(ticket) = any
-            .unpack::<TicketStatementQuery>()
-            .map_err(|e| decoding(&e))?
-        {
-            Some(ticket.statement_handle)
-        } else {
-            any.unpack::<CommandPreparedStatementQuery>()
-                .map_err(|e| decoding(&e))?
-                .map(|command| command.prepared_statement_handle)
-        };
-        let Some(handle) = handle else {
+        let ticket = request.get_ref().ticket.clone();
+        let Some(handle) = statement_handle(&ticket)? else {
             let messages = self.do_get(request).await?.into_inner();
             return Ok(Box::pin(messages.map_ok(encode::Message::from)));
         };
@@ -108,7 +103,69 @@ impl MeshFlightService {
         let (session, bound) = self
             .plan_handle(&handle, &caller, request.remote_addr(), token(&request))
             .await?;
-        self.query_messages(session, bound).await
+        let messages = self.query_messages(session, bound).await?;
+        Ok(self.running.track(&caller.user, ticket, messages))
+    }
+
+    /// GetSchema: the schema of a statement (placeholders allowed) or of a
+    /// prepared statement, planned but not prepared for execution; for any
+    /// other command, the schema of its FlightInfo.
+    async fn schema_of(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<arrow_flight::SchemaResult>, Status> {
+        let caller = caller(&request)?;
+        let any = Any::decode(request.get_ref().cmd.as_ref())
+            .map_err(|e| ProtocolError::BadRequest(format!("the command does not decode: {e}")))?;
+        let undecodable = |e: arrow::error::ArrowError| {
+            ProtocolError::BadRequest(format!("the command does not decode: {e}"))
+        };
+        let schema =
+            if let Some(query) = any.unpack::<CommandStatementQuery>().map_err(undecodable)? {
+                let session = self
+                    .engine
+                    .session(&caller, request.remote_addr())
+                    .with_token(token(&request));
+                schema_bytes(&session.prepare(&query.query).await?.result_schema())?
+            } else if let Some(command) = any
+                .unpack::<CommandPreparedStatementQuery>()
+                .map_err(undecodable)?
+            {
+                let (_, bound) = self
+                    .plan_handle(
+                        &command.prepared_statement_handle,
+                        &caller,
+                        request.remote_addr(),
+                        token(&request),
+                    )
+                    .await?;
+                schema_bytes(&bound.result_schema())?
+            } else {
+                FlightService::get_flight_info(self, request)
+                    .await?
+                    .into_inner()
+                    .schema
+            };
+        Ok(Response::new(arrow_flight::SchemaResult { schema }))
+    }
+
+    /// Stops `caller`'s running queries of the tickets of `info`; NOT_FOUND
+    /// when none of them is running here.
+    fn cancel(&self, info: &FlightInfo, caller: &CallerIdentity) -> Result<(), Status> {
+        let mut stopped = 0;
+        for ticket in info.endpoint.iter().filter_map(|e| e.ticket.as_ref()) {
+            check_ticket_owner(&ticket.ticket, caller)?;
+            stopped += self.running.cancel(&caller.user, &ticket.ticket);
+        }
+        if stopped == 0 {
+            return Err(ProtocolError::NotRunning(
+                "no query of this FlightInfo is running on this gateway: it has ended, or has not \
+                 been fetched yet"
+                    .into(),
+            )
+            .into());
+        }
+        Ok(())
     }
 
     /// Plans a statement handle for its caller, parameters bound.
@@ -168,6 +225,36 @@ impl MeshFlightService {
 /// The caller's bearer token, for sources that forward it.
 fn token<T>(request: &Request<T>) -> Option<ForwardedToken> {
     request.extensions().get::<ForwardedToken>().cloned()
+}
+
+/// The statement handle a query ticket (a statement's or a prepared
+/// statement's) carries; none for the tickets of metadata commands.
+fn statement_handle(ticket: &[u8]) -> Result<Option<bytes::Bytes>, Status> {
+    let decoding = |e: &dyn std::fmt::Display| {
+        Status::from(ProtocolError::BadRequest(format!(
+            "the ticket does not decode: {e}"
+        )))
+    };
+    let any = Any::decode(ticket).map_err(|e| decoding(&e))?;
+    if let Some(ticket) = any
+        .unpack::<TicketStatementQuery>()
+        .map_err(|e| decoding(&e))?
+    {
+        return Ok(Some(ticket.statement_handle));
+    }
+    Ok(any
+        .unpack::<CommandPreparedStatementQuery>()
+        .map_err(|e| decoding(&e))?
+        .map(|command| command.prepared_statement_handle))
+}
+
+/// Refuses a query ticket issued to someone other than `caller`, as DoGet
+/// does.
+fn check_ticket_owner(ticket: &[u8], caller: &CallerIdentity) -> Result<(), Status> {
+    if let Some(handle) = statement_handle(ticket)? {
+        StatementHandle::decode_for(&handle, caller)?;
+    }
+    Ok(())
 }
 
 /// The identity the auth layer attached to the request.
@@ -278,6 +365,20 @@ fn flight_info(
         .with_total_records(-1)
         .with_total_bytes(-1);
     Ok(Response::new(info))
+}
+
+fn no_transactions() -> Status {
+    ProtocolError::Unsupported(
+        "transactions are not supported: meshgate is read-only, and each statement reads the data \
+         as it is when the statement runs"
+            .into(),
+    )
+    .into()
+}
+
+fn no_substrait() -> Status {
+    ProtocolError::Unsupported("Substrait plans are not accepted: send the query as SQL".into())
+        .into()
 }
 
 fn read_only(what: &str) -> Status {
@@ -764,13 +865,122 @@ impl FlightSqlService for MeshFlightService {
         Ok(())
     }
 
+    async fn do_action_cancel_query(
+        &self,
+        query: ActionCancelQueryRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCancelQueryResult, Status> {
+        let caller = caller(&request)?;
+        let info = FlightInfo::decode(query.info)
+            .map_err(|_| ProtocolError::BadRequest("malformed CancelQuery request".into()))?;
+        self.cancel(&info, &caller)?;
+        // `CancelQuery`'s result values are those of `CancelStatus`.
+        Ok(ActionCancelQueryResult {
+            result: CancelStatus::Cancelled as i32,
+        })
+    }
+
+    async fn get_flight_info_fallback(
+        &self,
+        command: Command,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let message = match command.type_url() {
+            "" => "the descriptor carries no Flight SQL command: meshgate answers the commands of \
+                   Flight SQL (a statement query, a prepared statement, the metadata commands)"
+                .to_string(),
+            other => format!("`{other}` is not a Flight SQL command meshgate answers"),
+        };
+        Err(ProtocolError::Unsupported(message).into())
+    }
+
+    async fn do_get_fallback(
+        &self,
+        _request: Request<Ticket>,
+        _message: Any,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        Err(ProtocolError::BadRequest(
+            "the ticket is not one meshgate issued: fetch the tickets of a FlightInfo".into(),
+        )
+        .into())
+    }
+
+    async fn do_action_begin_transaction(
+        &self,
+        _query: ActionBeginTransactionRequest,
+        _request: Request<Action>,
+    ) -> Result<ActionBeginTransactionResult, Status> {
+        Err(no_transactions())
+    }
+
+    async fn do_action_end_transaction(
+        &self,
+        _query: ActionEndTransactionRequest,
+        _request: Request<Action>,
+    ) -> Result<(), Status> {
+        Err(no_transactions())
+    }
+
+    async fn do_action_begin_savepoint(
+        &self,
+        _query: ActionBeginSavepointRequest,
+        _request: Request<Action>,
+    ) -> Result<ActionBeginSavepointResult, Status> {
+        Err(no_transactions())
+    }
+
+    async fn do_action_end_savepoint(
+        &self,
+        _query: ActionEndSavepointRequest,
+        _request: Request<Action>,
+    ) -> Result<(), Status> {
+        Err(no_transactions())
+    }
+
+    async fn get_flight_info_substrait_plan(
+        &self,
+        _query: CommandStatementSubstraitPlan,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        Err(no_substrait())
+    }
+
+    async fn do_action_create_prepared_substrait_plan(
+        &self,
+        _query: ActionCreatePreparedSubstraitPlanRequest,
+        _request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        Err(no_substrait())
+    }
+
     async fn do_action_fallback(
         &self,
         request: Request<Action>,
     ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
-        caller(&request)?;
+        let caller = caller(&request)?;
         let action = request.into_inner();
+        let malformed = |what: &str| ProtocolError::BadRequest(format!("malformed {what} request"));
         let body: Vec<u8> = match action.r#type.as_str() {
+            "CancelFlightInfo" => {
+                let info = CancelFlightInfoRequest::decode(action.body)
+                    .map_err(|_| malformed("CancelFlightInfo"))?
+                    .info
+                    .ok_or_else(|| malformed("CancelFlightInfo"))?;
+                self.cancel(&info, &caller)?;
+                CancelFlightInfoResult::new(CancelStatus::Cancelled).encode_to_vec()
+            }
+            "RenewFlightEndpoint" => {
+                let endpoint = RenewFlightEndpointRequest::decode(action.body)
+                    .map_err(|_| malformed("RenewFlightEndpoint"))?
+                    .endpoint
+                    .ok_or_else(|| malformed("RenewFlightEndpoint"))?;
+                // Tickets hold no server state and do not expire: the
+                // caller's own endpoint is valid as it is.
+                if let Some(ticket) = &endpoint.ticket {
+                    check_ticket_owner(&ticket.ticket, &caller)?;
+                }
+                endpoint.encode_to_vec()
+            }
             "CloseSession" => session_actions::CloseSessionResult { status: 1 }.encode_to_vec(),
             "GetSessionOptions" => Vec::new(),
             "SetSessionOptions" => {
@@ -784,7 +994,10 @@ impl FlightSqlService for MeshFlightService {
                 session_actions::SetSessionOptionsResult { errors }.encode_to_vec()
             }
             other => {
-                return Err(ProtocolError::BadRequest(format!("unknown action `{other}`")).into());
+                return Err(ProtocolError::Unsupported(format!(
+                    "unknown action `{other}` (ListActions lists the actions meshgate takes)"
+                ))
+                .into());
             }
         };
         let result = arrow_flight::Result { body: body.into() };

@@ -77,6 +77,12 @@ pub(crate) enum ProtocolError {
     /// An answer too large for the protocol to carry.
     #[error("{0}")]
     TooLarge(String),
+    /// A query stopped by its caller's cancel.
+    #[error("{0}")]
+    Cancelled(String),
+    /// A request about a query that is not running here.
+    #[error("{0}")]
+    NotRunning(String),
 }
 
 impl From<ProtocolError> for Status {
@@ -90,6 +96,8 @@ impl From<ProtocolError> for Status {
             ProtocolError::Encoding(_) => (Code::Internal, Warn("encoding fault")),
             ProtocolError::Unsupported(_) => (Code::Unimplemented, Info("request rejected")),
             ProtocolError::TooLarge(_) => (Code::ResourceExhausted, Info("answer too large")),
+            ProtocolError::Cancelled(_) => (Code::Cancelled, Info("query cancelled")),
+            ProtocolError::NotRunning(_) => (Code::NotFound, Info("request rejected")),
         };
         status(code, error.to_string(), logged)
     }

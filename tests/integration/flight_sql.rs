@@ -7,14 +7,18 @@ use arrow::datatypes::{DataType, Field, Schema, UInt32Type};
 use arrow::ipc::convert::try_schema_from_ipc_buffer;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::sql::{
+    ActionBeginTransactionRequest, ActionCancelQueryRequest, ActionCancelQueryResult,
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
-    ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetCrossReference,
-    CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys, CommandGetPrimaryKeys,
-    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandGetXdbcTypeInfo,
-    CommandPreparedStatementQuery, CommandStatementUpdate, DoPutPreparedStatementResult,
-    ProstMessageExt, SqlInfo,
+    ActionCreatePreparedStatementResult, ActionCreatePreparedSubstraitPlanRequest, Any,
+    CommandGetCatalogs, CommandGetCrossReference, CommandGetDbSchemas, CommandGetExportedKeys,
+    CommandGetImportedKeys, CommandGetPrimaryKeys, CommandGetSqlInfo, CommandGetTableTypes,
+    CommandGetTables, CommandGetXdbcTypeInfo, CommandPreparedStatementQuery, CommandStatementQuery,
+    CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
 };
-use arrow_flight::{FlightDescriptor, PutResult};
+use arrow_flight::{
+    CancelFlightInfoRequest, CancelFlightInfoResult, CancelStatus, FlightDescriptor, PutResult,
+    RenewFlightEndpointRequest,
+};
 use futures::{StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::Code;
@@ -508,7 +512,8 @@ async fn session_actions_are_answered() {
     let options = client.action("GetSessionOptions", vec![]).await.unwrap();
     assert_eq!(options.len(), 1);
     let unknown = client.action("Frobnicate", vec![]).await.unwrap_err();
-    assert_eq!(unknown.code(), Code::InvalidArgument);
+    assert_eq!(unknown.code(), Code::Unimplemented);
+    assert!(unknown.message().contains("Frobnicate"), "{unknown:?}");
     let actions: Vec<_> = client
         .inner
         .list_actions(client.request(arrow_flight::Empty {}))
@@ -534,7 +539,7 @@ async fn view_types_are_converted_and_empty_results_keep_their_schema() {
     assert_eq!(schema.field(1).data_type(), &DataType::Utf8);
     assert_eq!(strings(&rows, "v")[0], "AFRICA");
 
-    let command = arrow_flight::sql::CommandStatementQuery {
+    let command = CommandStatementQuery {
         query: "SELECT r_name FROM crm.region WHERE r_regionkey < 0".into(),
         transaction_id: None,
     };
@@ -543,5 +548,339 @@ async fn view_types_are_converted_and_empty_results_keep_their_schema() {
     assert_eq!(info.total_records, -1);
     let schema = info.try_decode_schema().unwrap();
     assert_eq!(schema.field(0).name(), "r_name");
+    server.stop().await;
+}
+
+fn statement_descriptor(sql: &str) -> FlightDescriptor {
+    let command = CommandStatementQuery {
+        query: sql.into(),
+        transaction_id: None,
+    };
+    FlightDescriptor::new_cmd(command.as_any().encode_to_vec())
+}
+
+async fn get_schema(
+    client: &mut TestClient,
+    descriptor: FlightDescriptor,
+) -> Result<Schema, tonic::Status> {
+    let request = client.request(descriptor);
+    let result = client.inner.get_schema(request).await?.into_inner();
+    Ok(Schema::try_from(&result).unwrap())
+}
+
+#[tokio::test]
+async fn get_schema_answers_with_the_schema_the_rows_would_have() {
+    let server = TestServer::start().await;
+    let mut alice = server.login("alice").await;
+    // A statement: its FlightInfo's schema, the denied column left out.
+    let sql = "SELECT * FROM crm.customer";
+    let schema = get_schema(&mut alice, statement_descriptor(sql))
+        .await
+        .unwrap();
+    let command = CommandStatementQuery {
+        query: sql.into(),
+        transaction_id: None,
+    };
+    let info = alice.flight_info(command.as_any()).await.unwrap();
+    assert_eq!(schema, info.try_decode_schema().unwrap());
+    assert!(schema.field_with_name("c_name").is_ok());
+    assert!(schema.field_with_name("c_acctbal").is_err(), "{schema:?}");
+    // With placeholders, which a statement's FlightInfo refuses.
+    let with_placeholder = "SELECT o_orderkey FROM sales.orders WHERE o_orderkey = ?";
+    let schema = get_schema(&mut alice, statement_descriptor(with_placeholder))
+        .await
+        .unwrap();
+    assert_eq!(schema.fields().len(), 1);
+    assert_eq!(schema.field(0).name(), "o_orderkey");
+    // A prepared statement: the dataset schema it was created with.
+    let prepared = create_prepared(&mut alice, "SELECT n_name, n_nationkey FROM crm.nation")
+        .await
+        .unwrap();
+    let command = CommandPreparedStatementQuery {
+        prepared_statement_handle: prepared.prepared_statement_handle.clone(),
+    };
+    let prepared_descriptor = FlightDescriptor::new_cmd(command.as_any().encode_to_vec());
+    let schema = get_schema(&mut alice, prepared_descriptor.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        schema,
+        try_schema_from_ipc_buffer(&prepared.dataset_schema).unwrap()
+    );
+    // A metadata command: the schema of its FlightInfo.
+    let tables = CommandGetTables {
+        include_schema: true,
+        ..Default::default()
+    };
+    let schema = get_schema(
+        &mut alice,
+        FlightDescriptor::new_cmd(tables.as_any().encode_to_vec()),
+    )
+    .await
+    .unwrap();
+    let info = alice.flight_info(tables.as_any()).await.unwrap();
+    assert_eq!(schema, info.try_decode_schema().unwrap());
+    // A product the caller may not see is as missing as one never defined.
+    let mut dave = server.login("dave").await;
+    let hidden = get_schema(
+        &mut dave,
+        statement_descriptor("SELECT * FROM support.tickets"),
+    )
+    .await
+    .unwrap_err();
+    let never = get_schema(
+        &mut dave,
+        statement_descriptor("SELECT * FROM support.tockets"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound, "{hidden:?}");
+    assert_eq!(
+        hidden.message().replace("tickets", "tockets"),
+        never.message()
+    );
+    // Another user's prepared statement is refused, as at DoGet.
+    let mut bob = server.login("bob").await;
+    let refused = get_schema(&mut bob, prepared_descriptor).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // Without a token, nothing.
+    let mut anonymous = server.client().await;
+    let refused = get_schema(&mut anonymous, statement_descriptor("SELECT 1"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn list_actions_lists_the_actions_do_action_takes() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    let request = client.request(arrow_flight::Empty {});
+    let listed: Vec<String> = client
+        .inner
+        .list_actions(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .map_ok(|action| action.r#type)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed,
+        [
+            "CreatePreparedStatement",
+            "ClosePreparedStatement",
+            "CancelFlightInfo",
+            "CancelQuery",
+            "RenewFlightEndpoint",
+            "SetSessionOptions",
+            "GetSessionOptions",
+            "CloseSession",
+        ]
+    );
+    // Every listed action is taken: none is answered as unknown.
+    for action in &listed {
+        if let Err(status) = client.action(action, Vec::new()).await {
+            assert!(!status.message().contains("unknown action"), "{status:?}");
+        }
+    }
+    // The Flight SQL actions meshgate does not take are not listed, and
+    // are refused with a reason.
+    let transaction = ActionBeginTransactionRequest {}.as_any().encode_to_vec();
+    let refused = client
+        .action("BeginTransaction", transaction)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented);
+    assert!(refused.message().contains("read-only"), "{refused:?}");
+    let substrait = ActionCreatePreparedSubstraitPlanRequest::default()
+        .as_any()
+        .encode_to_vec();
+    let refused = client
+        .action("CreatePreparedSubstraitPlan", substrait)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented);
+    assert!(refused.message().contains("SQL"), "{refused:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn requests_meshgate_does_not_take_are_refused_with_what_to_use() {
+    let server = TestServer::start().await;
+    let mut client = server.login("alice").await;
+    // Calls of the Flight protocol with no Flight SQL meaning.
+    let request = client.request(arrow_flight::Criteria::default());
+    let refused = client.inner.list_flights(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented);
+    assert!(refused.message().contains("GetTables"), "{refused:?}");
+    let request = client.request(statement_descriptor("SELECT 1"));
+    let refused = client.inner.poll_flight_info(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented);
+    assert!(refused.message().contains("GetFlightInfo"), "{refused:?}");
+    // Descriptors without a command, or with one that is not Flight SQL's.
+    let path = FlightDescriptor::new_path(vec!["sales".into(), "orders".into()]);
+    let refused = client
+        .inner
+        .get_flight_info(client.request(path))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented);
+    assert!(
+        refused.message().contains("no Flight SQL command"),
+        "{refused:?}"
+    );
+    let foreign = Any {
+        type_url: "type.googleapis.com/acme.Query".into(),
+        value: b"SELECT 1".to_vec().into(),
+    };
+    let refused = client.flight_info(foreign).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented);
+    assert!(refused.message().contains("acme.Query"), "{refused:?}");
+    // A command, an action body or a ticket that does not decode: a
+    // sentence, not the decoder's debug output.
+    let garbage = FlightDescriptor::new_cmd(b"\xff\xff\xff\x00garbage".to_vec());
+    let refused = client
+        .inner
+        .get_flight_info(client.request(garbage))
+        .await
+        .unwrap_err();
+    let undecodable = client
+        .action("CreatePreparedStatement", b"\xff\xfe".to_vec())
+        .await
+        .unwrap_err();
+    for status in [refused, undecodable] {
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("does not decode"), "{status:?}");
+        assert!(!status.message().contains("DecodeError"), "{status:?}");
+    }
+    let refused = client
+        .fetch(arrow_flight::Ticket::new(Vec::<u8>::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("ticket"), "{refused:?}");
+    server.stop().await;
+}
+
+/// The first record-batch message of a DoGet of `sql`, left unread after
+/// it; the FlightInfo it was fetched from.
+async fn start_fetch(
+    client: &mut TestClient,
+    sql: &str,
+) -> (
+    arrow_flight::FlightInfo,
+    tonic::Streaming<arrow_flight::FlightData>,
+) {
+    let command = CommandStatementQuery {
+        query: sql.into(),
+        transaction_id: None,
+    };
+    let info = client.flight_info(command.as_any()).await.unwrap();
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let request = client.request(ticket);
+    let mut stream = client.inner.do_get(request).await.unwrap().into_inner();
+    // The schema message, then rows: the query is running.
+    for _ in 0..2 {
+        assert!(stream.message().await.unwrap().is_some());
+    }
+    (info, stream)
+}
+
+/// How `stream` ends once read to its end: it must fail.
+async fn ending(mut stream: tonic::Streaming<arrow_flight::FlightData>) -> tonic::Status {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended as if its result were complete"),
+            Err(status) => return status,
+        }
+    }
+}
+
+#[tokio::test]
+async fn cancel_flight_info_stops_the_callers_running_fetch() {
+    let server = TestServer::start().await;
+    let mut alice = server.login("alice").await;
+    // The demo's lineitem is far larger than what HTTP/2 lets the server
+    // send ahead of a client that reads nothing more.
+    let sql = "SELECT * FROM sales.lineitem";
+    let (info, stream) = start_fetch(&mut alice, sql).await;
+    let cancel = CancelFlightInfoRequest::new(info).encode_to_vec();
+    // Another user cannot cancel it.
+    let mut bob = server.login("bob").await;
+    let refused = bob
+        .action("CancelFlightInfo", cancel.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let answer = alice
+        .action("CancelFlightInfo", cancel.clone())
+        .await
+        .unwrap();
+    let result = CancelFlightInfoResult::decode(answer[0].clone()).unwrap();
+    assert_eq!(result.status(), CancelStatus::Cancelled);
+    let ended = ending(stream).await;
+    assert_eq!(ended.code(), Code::Cancelled, "{ended:?}");
+    // Nothing of it runs any more.
+    let gone = alice.action("CancelFlightInfo", cancel).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    // Audited as cancelled.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let records = server.audit_records();
+        if let Some(record) = records.iter().rev().find(|r| r["sql"] == sql) {
+            assert_eq!(record["outcome"], "cancelled", "{record}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no audit record");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Flight SQL's older CancelQuery does the same.
+    let (info, stream) = start_fetch(&mut alice, "SELECT *, 1 AS again FROM sales.lineitem").await;
+    let request = ActionCancelQueryRequest {
+        info: info.encode_to_vec().into(),
+    };
+    let answer = alice
+        .action("CancelQuery", request.as_any().encode_to_vec())
+        .await
+        .unwrap();
+    let result: ActionCancelQueryResult = Any::decode(answer[0].clone())
+        .unwrap()
+        .unpack()
+        .unwrap()
+        .unwrap();
+    assert_eq!(result.result, CancelStatus::Cancelled as i32);
+    assert_eq!(ending(stream).await.code(), Code::Cancelled);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn renew_flight_endpoint_answers_with_the_callers_endpoint() {
+    let server = TestServer::start().await;
+    let mut alice = server.login("alice").await;
+    let command = CommandStatementQuery {
+        query: "SELECT n_name FROM crm.nation".into(),
+        transaction_id: None,
+    };
+    let info = alice.flight_info(command.as_any()).await.unwrap();
+    let endpoint = info.endpoint[0].clone();
+    let request = RenewFlightEndpointRequest::new(endpoint.clone()).encode_to_vec();
+    let answer = alice
+        .action("RenewFlightEndpoint", request.clone())
+        .await
+        .unwrap();
+    let renewed = arrow_flight::FlightEndpoint::decode(answer[0].clone()).unwrap();
+    assert_eq!(renewed, endpoint);
+    let ticket = renewed.ticket.unwrap();
+    assert_eq!(row_count(&alice.fetch(ticket).await.unwrap()), 25);
+    let mut bob = server.login("bob").await;
+    let refused = bob
+        .action("RenewFlightEndpoint", request)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     server.stop().await;
 }
