@@ -7,6 +7,7 @@ mod guard;
 mod join_filters;
 mod join_sides;
 mod kernels;
+mod pass_through;
 mod recursion;
 mod selectivity;
 mod session;

@@ -314,10 +314,10 @@ impl ExecutionPlan for SharedSubplan {
         input_stats: &[Arc<Statistics>],
         _args: &StatisticsArgs,
     ) -> Result<Arc<Statistics>> {
-        Ok(match input_stats.first() {
-            Some(input) => Arc::clone(input),
-            None => Arc::new(Statistics::new_unknown(&self.input.schema())),
-        })
+        Ok(super::pass_through::input_statistics(
+            &self.input,
+            input_stats,
+        ))
     }
 
     fn execute(

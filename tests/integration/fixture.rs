@@ -372,6 +372,13 @@ pub(crate) fn pretty(batches: &[RecordBatch]) -> String {
         .to_string()
 }
 
+/// Asserts that `status` has `code` and a message containing `text`.
+#[track_caller]
+pub(crate) fn assert_status(status: &Status, code: tonic::Code, text: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(text), "{status:?}");
+}
+
 pub(crate) fn row_count(batches: &[RecordBatch]) -> usize {
     batches.iter().map(RecordBatch::num_rows).sum()
 }
