@@ -238,6 +238,13 @@ fn check_reads(statement: &Statement) -> Result<(), QueryError> {
         if let Some(function) = file_function(name) {
             return ControlFlow::Break(file_function_refusal(&function));
         }
+        if is_introspection(name) {
+            return ControlFlow::Break(QueryError::Refused(
+                "information_schema is not available: list the products you may read with \
+                 Flight SQL's GetDbSchemas and GetTables, or the catalog API"
+                    .into(),
+            ));
+        }
         ControlFlow::Continue(())
     });
     if let ControlFlow::Break(error) = relations {
@@ -261,6 +268,17 @@ fn file_function(name: &ObjectName) -> Option<String> {
     let last = name.0.last()?.to_string();
     let last = last.trim_matches('"').to_ascii_lowercase();
     FILE_FUNCTIONS.contains(&last.as_str()).then_some(last)
+}
+
+/// Whether `name` is a table of the engine's `information_schema` (or
+/// PostgreSQL's `pg_catalog`): no domain may take either name.
+fn is_introspection(name: &ObjectName) -> bool {
+    let parts = &name.0;
+    parts.len() >= 2 && {
+        let schema = parts[parts.len() - 2].to_string();
+        let schema = schema.trim_matches('"').to_ascii_lowercase();
+        schema == "information_schema" || schema == "pg_catalog"
+    }
 }
 
 fn file_function_refusal(name: &str) -> QueryError {

@@ -133,7 +133,13 @@ fn classify(error: &DataFusionError) -> QueryError {
                 QueryError::Invalid(message.clone())
             }
         }
-        DataFusionError::SchemaError(e, _) => QueryError::Invalid(e.to_string()),
+        DataFusionError::SchemaError(e, _) => QueryError::Invalid(
+            // The caller cannot change the engine's settings.
+            e.to_string().replace(
+                " or disable the datafusion.sql_parser.enable_ident_normalization configuration",
+                "",
+            ),
+        ),
         DataFusionError::NotImplemented(message) => {
             QueryError::Invalid(format!("not supported: {message}"))
         }

@@ -440,10 +440,16 @@ const CASES: &[Case] = &[
         expect: Error(Code::InvalidArgument, "looks like a file"),
     },
     Case {
-        name: "information_schema is not there",
+        name: "information_schema is refused",
         who: Eu,
         sql: "SELECT * FROM information_schema.columns",
-        expect: Error(Code::NotFound, "not found"),
+        expect: Error(Code::InvalidArgument, "information_schema is not available"),
+    },
+    Case {
+        name: "a column named in the wrong case",
+        who: Eu,
+        sql: "SELECT \"NAME\" FROM hr.employees",
+        expect: Error(Code::InvalidArgument, "Column names are case sensitive"),
     },
     // EXPLAIN.
     Case {

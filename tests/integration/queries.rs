@@ -152,6 +152,18 @@ async fn bad_sql_gets_the_parser_message_and_unknown_columns_are_invalid() {
         "{}",
         error.message()
     );
+    // A name quoted in the wrong case: the engine's hint, without the
+    // engine setting the caller cannot change.
+    let error = client
+        .query("SELECT \"R_NAME\" FROM crm.region")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error.message().contains("double quotes") && !error.message().contains("datafusion."),
+        "{}",
+        error.message()
+    );
     let error = client.query("SELECT 1/0").await.unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
     let error = client.query("").await.unwrap_err();
