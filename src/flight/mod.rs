@@ -100,9 +100,7 @@ impl MeshFlightService {
             return Ok(Box::pin(messages.map_ok(encode::Message::from)));
         };
         let caller = caller(&request)?;
-        let (session, bound) = self
-            .plan_handle(&handle, &caller, request.remote_addr(), token(&request))
-            .await?;
+        let (session, bound) = self.plan_handle(&handle, &request).await?;
         let messages = self.query_messages(session, bound).await?;
         Ok(self.running.track(&caller.user, ticket, messages))
     }
@@ -132,12 +130,7 @@ impl MeshFlightService {
                 .map_err(undecodable)?
             {
                 let (_, bound) = self
-                    .plan_handle(
-                        &command.prepared_statement_handle,
-                        &caller,
-                        request.remote_addr(),
-                        token(&request),
-                    )
+                    .plan_handle(&command.prepared_statement_handle, &request)
                     .await?;
                 schema_bytes(&bound.result_schema())?
             } else {
@@ -168,18 +161,18 @@ impl MeshFlightService {
         Ok(())
     }
 
-    /// Plans a statement handle for its caller, parameters bound.
-    async fn plan_handle(
+    /// Plans a statement handle for the request's caller, parameters bound.
+    async fn plan_handle<T>(
         &self,
         handle_bytes: &[u8],
-        caller: &CallerIdentity,
-        request_client: Option<std::net::SocketAddr>,
-        token: Option<ForwardedToken>,
+        request: &Request<T>,
     ) -> Result<(crate::query::CallerSession, PreparedQuery), Status> {
-        let handle = StatementHandle::decode_for(handle_bytes, caller)?;
+        let caller = caller(request)?;
+        let (request_client, token) = (request.remote_addr(), token(request));
+        let handle = StatementHandle::decode_for(handle_bytes, &caller)?;
         let session = self
             .engine
-            .session(caller, request_client)
+            .session(&caller, request_client)
             .with_token(token);
         let prepared = session.prepare(&handle.sql).await?;
         let bound = prepared.bind(handle.parameter_values()?)?;
@@ -494,14 +487,8 @@ impl FlightSqlService for MeshFlightService {
         command: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let caller = caller(&request)?;
         let (session, bound) = self
-            .plan_handle(
-                &command.prepared_statement_handle,
-                &caller,
-                request.remote_addr(),
-                token(&request),
-            )
+            .plan_handle(&command.prepared_statement_handle, &request)
             .await?;
         session.plan_ahead(&bound);
         flight_info(
@@ -618,15 +605,7 @@ impl FlightSqlService for MeshFlightService {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<FlightDataStream>, Status> {
-        let caller = caller(&request)?;
-        let (session, bound) = self
-            .plan_handle(
-                &ticket.statement_handle,
-                &caller,
-                request.remote_addr(),
-                token(&request),
-            )
-            .await?;
+        let (session, bound) = self.plan_handle(&ticket.statement_handle, &request).await?;
         self.stream_query(session, bound).await
     }
 
@@ -635,14 +614,8 @@ impl FlightSqlService for MeshFlightService {
         command: CommandPreparedStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<FlightDataStream>, Status> {
-        let caller = caller(&request)?;
         let (session, bound) = self
-            .plan_handle(
-                &command.prepared_statement_handle,
-                &caller,
-                request.remote_addr(),
-                token(&request),
-            )
+            .plan_handle(&command.prepared_statement_handle, &request)
             .await?;
         self.stream_query(session, bound).await
     }

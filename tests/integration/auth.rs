@@ -2,13 +2,13 @@
 
 use std::path::Path;
 
-use arrow_flight::sql::{CommandGetCatalogs, CommandStatementQuery, ProstMessageExt};
+use arrow_flight::sql::{CommandGetCatalogs, ProstMessageExt};
 use arrow_flight::{Criteria, Ticket};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tonic::Code;
 
-use crate::fixture::{SECRET, TestServer, row_count};
+use crate::fixture::{SECRET, TestServer, row_count, statement};
 
 fn key_file(name: &str) -> Vec<u8> {
     std::fs::read(
@@ -272,11 +272,10 @@ async fn jwks_tokens_of_each_algorithm_are_accepted_for_any_user() {
 async fn a_ticket_presented_by_another_user_is_refused() {
     let server = TestServer::start().await;
     let mut alice = server.login("alice").await;
-    let command = CommandStatementQuery {
-        query: "SELECT * FROM crm.region".into(),
-        transaction_id: None,
-    };
-    let info = alice.flight_info(command.as_any()).await.unwrap();
+    let info = alice
+        .flight_info(statement("SELECT * FROM crm.region"))
+        .await
+        .unwrap();
     let ticket = info.endpoint[0].ticket.clone().unwrap();
     let mut bob = server.login("bob").await;
     let error = bob.fetch(ticket.clone()).await.unwrap_err();

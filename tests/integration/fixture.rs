@@ -338,11 +338,7 @@ impl TestClient {
     }
 
     pub(crate) async fn query(&mut self, sql: &str) -> Result<Vec<RecordBatch>, Status> {
-        let command = CommandStatementQuery {
-            query: sql.to_string(),
-            transaction_id: None,
-        };
-        Ok(self.command(command.as_any()).await?.1)
+        Ok(self.command(statement(sql)).await?.1)
     }
 
     pub(crate) async fn action(
@@ -370,6 +366,15 @@ pub(crate) fn pretty(batches: &[RecordBatch]) -> String {
     arrow::util::pretty::pretty_format_batches(batches)
         .unwrap()
         .to_string()
+}
+
+/// A statement query, as the command of a FlightDescriptor.
+pub(crate) fn statement(sql: &str) -> Any {
+    CommandStatementQuery {
+        query: sql.into(),
+        transaction_id: None,
+    }
+    .as_any()
 }
 
 /// Asserts that `status` has `code` and a message containing `text`.

@@ -12,7 +12,7 @@ use arrow_flight::sql::{
     ActionCreatePreparedStatementResult, ActionCreatePreparedSubstraitPlanRequest, Any,
     CommandGetCatalogs, CommandGetCrossReference, CommandGetDbSchemas, CommandGetExportedKeys,
     CommandGetImportedKeys, CommandGetPrimaryKeys, CommandGetSqlInfo, CommandGetTableTypes,
-    CommandGetTables, CommandGetXdbcTypeInfo, CommandPreparedStatementQuery, CommandStatementQuery,
+    CommandGetTables, CommandGetXdbcTypeInfo, CommandPreparedStatementQuery,
     CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
 };
 use arrow_flight::{
@@ -23,7 +23,7 @@ use futures::{StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::Code;
 
-use crate::fixture::{TestClient, TestServer, assert_status, pretty, row_count};
+use crate::fixture::{TestClient, TestServer, assert_status, pretty, row_count, statement};
 
 fn strings(batches: &[RecordBatch], column: &str) -> Vec<String> {
     batches
@@ -531,11 +531,12 @@ async fn view_types_are_converted_and_empty_results_keep_their_schema() {
     assert_eq!(schema.field(1).data_type(), &DataType::Utf8);
     assert_eq!(strings(&rows, "v")[0], "AFRICA");
 
-    let command = CommandStatementQuery {
-        query: "SELECT r_name FROM crm.region WHERE r_regionkey < 0".into(),
-        transaction_id: None,
-    };
-    let (info, rows) = client.command(command.as_any()).await.unwrap();
+    let (info, rows) = client
+        .command(statement(
+            "SELECT r_name FROM crm.region WHERE r_regionkey < 0",
+        ))
+        .await
+        .unwrap();
     assert_eq!(row_count(&rows), 0);
     assert_eq!(info.total_records, -1);
     let schema = info.try_decode_schema().unwrap();
@@ -544,11 +545,7 @@ async fn view_types_are_converted_and_empty_results_keep_their_schema() {
 }
 
 fn statement_descriptor(sql: &str) -> FlightDescriptor {
-    let command = CommandStatementQuery {
-        query: sql.into(),
-        transaction_id: None,
-    };
-    FlightDescriptor::new_cmd(command.as_any().encode_to_vec())
+    FlightDescriptor::new_cmd(statement(sql).encode_to_vec())
 }
 
 async fn get_schema(
@@ -569,11 +566,7 @@ async fn get_schema_answers_with_the_schema_the_rows_would_have() {
     let schema = get_schema(&mut alice, statement_descriptor(sql))
         .await
         .unwrap();
-    let command = CommandStatementQuery {
-        query: sql.into(),
-        transaction_id: None,
-    };
-    let info = alice.flight_info(command.as_any()).await.unwrap();
+    let info = alice.flight_info(statement(sql)).await.unwrap();
     assert_eq!(schema, info.try_decode_schema().unwrap());
     assert!(schema.field_with_name("c_name").is_ok());
     assert!(schema.field_with_name("c_acctbal").is_err(), "{schema:?}");
@@ -755,11 +748,7 @@ async fn start_fetch(
     arrow_flight::FlightInfo,
     tonic::Streaming<arrow_flight::FlightData>,
 ) {
-    let command = CommandStatementQuery {
-        query: sql.into(),
-        transaction_id: None,
-    };
-    let info = client.flight_info(command.as_any()).await.unwrap();
+    let info = client.flight_info(statement(sql)).await.unwrap();
     let ticket = info.endpoint[0].ticket.clone().unwrap();
     let request = client.request(ticket);
     let mut stream = client.inner.do_get(request).await.unwrap().into_inner();
@@ -842,11 +831,10 @@ async fn cancel_flight_info_stops_the_callers_running_fetch() {
 async fn renew_flight_endpoint_answers_with_the_callers_endpoint() {
     let server = TestServer::start().await;
     let mut alice = server.login("alice").await;
-    let command = CommandStatementQuery {
-        query: "SELECT n_name FROM crm.nation".into(),
-        transaction_id: None,
-    };
-    let info = alice.flight_info(command.as_any()).await.unwrap();
+    let info = alice
+        .flight_info(statement("SELECT n_name FROM crm.nation"))
+        .await
+        .unwrap();
     let endpoint = info.endpoint[0].clone();
     let request = RenewFlightEndpointRequest::new(endpoint.clone()).encode_to_vec();
     let answer = alice
