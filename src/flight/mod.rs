@@ -114,31 +114,30 @@ impl MeshFlightService {
     ) -> Result<Response<arrow_flight::SchemaResult>, Status> {
         let caller = caller(&request)?;
         let any = Any::decode(request.get_ref().cmd.as_ref())
-            .map_err(|e| ProtocolError::BadRequest(format!("the command does not decode: {e}")))?;
-        let undecodable = |e: arrow::error::ArrowError| {
-            ProtocolError::BadRequest(format!("the command does not decode: {e}"))
+            .map_err(|e| undecodable("the command", e))?;
+        let schema = if let Some(query) = any
+            .unpack::<CommandStatementQuery>()
+            .map_err(|e| undecodable("the command", e))?
+        {
+            let session = self
+                .engine
+                .session(&caller, request.remote_addr())
+                .with_token(token(&request));
+            schema_bytes(&session.prepare(&query.query).await?.result_schema())?
+        } else if let Some(command) = any
+            .unpack::<CommandPreparedStatementQuery>()
+            .map_err(|e| undecodable("the command", e))?
+        {
+            let (_, bound) = self
+                .plan_handle(&command.prepared_statement_handle, &request)
+                .await?;
+            schema_bytes(&bound.result_schema())?
+        } else {
+            FlightService::get_flight_info(self, request)
+                .await?
+                .into_inner()
+                .schema
         };
-        let schema =
-            if let Some(query) = any.unpack::<CommandStatementQuery>().map_err(undecodable)? {
-                let session = self
-                    .engine
-                    .session(&caller, request.remote_addr())
-                    .with_token(token(&request));
-                schema_bytes(&session.prepare(&query.query).await?.result_schema())?
-            } else if let Some(command) = any
-                .unpack::<CommandPreparedStatementQuery>()
-                .map_err(undecodable)?
-            {
-                let (_, bound) = self
-                    .plan_handle(&command.prepared_statement_handle, &request)
-                    .await?;
-                schema_bytes(&bound.result_schema())?
-            } else {
-                FlightService::get_flight_info(self, request)
-                    .await?
-                    .into_inner()
-                    .schema
-            };
         Ok(Response::new(arrow_flight::SchemaResult { schema }))
     }
 
@@ -223,22 +222,22 @@ fn token<T>(request: &Request<T>) -> Option<ForwardedToken> {
 /// The statement handle a query ticket (a statement's or a prepared
 /// statement's) carries; none for the tickets of metadata commands.
 fn statement_handle(ticket: &[u8]) -> Result<Option<bytes::Bytes>, Status> {
-    let decoding = |e: &dyn std::fmt::Display| {
-        Status::from(ProtocolError::BadRequest(format!(
-            "the ticket does not decode: {e}"
-        )))
-    };
-    let any = Any::decode(ticket).map_err(|e| decoding(&e))?;
+    let any = Any::decode(ticket).map_err(|e| undecodable("the ticket", e))?;
     if let Some(ticket) = any
         .unpack::<TicketStatementQuery>()
-        .map_err(|e| decoding(&e))?
+        .map_err(|e| undecodable("the ticket", e))?
     {
         return Ok(Some(ticket.statement_handle));
     }
     Ok(any
         .unpack::<CommandPreparedStatementQuery>()
-        .map_err(|e| decoding(&e))?
+        .map_err(|e| undecodable("the ticket", e))?
         .map(|command| command.prepared_statement_handle))
+}
+
+/// `what` (a ticket, a command) is not the message it should be.
+fn undecodable(what: &str, error: impl std::fmt::Display) -> Status {
+    ProtocolError::BadRequest(format!("{what} does not decode: {error}")).into()
 }
 
 /// Refuses a query ticket issued to someone other than `caller`, as DoGet

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -24,14 +23,10 @@ use super::status::ProtocolError;
 /// A caller's running streams of one ticket.
 type Key = (String, Bytes);
 
-/// The streams of one key, each with the id of its registration.
-type Slots = Vec<(u64, Arc<Slot>)>;
-
 /// The running DoGet streams of one gateway.
 #[derive(Debug, Default)]
 pub(super) struct RunningStreams {
-    streams: Mutex<HashMap<Key, Slots>>,
-    next_id: AtomicU64,
+    streams: Mutex<HashMap<Key, Vec<Arc<Slot>>>>,
 }
 
 /// What the registry and a tracked stream share.
@@ -60,7 +55,6 @@ impl RunningStreams {
         messages: MessageStream,
     ) -> MessageStream {
         let key = (user.to_string(), ticket);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let slot = Arc::new(Slot {
             messages: Mutex::new(Some(messages)),
             waker: AtomicWaker::new(),
@@ -69,14 +63,11 @@ impl RunningStreams {
             .lock()
             .entry(key.clone())
             .or_default()
-            .push((id, Arc::clone(&slot)));
+            .push(Arc::clone(&slot));
         Box::pin(Tracked {
+            streams: Arc::clone(self),
+            key,
             slot,
-            _registration: Registration {
-                streams: Arc::clone(self),
-                key,
-                id,
-            },
             ended: false,
         })
     }
@@ -85,7 +76,7 @@ impl RunningStreams {
     pub(super) fn cancel(&self, user: &str, ticket: &Bytes) -> usize {
         let key = (user.to_string(), ticket.clone());
         let slots = self.streams.lock().remove(&key).unwrap_or_default();
-        for (_, slot) in &slots {
+        for slot in &slots {
             // Dropped here, outside the registry's lock: the query's tasks
             // are aborted and its memory returned.
             let messages = slot.messages.lock().take();
@@ -95,10 +86,10 @@ impl RunningStreams {
         slots.len()
     }
 
-    fn remove(&self, key: &Key, id: u64) {
+    fn remove(&self, key: &Key, slot: &Arc<Slot>) {
         let mut streams = self.streams.lock();
         if let Some(slots) = streams.get_mut(key) {
-            slots.retain(|(other, _)| *other != id);
+            slots.retain(|other| !Arc::ptr_eq(other, slot));
             if slots.is_empty() {
                 streams.remove(key);
             }
@@ -106,24 +97,12 @@ impl RunningStreams {
     }
 }
 
-/// A tracked stream's entry in the registry, removed when the stream is
-/// dropped.
-struct Registration {
+/// A DoGet stream that a cancel can stop.
+/// Its entry in the registry goes with it.
+struct Tracked {
     streams: Arc<RunningStreams>,
     key: Key,
-    id: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.streams.remove(&self.key, self.id);
-    }
-}
-
-/// A DoGet stream that a cancel can stop.
-struct Tracked {
     slot: Arc<Slot>,
-    _registration: Registration,
     /// Whether the stream has ended (its last item, or `CANCELLED`, given).
     ended: bool,
 }
@@ -153,5 +132,11 @@ impl Stream for Tracked {
             self.ended = true;
         }
         polled
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.streams.remove(&self.key, &self.slot);
     }
 }
