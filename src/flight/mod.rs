@@ -51,7 +51,7 @@ use status::ProtocolError;
 
 use crate::auth::{AuthenticatorRef, CallerIdentity};
 use crate::catalog::CATALOG_NAME;
-use crate::query::{PreparedQuery, QueryEngine, QueryError};
+use crate::query::{CallerSession, PreparedQuery, QueryEngine, QueryError};
 use crate::sources::ForwardedToken;
 
 /// Largest gRPC message accepted from clients (parameter uploads).
@@ -119,10 +119,7 @@ impl MeshFlightService {
             .unpack::<CommandStatementQuery>()
             .map_err(|e| undecodable("the command", e))?
         {
-            let session = self
-                .engine
-                .session(&caller, request.remote_addr())
-                .with_token(token(&request));
+            let session = self.session_for(&caller, &request);
             schema_bytes(&session.prepare(&query.query).await?.result_schema())?
         } else if let Some(command) = any
             .unpack::<CommandPreparedStatementQuery>()
@@ -161,18 +158,22 @@ impl MeshFlightService {
     }
 
     /// Plans a statement handle for the request's caller, parameters bound.
+    /// The caller's session for `request`: the client it came from and the
+    /// token it forwards to the sources.
+    fn session_for<T>(&self, caller: &CallerIdentity, request: &Request<T>) -> CallerSession {
+        self.engine
+            .session(caller, request.remote_addr())
+            .with_token(token(request))
+    }
+
     async fn plan_handle<T>(
         &self,
         handle_bytes: &[u8],
         request: &Request<T>,
-    ) -> Result<(crate::query::CallerSession, PreparedQuery), Status> {
+    ) -> Result<(CallerSession, PreparedQuery), Status> {
         let caller = caller(request)?;
-        let (request_client, token) = (request.remote_addr(), token(request));
         let handle = StatementHandle::decode_for(handle_bytes, &caller)?;
-        let session = self
-            .engine
-            .session(&caller, request_client)
-            .with_token(token);
+        let session = self.session_for(&caller, request);
         let prepared = session.prepare(&handle.sql).await?;
         let bound = prepared.bind(handle.parameter_values()?)?;
         Ok((session, bound))
@@ -181,7 +182,7 @@ impl MeshFlightService {
     /// Executes a planned query into the messages of its Flight stream.
     async fn query_messages(
         &self,
-        session: crate::query::CallerSession,
+        session: CallerSession,
         query: PreparedQuery,
     ) -> Result<MessageStream, Status> {
         let warnings = session.warnings();
@@ -207,7 +208,7 @@ impl MeshFlightService {
     /// itself is answered by `do_get`, from the messages).
     async fn stream_query(
         &self,
-        session: crate::query::CallerSession,
+        session: CallerSession,
         query: PreparedQuery,
     ) -> Result<Response<FlightDataStream>, Status> {
         Ok(as_flight_data(self.query_messages(session, query).await?))
@@ -458,10 +459,7 @@ impl FlightSqlService for MeshFlightService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let caller = caller(&request)?;
-        let session = self
-            .engine
-            .session(&caller, request.remote_addr())
-            .with_token(token(&request));
+        let session = self.session_for(&caller, &request);
         let prepared = session.prepare(&query.query).await?;
         if prepared.parameter_count() > 0 {
             return Err(QueryError::Parameters(
@@ -776,8 +774,7 @@ impl FlightSqlService for MeshFlightService {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
         let caller = caller(&request)?;
-        let client = request.remote_addr();
-        let forwarded = token(&request);
+        let session = self.session_for(&caller, &request);
         let handle = StatementHandle::decode_for(&command.prepared_statement_handle, &caller)?;
         let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(
             request.into_inner().map_err(FlightError::from),
@@ -788,7 +785,6 @@ impl FlightSqlService for MeshFlightService {
         let row = single_parameter_row(batches)?;
         let handle = handle.with_parameters(&row)?;
         // Check the values against the statement now, so a bad bind fails here.
-        let session = self.engine.session(&caller, client).with_token(forwarded);
         session
             .prepare(&handle.sql)
             .await?
@@ -812,10 +808,7 @@ impl FlightSqlService for MeshFlightService {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let caller = caller(&request)?;
-        let session = self
-            .engine
-            .session(&caller, request.remote_addr())
-            .with_token(token(&request));
+        let session = self.session_for(&caller, &request);
         let prepared = session.prepare(&query.query).await?;
         // ADBC and JDBC ask for the flight info and fetch next.
         session.plan_ahead(&prepared);
