@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tonic::Code;
 
-use crate::fixture::{TestClient, TestServer, demo_data, rows};
+use crate::fixture::{TestClient, TestServer, assert_status, demo_data, rows};
 use crate::pg::{Postgres, read_parquet};
 
 fn ledger_domain(url: &str) -> String {
@@ -531,8 +531,7 @@ async fn wrong_password_and_unreachable_hosts_are_named() {
         .query("SELECT count(*) FROM ledger.orders")
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("ledger.orders"), "{status:?}");
+    assert_status(&status, Code::Unavailable, "ledger.orders");
     assert!(started.elapsed() < Duration::from_secs(10));
     let other = rows(&mut carol, "SELECT count(*) AS n FROM crm.customer").await;
     assert!(other.contains("1500"), "{other}");
@@ -572,8 +571,7 @@ async fn a_central_gateway_forwards_the_callers_token_to_the_domain_gateway() {
     // The domain gateway gone: its products fail, the rest answers.
     domain.stop().await;
     let status = carol_central.query(count).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("remote.customer"), "{status:?}");
+    assert_status(&status, Code::Unavailable, "remote.customer");
     let local = rows(&mut carol_central, "SELECT count(*) AS n FROM crm.customer").await;
     assert!(local.contains("1500"), "{local}");
     central.stop().await;

@@ -7,7 +7,7 @@ use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
 use futures::TryStreamExt;
 use tonic::Code;
 
-use crate::fixture::{TestServer, edit, row_count};
+use crate::fixture::{TestServer, assert_status, edit, row_count};
 
 const CUSTOMERS: &str = "SELECT c_custkey, c_region FROM crm.customer";
 
@@ -137,8 +137,7 @@ async fn a_reload_that_revokes_access_denies_the_next_query_and_running_ones_fin
     // The next query, with the same token, does not see the product.
     for client in [&mut alice, &mut bob] {
         let error = client.query(CUSTOMERS).await.unwrap_err();
-        assert_eq!(error.code(), Code::NotFound, "{error}");
-        assert!(error.message().contains("crm.customer"), "{error}");
+        assert_status(&error, Code::NotFound, "crm.customer");
     }
     // Other products are still served, and the crm team still reads it.
     assert!(alice.query("SELECT * FROM crm.nation").await.is_ok());
@@ -169,8 +168,7 @@ async fn a_reload_that_removes_a_user_or_a_group_applies_to_tokens_already_issue
     server.gateway.reload().await.unwrap();
 
     let error = alice.query(CUSTOMERS).await.unwrap_err();
-    assert_eq!(error.code(), Code::Unauthenticated, "{error}");
-    assert!(error.message().contains("alice"), "{error}");
+    assert_status(&error, Code::Unauthenticated, "alice");
     let error = bob.query(CUSTOMERS).await.unwrap_err();
     assert_eq!(error.code(), Code::NotFound, "{error}");
     assert!(
