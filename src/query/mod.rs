@@ -157,7 +157,10 @@ fn classify(error: &DataFusionError) -> QueryError {
         {
             QueryError::Source(e.to_string())
         }
-        DataFusionError::External(e) if e.downcast_ref::<regex::Error>().is_some() => {
+        DataFusionError::External(e)
+            if e.downcast_ref::<regex::Error>().is_some()
+                || e.downcast_ref::<regex_syntax::Error>().is_some() =>
+        {
             QueryError::Invalid(format!("invalid regular expression: {e}"))
         }
         other => QueryError::Internal(other.to_string()),

@@ -375,6 +375,13 @@ async fn functions_whose_result_grows_with_an_argument_stop_before_they_run() {
         .await
         .unwrap_err();
     assert_status(&error, Code::InvalidArgument, "invalid regular expression");
+    for sql in [
+        "SELECT count(*) FROM crm.customer WHERE c_comment ~ '('",
+        "SELECT count(*) FROM crm.customer WHERE regexp_like(c_comment, '(')",
+    ] {
+        let error = client.query(sql).await.unwrap_err();
+        assert_status(&error, Code::InvalidArgument, "invalid regular expression");
+    }
     server.stop().await;
 }
 
