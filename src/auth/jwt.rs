@@ -290,6 +290,10 @@ fn decode(
                 ErrorKind::InvalidAudience => "wrong audience".to_string(),
                 ErrorKind::InvalidSignature => "bad signature".to_string(),
                 ErrorKind::InvalidAlgorithm => "algorithm not allowed".to_string(),
+                // The library tells a time claim that is not a number as missing.
+                ErrorKind::MissingRequiredClaim(claim) if claim == "exp" || claim == "nbf" => {
+                    format!("claim `{claim}` is missing or not a number of seconds since the epoch")
+                }
                 ErrorKind::MissingRequiredClaim(claim) => format!("missing claim `{claim}`"),
                 ErrorKind::InvalidClaimFormat(claim) => format!("claim `{claim}` is malformed"),
                 _ => "malformed token".to_string(),

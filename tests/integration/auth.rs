@@ -168,7 +168,11 @@ async fn bad_tokens_are_unauthenticated_with_a_clear_reason() {
 
     let mut no_exp = claims("alice");
     no_exp.as_object_mut().unwrap().remove("exp");
-    expect_unauthenticated(&server, &hs256(&no_exp), "exp").await;
+    expect_unauthenticated(&server, &hs256(&no_exp), "claim `exp` is missing").await;
+
+    let mut text_exp = claims("alice");
+    text_exp["exp"] = json!((now() + 3600).to_string());
+    expect_unauthenticated(&server, &hs256(&text_exp), "not a number of seconds").await;
 
     expect_unauthenticated(&server, "not.a.jwt", "malformed").await;
     server.stop().await;
