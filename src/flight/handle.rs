@@ -29,6 +29,10 @@ pub(crate) struct StatementHandle {
     /// Bound parameters: one row, as an Arrow IPC stream; empty when unbound.
     #[prost(bytes = "bytes", tag = "4")]
     pub parameters: Bytes,
+    /// Random for each prepared statement, so that two preparations of the
+    /// same SQL are two handles (see [`super::bindings`]); 0 in tickets.
+    #[prost(uint64, tag = "5")]
+    pub statement_id: u64,
 }
 
 impl StatementHandle {
@@ -38,6 +42,16 @@ impl StatementHandle {
             user: caller.user.clone(),
             sql: sql.to_string(),
             parameters: Bytes::new(),
+            statement_id: 0,
+        }
+    }
+
+    /// The handle of a prepared statement: one of its own, even for SQL
+    /// prepared before.
+    pub(crate) fn prepared(caller: &CallerIdentity, sql: &str) -> Self {
+        Self {
+            statement_id: rand::random(),
+            ..Self::new(caller, sql)
         }
     }
 

@@ -3,6 +3,7 @@
 //! policy live here.
 
 mod auth_layer;
+mod bindings;
 mod do_get;
 mod encode;
 mod handle;
@@ -66,6 +67,8 @@ pub struct MeshFlightService {
     logins: Arc<tokio::sync::Semaphore>,
     /// The query streams being read now, for cancels.
     running: Arc<running::RunningStreams>,
+    /// Parameters bound to prepared handles, for clients that reuse them.
+    bindings: bindings::LastBindings,
 }
 
 type FlightDataStream = <MeshFlightService as FlightService>::DoGetStream;
@@ -81,6 +84,7 @@ impl MeshFlightService {
             engine,
             logins: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
             running: Arc::default(),
+            bindings: bindings::LastBindings::default(),
         }
     }
 
@@ -484,6 +488,10 @@ impl FlightSqlService for MeshFlightService {
         command: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        // A client may present the handle it prepared after binding to it.
+        let command = CommandPreparedStatementQuery {
+            prepared_statement_handle: self.bindings.resolve(&command.prepared_statement_handle),
+        };
         let (session, bound) = self
             .plan_handle(&command.prepared_statement_handle, &request)
             .await?;
@@ -789,8 +797,11 @@ impl FlightSqlService for MeshFlightService {
             .prepare(&handle.sql)
             .await?
             .bind(handle.parameter_values()?)?;
+        let bound = handle.encode();
+        self.bindings
+            .remember(command.prepared_statement_handle, bound.clone());
         Ok(DoPutPreparedStatementResult {
-            prepared_statement_handle: Some(handle.encode()),
+            prepared_statement_handle: Some(bound),
         })
     }
 
@@ -813,7 +824,7 @@ impl FlightSqlService for MeshFlightService {
         // ADBC and JDBC ask for the flight info and fetch next.
         session.plan_ahead(&prepared);
         Ok(ActionCreatePreparedStatementResult {
-            prepared_statement_handle: StatementHandle::new(&caller, &query.query).encode(),
+            prepared_statement_handle: StatementHandle::prepared(&caller, &query.query).encode(),
             dataset_schema: schema_bytes(&prepared.result_schema())?,
             parameter_schema: schema_bytes(&prepared.parameter_schema())?,
         })
@@ -825,8 +836,10 @@ impl FlightSqlService for MeshFlightService {
         request: Request<Action>,
     ) -> Result<(), Status> {
         let caller = caller(&request)?;
-        // Handles hold no server state; closing only checks the handle.
+        // A handle holds its statement; closing checks it and forgets the
+        // parameters last bound to it.
         StatementHandle::decode_for(&query.prepared_statement_handle, &caller)?;
+        self.bindings.forget(&query.prepared_statement_handle);
         Ok(())
     }
 

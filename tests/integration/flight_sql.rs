@@ -391,6 +391,53 @@ async fn prepared_statements_bind_parameters_and_rebind() {
     server.stop().await;
 }
 
+/// The command that runs a prepared statement's handle.
+fn run_prepared(handle: &bytes::Bytes) -> Any {
+    CommandPreparedStatementQuery {
+        prepared_statement_handle: handle.clone(),
+    }
+    .as_any()
+}
+
+#[tokio::test]
+async fn a_client_that_keeps_its_prepared_handle_runs_it_with_the_parameters_bound_last() {
+    // flightsql-dbapi and older JDBC drivers bind, ignore the handle the
+    // bind answers with, and run the handle they prepared.
+    let server = TestServer::start().await;
+    let mut alice = server.login("alice").await;
+    let sql = "SELECT n_name FROM crm.nation WHERE n_nationkey = ?";
+    let first = create_prepared(&mut alice, sql).await.unwrap();
+    let second = create_prepared(&mut alice, sql).await.unwrap();
+    let (first, second) = (
+        first.prepared_statement_handle,
+        second.prepared_statement_handle,
+    );
+    assert_ne!(first, second, "each preparation has a handle of its own");
+    for (key, name, other_name) in [(6, "FRANCE", "MOZAMBIQUE"), (7, "GERMANY", "PERU")] {
+        bind(&mut alice, first.clone(), one_int64(key))
+            .await
+            .unwrap();
+        bind(&mut alice, second.clone(), one_int64(key + 10))
+            .await
+            .unwrap();
+        let (_, rows) = alice.command(run_prepared(&first)).await.unwrap();
+        assert_eq!(strings(&rows, "n_name"), [name]);
+        let (_, rows) = alice.command(run_prepared(&second)).await.unwrap();
+        assert_eq!(strings(&rows, "n_name"), [other_name]);
+    }
+    // Bound or not, the handle is alice's alone.
+    let mut bob = server.login("bob").await;
+    let error = bob.command(run_prepared(&first)).await.unwrap_err();
+    assert_status(&error, Code::PermissionDenied, "another user");
+    // Closed, it no longer runs with what was bound to it.
+    close_prepared(&mut alice, first.clone()).await;
+    let error = alice.command(run_prepared(&first)).await.unwrap_err();
+    assert_status(&error, Code::InvalidArgument, "0 value(s) were bound");
+    let (_, rows) = alice.command(run_prepared(&second)).await.unwrap();
+    assert_eq!(strings(&rows, "n_name"), ["PERU"]);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn parameters_of_other_types_are_cast_to_the_placeholder_type() {
     let server = TestServer::start().await;
