@@ -7,6 +7,7 @@
 //! the source's tables), with the caller's row filter and masks inside a
 //! fenced subquery the caller's own predicates cannot reach into.
 
+mod collation;
 mod convert;
 mod flight;
 mod postgres;
@@ -41,10 +42,8 @@ impl Dialect {
     pub(crate) fn unparser_dialect(
         self,
     ) -> &'static dyn datafusion::sql::unparser::dialect::Dialect {
-        use datafusion::sql::unparser::dialect::{
-            DefaultDialect, PostgreSqlDialect, SqliteDialect,
-        };
-        static POSTGRES: PostgreSqlDialect = PostgreSqlDialect {};
+        use datafusion::sql::unparser::dialect::{DefaultDialect, SqliteDialect};
+        static POSTGRES: collation::PostgresDialect = collation::PostgresDialect;
         static SQLITE: SqliteDialect = SqliteDialect {};
         static DEFAULT: DefaultDialect = DefaultDialect {};
         match self {

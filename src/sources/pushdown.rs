@@ -54,7 +54,10 @@ use datafusion::physical_plan::{
 use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
 use datafusion::sql::unparser::Unparser;
 use futures::StreamExt;
-use sqlparser::ast::{ObjectName, Statement, TableFactor, VisitMut, VisitorMut};
+use sqlparser::ast::{
+    GroupByExpr, LimitClause, ObjectName, OrderByKind, Query, SelectItem, SetExpr, Statement,
+    TableFactor, VisitMut, VisitorMut,
+};
 
 use super::{Dialect, ForwardedToken, RemoteTable, Source};
 use crate::policy::{ColumnView, PolicyTable};
@@ -257,7 +260,8 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
                 if !expr_pushable(expr, dialect) {
                     return None;
                 }
-                let sql = unparser.expr_to_sql(expr).ok()?;
+                let expr = super::collation::for_source(expr.clone(), schema, dialect).ok()?;
+                let sql = unparser.expr_to_sql(&expr).ok()?;
                 select.push(format!("{sql} AS {name}"));
             }
             ColumnView::Denied => {}
@@ -272,7 +276,8 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
         if !expr_pushable(filter, dialect) {
             return None;
         }
-        let sql = unparser.expr_to_sql(filter).ok()?;
+        let filter = super::collation::for_source(filter.clone(), schema, dialect).ok()?;
+        let sql = unparser.expr_to_sql(&filter).ok()?;
         fence.push_str(&format!(" WHERE {sql}"));
         match dialect {
             Dialect::Postgres => fence.push_str(" OFFSET 0"),
@@ -491,7 +496,13 @@ impl RemoteQuery {
     fn try_new(plan: &LogicalPlan, group: &Group) -> Result<Self> {
         let dialect = group.source.dialect;
         let projected = with_projection(limits_above_scans(plan.clone())?)?;
-        let statement = Unparser::new(dialect.unparser_dialect()).plan_to_sql(&projected)?;
+        let projected = if dialect == Dialect::Postgres {
+            super::collation::byte_order_plan(projected)?
+        } else {
+            projected
+        };
+        let mut statement = Unparser::new(dialect.unparser_dialect()).plan_to_sql(&projected)?;
+        let _ = statement.visit(&mut OrderOutside);
         let sent = replace_leaves(statement.clone(), &group.leaves, |l| &l.sent)?;
         let shown = replace_leaves(statement, &group.leaves, |l| &l.shown)?;
         let mut products: Vec<&str> = group.leaves.iter().map(|l| l.product.as_str()).collect();
@@ -526,6 +537,109 @@ fn limits_above_scans(plan: LogicalPlan) -> Result<LogicalPlan> {
 
 /// `plan` with an explicit projection, which fixes the statement's columns
 /// and their order, placed below any sort and limit at its top.
+/// Moves a derived table's `ORDER BY` and `LIMIT` to the query around it.
+///
+/// The unparser writes a projection over a sort or a limit whose keys it
+/// does not select (`SELECT a FROM t ORDER BY b LIMIT 3`) as
+/// `SELECT t.a FROM (SELECT t.a, t.b FROM t ORDER BY t.b LIMIT 3) AS derived_limit`,
+/// where `t` is out of scope, and where the order the derived table is
+/// made in need not be the order its rows leave in. When the outer query
+/// only projects, the derived table takes the name of the table it reads
+/// and its order and limit move out:
+/// `SELECT t.a FROM (SELECT t.a, t.b FROM t) AS t ORDER BY t.b LIMIT 3`.
+struct OrderOutside;
+
+impl VisitorMut for OrderOutside {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<()> {
+        let unordered = match &query.order_by {
+            None => true,
+            Some(order) => matches!(&order.kind, OrderByKind::Expressions(e) if e.is_empty()),
+        };
+        let unlimited = match &query.limit_clause {
+            None => true,
+            Some(LimitClause::LimitOffset {
+                limit,
+                offset,
+                limit_by,
+            }) => limit.is_none() && offset.is_none() && limit_by.is_empty(),
+            Some(_) => false,
+        };
+        if !unordered || !unlimited || query.fetch.is_some() {
+            return ControlFlow::Continue(());
+        }
+        let SetExpr::Select(select) = query.body.as_mut() else {
+            return ControlFlow::Continue(());
+        };
+        let only_projects = select.selection.is_none()
+            && select.having.is_none()
+            && select.distinct.is_none()
+            && select.qualify.is_none()
+            && select.named_window.is_empty()
+            && matches!(&select.group_by, GroupByExpr::Expressions(e, m) if e.is_empty() && m.is_empty());
+        let [from] = select.from.as_mut_slice() else {
+            return ControlFlow::Continue(());
+        };
+        let TableFactor::Derived {
+            lateral: false,
+            subquery,
+            alias: Some(alias),
+            ..
+        } = &mut from.relation
+        else {
+            return ControlFlow::Continue(());
+        };
+        if !only_projects
+            || !from.joins.is_empty()
+            || !alias.name.value.starts_with("derived_")
+            || !alias.columns.is_empty()
+            || subquery.fetch.is_some()
+        {
+            return ControlFlow::Continue(());
+        }
+        let SetExpr::Select(inner) = subquery.body.as_ref() else {
+            return ControlFlow::Continue(());
+        };
+        let [read] = inner.from.as_slice() else {
+            return ControlFlow::Continue(());
+        };
+        // Its columns keep their names outside.
+        let selects_columns = inner.projection.iter().all(|item| {
+            matches!(
+                item,
+                SelectItem::Wildcard(_)
+                    | SelectItem::UnnamedExpr(
+                        sqlparser::ast::Expr::Identifier(_)
+                            | sqlparser::ast::Expr::CompoundIdentifier(_),
+                    )
+            )
+        });
+        let name = match &read.relation {
+            TableFactor::Table {
+                alias: Some(alias), ..
+            }
+            | TableFactor::Derived {
+                alias: Some(alias), ..
+            } => alias.name.clone(),
+            TableFactor::Table {
+                name, alias: None, ..
+            } => match name.0.last().and_then(|part| part.as_ident()) {
+                Some(ident) => ident.clone(),
+                None => return ControlFlow::Continue(()),
+            },
+            _ => return ControlFlow::Continue(()),
+        };
+        if !selects_columns || !read.joins.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        alias.name = name;
+        query.order_by = subquery.order_by.take();
+        query.limit_clause = subquery.limit_clause.take();
+        ControlFlow::Continue(())
+    }
+}
+
 fn with_projection(plan: LogicalPlan) -> Result<LogicalPlan> {
     match plan {
         LogicalPlan::Projection(_) | LogicalPlan::Aggregate(_) => Ok(plan),

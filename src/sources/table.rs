@@ -136,7 +136,9 @@ impl TableProvider for RemoteTable {
         let mut sent = Vec::new();
         let mut kept = Vec::new();
         for filter in filters {
-            match unparser.expr_to_sql(&unqualified(filter)) {
+            let written = super::collation::for_source(unqualified(filter), &self.schema, dialect)
+                .and_then(|f| unparser.expr_to_sql(&f));
+            match written {
                 Ok(sql) if self.source.options.pushdown => sent.push(sql.to_string()),
                 _ => kept.push(filter.clone()),
             }

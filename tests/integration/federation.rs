@@ -51,6 +51,12 @@ name = "people"
 storage = "pg"
 table = "tpch.people"
 
+[[products]]
+name = "words"
+storage = "pg"
+table = "tpch.words"
+columns = [{{ name = "word", type = "Utf8" }}, {{ name = "id", type = "Utf8" }}]
+
 [[policies]]
 product = "orders"
 row_filter = "o_orderstatus = 'F' OR has_group('crm')"
@@ -122,6 +128,16 @@ async fn ledger_postgres() -> Postgres {
         "CREATE TABLE tpch.people (id bigint, name text, region text, divisor bigint);
          INSERT INTO tpch.people VALUES
            (1, 'Ann', 'EU', 1), (2, 'Bob', 'EU', 2), (3, 'Cid', 'US', 0), (4, 'Dee', 'US', 0);",
+    )
+    .await;
+    // Words ordered by ICU's root collation in PostgreSQL: `_x`, `a`, `B`, `c`.
+    pg.execute(
+        "CREATE TABLE tpch.words (word text COLLATE \"und-x-icu\", id uuid);
+         INSERT INTO tpch.words VALUES
+           ('a', '00000000-0000-0000-0000-00000000000a'),
+           ('B', '00000000-0000-0000-0000-00000000000b'),
+           ('_x', '00000000-0000-0000-0000-00000000000c'),
+           ('c', '00000000-0000-0000-0000-00000000000d');",
     )
     .await;
     pg
@@ -352,6 +368,82 @@ async fn postgres_receives_the_work_and_sends_only_result_rows() {
     assert!(
         explain.contains("RemoteExec: source=ledger.pg") && explain.contains("= 42"),
         "{explain}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strings_sent_to_postgres_are_ordered_by_their_bytes_as_here() {
+    let pg = ledger_postgres().await;
+    // The column's own collation orders otherwise.
+    let native: Vec<String> = pg
+        .client()
+        .await
+        .query("SELECT word FROM tpch.words ORDER BY word", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(native, ["_x", "a", "B", "c"]);
+    let server = federated_server(&pg).await;
+    let mut client = server.login("alice").await;
+    let words = |text: String| -> Vec<String> {
+        text.lines()
+            .skip(3)
+            .filter(|l| l.starts_with("| "))
+            .map(|l| l.trim_matches(|c| c == '|' || c == ' ').to_string())
+            .collect()
+    };
+    for (sql, expected) in [
+        (
+            "SELECT word FROM ledger.words ORDER BY word",
+            vec!["B", "_x", "a", "c"],
+        ),
+        (
+            "SELECT word FROM ledger.words ORDER BY word DESC LIMIT 2",
+            vec!["c", "a"],
+        ),
+        (
+            "SELECT word FROM ledger.words WHERE word < 'a' ORDER BY word",
+            vec!["B", "_x"],
+        ),
+        (
+            "SELECT word FROM ledger.words WHERE word BETWEEN 'B' AND 'Z'",
+            vec!["B"],
+        ),
+        ("SELECT min(word) FROM ledger.words", vec!["B"]),
+        (
+            "SELECT max(word) FROM ledger.words WHERE word <> 'c'",
+            vec!["a"],
+        ),
+        // A uuid is read, and ordered, as its text.
+        (
+            "SELECT word FROM ledger.words ORDER BY id DESC LIMIT 3",
+            vec!["c", "_x", "B"],
+        ),
+        (
+            "SELECT max(id) FROM ledger.words WHERE id < '00000000-0000-0000-0000-00000000000c'",
+            vec!["00000000-0000-0000-0000-00000000000b"],
+        ),
+    ] {
+        assert_eq!(words(rows(&mut client, sql).await), expected, "{sql}");
+    }
+    // Sent to PostgreSQL, not done here.
+    for sent in ["ORDER BY", "LIMIT 2", "min(", "< 'a'", "<= 'Z'"] {
+        assert!(
+            received(&pg, sent)
+                .iter()
+                .any(|s| s.contains("COLLATE \"C\"")),
+            "{sent}: {:#?}",
+            pg.statements()
+        );
+    }
+    // An equality keeps the column's own collation, and its indexes.
+    assert!(
+        !received(&pg, r#"("words"."word" <> 'c')"#).is_empty(),
+        "{:#?}",
+        pg.statements()
     );
     server.stop().await;
 }
