@@ -81,17 +81,20 @@ fn is_string(expr: &Expr, schema: &dyn ExprSchema) -> bool {
     )
 }
 
+/// `expr` in byte order when it is a string.
+fn in_byte_order(expr: Expr, schema: &dyn ExprSchema) -> Expr {
+    if is_string(&expr, schema) {
+        collate_c(expr)
+    } else {
+        expr
+    }
+}
+
 /// `expr` with the strings its range comparisons, `BETWEEN`s, `min`s and
 /// `max`s order in byte order. A type that cannot be told leaves its
 /// expression as it is.
-pub(crate) fn byte_order_expr(expr: Expr, schema: &DFSchema) -> Result<Expr> {
-    let marked = |e: Expr| {
-        if is_string(&e, schema) {
-            collate_c(e)
-        } else {
-            e
-        }
-    };
+fn byte_order_expr(expr: Expr, schema: &DFSchema) -> Result<Expr> {
+    let marked = |e: Expr| in_byte_order(e, schema);
     expr.transform_up(|e| {
         Ok(match e {
             Expr::BinaryExpr(BinaryExpr { left, op, right })
@@ -146,10 +149,13 @@ pub(crate) fn for_source(
     byte_order_expr(expr, &DFSchema::try_from(schema.clone())?)
 }
 
-/// `plan` with every sort key, range comparison, `min` and `max` over
-/// strings in byte order. Each node's schema is kept: the names of its
-/// columns do not change.
-pub(crate) fn byte_order_plan(plan: LogicalPlan) -> Result<LogicalPlan> {
+/// `plan` as a source of `dialect` is sent it: for PostgreSQL, every sort
+/// key, range comparison, `min` and `max` over strings in byte order. Each
+/// node's schema is kept: the names of its columns do not change.
+pub(crate) fn plan_for_source(plan: LogicalPlan, dialect: super::Dialect) -> Result<LogicalPlan> {
+    if dialect != super::Dialect::Postgres {
+        return Ok(plan);
+    }
     plan.transform_up(|node| {
         let Some(schema) = expression_schema(&node) else {
             return Ok(Transformed::no(node));
@@ -159,16 +165,9 @@ pub(crate) fn byte_order_plan(plan: LogicalPlan) -> Result<LogicalPlan> {
                 sort.expr = sort
                     .expr
                     .into_iter()
-                    .map(|key| {
-                        let marked = if is_string(&key.expr, schema.as_ref()) {
-                            collate_c(key.expr)
-                        } else {
-                            key.expr
-                        };
-                        SortExpr {
-                            expr: marked,
-                            ..key
-                        }
+                    .map(|key| SortExpr {
+                        expr: in_byte_order(key.expr, schema.as_ref()),
+                        ..key
                     })
                     .collect();
                 LogicalPlan::Sort(sort)

@@ -496,11 +496,7 @@ impl RemoteQuery {
     fn try_new(plan: &LogicalPlan, group: &Group) -> Result<Self> {
         let dialect = group.source.dialect;
         let projected = with_projection(limits_above_scans(plan.clone())?)?;
-        let projected = if dialect == Dialect::Postgres {
-            super::collation::byte_order_plan(projected)?
-        } else {
-            projected
-        };
+        let projected = super::collation::plan_for_source(projected, dialect)?;
         let mut statement = Unparser::new(dialect.unparser_dialect()).plan_to_sql(&projected)?;
         let _ = statement.visit(&mut OrderOutside);
         let sent = replace_leaves(statement.clone(), &group.leaves, |l| &l.sent)?;
@@ -535,8 +531,6 @@ fn limits_above_scans(plan: LogicalPlan) -> Result<LogicalPlan> {
     .map(|t| t.data)
 }
 
-/// `plan` with an explicit projection, which fixes the statement's columns
-/// and their order, placed below any sort and limit at its top.
 /// Moves a derived table's `ORDER BY` and `LIMIT` to the query around it.
 ///
 /// The unparser writes a projection over a sort or a limit whose keys it
@@ -547,6 +541,7 @@ fn limits_above_scans(plan: LogicalPlan) -> Result<LogicalPlan> {
 /// only projects, the derived table takes the name of the table it reads
 /// and its order and limit move out:
 /// `SELECT t.a FROM (SELECT t.a, t.b FROM t) AS t ORDER BY t.b LIMIT 3`.
+/// A derived table that groups or computes its columns keeps its order.
 struct OrderOutside;
 
 impl VisitorMut for OrderOutside {
@@ -630,7 +625,10 @@ impl VisitorMut for OrderOutside {
             },
             _ => return ControlFlow::Continue(()),
         };
-        if !selects_columns || !read.joins.is_empty() {
+        let groups = inner.having.is_some()
+            || inner.distinct.is_some()
+            || !matches!(&inner.group_by, GroupByExpr::Expressions(e, m) if e.is_empty() && m.is_empty());
+        if !selects_columns || groups || !read.joins.is_empty() {
             return ControlFlow::Continue(());
         }
         alias.name = name;
@@ -640,6 +638,8 @@ impl VisitorMut for OrderOutside {
     }
 }
 
+/// `plan` with an explicit projection, which fixes the statement's columns
+/// and their order, placed below any sort and limit at its top.
 fn with_projection(plan: LogicalPlan) -> Result<LogicalPlan> {
     match plan {
         LogicalPlan::Projection(_) | LogicalPlan::Aggregate(_) => Ok(plan),
