@@ -161,7 +161,6 @@ impl MeshFlightService {
         Ok(())
     }
 
-    /// Plans a statement handle for the request's caller, parameters bound.
     /// The caller's session for `request`: the client it came from and the
     /// token it forwards to the sources.
     fn session_for<T>(&self, caller: &CallerIdentity, request: &Request<T>) -> CallerSession {
@@ -170,6 +169,7 @@ impl MeshFlightService {
             .with_token(token(request))
     }
 
+    /// Plans a statement handle for the request's caller, parameters bound.
     async fn plan_handle<T>(
         &self,
         handle_bytes: &[u8],

@@ -55,8 +55,8 @@ use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, Phy
 use datafusion::sql::unparser::Unparser;
 use futures::StreamExt;
 use sqlparser::ast::{
-    GroupByExpr, LimitClause, ObjectName, OrderByKind, Query, SelectItem, SetExpr, Statement,
-    TableFactor, VisitMut, VisitorMut,
+    GroupByExpr, LimitClause, ObjectName, OrderByKind, Query, Select, SelectItem, SetExpr,
+    Statement, TableFactor, VisitMut, VisitorMut,
 };
 
 use super::{Dialect, ForwardedToken, RemoteTable, Source};
@@ -568,11 +568,9 @@ impl VisitorMut for OrderOutside {
             return ControlFlow::Continue(());
         };
         let only_projects = select.selection.is_none()
-            && select.having.is_none()
-            && select.distinct.is_none()
             && select.qualify.is_none()
             && select.named_window.is_empty()
-            && matches!(&select.group_by, GroupByExpr::Expressions(e, m) if e.is_empty() && m.is_empty());
+            && !groups(select);
         let [from] = select.from.as_mut_slice() else {
             return ControlFlow::Continue(());
         };
@@ -625,10 +623,7 @@ impl VisitorMut for OrderOutside {
             },
             _ => return ControlFlow::Continue(()),
         };
-        let groups = inner.having.is_some()
-            || inner.distinct.is_some()
-            || !matches!(&inner.group_by, GroupByExpr::Expressions(e, m) if e.is_empty() && m.is_empty());
-        if !selects_columns || groups || !read.joins.is_empty() {
+        if !selects_columns || groups(inner) || !read.joins.is_empty() {
             return ControlFlow::Continue(());
         }
         alias.name = name;
@@ -636,6 +631,13 @@ impl VisitorMut for OrderOutside {
         query.limit_clause = subquery.limit_clause.take();
         ControlFlow::Continue(())
     }
+}
+
+/// Whether `select` groups its rows: GROUP BY, HAVING or DISTINCT.
+fn groups(select: &Select) -> bool {
+    select.having.is_some()
+        || select.distinct.is_some()
+        || !matches!(&select.group_by, GroupByExpr::Expressions(e, m) if e.is_empty() && m.is_empty())
 }
 
 /// `plan` with an explicit projection, which fixes the statement's columns
