@@ -97,6 +97,9 @@ pub fn to_wire_batch(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBat
     )
 }
 
+/// Bytes written past a value's end at most, in fixed-size copies.
+const SLACK: usize = 32;
+
 /// The values of a view array laid end to end, with their offsets: what a
 /// string or binary array holds. A null's value is empty.
 fn concatenate_views(
@@ -112,43 +115,68 @@ fn concatenate_views(
             (view as u32) as usize
         }
     };
+    let total: usize = views
+        .iter()
+        .enumerate()
+        .map(|(index, &view)| length(index, view))
+        .sum();
+    if i32::try_from(total).is_err() {
+        return Err(ArrowError::ComputeError(format!(
+            "a batch holds {total} bytes of strings, more than a Utf8 column can"
+        )));
+    }
     let mut offsets = Vec::with_capacity(views.len() + 1);
     offsets.push(0_i32);
-    let mut total = 0_usize;
-    for (index, &view) in views.iter().enumerate() {
-        total += length(index, view);
-        offsets.push(i32::try_from(total).map_err(|_| {
-            ArrowError::ComputeError(format!(
-                "a batch holds {total} bytes of strings, more than a Utf8 column can"
-            ))
-        })?);
-    }
-    // Room for a whole inline value past the end (see below).
-    let mut values = MutableBuffer::with_capacity(total + 12);
+    // Room past the end for the fixed-size copies below.
+    let mut values = MutableBuffer::with_capacity(total + SLACK);
+    let out = values.as_mut_ptr();
+    let mut end = 0_usize;
     for (index, &view) in views.iter().enumerate() {
         let len = length(index, view);
         if len == 0 {
+            offsets.push(end as i32);
             continue;
         }
         if len <= 12 {
-            // Short values are inline, after the length. All 12 inline bytes
-            // are copied (a fixed-size copy is cheaper than a sized one) and
-            // the end moves back to the value's.
-            let end = values.len() + len;
-            values.extend_from_slice(&view.to_le_bytes()[4..16]);
-            values.truncate(end);
+            // Short values are inline, after the length: all 16 bytes of
+            // the view shifted down are stored at once (a fixed-size store
+            // is cheaper than a sized copy), and the end moves on by the
+            // value's length.
+            let inline = (view >> 32).to_le_bytes();
+            // SAFETY: `end + len <= total` (the lengths add up to `total`),
+            // so the 16 bytes written at `end` lie within the capacity of
+            // `total + SLACK` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(inline.as_ptr(), out.add(end), 16) };
         } else {
             let view = ByteView::from(view);
             let start = view.offset as usize;
-            let bytes = buffers
+            let buffer = buffers
                 .get(view.buffer_index as usize)
-                .and_then(|buffer| buffer.get(start..start + len))
+                .filter(|buffer| start.checked_add(len).is_some_and(|e| e <= buffer.len()))
                 .ok_or_else(|| {
                     ArrowError::ComputeError("a view points outside its buffers".into())
                 })?;
-            values.extend_from_slice(bytes);
+            // A value of up to `SLACK` bytes is copied as `SLACK` bytes when
+            // its buffer holds that many from its start: one fixed-size copy.
+            let copied = if len <= SLACK && start + SLACK <= buffer.len() {
+                SLACK
+            } else {
+                len
+            };
+            // SAFETY: `start + copied <= buffer.len()` (checked above), and
+            // `end + copied <= total + SLACK` since `end + len <= total`
+            // and `copied` exceeds `len` only when at most `SLACK`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(buffer.as_ptr().add(start), out.add(end), copied)
+            };
         }
+        end += len;
+        // `end` is at most `total`, which fits an i32.
+        offsets.push(end as i32);
     }
+    // SAFETY: the values' bytes were written up to `end`, which equals
+    // `total`, within the capacity.
+    unsafe { values.set_len(end) };
     Ok((
         OffsetBuffer::new(ScalarBuffer::from(offsets)),
         values.into(),
@@ -212,6 +240,37 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(formatted.contains("| y | b |"), "{formatted}");
+    }
+
+    #[test]
+    fn a_value_at_the_end_of_its_buffer_is_copied_without_reading_past_it() {
+        // Values of 13 to 40 bytes, each alone in its buffer (so the bytes
+        // after it are not there to copy) or followed by others.
+        for len in 13..=40 {
+            let value = "v".repeat(len);
+            for others in [0, 1, 3] {
+                let values: Vec<String> = std::iter::once(value.clone())
+                    .chain((0..others).map(|i| format!("{value}{i}")))
+                    .collect();
+                let strings = StringViewArray::from_iter_values(values.iter().rev());
+                let schema = Arc::new(Schema::new(vec![Field::new(
+                    "s",
+                    DataType::Utf8View,
+                    false,
+                )]));
+                let batch =
+                    RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(strings.clone())])
+                        .unwrap();
+                let converted = to_wire_batch(batch, &wire_schema(&schema)).unwrap();
+                let expected = arrow::compute::cast(&strings, &DataType::Utf8).unwrap();
+                assert_eq!(
+                    converted.column(0).as_ref(),
+                    expected.as_ref(),
+                    "{len} {others}"
+                );
+                converted.column(0).to_data().validate_full().unwrap();
+            }
+        }
     }
 
     #[test]
