@@ -13,6 +13,7 @@ use arrow::datatypes::Schema;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::config::ConfigOptions;
 use datafusion::error::Result;
+use datafusion::logical_expr::Operator;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::BinaryExpr;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
@@ -126,8 +127,9 @@ fn rewrite_aggregate(aggregate: &AggregateExec) -> Result<Option<Arc<dyn Executi
         .then(|| Arc::new(aggregate.with_new_aggr_exprs(functions)) as Arc<dyn ExecutionPlan>))
 }
 
-/// `expr` with each `AND` of conditions a conjunction and each decimal
-/// `+`, `-` and `*` a narrow decimal operation.
+/// `expr` with each `AND` of conditions a conjunction, each decimal `+`,
+/// `-` and `*` a narrow decimal operation, and each integer one checked
+/// for overflow.
 fn rewrite_expr(
     expr: &Arc<dyn PhysicalExpr>,
     schema: &Schema,
@@ -136,14 +138,46 @@ fn rewrite_expr(
         if let Some(conjunction) = conjunction_of(&expr) {
             return Ok(Transformed::yes(Arc::new(conjunction)));
         }
-        let narrowed = expr
-            .downcast_ref::<BinaryExpr>()
-            .and_then(|binary| narrow_decimal(binary, schema));
-        Ok(match narrowed {
-            Some(narrowed) => Transformed::yes(Arc::new(narrowed)),
-            None => Transformed::no(expr),
-        })
+        let Some(binary) = expr.downcast_ref::<BinaryExpr>() else {
+            return Ok(Transformed::no(expr));
+        };
+        if let Some(narrowed) = narrow_decimal(binary, schema) {
+            return Ok(Transformed::yes(Arc::new(narrowed)));
+        }
+        if let Some(checked) = checked_integer(binary, schema) {
+            return Ok(Transformed::yes(Arc::new(checked)));
+        }
+        Ok(Transformed::no(expr))
     })
+}
+
+/// `binary` failing on overflow, if it is an integer `+`, `-` or `*` (as
+/// `schema` types its operands) that does not already. DataFusion computes
+/// these with wrapping kernels: the largest BIGINT plus one would answer
+/// the smallest, a wrong value given as right, where PostgreSQL, Trino and
+/// DuckDB fail the query. Displays as before.
+fn checked_integer(binary: &BinaryExpr, schema: &Schema) -> Option<BinaryExpr> {
+    if !matches!(
+        binary.op(),
+        Operator::Plus | Operator::Minus | Operator::Multiply
+    ) {
+        return None;
+    }
+    let integer = |side: &Arc<dyn PhysicalExpr>| {
+        side.data_type(schema)
+            .is_ok_and(|data_type| data_type.is_integer())
+    };
+    if !integer(binary.left()) || !integer(binary.right()) {
+        return None;
+    }
+    let checked = BinaryExpr::new(
+        Arc::clone(binary.left()),
+        *binary.op(),
+        Arc::clone(binary.right()),
+    )
+    .with_fail_on_overflow(true);
+    // (Equal when it fails on overflow already.)
+    (checked != *binary).then_some(checked)
 }
 
 #[cfg(test)]
@@ -245,5 +279,61 @@ mod tests {
         assert_eq!(conjunctions, 1);
         assert_eq!(answers[0].1, answers[1].1);
         assert_eq!(answers[1].1.lines().count(), 4 + 8, "{}", answers[1].1);
+    }
+
+    /// Integer `+`, `-` and `*` fail on overflow in projections, filters
+    /// and aggregates' arguments, where DataFusion's own kernels wrap; the
+    /// values that fit answer as before.
+    #[tokio::test]
+    async fn integer_arithmetic_that_overflows_fails_rather_than_wrapping() {
+        use arrow::array::Int32Array;
+        let big: ArrayRef = Arc::new(Int64Array::from(vec![i64::MAX - 1, 5, -7]));
+        let small: ArrayRef = Arc::new(Int32Array::from(vec![i32::MAX, 2, -3]));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("x", DataType::Int64, false),
+            Field::new("i", DataType::Int32, false),
+        ]));
+        let table = RecordBatch::try_new(schema, vec![big, small]).expect("batch");
+        let context = |rules| {
+            let state = SessionStateBuilder::new()
+                .with_config(engine_config().with_target_partitions(2))
+                .with_default_features()
+                .with_physical_optimizer_rules(rules)
+                .build();
+            let ctx = SessionContext::new_with_state(state);
+            let t = MemTable::try_new(table.schema(), vec![vec![table.clone()]]).expect("table");
+            ctx.register_table("t", Arc::new(t)).expect("register");
+            ctx
+        };
+        async fn run(ctx: &SessionContext, sql: &str) -> Result<String> {
+            let batches = ctx.sql(sql).await?.collect().await?;
+            Ok(arrow::util::pretty::pretty_format_batches(&batches)?.to_string())
+        }
+        let wrapping = context(PhysicalOptimizer::new().rules);
+        let checked = context(physical_optimizer_rules());
+        let overflowing = [
+            "SELECT x + 2 FROM t",
+            "SELECT x - -2 FROM t",
+            "SELECT x * 2 FROM t",
+            "SELECT i + i FROM t",
+            "SELECT i * CAST(3 AS INT) FROM t",
+            "SELECT count(*) FROM t WHERE x + 10 > 0",
+            "SELECT max(x + 2), i FROM t GROUP BY i",
+        ];
+        for sql in overflowing {
+            // DataFusion's kernels wrap: an answer, and a wrong one.
+            let wrapped = run(&wrapping, sql).await;
+            assert!(wrapped.is_ok(), "{sql}: {wrapped:?}");
+            let error = run(&checked, sql).await.expect_err(sql).to_string();
+            assert!(error.contains("Overflow"), "{sql}: {error}");
+        }
+        for sql in [
+            "SELECT x + 1, x - 1, i - 1, i * 1 FROM t ORDER BY x",
+            "SELECT count(*) FROM t WHERE x * 1 > 0 AND i + 1 > 0",
+            "SELECT sum(x * 2), min(i + 1) FROM t WHERE x < 100",
+        ] {
+            let expected = run(&wrapping, sql).await.expect(sql);
+            assert_eq!(run(&checked, sql).await.expect(sql), expected, "{sql}");
+        }
     }
 }
