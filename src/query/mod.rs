@@ -3,6 +3,7 @@
 
 mod ahead;
 mod bounded;
+mod checked_sum;
 mod guard;
 mod join_filters;
 mod join_sides;

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::sources::{ForwardedToken, SourcePlanner, SourcePushdown};
 
 use super::bounded;
+use super::checked_sum;
 use super::join_filters::SelectiveJoinFilters;
 use super::join_sides::RowCountJoinSides;
 use super::kernels::ExpressionKernels;
@@ -94,6 +95,7 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
         .with_query_planner(Arc::new(SourcePlanner))
         .build();
     bounded::register(&mut state).expect("a bounded function registers under its own names");
+    checked_sum::register(&mut state).expect("sum registers under its own name");
     state
 }
 

@@ -1,0 +1,435 @@
+//! `sum` of integers that fails on overflow.
+//!
+//! DataFusion adds up a `BIGINT` column with wrapping arithmetic: a sum
+//! past the largest `BIGINT` answers a negative number, a wrong value given
+//! as right, where PostgreSQL (which sums into `NUMERIC`), Trino and DuckDB
+//! (into `HUGEINT`) answer right or fail. The `sum` registered here is
+//! DataFusion's, but for the sums of integers (every signed integer type is
+//! summed as `BIGINT`, every unsigned one as `BIGINT UNSIGNED`) whose
+//! accumulators, grouped or not, fail the query with an overflow error
+//! instead of wrapping. `DISTINCT` sums and sums over window frames are
+//! DataFusion's own.
+
+use std::any::Any;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arrow::array::{ArrayRef, AsArray, BooleanArray};
+use arrow::compute::kernels::aggregate::sum_checked;
+use arrow::datatypes::{ArrowNativeTypeOp, ArrowPrimitiveType, DataType, Int64Type, UInt64Type};
+use datafusion::common::{DataFusionError, Result, ScalarValue};
+use datafusion::execution::{FunctionRegistry, SessionState};
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::utils::AggregateOrderSensitivity;
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, Documentation, EmitTo, Expr, GroupsAccumulator,
+    Operator, ReversedUDAF, SetMonotonicity, Signature, StatisticsArgs,
+};
+use datafusion_functions_aggregate_common::aggregate::groups_accumulator::prim_op::PrimitiveGroupsAccumulator;
+
+/// Registers `sum` with integer sums checked for overflow, in place of
+/// DataFusion's.
+pub(super) fn register(state: &mut SessionState) -> Result<()> {
+    let Some(sum) = state.aggregate_functions().get("sum").cloned() else {
+        return Ok(());
+    };
+    let checked = CheckedSum {
+        inner: Arc::clone(sum.inner()),
+    };
+    state.register_udaf(Arc::new(AggregateUDF::new_from_impl(checked)))?;
+    Ok(())
+}
+
+/// DataFusion's `sum`, with its integer sums checked for overflow.
+#[derive(Debug)]
+struct CheckedSum {
+    inner: Arc<dyn AggregateUDFImpl>,
+}
+
+impl PartialEq for CheckedSum {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.dyn_eq(&*other.inner as &dyn Any)
+    }
+}
+
+impl Eq for CheckedSum {}
+
+impl Hash for CheckedSum {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        "checked".hash(state);
+        self.inner.dyn_hash(state);
+    }
+}
+
+/// Whether `args` sums integers one by one (not `DISTINCT`).
+fn checked(args: &AccumulatorArgs) -> Option<&'static str> {
+    if args.is_distinct {
+        return None;
+    }
+    match args.return_field.data_type() {
+        DataType::Int64 => Some("BIGINT"),
+        DataType::UInt64 => Some("BIGINT UNSIGNED"),
+        _ => None,
+    }
+}
+
+fn overflow(type_name: &str) -> DataFusionError {
+    DataFusionError::ArrowError(
+        Box::new(arrow::error::ArrowError::ArithmeticOverflow(format!(
+            "sum() passed the range of {type_name}"
+        ))),
+        None,
+    )
+}
+
+impl AggregateUDFImpl for CheckedSum {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        self.inner.return_type(arg_types)
+    }
+
+    fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        match args.return_field.data_type() {
+            DataType::Int64 if checked(&args).is_some() => {
+                Ok(Box::new(SumAccumulator::<Int64Type>::new("BIGINT")))
+            }
+            DataType::UInt64 if checked(&args).is_some() => {
+                Ok(Box::new(SumAccumulator::<UInt64Type>::new(
+                    "BIGINT UNSIGNED",
+                )))
+            }
+            _ => self.inner.accumulator(args),
+        }
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<arrow::datatypes::FieldRef>> {
+        self.inner.state_fields(args)
+    }
+
+    fn groups_accumulator_supported(&self, args: AccumulatorArgs) -> bool {
+        self.inner.groups_accumulator_supported(args)
+    }
+
+    fn create_groups_accumulator(
+        &self,
+        args: AccumulatorArgs,
+    ) -> Result<Box<dyn GroupsAccumulator>> {
+        let Some(type_name) = checked(&args) else {
+            return self.inner.create_groups_accumulator(args);
+        };
+        let data_type = args.return_field.data_type().clone();
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&overflowed);
+        let inner: Box<dyn GroupsAccumulator> = match data_type {
+            DataType::Int64 => Box::new(PrimitiveGroupsAccumulator::<Int64Type, _>::new(
+                &data_type,
+                move |sum: &mut i64, value: i64| {
+                    let (added, wrapped) = sum.overflowing_add(value);
+                    *sum = added;
+                    if wrapped {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                },
+            )),
+            _ => Box::new(PrimitiveGroupsAccumulator::<UInt64Type, _>::new(
+                &data_type,
+                move |sum: &mut u64, value: u64| {
+                    let (added, wrapped) = sum.overflowing_add(value);
+                    *sum = added;
+                    if wrapped {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                },
+            )),
+        };
+        Ok(Box::new(CheckedGroups {
+            inner,
+            overflowed,
+            type_name,
+        }))
+    }
+
+    fn create_sliding_accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        self.inner.create_sliding_accumulator(args)
+    }
+
+    fn order_sensitivity(&self) -> AggregateOrderSensitivity {
+        self.inner.order_sensitivity()
+    }
+
+    fn simplify_expr_op_literal(
+        &self,
+        agg_function: &AggregateFunction,
+        arg: &Expr,
+        op: Operator,
+        lit: &Expr,
+        arg_is_left: bool,
+    ) -> Result<Option<Expr>> {
+        self.inner
+            .simplify_expr_op_literal(agg_function, arg, op, lit, arg_is_left)
+    }
+
+    fn reverse_expr(&self) -> ReversedUDAF {
+        match self.inner.reverse_expr() {
+            // The same function, this one.
+            ReversedUDAF::Identical => ReversedUDAF::Identical,
+            ReversedUDAF::NotSupported | ReversedUDAF::Reversed(_) => ReversedUDAF::NotSupported,
+        }
+    }
+
+    fn value_from_stats(&self, statistics_args: &StatisticsArgs) -> Option<ScalarValue> {
+        self.inner.value_from_stats(statistics_args)
+    }
+
+    fn documentation(&self) -> Option<&Documentation> {
+        self.inner.documentation()
+    }
+
+    fn set_monotonicity(&self, data_type: &DataType) -> SetMonotonicity {
+        self.inner.set_monotonicity(data_type)
+    }
+}
+
+/// The sum of a column's values, failing when it passes its type's range.
+struct SumAccumulator<T: ArrowPrimitiveType> {
+    sum: Option<T::Native>,
+    type_name: &'static str,
+}
+
+impl<T: ArrowPrimitiveType> fmt::Debug for SumAccumulator<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SumAccumulator")
+            .field("sum", &self.sum)
+            .finish()
+    }
+}
+
+impl<T: ArrowPrimitiveType> SumAccumulator<T> {
+    fn new(type_name: &'static str) -> Self {
+        Self {
+            sum: None,
+            type_name,
+        }
+    }
+
+    fn add(&mut self, values: &ArrayRef) -> Result<()> {
+        let Some(sum) =
+            sum_checked(values.as_primitive::<T>()).map_err(|_| overflow(self.type_name))?
+        else {
+            return Ok(());
+        };
+        self.sum = Some(match self.sum {
+            Some(before) => before
+                .add_checked(sum)
+                .map_err(|_| overflow(self.type_name))?,
+            None => sum,
+        });
+        Ok(())
+    }
+
+    fn value(&self) -> Result<ScalarValue> {
+        ScalarValue::new_primitive::<T>(self.sum, &T::DATA_TYPE)
+    }
+}
+
+impl<T: ArrowPrimitiveType> Accumulator for SumAccumulator<T> {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        values.first().map_or(Ok(()), |values| self.add(values))
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.update_batch(states)
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![self.value()?])
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        self.value()
+    }
+
+    fn size(&self) -> usize {
+        size_of_val(self)
+    }
+}
+
+/// DataFusion's grouped sum, whose additions note when one wraps: each
+/// batch that wrapped fails the query.
+struct CheckedGroups {
+    inner: Box<dyn GroupsAccumulator>,
+    overflowed: Arc<AtomicBool>,
+    type_name: &'static str,
+}
+
+impl fmt::Debug for CheckedGroups {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheckedGroups")
+            .field("type", &self.type_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CheckedGroups {
+    fn checked(&self, result: Result<()>) -> Result<()> {
+        result?;
+        if self.overflowed.load(Ordering::Relaxed) {
+            return Err(overflow(self.type_name));
+        }
+        Ok(())
+    }
+}
+
+impl GroupsAccumulator for CheckedGroups {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> Result<()> {
+        let result = self
+            .inner
+            .update_batch(values, group_indices, opt_filter, total_num_groups);
+        self.checked(result)
+    }
+
+    fn merge_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        total_num_groups: usize,
+    ) -> Result<()> {
+        let result = self
+            .inner
+            .merge_batch(values, group_indices, total_num_groups);
+        self.checked(result)
+    }
+
+    fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        self.inner.evaluate(emit_to)
+    }
+
+    fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
+        self.inner.state(emit_to)
+    }
+
+    fn convert_to_state(
+        &self,
+        values: &[ArrayRef],
+        opt_filter: Option<&BooleanArray>,
+    ) -> Result<Vec<ArrayRef>> {
+        self.inner.convert_to_state(values, opt_filter)
+    }
+
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Int32Array, Int64Array, RecordBatch, UInt64Array};
+    use arrow::datatypes::{Field, Schema};
+    use datafusion::datasource::MemTable;
+    use datafusion::execution::SessionStateBuilder;
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+
+    /// A session over `t`: `x` BIGINT, `g` INT, `u` BIGINT UNSIGNED, the
+    /// rows in two partitions; with `checked`, this module's `sum`.
+    fn context(partitions: Vec<Vec<(i64, i32, u64)>>, checked: bool) -> SessionContext {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("x", DataType::Int64, true),
+            Field::new("g", DataType::Int32, false),
+            Field::new("u", DataType::UInt64, false),
+        ]));
+        let batches: Vec<Vec<RecordBatch>> = partitions
+            .into_iter()
+            .map(|rows| {
+                let columns: Vec<ArrayRef> = vec![
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                    Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.1))),
+                    Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.2))),
+                ];
+                vec![RecordBatch::try_new(Arc::clone(&schema), columns).expect("batch")]
+            })
+            .collect();
+        let mut state = SessionStateBuilder::new()
+            .with_config(super::super::session::engine_config().with_target_partitions(2))
+            .with_default_features()
+            .build();
+        if checked {
+            register(&mut state).expect("register");
+        }
+        let ctx = SessionContext::new_with_state(state);
+        let table = MemTable::try_new(schema, batches).expect("table");
+        ctx.register_table("t", Arc::new(table)).expect("register");
+        ctx
+    }
+
+    async fn run(ctx: &SessionContext, sql: &str) -> Result<String> {
+        let batches = ctx.sql(sql).await?.collect().await?;
+        Ok(arrow::util::pretty::pretty_format_batches(&batches)?.to_string())
+    }
+
+    #[tokio::test]
+    async fn integer_sums_past_their_type_fail_and_others_answer_as_before() {
+        let half = i64::MAX / 2 + 1;
+        // Each partition's sum fits; the whole does not (a merge overflows),
+        // and group 1's does not within the first partition.
+        let rows = vec![
+            vec![(half, 1, u64::MAX), (half, 1, 1), (-5, 2, 0)],
+            vec![(half, 3, 0), (7, 2, 0)],
+        ];
+        let wrapping = context(rows.clone(), false);
+        let checked = context(rows, true);
+        for (sql, type_name) in [
+            ("SELECT sum(x) FROM t", "BIGINT"),
+            ("SELECT sum(x) FROM t WHERE g <> 2", "BIGINT"),
+            ("SELECT g, sum(x) FROM t GROUP BY g", "BIGINT"),
+            ("SELECT g % 2, sum(x) FROM t GROUP BY g % 2", "BIGINT"),
+            ("SELECT sum(u) FROM t", "BIGINT UNSIGNED"),
+            ("SELECT g, sum(u) FROM t GROUP BY g", "BIGINT UNSIGNED"),
+        ] {
+            // DataFusion's own sum wraps: an answer, and a wrong one.
+            let wrapped = run(&wrapping, sql).await;
+            assert!(wrapped.is_ok(), "{sql}: {wrapped:?}");
+            let error = run(&checked, sql).await.expect_err(sql).to_string();
+            assert!(
+                error.contains(&format!("sum() passed the range of {type_name}")),
+                "{sql}: {error}"
+            );
+        }
+        for sql in [
+            "SELECT sum(CAST(x AS DECIMAL(38, 0))), sum(CAST(g AS DOUBLE)) FROM t",
+            "SELECT g, sum(x - 1), sum(g) FROM t WHERE g = 2 GROUP BY g",
+            "SELECT sum(g) FROM t",
+            "SELECT sum(DISTINCT g) FROM t",
+            "SELECT g, sum(g) OVER (ORDER BY g ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) FROM t ORDER BY g",
+            "SELECT sum(x) FROM t WHERE x IS NULL",
+        ] {
+            let expected = run(&wrapping, sql).await.expect(sql);
+            assert_eq!(run(&checked, sql).await.expect(sql), expected, "{sql}");
+        }
+        let exact = run(&checked, "SELECT sum(x) FROM t WHERE g = 2")
+            .await
+            .expect("sum");
+        assert!(exact.contains("| 2 "), "{exact}");
+    }
+}
