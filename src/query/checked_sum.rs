@@ -64,8 +64,9 @@ impl Hash for CheckedSum {
     }
 }
 
-/// Whether `args` sums integers one by one (not `DISTINCT`).
-fn checked(args: &AccumulatorArgs) -> Option<&'static str> {
+/// The SQL name of the integer type `args` sums value by value (not
+/// `DISTINCT`), if it sums integers.
+fn summed_integer(args: &AccumulatorArgs) -> Option<&'static str> {
     if args.is_distinct {
         return None;
     }
@@ -103,17 +104,13 @@ impl AggregateUDFImpl for CheckedSum {
     }
 
     fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        match args.return_field.data_type() {
-            DataType::Int64 if checked(&args).is_some() => {
-                Ok(Box::new(SumAccumulator::<Int64Type>::new("BIGINT")))
-            }
-            DataType::UInt64 if checked(&args).is_some() => {
-                Ok(Box::new(SumAccumulator::<UInt64Type>::new(
-                    "BIGINT UNSIGNED",
-                )))
-            }
-            _ => self.inner.accumulator(args),
-        }
+        let Some(type_name) = summed_integer(&args) else {
+            return self.inner.accumulator(args);
+        };
+        Ok(match args.return_field.data_type() {
+            DataType::Int64 => Box::new(SumAccumulator::<Int64Type>::new(type_name)),
+            _ => Box::new(SumAccumulator::<UInt64Type>::new(type_name)),
+        })
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<arrow::datatypes::FieldRef>> {
@@ -128,7 +125,7 @@ impl AggregateUDFImpl for CheckedSum {
         &self,
         args: AccumulatorArgs,
     ) -> Result<Box<dyn GroupsAccumulator>> {
-        let Some(type_name) = checked(&args) else {
+        let Some(type_name) = summed_integer(&args) else {
             return self.inner.create_groups_accumulator(args);
         };
         let data_type = args.return_field.data_type().clone();

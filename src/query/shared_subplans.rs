@@ -313,7 +313,7 @@ mod tests {
 
     use super::*;
     use crate::query::session::{engine_config, physical_optimizer_rules};
-    use crate::query::testing::{plan_and_run, write_int64_columns};
+    use crate::query::testing::{plan_and_run, session_with_rules, write_int64_columns};
 
     /// Rows of `facts`.
     const FACTS: i64 = 30_000;
@@ -322,12 +322,7 @@ mod tests {
         dir: &std::path::Path,
         rules: Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>>,
     ) -> SessionContext {
-        let state = SessionStateBuilder::new()
-            .with_config(engine_config().with_target_partitions(2))
-            .with_default_features()
-            .with_physical_optimizer_rules(rules)
-            .build();
-        let ctx = SessionContext::new_with_state(state);
+        let ctx = session_with_rules(rules);
         let path = dir.join("facts.parquet");
         ctx.register_parquet("facts", path.to_string_lossy(), ParquetReadOptions::new())
             .await

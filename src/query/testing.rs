@@ -4,12 +4,40 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
+use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::{ExecutionPlan, collect};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
+
+/// A session with the gateway's engine settings in 2 partitions, planned
+/// with `rules`.
+pub(crate) fn session_with_rules(
+    rules: Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>>,
+) -> SessionContext {
+    let state = SessionStateBuilder::new()
+        .with_config(super::session::engine_config().with_target_partitions(2))
+        .with_default_features()
+        .with_physical_optimizer_rules(rules)
+        .build();
+    SessionContext::new_with_state(state)
+}
+
+/// A session planned with `rules` (see [`session_with_rules`]) holding
+/// `table` as table `t`.
+pub(crate) fn session_over(
+    rules: Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>>,
+    table: &RecordBatch,
+) -> SessionContext {
+    let ctx = session_with_rules(rules);
+    let t = datafusion::datasource::MemTable::try_new(table.schema(), vec![vec![table.clone()]])
+        .expect("table");
+    ctx.register_table("t", Arc::new(t)).expect("register");
+    ctx
+}
 
 /// Writes `columns` (name, values), each a non-null `Int64`, as one Parquet
 /// file at `path`, in row groups of at most `row_group_rows` rows (the

@@ -185,16 +185,14 @@ mod tests {
     use arrow::array::{ArrayRef, Decimal128Array, Int64Array, RecordBatch};
     use arrow::datatypes::{DataType, Field};
     use datafusion::common::tree_node::TreeNodeRecursion;
-    use datafusion::datasource::MemTable;
-    use datafusion::execution::SessionStateBuilder;
     use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
     use datafusion::prelude::SessionContext;
 
     use super::conjunction::Conjunction;
     use super::decimal::NarrowDecimal;
     use super::*;
-    use crate::query::session::{engine_config, physical_optimizer_rules};
-    use crate::query::testing::plan_and_run;
+    use crate::query::session::physical_optimizer_rules;
+    use crate::query::testing::{plan_and_run, session_over};
 
     /// How many expressions of the kernels `plan` evaluates: narrow decimal
     /// operations and conjunctions.
@@ -255,14 +253,7 @@ mod tests {
                    WHERE l * r > 1000 AND d >= 30 AND d < 90 AND r <> 0.05 GROUP BY r ORDER BY r";
         let mut answers = Vec::new();
         for rules in [PhysicalOptimizer::new().rules, physical_optimizer_rules()] {
-            let state = SessionStateBuilder::new()
-                .with_config(engine_config().with_target_partitions(2))
-                .with_default_features()
-                .with_physical_optimizer_rules(rules)
-                .build();
-            let ctx = SessionContext::new_with_state(state);
-            let t = MemTable::try_new(table.schema(), vec![vec![table.clone()]]).expect("table");
-            ctx.register_table("t", Arc::new(t)).expect("register");
+            let ctx = session_over(rules, &table);
             let (plan, batches) = plan_and_run(&ctx, sql).await;
             let answer = arrow::util::pretty::pretty_format_batches(&batches)
                 .expect("format")
@@ -294,23 +285,12 @@ mod tests {
             Field::new("i", DataType::Int32, false),
         ]));
         let table = RecordBatch::try_new(schema, vec![big, small]).expect("batch");
-        let context = |rules| {
-            let state = SessionStateBuilder::new()
-                .with_config(engine_config().with_target_partitions(2))
-                .with_default_features()
-                .with_physical_optimizer_rules(rules)
-                .build();
-            let ctx = SessionContext::new_with_state(state);
-            let t = MemTable::try_new(table.schema(), vec![vec![table.clone()]]).expect("table");
-            ctx.register_table("t", Arc::new(t)).expect("register");
-            ctx
-        };
         async fn run(ctx: &SessionContext, sql: &str) -> Result<String> {
             let batches = ctx.sql(sql).await?.collect().await?;
             Ok(arrow::util::pretty::pretty_format_batches(&batches)?.to_string())
         }
-        let wrapping = context(PhysicalOptimizer::new().rules);
-        let checked = context(physical_optimizer_rules());
+        let wrapping = session_over(PhysicalOptimizer::new().rules, &table);
+        let checked = session_over(physical_optimizer_rules(), &table);
         let overflowing = [
             "SELECT x + 2 FROM t",
             "SELECT x - -2 FROM t",
