@@ -347,6 +347,7 @@ mod tests {
     use datafusion::prelude::SessionContext;
 
     use super::*;
+    use crate::query::testing::answer;
 
     /// A session over `t`: `x` BIGINT, `g` INT, `u` BIGINT UNSIGNED, the
     /// rows in two partitions; with `checked`, this module's `sum`.
@@ -380,11 +381,6 @@ mod tests {
         ctx
     }
 
-    async fn run(ctx: &SessionContext, sql: &str) -> Result<String> {
-        let batches = ctx.sql(sql).await?.collect().await?;
-        Ok(arrow::util::pretty::pretty_format_batches(&batches)?.to_string())
-    }
-
     #[tokio::test]
     async fn integer_sums_past_their_type_fail_and_others_answer_as_before() {
         let half = i64::MAX / 2 + 1;
@@ -405,9 +401,9 @@ mod tests {
             ("SELECT g, sum(u) FROM t GROUP BY g", "BIGINT UNSIGNED"),
         ] {
             // DataFusion's own sum wraps: an answer, and a wrong one.
-            let wrapped = run(&wrapping, sql).await;
+            let wrapped = answer(&wrapping, sql).await;
             assert!(wrapped.is_ok(), "{sql}: {wrapped:?}");
-            let error = run(&checked, sql).await.expect_err(sql).to_string();
+            let error = answer(&checked, sql).await.expect_err(sql).to_string();
             assert!(
                 error.contains(&format!("sum() passed the range of {type_name}")),
                 "{sql}: {error}"
@@ -421,10 +417,10 @@ mod tests {
             "SELECT g, sum(g) OVER (ORDER BY g ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) FROM t ORDER BY g",
             "SELECT sum(x) FROM t WHERE x IS NULL",
         ] {
-            let expected = run(&wrapping, sql).await.expect(sql);
-            assert_eq!(run(&checked, sql).await.expect(sql), expected, "{sql}");
+            let expected = answer(&wrapping, sql).await.expect(sql);
+            assert_eq!(answer(&checked, sql).await.expect(sql), expected, "{sql}");
         }
-        let exact = run(&checked, "SELECT sum(x) FROM t WHERE g = 2")
+        let exact = answer(&checked, "SELECT sum(x) FROM t WHERE g = 2")
             .await
             .expect("sum");
         assert!(exact.contains("| 2 "), "{exact}");

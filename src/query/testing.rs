@@ -39,6 +39,13 @@ pub(crate) fn session_over(
     ctx
 }
 
+/// What `sql` answers in `ctx`, as a pretty-printed table, or the error it
+/// failed with.
+pub(crate) async fn answer(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<String> {
+    let batches = ctx.sql(sql).await?.collect().await?;
+    Ok(arrow::util::pretty::pretty_format_batches(&batches)?.to_string())
+}
+
 /// Writes `columns` (name, values), each a non-null `Int64`, as one Parquet
 /// file at `path`, in row groups of at most `row_group_rows` rows (the
 /// writer's default when `None`).

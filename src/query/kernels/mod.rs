@@ -1,8 +1,9 @@
-//! Faster kernels for expressions DataFusion evaluates slowly: decimal
-//! arithmetic on values that fit in 64 bits ([`decimal`]) and conjunctions
-//! of conditions that pass few rows ([`conjunction`]). Each replaces an
-//! expression of the physical plan with one that answers the same, and
-//! displays the same.
+//! Kernels swapped into the expressions of physical plans: faster ones for
+//! what DataFusion evaluates slowly, decimal arithmetic on values that fit
+//! in 64 bits ([`decimal`]) and conjunctions of conditions that pass few
+//! rows ([`conjunction`]), each answering the same; and checked ones for
+//! integer arithmetic, which DataFusion wraps around on overflow. Each
+//! displays as the expression it replaces.
 
 mod conjunction;
 mod decimal;
@@ -27,7 +28,8 @@ use decimal::narrow_decimal;
 
 /// Swaps faster kernels into the expressions that projections, filters and
 /// the first stage of aggregates evaluate: [`NarrowDecimal`](decimal::NarrowDecimal) for decimal
-/// `+`, `-` and `*`, [`Conjunction`](conjunction::Conjunction) for `AND`s. Runs after the other
+/// `+`, `-` and `*`, [`Conjunction`](conjunction::Conjunction) for `AND`s, and integer `+`, `-`
+/// and `*` that fail on overflow. Runs after the other
 /// rules: it changes how values are computed, not the plan.
 #[derive(Debug, Default)]
 pub(super) struct ExpressionKernels;
@@ -186,13 +188,12 @@ mod tests {
     use arrow::datatypes::{DataType, Field};
     use datafusion::common::tree_node::TreeNodeRecursion;
     use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
-    use datafusion::prelude::SessionContext;
 
     use super::conjunction::Conjunction;
     use super::decimal::NarrowDecimal;
     use super::*;
     use crate::query::session::physical_optimizer_rules;
-    use crate::query::testing::{plan_and_run, session_over};
+    use crate::query::testing::{answer, plan_and_run, session_over};
 
     /// How many expressions of the kernels `plan` evaluates: narrow decimal
     /// operations and conjunctions.
@@ -285,10 +286,6 @@ mod tests {
             Field::new("i", DataType::Int32, false),
         ]));
         let table = RecordBatch::try_new(schema, vec![big, small]).expect("batch");
-        async fn run(ctx: &SessionContext, sql: &str) -> Result<String> {
-            let batches = ctx.sql(sql).await?.collect().await?;
-            Ok(arrow::util::pretty::pretty_format_batches(&batches)?.to_string())
-        }
         let wrapping = session_over(PhysicalOptimizer::new().rules, &table);
         let checked = session_over(physical_optimizer_rules(), &table);
         let overflowing = [
@@ -302,9 +299,9 @@ mod tests {
         ];
         for sql in overflowing {
             // DataFusion's kernels wrap: an answer, and a wrong one.
-            let wrapped = run(&wrapping, sql).await;
+            let wrapped = answer(&wrapping, sql).await;
             assert!(wrapped.is_ok(), "{sql}: {wrapped:?}");
-            let error = run(&checked, sql).await.expect_err(sql).to_string();
+            let error = answer(&checked, sql).await.expect_err(sql).to_string();
             assert!(error.contains("Overflow"), "{sql}: {error}");
         }
         for sql in [
@@ -312,8 +309,8 @@ mod tests {
             "SELECT count(*) FROM t WHERE x * 1 > 0 AND i + 1 > 0",
             "SELECT sum(x * 2), min(i + 1) FROM t WHERE x < 100",
         ] {
-            let expected = run(&wrapping, sql).await.expect(sql);
-            assert_eq!(run(&checked, sql).await.expect(sql), expected, "{sql}");
+            let expected = answer(&wrapping, sql).await.expect(sql);
+            assert_eq!(answer(&checked, sql).await.expect(sql), expected, "{sql}");
         }
     }
 }
