@@ -131,27 +131,9 @@ impl AggregateUDFImpl for CheckedSum {
         let data_type = args.return_field.data_type().clone();
         let overflowed = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&overflowed);
-        let inner: Box<dyn GroupsAccumulator> = match data_type {
-            DataType::Int64 => Box::new(PrimitiveGroupsAccumulator::<Int64Type, _>::new(
-                &data_type,
-                move |sum: &mut i64, value: i64| {
-                    let (added, wrapped) = sum.overflowing_add(value);
-                    *sum = added;
-                    if wrapped {
-                        flag.store(true, Ordering::Relaxed);
-                    }
-                },
-            )),
-            _ => Box::new(PrimitiveGroupsAccumulator::<UInt64Type, _>::new(
-                &data_type,
-                move |sum: &mut u64, value: u64| {
-                    let (added, wrapped) = sum.overflowing_add(value);
-                    *sum = added;
-                    if wrapped {
-                        flag.store(true, Ordering::Relaxed);
-                    }
-                },
-            )),
+        let inner = match data_type {
+            DataType::Int64 => flagging_sum::<Int64Type>(&data_type, flag),
+            _ => flagging_sum::<UInt64Type>(&data_type, flag),
         };
         Ok(Box::new(CheckedGroups {
             inner,
@@ -199,6 +181,24 @@ impl AggregateUDFImpl for CheckedSum {
     fn set_monotonicity(&self, data_type: &DataType) -> SetMonotonicity {
         self.inner.set_monotonicity(data_type)
     }
+}
+
+/// DataFusion's grouped sum of `T` values, its additions wrapping as
+/// DataFusion's do and setting `overflowed` when one does.
+fn flagging_sum<T>(data_type: &DataType, overflowed: Arc<AtomicBool>) -> Box<dyn GroupsAccumulator>
+where
+    T: ArrowPrimitiveType + Send,
+{
+    Box::new(PrimitiveGroupsAccumulator::<T, _>::new(
+        data_type,
+        move |sum: &mut T::Native, value: T::Native| match sum.add_checked(value) {
+            Ok(added) => *sum = added,
+            Err(_) => {
+                *sum = sum.add_wrapping(value);
+                overflowed.store(true, Ordering::Relaxed);
+            }
+        },
+    ))
 }
 
 /// The sum of a column's values, failing when it passes its type's range.
