@@ -3,6 +3,7 @@
 
 mod ahead;
 mod bounded;
+mod checked_constants;
 mod checked_sum;
 mod guard;
 mod join_filters;

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::sources::{ForwardedToken, SourcePlanner, SourcePushdown};
 
 use super::bounded;
+use super::checked_constants::CheckedConstants;
 use super::checked_sum;
 use super::join_filters::SelectiveJoinFilters;
 use super::join_sides::RowCountJoinSides;
@@ -90,6 +91,7 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
         .with_config(config)
         .with_runtime_env(runtime)
         .with_default_features()
+        .with_analyzer_rule(Arc::new(CheckedConstants))
         .with_optimizer_rule(Arc::new(SourcePushdown))
         .with_physical_optimizer_rules(physical_optimizer_rules())
         .with_query_planner(Arc::new(SourcePlanner))
