@@ -27,7 +27,7 @@ use super::checked_constants::CheckedConstants;
 use super::checked_sum;
 use super::join_filters::SelectiveJoinFilters;
 use super::join_sides::RowCountJoinSides;
-use super::kernels::ExpressionKernels;
+use super::kernels::{CheckedIntegers, ExpressionKernels};
 use super::recursion::{BoundedRecursion, RecursionLimit};
 use super::selectivity::StringFilterSelectivity;
 use super::shared_subplans::SharedSubplans;
@@ -101,7 +101,8 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
     state
 }
 
-/// DataFusion's physical optimizer rules, with filters on strings given a
+/// DataFusion's physical optimizer rules, with integer arithmetic checked
+/// for overflow (first, before projections move into scans), filters on strings given a
 /// selectivity before joins are chosen, partitioned joins built on the side
 /// with far fewer rows once they are, and join filters chosen at run time
 /// once the joins have pushed them down, aggregates that occur twice
@@ -111,6 +112,7 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
 /// joins that yield their thread as they emit.
 pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules = PhysicalOptimizer::new().rules;
+    rules.insert(0, Arc::new(CheckedIntegers));
     let join_selection = rules
         .iter()
         .position(|rule| rule.name() == "join_selection")

@@ -2,11 +2,12 @@
 //! what DataFusion evaluates slowly, decimal arithmetic on values that fit
 //! in 64 bits ([`decimal`]) and conjunctions of conditions that pass few
 //! rows ([`conjunction`]), each answering the same; and checked ones for
-//! integer arithmetic, which DataFusion wraps around on overflow. Each
-//! displays as the expression it replaces.
+//! integer arithmetic and negation ([`negation`]), which DataFusion wraps
+//! around on overflow. Each displays as the expression it replaces.
 
 mod conjunction;
 mod decimal;
+mod negation;
 
 use std::sync::Arc;
 
@@ -17,19 +18,21 @@ use datafusion::error::Result;
 use datafusion::logical_expr::Operator;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::BinaryExpr;
+use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion::physical_plan::aggregates::{AggregateExec, AggregateInputMode};
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateInputMode, PhysicalGroupBy};
 use datafusion::physical_plan::filter::{FilterExec, FilterExecBuilder};
 use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
+use datafusion::physical_plan::sorts::sort::SortExec;
 
 use conjunction::conjunction_of;
 use decimal::narrow_decimal;
+use negation::checked_negative;
 
 /// Swaps faster kernels into the expressions that projections, filters and
 /// the first stage of aggregates evaluate: [`NarrowDecimal`](decimal::NarrowDecimal) for decimal
-/// `+`, `-` and `*`, [`Conjunction`](conjunction::Conjunction) for `AND`s, and integer `+`, `-`
-/// and `*` that fail on overflow. Runs after the other
+/// `+`, `-` and `*`, and [`Conjunction`](conjunction::Conjunction) for `AND`s. Runs after the other
 /// rules: it changes how values are computed, not the plan.
 #[derive(Debug, Default)]
 pub(super) struct ExpressionKernels;
@@ -40,13 +43,7 @@ impl PhysicalOptimizerRule for ExpressionKernels {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        plan.transform_up(|node| {
-            rewrite_node(&node).map(|rewritten| match rewritten {
-                Some(rewritten) => Transformed::yes(rewritten),
-                None => Transformed::no(node),
-            })
-        })
-        .map(|transformed| transformed.data)
+        rewrite_plan(plan, Swaps::FASTER)
     }
 
     fn name(&self) -> &str {
@@ -58,9 +55,73 @@ impl PhysicalOptimizerRule for ExpressionKernels {
     }
 }
 
-/// `node` with faster kernels in its expressions, or `None` when none
-/// applies (or it is not an operator whose expressions are rewritten).
-fn rewrite_node(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+/// Swaps checked kernels into the integer `+`, `-`, `*` and negations that
+/// projections, filters, sorts and the first stage of aggregates (grouping
+/// and arguments) evaluate. Runs first, on the plan as planned: later rules
+/// move projections into the scans below them, where they are out of
+/// reach, and keep the kernels of the expressions they move.
+#[derive(Debug, Default)]
+pub(super) struct CheckedIntegers;
+
+impl PhysicalOptimizerRule for CheckedIntegers {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        rewrite_plan(plan, Swaps::CHECKED)
+    }
+
+    fn name(&self) -> &str {
+        "checked_integers"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
+/// An expression with another kernel, or `None` to leave it be.
+type Swap = fn(&Arc<dyn PhysicalExpr>, &Schema) -> Option<Arc<dyn PhysicalExpr>>;
+
+/// The kernels a rule swaps in, and where.
+#[derive(Debug, Clone, Copy)]
+struct Swaps {
+    swap: Swap,
+    /// Whether sort keys and grouping expressions are rewritten too.
+    sorts_and_groups: bool,
+}
+
+impl Swaps {
+    const FASTER: Swaps = Swaps {
+        swap: faster_kernel,
+        // A sort or aggregate made anew after the other rules would lose
+        // the dynamic filters they pushed into the scans for it.
+        sorts_and_groups: false,
+    };
+    const CHECKED: Swaps = Swaps {
+        swap: checked_kernel,
+        sorts_and_groups: true,
+    };
+}
+
+/// `plan` with the kernels of `swaps` in its operators' expressions.
+fn rewrite_plan(plan: Arc<dyn ExecutionPlan>, swaps: Swaps) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        rewrite_node(&node, swaps).map(|rewritten| match rewritten {
+            Some(rewritten) => Transformed::yes(rewritten),
+            None => Transformed::no(node),
+        })
+    })
+    .map(|transformed| transformed.data)
+}
+
+/// `node` with the kernels of `swaps` in its expressions, or `None` when
+/// none applies (or it is not an operator whose expressions are rewritten).
+fn rewrite_node(
+    node: &Arc<dyn ExecutionPlan>,
+    swaps: Swaps,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     if let Some(projection) = node.downcast_ref::<ProjectionExec>() {
         let schema = projection.input().schema();
         let mut changed = false;
@@ -68,7 +129,7 @@ fn rewrite_node(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn Executio
             .expr()
             .iter()
             .map(|projected| {
-                let expr = rewrite_expr(&projected.expr, &schema)?;
+                let expr = rewrite_expr(&projected.expr, &schema, swaps)?;
                 changed |= expr.transformed;
                 Ok(ProjectionExpr::new(expr.data, projected.alias.clone()))
             })
@@ -80,7 +141,7 @@ fn rewrite_node(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn Executio
         return Ok(Some(Arc::new(rewritten)));
     }
     if let Some(filter) = node.downcast_ref::<FilterExec>() {
-        let predicate = rewrite_expr(filter.predicate(), &filter.input().schema())?;
+        let predicate = rewrite_expr(filter.predicate(), &filter.input().schema(), swaps)?;
         if !predicate.transformed {
             return Ok(None);
         }
@@ -90,27 +151,64 @@ fn rewrite_node(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn Executio
         return Ok(Some(Arc::new(rewritten)));
     }
     if let Some(aggregate) = node.downcast_ref::<AggregateExec>() {
-        return rewrite_aggregate(aggregate);
+        return rewrite_aggregate(aggregate, swaps);
+    }
+    if let Some(sort) = node.downcast_ref::<SortExec>()
+        && swaps.sorts_and_groups
+    {
+        return rewrite_sort(sort, swaps);
     }
     Ok(None)
+}
+
+/// `sort` with the kernels of `swaps` in its keys, or `None` when none
+/// applies.
+fn rewrite_sort(sort: &SortExec, swaps: Swaps) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    let schema = sort.input().schema();
+    let mut changed = false;
+    let keys = sort
+        .expr()
+        .iter()
+        .map(|key| {
+            let expr = rewrite_expr(&key.expr, &schema, swaps)?;
+            changed |= expr.transformed;
+            Ok(PhysicalSortExpr::new(expr.data, key.options))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let Some(keys) = changed.then(|| LexOrdering::new(keys)).flatten() else {
+        return Ok(None);
+    };
+    let rewritten = SortExec::new(keys, Arc::clone(sort.input()))
+        .with_preserve_partitioning(sort.preserve_partitioning())
+        .with_fetch(sort.fetch());
+    Ok(Some(Arc::new(rewritten)))
 }
 
 /// `aggregate` with faster kernels in its functions' arguments, or `None`
 /// when none applies. Only a first stage evaluates its arguments on rows;
 /// the later ones merge states.
-fn rewrite_aggregate(aggregate: &AggregateExec) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+fn rewrite_aggregate(
+    aggregate: &AggregateExec,
+    swaps: Swaps,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     if aggregate.mode().input_mode() != AggregateInputMode::Raw {
         return Ok(None);
     }
     let schema = aggregate.input().schema();
-    let mut changed = false;
+    let grouped = if swaps.sorts_and_groups {
+        rewrite_group_by(aggregate, &schema, swaps)?
+    } else {
+        None
+    };
+    let aggregate = grouped.as_ref().unwrap_or(aggregate);
+    let mut changed = grouped.is_some();
     let mut functions = Vec::with_capacity(aggregate.aggr_expr().len());
     for function in aggregate.aggr_expr() {
         let expressions = function.all_expressions();
         let mut args = Vec::with_capacity(expressions.args.len());
         let mut rewritten = false;
         for arg in &expressions.args {
-            let arg = rewrite_expr(arg, &schema)?;
+            let arg = rewrite_expr(arg, &schema, swaps)?;
             rewritten |= arg.transformed;
             args.push(arg.data);
         }
@@ -129,28 +227,79 @@ fn rewrite_aggregate(aggregate: &AggregateExec) -> Result<Option<Arc<dyn Executi
         .then(|| Arc::new(aggregate.with_new_aggr_exprs(functions)) as Arc<dyn ExecutionPlan>))
 }
 
-/// `expr` with each `AND` of conditions a conjunction, each decimal `+`,
-/// `-` and `*` a narrow decimal operation, and each integer one checked
-/// for overflow.
+/// `aggregate` (a first stage) with the kernels of `swaps` in its grouping
+/// expressions, or `None` when none applies.
+fn rewrite_group_by(
+    aggregate: &AggregateExec,
+    schema: &Schema,
+    swaps: Swaps,
+) -> Result<Option<AggregateExec>> {
+    let group_by = aggregate.group_expr();
+    let mut changed = false;
+    let mut rewrite = |exprs: &[(Arc<dyn PhysicalExpr>, String)]| {
+        exprs
+            .iter()
+            .map(|(expr, name)| {
+                let expr = rewrite_expr(expr, schema, swaps)?;
+                changed |= expr.transformed;
+                Ok((expr.data, name.clone()))
+            })
+            .collect::<Result<Vec<_>>>()
+    };
+    let exprs = rewrite(group_by.expr())?;
+    if !changed {
+        return Ok(None);
+    }
+    let group_by = PhysicalGroupBy::new(
+        exprs,
+        group_by.null_expr().to_vec(),
+        group_by.groups().to_vec(),
+        group_by.has_grouping_set(),
+    );
+    let rewritten = AggregateExec::try_new(
+        *aggregate.mode(),
+        group_by,
+        aggregate.aggr_expr().to_vec(),
+        aggregate.filter_expr().to_vec(),
+        Arc::clone(aggregate.input()),
+        aggregate.input_schema(),
+    )?
+    .with_limit_options(aggregate.limit_options());
+    Ok(Some(rewritten))
+}
+
+/// `expr` with the kernels of `swaps` in it.
 fn rewrite_expr(
     expr: &Arc<dyn PhysicalExpr>,
     schema: &Schema,
+    swaps: Swaps,
 ) -> Result<Transformed<Arc<dyn PhysicalExpr>>> {
     Arc::clone(expr).transform_down(|expr| {
-        if let Some(conjunction) = conjunction_of(&expr) {
-            return Ok(Transformed::yes(Arc::new(conjunction)));
-        }
-        let Some(binary) = expr.downcast_ref::<BinaryExpr>() else {
-            return Ok(Transformed::no(expr));
-        };
-        if let Some(narrowed) = narrow_decimal(binary, schema) {
-            return Ok(Transformed::yes(Arc::new(narrowed)));
-        }
-        if let Some(checked) = checked_integer(binary, schema) {
-            return Ok(Transformed::yes(Arc::new(checked)));
-        }
-        Ok(Transformed::no(expr))
+        Ok(match (swaps.swap)(&expr, schema) {
+            Some(swapped) => Transformed::yes(swapped),
+            None => Transformed::no(expr),
+        })
     })
+}
+
+/// `expr` as a conjunction, if it is an `AND` of conditions, or as a
+/// narrow decimal operation, if it is a decimal `+`, `-` or `*`.
+fn faster_kernel(expr: &Arc<dyn PhysicalExpr>, schema: &Schema) -> Option<Arc<dyn PhysicalExpr>> {
+    if let Some(conjunction) = conjunction_of(expr) {
+        return Some(Arc::new(conjunction));
+    }
+    let binary = expr.downcast_ref::<BinaryExpr>()?;
+    narrow_decimal(binary, schema).map(|narrowed| Arc::new(narrowed) as Arc<dyn PhysicalExpr>)
+}
+
+/// `expr` failing on overflow, if it is an integer `+`, `-`, `*` or
+/// negation that does not already.
+fn checked_kernel(expr: &Arc<dyn PhysicalExpr>, schema: &Schema) -> Option<Arc<dyn PhysicalExpr>> {
+    if let Some(negation) = checked_negative(expr, schema) {
+        return Some(Arc::new(negation));
+    }
+    let binary = expr.downcast_ref::<BinaryExpr>()?;
+    checked_integer(binary, schema).map(|checked| Arc::new(checked) as Arc<dyn PhysicalExpr>)
 }
 
 /// `binary` failing on overflow, if it is an integer `+`, `-` or `*` (as
@@ -193,7 +342,7 @@ mod tests {
     use super::decimal::NarrowDecimal;
     use super::*;
     use crate::query::session::physical_optimizer_rules;
-    use crate::query::testing::{answer, plan_and_run, session_over};
+    use crate::query::testing::{answer, plan_and_run, session_over, session_with_rules};
 
     /// How many expressions of the kernels `plan` evaluates: narrow decimal
     /// operations and conjunctions.
@@ -277,6 +426,38 @@ mod tests {
     /// and aggregates' arguments, where DataFusion's own kernels wrap; the
     /// values that fit answer as before.
     #[tokio::test]
+    async fn integer_arithmetic_moved_into_a_scan_still_fails_on_overflow() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("t.parquet");
+        crate::query::testing::write_int64_columns(&path, &[("x", vec![i64::MAX - 1, 5])], None);
+        let session = async |rules| {
+            let ctx = session_with_rules(rules);
+            ctx.register_parquet("t", path.to_string_lossy(), Default::default())
+                .await
+                .expect("register");
+            ctx
+        };
+        let wrapping = session(PhysicalOptimizer::new().rules).await;
+        let checked = session(physical_optimizer_rules()).await;
+        for sql in ["SELECT x + 2 FROM t", "SELECT -(-x - 2) AS y FROM t"] {
+            // The projection is evaluated by the scan itself.
+            let plan = answer(&checked, &format!("EXPLAIN {sql}"))
+                .await
+                .expect(sql);
+            let scan = plan
+                .lines()
+                .find(|line| line.contains("DataSourceExec"))
+                .unwrap_or_default();
+            assert!(scan.contains("x@0") && scan.contains(" as "), "{plan}");
+            assert!(!plan.contains("ProjectionExec"), "{plan}");
+            let wrapped = answer(&wrapping, sql).await;
+            assert!(wrapped.is_ok(), "{sql}: {wrapped:?}");
+            let error = answer(&checked, sql).await.expect_err(sql).to_string();
+            assert!(error.contains("Overflow"), "{sql}: {error}");
+        }
+    }
+
+    #[tokio::test]
     async fn integer_arithmetic_that_overflows_fails_rather_than_wrapping() {
         use arrow::array::Int32Array;
         let big: ArrayRef = Arc::new(Int64Array::from(vec![i64::MAX - 1, 5, -7]));
@@ -296,6 +477,13 @@ mod tests {
             "SELECT i * CAST(3 AS INT) FROM t",
             "SELECT count(*) FROM t WHERE x + 10 > 0",
             "SELECT max(x + 2), i FROM t GROUP BY i",
+            "SELECT x + 2, count(*) FROM t GROUP BY x + 2",
+            "SELECT x FROM t ORDER BY x * 2",
+            "SELECT i FROM t ORDER BY i + i LIMIT 1",
+            // -x - 2 is the smallest BIGINT for x = i64::MAX - 1: it has
+            // no negation.
+            "SELECT -(-x - 2) FROM t",
+            "SELECT count(*) FROM t WHERE -(-x - 2) < 0",
         ];
         for sql in overflowing {
             // DataFusion's kernels wrap: an answer, and a wrong one.
@@ -308,6 +496,9 @@ mod tests {
             "SELECT x + 1, x - 1, i - 1, i * 1 FROM t ORDER BY x",
             "SELECT count(*) FROM t WHERE x * 1 > 0 AND i + 1 > 0",
             "SELECT sum(x * 2), min(i + 1) FROM t WHERE x < 100",
+            "SELECT -x, -i, -(-x - 1) FROM t ORDER BY -x",
+            "SELECT x - 1, count(*) FROM t GROUP BY x - 1 ORDER BY 1",
+            "SELECT x FROM t ORDER BY x + 1 DESC LIMIT 2",
         ] {
             let expected = answer(&wrapping, sql).await.expect(sql);
             assert_eq!(answer(&checked, sql).await.expect(sql), expected, "{sql}");
