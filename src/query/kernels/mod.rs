@@ -23,6 +23,10 @@ use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateInputMode, PhysicalGroupBy};
 use datafusion::physical_plan::filter::{FilterExec, FilterExecBuilder};
+use datafusion::physical_plan::joins::utils::JoinFilter;
+use datafusion::physical_plan::joins::{
+    HashJoinExec, NestedLoopJoinExec, NestedLoopJoinExecBuilder,
+};
 use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
 use datafusion::physical_plan::sorts::sort::SortExec;
 
@@ -56,8 +60,8 @@ impl PhysicalOptimizerRule for ExpressionKernels {
 }
 
 /// Swaps checked kernels into the integer `+`, `-`, `*` and negations that
-/// projections, filters, sorts and the first stage of aggregates (grouping
-/// and arguments) evaluate. Runs first, on the plan as planned: later rules
+/// projections, filters, sorts, joins (keys and conditions) and the first
+/// stage of aggregates (grouping and arguments) evaluate. Runs first, on the plan as planned: later rules
 /// move projections into the scans below them, where they are out of
 /// reach, and keep the kernels of the expressions they move.
 #[derive(Debug, Default)]
@@ -88,20 +92,21 @@ type Swap = fn(&Arc<dyn PhysicalExpr>, &Schema) -> Option<Arc<dyn PhysicalExpr>>
 #[derive(Debug, Clone, Copy)]
 struct Swaps {
     swap: Swap,
-    /// Whether sort keys and grouping expressions are rewritten too.
-    sorts_and_groups: bool,
+    /// Whether sort keys, grouping expressions and join conditions are
+    /// rewritten too.
+    sorts_groups_and_joins: bool,
 }
 
 impl Swaps {
     const FASTER: Swaps = Swaps {
         swap: faster_kernel,
-        // A sort or aggregate made anew after the other rules would lose
-        // the dynamic filters they pushed into the scans for it.
-        sorts_and_groups: false,
+        // A sort, aggregate or join made anew after the other rules would
+        // lose the dynamic filters they pushed into the scans for it.
+        sorts_groups_and_joins: false,
     };
     const CHECKED: Swaps = Swaps {
         swap: checked_kernel,
-        sorts_and_groups: true,
+        sorts_groups_and_joins: true,
     };
 }
 
@@ -153,12 +158,67 @@ fn rewrite_node(
     if let Some(aggregate) = node.downcast_ref::<AggregateExec>() {
         return rewrite_aggregate(aggregate, swaps);
     }
-    if let Some(sort) = node.downcast_ref::<SortExec>()
-        && swaps.sorts_and_groups
-    {
+    if !swaps.sorts_groups_and_joins {
+        return Ok(None);
+    }
+    if let Some(sort) = node.downcast_ref::<SortExec>() {
         return rewrite_sort(sort, swaps);
     }
+    if let Some(join) = node.downcast_ref::<HashJoinExec>() {
+        return rewrite_hash_join(join, swaps);
+    }
+    if let Some(join) = node.downcast_ref::<NestedLoopJoinExec>() {
+        let Some(filter) = rewrite_join_filter(join.filter(), swaps)? else {
+            return Ok(None);
+        };
+        let rewritten = NestedLoopJoinExecBuilder::from(join)
+            .with_filter(Some(filter))
+            .build()?;
+        return Ok(Some(Arc::new(rewritten)));
+    }
     Ok(None)
+}
+
+/// `join` with the kernels of `swaps` in its keys and its filter, or `None`
+/// when none applies.
+fn rewrite_hash_join(join: &HashJoinExec, swaps: Swaps) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    let (left, right) = (join.left().schema(), join.right().schema());
+    let mut changed = false;
+    let on = join
+        .on()
+        .iter()
+        .map(|(left_key, right_key)| {
+            let left_key = rewrite_expr(left_key, &left, swaps)?;
+            let right_key = rewrite_expr(right_key, &right, swaps)?;
+            changed |= left_key.transformed || right_key.transformed;
+            Ok((left_key.data, right_key.data))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let filter = rewrite_join_filter(join.filter(), swaps)?;
+    if !changed && filter.is_none() {
+        return Ok(None);
+    }
+    let mut builder = join.builder().with_on(on);
+    if let Some(filter) = filter {
+        builder = builder.with_filter(Some(filter));
+    }
+    builder.build_exec().map(Some)
+}
+
+/// `filter` with the kernels of `swaps` in its condition, or `None` when
+/// none applies (or there is no filter).
+fn rewrite_join_filter(filter: Option<&JoinFilter>, swaps: Swaps) -> Result<Option<JoinFilter>> {
+    let Some(filter) = filter else {
+        return Ok(None);
+    };
+    let condition = rewrite_expr(filter.expression(), filter.schema(), swaps)?;
+    Ok(condition.transformed.then(|| {
+        JoinFilter::new(
+            condition.data,
+            filter.column_indices().to_vec(),
+            Arc::clone(filter.schema()),
+        )
+    }))
 }
 
 /// `sort` with the kernels of `swaps` in its keys, or `None` when none
@@ -195,7 +255,7 @@ fn rewrite_aggregate(
         return Ok(None);
     }
     let schema = aggregate.input().schema();
-    let grouped = if swaps.sorts_and_groups {
+    let grouped = if swaps.sorts_groups_and_joins {
         rewrite_group_by(aggregate, &schema, swaps)?
     } else {
         None
@@ -484,6 +544,10 @@ mod tests {
             // no negation.
             "SELECT -(-x - 2) FROM t",
             "SELECT count(*) FROM t WHERE -(-x - 2) < 0",
+            "SELECT count(*) FROM t a JOIN t b ON a.x + 2 = b.x",
+            "SELECT count(*) FROM t a JOIN t b ON a.x = b.x AND a.x * 2 > b.i",
+            "SELECT count(b.i) FROM t a LEFT JOIN t b ON a.x = b.x AND a.x * 2 > b.i",
+            "SELECT count(*) FROM t a JOIN t b ON a.x * 2 > b.x",
         ];
         for sql in overflowing {
             // DataFusion's kernels wrap: an answer, and a wrong one.
@@ -499,6 +563,8 @@ mod tests {
             "SELECT -x, -i, -(-x - 1) FROM t ORDER BY -x",
             "SELECT x - 1, count(*) FROM t GROUP BY x - 1 ORDER BY 1",
             "SELECT x FROM t ORDER BY x + 1 DESC LIMIT 2",
+            "SELECT a.x, b.i FROM t a JOIN t b ON a.x - 1 = b.x - 1 AND a.i + 1 > b.i ORDER BY 1",
+            "SELECT count(*) FROM t a JOIN t b ON a.i * 2 > b.x",
         ] {
             let expected = answer(&wrapping, sql).await.expect(sql);
             assert_eq!(answer(&checked, sql).await.expect(sql), expected, "{sql}");
