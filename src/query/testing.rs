@@ -46,6 +46,31 @@ pub(crate) async fn answer(ctx: &SessionContext, sql: &str) -> datafusion::error
     Ok(arrow::util::pretty::pretty_format_batches(&batches)?.to_string())
 }
 
+/// Asserts that `sql` answers in `wrapping`, whose kernels wrap around on
+/// overflow (an answer, and a wrong one), and fails in `checked` with an
+/// error that says `error`.
+pub(crate) async fn assert_fails_where_it_wrapped(
+    wrapping: &SessionContext,
+    checked: &SessionContext,
+    sql: &str,
+    error: &str,
+) {
+    let wrapped = answer(wrapping, sql).await;
+    assert!(wrapped.is_ok(), "{sql}: {wrapped:?}");
+    let failure = answer(checked, sql).await.expect_err(sql).to_string();
+    assert!(failure.contains(error), "{sql}: {failure}");
+}
+
+/// Asserts that `sql` answers in `checked` what it answers in `wrapping`.
+pub(crate) async fn assert_answers_alike(
+    wrapping: &SessionContext,
+    checked: &SessionContext,
+    sql: &str,
+) {
+    let expected = answer(wrapping, sql).await.expect(sql);
+    assert_eq!(answer(checked, sql).await.expect(sql), expected, "{sql}");
+}
+
 /// Writes `columns` (name, values), each a non-null `Int64`, as one Parquet
 /// file at `path`, in row groups of at most `row_group_rows` rows (the
 /// writer's default when `None`).

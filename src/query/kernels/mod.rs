@@ -402,7 +402,10 @@ mod tests {
     use super::decimal::NarrowDecimal;
     use super::*;
     use crate::query::session::physical_optimizer_rules;
-    use crate::query::testing::{answer, plan_and_run, session_over, session_with_rules};
+    use crate::query::testing::{
+        answer, assert_answers_alike, assert_fails_where_it_wrapped, plan_and_run, session_over,
+        session_with_rules,
+    };
 
     /// How many expressions of the kernels `plan` evaluates: narrow decimal
     /// operations and conjunctions.
@@ -510,10 +513,7 @@ mod tests {
                 .unwrap_or_default();
             assert!(scan.contains("x@0") && scan.contains(" as "), "{plan}");
             assert!(!plan.contains("ProjectionExec"), "{plan}");
-            let wrapped = answer(&wrapping, sql).await;
-            assert!(wrapped.is_ok(), "{sql}: {wrapped:?}");
-            let error = answer(&checked, sql).await.expect_err(sql).to_string();
-            assert!(error.contains("Overflow"), "{sql}: {error}");
+            assert_fails_where_it_wrapped(&wrapping, &checked, sql, "Overflow").await;
         }
     }
 
@@ -550,11 +550,7 @@ mod tests {
             "SELECT count(*) FROM t a JOIN t b ON a.x * 2 > b.x",
         ];
         for sql in overflowing {
-            // DataFusion's kernels wrap: an answer, and a wrong one.
-            let wrapped = answer(&wrapping, sql).await;
-            assert!(wrapped.is_ok(), "{sql}: {wrapped:?}");
-            let error = answer(&checked, sql).await.expect_err(sql).to_string();
-            assert!(error.contains("Overflow"), "{sql}: {error}");
+            assert_fails_where_it_wrapped(&wrapping, &checked, sql, "Overflow").await;
         }
         for sql in [
             "SELECT x + 1, x - 1, i - 1, i * 1 FROM t ORDER BY x",
@@ -566,8 +562,7 @@ mod tests {
             "SELECT a.x, b.i FROM t a JOIN t b ON a.x - 1 = b.x - 1 AND a.i + 1 > b.i ORDER BY 1",
             "SELECT count(*) FROM t a JOIN t b ON a.i * 2 > b.x",
         ] {
-            let expected = answer(&wrapping, sql).await.expect(sql);
-            assert_eq!(answer(&checked, sql).await.expect(sql), expected, "{sql}");
+            assert_answers_alike(&wrapping, &checked, sql).await;
         }
     }
 }
