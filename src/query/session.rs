@@ -27,7 +27,7 @@ use super::checked_constants::CheckedConstants;
 use super::checked_sum;
 use super::join_filters::SelectiveJoinFilters;
 use super::join_sides::RowCountJoinSides;
-use super::kernels::{CheckedIntegers, ExpressionKernels};
+use super::kernels::ExpressionKernels;
 use super::recursion::{BoundedRecursion, RecursionLimit};
 use super::selectivity::StringFilterSelectivity;
 use super::shared_subplans::SharedSubplans;
@@ -112,7 +112,7 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
 /// joins that yield their thread as they emit.
 pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + Send + Sync>> {
     let mut rules = PhysicalOptimizer::new().rules;
-    rules.insert(0, Arc::new(CheckedIntegers));
+    rules.insert(0, Arc::new(ExpressionKernels::CHECKED));
     let join_selection = rules
         .iter()
         .position(|rule| rule.name() == "join_selection")
@@ -125,7 +125,7 @@ pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + 
         .unwrap_or(rules.len());
     rules.insert(dynamic_filters, Arc::new(SharedSubplans));
     rules.push(Arc::new(SelectiveJoinFilters));
-    rules.push(Arc::new(ExpressionKernels));
+    rules.push(Arc::new(ExpressionKernels::FASTER));
     rules.push(Arc::new(SerialHotScans));
     rules.push(Arc::new(BoundedRecursion));
     rules.push(Arc::new(YieldingJoins));

@@ -34,12 +34,45 @@ use conjunction::conjunction_of;
 use decimal::narrow_decimal;
 use negation::checked_negative;
 
-/// Swaps faster kernels into the expressions that projections, filters and
-/// the first stage of aggregates evaluate: [`NarrowDecimal`](decimal::NarrowDecimal) for decimal
-/// `+`, `-` and `*`, and [`Conjunction`](conjunction::Conjunction) for `AND`s. Runs after the other
-/// rules: it changes how values are computed, not the plan.
-#[derive(Debug, Default)]
-pub(super) struct ExpressionKernels;
+/// A rule that swaps kernels into the expressions of a plan's operators.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ExpressionKernels {
+    name: &'static str,
+    swap: Swap,
+    /// Whether sort keys, grouping expressions and join conditions are
+    /// rewritten too.
+    sorts_groups_and_joins: bool,
+}
+
+/// An expression with another kernel, or `None` to leave it be.
+type Swap = fn(&Arc<dyn PhysicalExpr>, &Schema) -> Option<Arc<dyn PhysicalExpr>>;
+
+impl ExpressionKernels {
+    /// Swaps faster kernels into the expressions that projections, filters
+    /// and the first stage of aggregates evaluate: [`NarrowDecimal`](decimal::NarrowDecimal) for
+    /// decimal `+`, `-` and `*`, and [`Conjunction`](conjunction::Conjunction) for `AND`s. Runs
+    /// after the other rules: it changes how values are computed, not the
+    /// plan.
+    pub(super) const FASTER: ExpressionKernels = ExpressionKernels {
+        name: "expression_kernels",
+        swap: faster_kernel,
+        // A sort, aggregate or join made anew after the other rules would
+        // lose the dynamic filters they pushed into the scans for it.
+        sorts_groups_and_joins: false,
+    };
+
+    /// Swaps checked kernels into the integer `+`, `-`, `*` and negations
+    /// that projections, filters, sorts, joins (keys and conditions) and
+    /// the first stage of aggregates (grouping and arguments) evaluate.
+    /// Runs first, on the plan as planned: later rules move projections
+    /// into the scans below them, where they are out of reach, and keep
+    /// the kernels of the expressions they move.
+    pub(super) const CHECKED: ExpressionKernels = ExpressionKernels {
+        name: "checked_integers",
+        swap: checked_kernel,
+        sorts_groups_and_joins: true,
+    };
+}
 
 impl PhysicalOptimizerRule for ExpressionKernels {
     fn optimize(
@@ -47,11 +80,11 @@ impl PhysicalOptimizerRule for ExpressionKernels {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        rewrite_plan(plan, Swaps::FASTER)
+        rewrite_plan(plan, *self)
     }
 
     fn name(&self) -> &str {
-        "expression_kernels"
+        self.name
     }
 
     fn schema_check(&self) -> bool {
@@ -59,61 +92,13 @@ impl PhysicalOptimizerRule for ExpressionKernels {
     }
 }
 
-/// Swaps checked kernels into the integer `+`, `-`, `*` and negations that
-/// projections, filters, sorts, joins (keys and conditions) and the first
-/// stage of aggregates (grouping and arguments) evaluate. Runs first, on the plan as planned: later rules
-/// move projections into the scans below them, where they are out of
-/// reach, and keep the kernels of the expressions they move.
-#[derive(Debug, Default)]
-pub(super) struct CheckedIntegers;
-
-impl PhysicalOptimizerRule for CheckedIntegers {
-    fn optimize(
-        &self,
-        plan: Arc<dyn ExecutionPlan>,
-        _config: &ConfigOptions,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        rewrite_plan(plan, Swaps::CHECKED)
-    }
-
-    fn name(&self) -> &str {
-        "checked_integers"
-    }
-
-    fn schema_check(&self) -> bool {
-        true
-    }
-}
-
-/// An expression with another kernel, or `None` to leave it be.
-type Swap = fn(&Arc<dyn PhysicalExpr>, &Schema) -> Option<Arc<dyn PhysicalExpr>>;
-
-/// The kernels a rule swaps in, and where.
-#[derive(Debug, Clone, Copy)]
-struct Swaps {
-    swap: Swap,
-    /// Whether sort keys, grouping expressions and join conditions are
-    /// rewritten too.
-    sorts_groups_and_joins: bool,
-}
-
-impl Swaps {
-    const FASTER: Swaps = Swaps {
-        swap: faster_kernel,
-        // A sort, aggregate or join made anew after the other rules would
-        // lose the dynamic filters they pushed into the scans for it.
-        sorts_groups_and_joins: false,
-    };
-    const CHECKED: Swaps = Swaps {
-        swap: checked_kernel,
-        sorts_groups_and_joins: true,
-    };
-}
-
-/// `plan` with the kernels of `swaps` in its operators' expressions.
-fn rewrite_plan(plan: Arc<dyn ExecutionPlan>, swaps: Swaps) -> Result<Arc<dyn ExecutionPlan>> {
+/// `plan` with the kernels of `kernels` in its operators' expressions.
+fn rewrite_plan(
+    plan: Arc<dyn ExecutionPlan>,
+    kernels: ExpressionKernels,
+) -> Result<Arc<dyn ExecutionPlan>> {
     plan.transform_up(|node| {
-        rewrite_node(&node, swaps).map(|rewritten| match rewritten {
+        rewrite_node(&node, kernels).map(|rewritten| match rewritten {
             Some(rewritten) => Transformed::yes(rewritten),
             None => Transformed::no(node),
         })
@@ -121,11 +106,11 @@ fn rewrite_plan(plan: Arc<dyn ExecutionPlan>, swaps: Swaps) -> Result<Arc<dyn Ex
     .map(|transformed| transformed.data)
 }
 
-/// `node` with the kernels of `swaps` in its expressions, or `None` when
+/// `node` with the kernels of `kernels` in its expressions, or `None` when
 /// none applies (or it is not an operator whose expressions are rewritten).
 fn rewrite_node(
     node: &Arc<dyn ExecutionPlan>,
-    swaps: Swaps,
+    kernels: ExpressionKernels,
 ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     if let Some(projection) = node.downcast_ref::<ProjectionExec>() {
         let schema = projection.input().schema();
@@ -134,7 +119,7 @@ fn rewrite_node(
             .expr()
             .iter()
             .map(|projected| {
-                let expr = rewrite_expr(&projected.expr, &schema, swaps)?;
+                let expr = rewrite_expr(&projected.expr, &schema, kernels)?;
                 changed |= expr.transformed;
                 Ok(ProjectionExpr::new(expr.data, projected.alias.clone()))
             })
@@ -146,7 +131,7 @@ fn rewrite_node(
         return Ok(Some(Arc::new(rewritten)));
     }
     if let Some(filter) = node.downcast_ref::<FilterExec>() {
-        let predicate = rewrite_expr(filter.predicate(), &filter.input().schema(), swaps)?;
+        let predicate = rewrite_expr(filter.predicate(), &filter.input().schema(), kernels)?;
         if !predicate.transformed {
             return Ok(None);
         }
@@ -156,19 +141,19 @@ fn rewrite_node(
         return Ok(Some(Arc::new(rewritten)));
     }
     if let Some(aggregate) = node.downcast_ref::<AggregateExec>() {
-        return rewrite_aggregate(aggregate, swaps);
+        return rewrite_aggregate(aggregate, kernels);
     }
-    if !swaps.sorts_groups_and_joins {
+    if !kernels.sorts_groups_and_joins {
         return Ok(None);
     }
     if let Some(sort) = node.downcast_ref::<SortExec>() {
-        return rewrite_sort(sort, swaps);
+        return rewrite_sort(sort, kernels);
     }
     if let Some(join) = node.downcast_ref::<HashJoinExec>() {
-        return rewrite_hash_join(join, swaps);
+        return rewrite_hash_join(join, kernels);
     }
     if let Some(join) = node.downcast_ref::<NestedLoopJoinExec>() {
-        let Some(filter) = rewrite_join_filter(join.filter(), swaps)? else {
+        let Some(filter) = rewrite_join_filter(join.filter(), kernels)? else {
             return Ok(None);
         };
         let rewritten = NestedLoopJoinExecBuilder::from(join)
@@ -179,22 +164,25 @@ fn rewrite_node(
     Ok(None)
 }
 
-/// `join` with the kernels of `swaps` in its keys and its filter, or `None`
+/// `join` with the kernels of `kernels` in its keys and its filter, or `None`
 /// when none applies.
-fn rewrite_hash_join(join: &HashJoinExec, swaps: Swaps) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+fn rewrite_hash_join(
+    join: &HashJoinExec,
+    kernels: ExpressionKernels,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     let (left, right) = (join.left().schema(), join.right().schema());
     let mut changed = false;
     let on = join
         .on()
         .iter()
         .map(|(left_key, right_key)| {
-            let left_key = rewrite_expr(left_key, &left, swaps)?;
-            let right_key = rewrite_expr(right_key, &right, swaps)?;
+            let left_key = rewrite_expr(left_key, &left, kernels)?;
+            let right_key = rewrite_expr(right_key, &right, kernels)?;
             changed |= left_key.transformed || right_key.transformed;
             Ok((left_key.data, right_key.data))
         })
         .collect::<Result<Vec<_>>>()?;
-    let filter = rewrite_join_filter(join.filter(), swaps)?;
+    let filter = rewrite_join_filter(join.filter(), kernels)?;
     if !changed && filter.is_none() {
         return Ok(None);
     }
@@ -205,13 +193,16 @@ fn rewrite_hash_join(join: &HashJoinExec, swaps: Swaps) -> Result<Option<Arc<dyn
     builder.build_exec().map(Some)
 }
 
-/// `filter` with the kernels of `swaps` in its condition, or `None` when
+/// `filter` with the kernels of `kernels` in its condition, or `None` when
 /// none applies (or there is no filter).
-fn rewrite_join_filter(filter: Option<&JoinFilter>, swaps: Swaps) -> Result<Option<JoinFilter>> {
+fn rewrite_join_filter(
+    filter: Option<&JoinFilter>,
+    kernels: ExpressionKernels,
+) -> Result<Option<JoinFilter>> {
     let Some(filter) = filter else {
         return Ok(None);
     };
-    let condition = rewrite_expr(filter.expression(), filter.schema(), swaps)?;
+    let condition = rewrite_expr(filter.expression(), filter.schema(), kernels)?;
     Ok(condition.transformed.then(|| {
         JoinFilter::new(
             condition.data,
@@ -221,16 +212,19 @@ fn rewrite_join_filter(filter: Option<&JoinFilter>, swaps: Swaps) -> Result<Opti
     }))
 }
 
-/// `sort` with the kernels of `swaps` in its keys, or `None` when none
+/// `sort` with the kernels of `kernels` in its keys, or `None` when none
 /// applies.
-fn rewrite_sort(sort: &SortExec, swaps: Swaps) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+fn rewrite_sort(
+    sort: &SortExec,
+    kernels: ExpressionKernels,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     let schema = sort.input().schema();
     let mut changed = false;
     let keys = sort
         .expr()
         .iter()
         .map(|key| {
-            let expr = rewrite_expr(&key.expr, &schema, swaps)?;
+            let expr = rewrite_expr(&key.expr, &schema, kernels)?;
             changed |= expr.transformed;
             Ok(PhysicalSortExpr::new(expr.data, key.options))
         })
@@ -249,14 +243,14 @@ fn rewrite_sort(sort: &SortExec, swaps: Swaps) -> Result<Option<Arc<dyn Executio
 /// the later ones merge states.
 fn rewrite_aggregate(
     aggregate: &AggregateExec,
-    swaps: Swaps,
+    kernels: ExpressionKernels,
 ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     if aggregate.mode().input_mode() != AggregateInputMode::Raw {
         return Ok(None);
     }
     let schema = aggregate.input().schema();
-    let grouped = if swaps.sorts_groups_and_joins {
-        rewrite_group_by(aggregate, &schema, swaps)?
+    let grouped = if kernels.sorts_groups_and_joins {
+        rewrite_group_by(aggregate, &schema, kernels)?
     } else {
         None
     };
@@ -268,7 +262,7 @@ fn rewrite_aggregate(
         let mut args = Vec::with_capacity(expressions.args.len());
         let mut rewritten = false;
         for arg in &expressions.args {
-            let arg = rewrite_expr(arg, &schema, swaps)?;
+            let arg = rewrite_expr(arg, &schema, kernels)?;
             rewritten |= arg.transformed;
             args.push(arg.data);
         }
@@ -287,12 +281,12 @@ fn rewrite_aggregate(
         .then(|| Arc::new(aggregate.with_new_aggr_exprs(functions)) as Arc<dyn ExecutionPlan>))
 }
 
-/// `aggregate` (a first stage) with the kernels of `swaps` in its grouping
+/// `aggregate` (a first stage) with the kernels of `kernels` in its grouping
 /// expressions, or `None` when none applies.
 fn rewrite_group_by(
     aggregate: &AggregateExec,
     schema: &Schema,
-    swaps: Swaps,
+    kernels: ExpressionKernels,
 ) -> Result<Option<AggregateExec>> {
     let group_by = aggregate.group_expr();
     let mut changed = false;
@@ -300,7 +294,7 @@ fn rewrite_group_by(
         exprs
             .iter()
             .map(|(expr, name)| {
-                let expr = rewrite_expr(expr, schema, swaps)?;
+                let expr = rewrite_expr(expr, schema, kernels)?;
                 changed |= expr.transformed;
                 Ok((expr.data, name.clone()))
             })
@@ -328,14 +322,14 @@ fn rewrite_group_by(
     Ok(Some(rewritten))
 }
 
-/// `expr` with the kernels of `swaps` in it.
+/// `expr` with the kernels of `kernels` in it.
 fn rewrite_expr(
     expr: &Arc<dyn PhysicalExpr>,
     schema: &Schema,
-    swaps: Swaps,
+    kernels: ExpressionKernels,
 ) -> Result<Transformed<Arc<dyn PhysicalExpr>>> {
     Arc::clone(expr).transform_down(|expr| {
-        Ok(match (swaps.swap)(&expr, schema) {
+        Ok(match (kernels.swap)(&expr, schema) {
             Some(swapped) => Transformed::yes(swapped),
             None => Transformed::no(expr),
         })
