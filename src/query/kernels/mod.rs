@@ -113,20 +113,16 @@ fn rewrite_node(
     kernels: ExpressionKernels,
 ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     if let Some(projection) = node.downcast_ref::<ProjectionExec>() {
-        let schema = projection.input().schema();
-        let mut changed = false;
-        let exprs = projection
-            .expr()
-            .iter()
-            .map(|projected| {
-                let expr = rewrite_expr(&projected.expr, &schema, kernels)?;
-                changed |= expr.transformed;
-                Ok(ProjectionExpr::new(expr.data, projected.alias.clone()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if !changed {
+        let Some(exprs) = rewrite_each(
+            projection.expr(),
+            &projection.input().schema(),
+            kernels,
+            |projected| &projected.expr,
+            |projected, expr| ProjectionExpr::new(expr, projected.alias.clone()),
+        )?
+        else {
             return Ok(None);
-        }
+        };
         let rewritten = ProjectionExec::try_new(exprs, Arc::clone(projection.input()))?;
         return Ok(Some(Arc::new(rewritten)));
     }
@@ -218,18 +214,14 @@ fn rewrite_sort(
     sort: &SortExec,
     kernels: ExpressionKernels,
 ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
-    let schema = sort.input().schema();
-    let mut changed = false;
-    let keys = sort
-        .expr()
-        .iter()
-        .map(|key| {
-            let expr = rewrite_expr(&key.expr, &schema, kernels)?;
-            changed |= expr.transformed;
-            Ok(PhysicalSortExpr::new(expr.data, key.options))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let Some(keys) = changed.then(|| LexOrdering::new(keys)).flatten() else {
+    let keys = rewrite_each(
+        sort.expr(),
+        &sort.input().schema(),
+        kernels,
+        |key| &key.expr,
+        |key, expr| PhysicalSortExpr::new(expr, key.options),
+    )?;
+    let Some(keys) = keys.and_then(LexOrdering::new) else {
         return Ok(None);
     };
     let rewritten = SortExec::new(keys, Arc::clone(sort.input()))
@@ -289,21 +281,16 @@ fn rewrite_group_by(
     kernels: ExpressionKernels,
 ) -> Result<Option<AggregateExec>> {
     let group_by = aggregate.group_expr();
-    let mut changed = false;
-    let mut rewrite = |exprs: &[(Arc<dyn PhysicalExpr>, String)]| {
-        exprs
-            .iter()
-            .map(|(expr, name)| {
-                let expr = rewrite_expr(expr, schema, kernels)?;
-                changed |= expr.transformed;
-                Ok((expr.data, name.clone()))
-            })
-            .collect::<Result<Vec<_>>>()
-    };
-    let exprs = rewrite(group_by.expr())?;
-    if !changed {
+    let Some(exprs) = rewrite_each(
+        group_by.expr(),
+        schema,
+        kernels,
+        |(expr, _)| expr,
+        |(_, name), expr| (expr, name.clone()),
+    )?
+    else {
         return Ok(None);
-    }
+    };
     let group_by = PhysicalGroupBy::new(
         exprs,
         group_by.null_expr().to_vec(),
@@ -320,6 +307,27 @@ fn rewrite_group_by(
     )?
     .with_limit_options(aggregate.limit_options());
     Ok(Some(rewritten))
+}
+
+/// Each of `items` remade (by `remake`) with the kernels of `kernels` in
+/// its expression (`expr`), or `None` when none applies to any.
+fn rewrite_each<T, U>(
+    items: &[T],
+    schema: &Schema,
+    kernels: ExpressionKernels,
+    expr: impl Fn(&T) -> &Arc<dyn PhysicalExpr>,
+    remake: impl Fn(&T, Arc<dyn PhysicalExpr>) -> U,
+) -> Result<Option<Vec<U>>> {
+    let mut changed = false;
+    let remade = items
+        .iter()
+        .map(|item| {
+            let rewritten = rewrite_expr(expr(item), schema, kernels)?;
+            changed |= rewritten.transformed;
+            Ok(remake(item, rewritten.data))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(changed.then_some(remade))
 }
 
 /// `expr` with the kernels of `kernels` in it.
