@@ -87,29 +87,23 @@ mod tests {
     use std::sync::Arc;
 
     use arrow::array::{ArrayRef, Int64Array, RecordBatch};
-    use arrow::datatypes::{DataType, Field, Schema};
-    use datafusion::execution::SessionStateBuilder;
+    use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
     use datafusion::prelude::SessionContext;
 
     use super::*;
-    use crate::query::testing::{answer, assert_answers_alike, assert_fails_where_it_wrapped};
+    use crate::query::testing::{
+        answer, assert_answers_alike, assert_fails_where_it_wrapped, session_over,
+    };
 
     /// A session over table `t` (one BIGINT column `x`: 1, 2, 3), with
     /// the rule or without.
     fn session(checked: bool) -> SessionContext {
-        let mut builder = SessionStateBuilder::new()
-            .with_config(crate::query::session::engine_config().with_target_partitions(2))
-            .with_default_features();
-        if checked {
-            builder = builder.with_analyzer_rule(Arc::new(CheckedConstants));
-        }
-        let ctx = SessionContext::new_with_state(builder.build());
         let x: ArrayRef = Arc::new(Int64Array::from(vec![1, 2, 3]));
-        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
-        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![x]).expect("batch");
-        let table =
-            datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]]).expect("table");
-        ctx.register_table("t", Arc::new(table)).expect("register");
+        let table = RecordBatch::try_from_iter([("x", x)]).expect("batch");
+        let ctx = session_over(PhysicalOptimizer::new().rules, &table);
+        if checked {
+            ctx.add_analyzer_rule(Arc::new(CheckedConstants));
+        }
         ctx
     }
 
