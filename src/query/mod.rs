@@ -57,7 +57,7 @@ use crate::catalog::{Mesh, MeshCatalog, ProductData, ProductName, ReadLog};
 use crate::config::Limits;
 use crate::metrics::{FinishedQuery, Metrics};
 use crate::policy::render_plan;
-use crate::sources::ForwardedToken;
+use crate::sources::{ForwardedToken, SourceError};
 use shapes::{ShapeCache, Shapes};
 
 /// Why a query could not run. Messages are safe to show the caller.
@@ -154,10 +154,12 @@ fn classify(error: &DataFusionError) -> QueryError {
         DataFusionError::ParquetError(e) => QueryError::Source(e.to_string()),
         DataFusionError::Execution(message) => QueryError::Execution(message.clone()),
         DataFusionError::Configuration(message) => QueryError::Invalid(message.clone()),
-        DataFusionError::External(e)
-            if e.downcast_ref::<crate::sources::SourceError>().is_some() =>
-        {
-            QueryError::Source(e.to_string())
+        DataFusionError::External(e) if let Some(source) = e.downcast_ref::<SourceError>() => {
+            if source.cause.data {
+                QueryError::Execution(e.to_string())
+            } else {
+                QueryError::Source(e.to_string())
+            }
         }
         DataFusionError::External(e)
             if e.downcast_ref::<regex::Error>().is_some()

@@ -12,8 +12,8 @@
 //! are.
 //!
 //! The rewrite marks those strings with [`collate_c`], a function never run:
-//! the unparser's PostgreSQL dialect ([`PostgresDialect`]) writes it as
-//! `COLLATE "C"`.
+//! the unparser's PostgreSQL dialect writes it as `COLLATE "C"`
+//! ([`marker_to_sql`]).
 
 use std::sync::{Arc, LazyLock};
 
@@ -27,9 +27,6 @@ use datafusion::logical_expr::{
     ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, SortExpr, Volatility,
 };
 use datafusion::sql::unparser::Unparser;
-use datafusion::sql::unparser::dialect::{
-    Dialect, DistinctFromStyle, IntervalStyle, PostgreSqlDialect,
-};
 use sqlparser::ast;
 
 const COLLATE_C: &str = "meshgate_collate_c";
@@ -182,7 +179,7 @@ pub(crate) fn plan_for_source(plan: LogicalPlan, dialect: super::Dialect) -> Res
 /// The schema a node's expressions are written over: its input's, both
 /// sides' for a join (its own schema), the whole table's for a scan's
 /// filters.
-fn expression_schema(node: &LogicalPlan) -> Option<Arc<DFSchema>> {
+pub(super) fn expression_schema(node: &LogicalPlan) -> Option<Arc<DFSchema>> {
     match node {
         LogicalPlan::Join(join) => Some(Arc::clone(&join.schema)),
         LogicalPlan::TableScan(scan) => {
@@ -197,82 +194,38 @@ fn expression_schema(node: &LogicalPlan) -> Option<Arc<DFSchema>> {
     }
 }
 
-/// PostgreSQL's unparser dialect, which writes [`collate_c`] as
-/// `COLLATE "C"`.
-#[derive(Debug)]
-pub(crate) struct PostgresDialect;
-
-static POSTGRES: PostgreSqlDialect = PostgreSqlDialect {};
-
-impl Dialect for PostgresDialect {
-    fn use_array_keyword_for_array_literals(&self) -> bool {
-        POSTGRES.use_array_keyword_for_array_literals()
+/// [`collate_c`] as PostgreSQL reads it, `string COLLATE "C"`; `None` for
+/// any other function.
+pub(super) fn marker_to_sql(
+    unparser: &Unparser,
+    func_name: &str,
+    args: &[Expr],
+) -> Result<Option<ast::Expr>> {
+    if func_name != COLLATE_C {
+        return Ok(None);
     }
-
-    fn supports_qualify(&self) -> bool {
-        POSTGRES.supports_qualify()
-    }
-
-    fn requires_derived_table_alias(&self) -> bool {
-        POSTGRES.requires_derived_table_alias()
-    }
-
-    fn supports_empty_select_list(&self) -> bool {
-        POSTGRES.supports_empty_select_list()
-    }
-
-    fn identifier_quote_style(&self, identifier: &str) -> Option<char> {
-        POSTGRES.identifier_quote_style(identifier)
-    }
-
-    fn interval_style(&self) -> IntervalStyle {
-        POSTGRES.interval_style()
-    }
-
-    fn float64_ast_dtype(&self) -> ast::DataType {
-        POSTGRES.float64_ast_dtype()
-    }
-
-    fn int8_cast_dtype(&self) -> ast::DataType {
-        POSTGRES.int8_cast_dtype()
-    }
-
-    fn distinct_from_style(&self) -> DistinctFromStyle {
-        POSTGRES.distinct_from_style()
-    }
-
-    fn scalar_function_to_sql_overrides(
-        &self,
-        unparser: &Unparser,
-        func_name: &str,
-        args: &[Expr],
-    ) -> Result<Option<ast::Expr>> {
-        if func_name != COLLATE_C {
-            return POSTGRES.scalar_function_to_sql_overrides(unparser, func_name, args);
-        }
-        let [arg] = args else {
-            return Err(DataFusionError::Internal(format!(
-                "{COLLATE_C} takes one argument"
-            )));
-        };
-        // A literal is text already. Anything else is cast: a column read
-        // as a string may be a `uuid` or `jsonb`, which take no collation,
-        // and whose text is what meshgate orders.
-        let sql = match unparser.expr_to_sql(arg)? {
-            literal @ ast::Expr::Value(_) => literal,
-            other => ast::Expr::Cast {
-                kind: ast::CastKind::Cast,
-                expr: Box::new(other),
-                data_type: ast::DataType::Text,
-                array: false,
-                format: None,
-            },
-        };
-        Ok(Some(ast::Expr::Collate {
-            expr: Box::new(sql),
-            collation: ast::ObjectName::from(vec![ast::Ident::with_quote('"', "C")]),
-        }))
-    }
+    let [arg] = args else {
+        return Err(DataFusionError::Internal(format!(
+            "{COLLATE_C} takes one argument"
+        )));
+    };
+    // A literal is text already. Anything else is cast: a column read
+    // as a string may be a `uuid` or `jsonb`, which take no collation,
+    // and whose text is what meshgate orders.
+    let sql = match unparser.expr_to_sql(arg)? {
+        literal @ ast::Expr::Value(_) => literal,
+        other => ast::Expr::Cast {
+            kind: ast::CastKind::Cast,
+            expr: Box::new(other),
+            data_type: ast::DataType::Text,
+            array: false,
+            format: None,
+        },
+    };
+    Ok(Some(ast::Expr::Collate {
+        expr: Box::new(sql),
+        collation: ast::ObjectName::from(vec![ast::Ident::with_quote('"', "C")]),
+    }))
 }
 
 #[cfg(test)]
@@ -292,7 +245,7 @@ mod tests {
 
     fn sent(expr: Expr) -> String {
         let expr = byte_order_expr(expr, &schema()).unwrap();
-        Unparser::new(&PostgresDialect)
+        Unparser::new(super::super::Dialect::Postgres.unparser_dialect())
             .expr_to_sql(&expr)
             .unwrap()
             .to_string()

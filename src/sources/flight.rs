@@ -127,7 +127,10 @@ impl FlightSource {
         };
         tokio::spawn(async move {
             if let Err(cause) = fetch.await {
-                let error = SourceError { context, cause };
+                let error = SourceError {
+                    context,
+                    cause: cause.into(),
+                };
                 let _ = error_tx.send(Err(error.into_datafusion())).await;
             }
         });

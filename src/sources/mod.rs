@@ -15,6 +15,7 @@ pub(crate) mod pushdown;
 mod sqlite;
 mod table;
 mod tls;
+mod unparse;
 
 use std::fmt;
 use std::sync::Arc;
@@ -42,14 +43,10 @@ impl Dialect {
     pub(crate) fn unparser_dialect(
         self,
     ) -> &'static dyn datafusion::sql::unparser::dialect::Dialect {
-        use datafusion::sql::unparser::dialect::{DefaultDialect, SqliteDialect};
-        static POSTGRES: collation::PostgresDialect = collation::PostgresDialect;
-        static SQLITE: SqliteDialect = SqliteDialect {};
-        static DEFAULT: DefaultDialect = DefaultDialect {};
         match self {
-            Dialect::Postgres => &POSTGRES,
-            Dialect::Sqlite => &SQLITE,
-            Dialect::FlightSql => &DEFAULT,
+            Dialect::Postgres => &unparse::POSTGRES,
+            Dialect::Sqlite => &unparse::SQLITE,
+            Dialect::FlightSql => &unparse::FLIGHT_SQL,
         }
     }
 
@@ -81,10 +78,32 @@ impl Dialect {
 /// What a source failure says: which storage, and why. The query's error
 /// adds the product.
 #[derive(Debug, thiserror::Error)]
-#[error("{context}: {cause}")]
+#[error("{context}: {}", cause.text)]
 pub struct SourceError {
     pub context: String,
-    pub cause: String,
+    pub cause: Cause,
+}
+
+/// Why a source failed.
+#[derive(Debug)]
+pub struct Cause {
+    pub text: String,
+    /// The source ran the statement and failed on its data (an overflow, a
+    /// value out of range), as the query would have failed here: the
+    /// caller's error, not the source's.
+    pub data: bool,
+}
+
+impl From<String> for Cause {
+    fn from(text: String) -> Self {
+        Self { text, data: false }
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(text: &str) -> Self {
+        text.to_string().into()
+    }
 }
 
 impl SourceError {
@@ -187,7 +206,7 @@ impl Source {
     fn error(&self, cause: impl fmt::Display) -> SourceError {
         SourceError {
             context: self.describe(),
-            cause: cause.to_string(),
+            cause: cause.to_string().into(),
         }
     }
 

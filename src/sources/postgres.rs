@@ -21,7 +21,7 @@ use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{Client, NoTls, Row, Socket};
 
 use super::convert::{BATCH_ROWS, conform};
-use super::{Discovery, SourceError};
+use super::{Cause, Discovery, SourceError};
 use crate::config::SourceOptions;
 
 pub(super) struct PostgresSource {
@@ -147,7 +147,7 @@ impl PostgresSource {
         sql: &str,
         schema: &SchemaRef,
         tx: &mpsc::Sender<datafusion::error::Result<arrow::array::RecordBatch>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Cause> {
         let _slot = tokio::select! {
             slot = self.slots.acquire() => slot.map_err(|_| "the source is closed".to_string())?,
             () = tx.closed() => return Ok(()),
@@ -162,9 +162,9 @@ impl PostgresSource {
                 client
                     .query_raw(sql, std::iter::empty::<i32>())
                     .await
-                    .map_err(|e| describe(&e))?
+                    .map_err(|e| failure(&e))?
             }
-            Err(e) => return Err(describe(&e)),
+            Err(e) => return Err(failure(&e)),
         };
         let mut rows = std::pin::pin!(rows);
         let mut batch: Option<RowBatch> = None;
@@ -185,7 +185,7 @@ impl PostgresSource {
                 }
             };
             let Some(row) = next else { break };
-            let row = row.map_err(|e| describe(&e))?;
+            let row = row.map_err(|e| failure(&e))?;
             let builder = batch.get_or_insert_with(|| RowBatch::new(&row));
             builder.push(&row)?;
             if builder.rows >= BATCH_ROWS {
@@ -230,7 +230,24 @@ where
             tracing::debug!(%error, "PostgreSQL connection ended");
         }
     });
+    // `date_trunc` of a `timestamptz` truncates in the session's time
+    // zone; meshgate's timestamps with a time zone are read as UTC.
+    client
+        .batch_execute("SET TIME ZONE 'UTC'")
+        .await
+        .map_err(|e| Discovery::Refused(describe(&e)))?;
     Ok(client)
+}
+
+/// A failed statement's cause: a data exception (SQLSTATE class 22: a
+/// value out of range, an overflow) is the query's own failure.
+fn failure(error: &tokio_postgres::Error) -> Cause {
+    Cause {
+        text: describe(error),
+        data: error
+            .as_db_error()
+            .is_some_and(|db| db.code().code().starts_with("22")),
+    }
 }
 
 /// The cause of a PostgreSQL error, with the server's own message when it

@@ -32,7 +32,7 @@ use arrow::datatypes::{DataType, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{DFSchemaRef, ScalarValue, TableReference};
+use datafusion::common::{DFSchema, DFSchemaRef, ScalarValue, TableReference};
 use datafusion::datasource::source_as_provider;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::context::QueryPlanner;
@@ -40,8 +40,8 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::expr::{AggregateFunction, ScalarFunction};
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{
-    BinaryExpr, Expr, Extension, FetchType, JoinType, LogicalPlan, Operator, Projection, SkipType,
-    TableScan, UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
+    BinaryExpr, Expr, ExprSchemable, Extension, FetchType, JoinType, LogicalPlan, Operator,
+    Projection, SkipType, TableScan, UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
 };
 use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
 use datafusion::physical_expr::EquivalenceProperties;
@@ -228,7 +228,7 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
         let dialect = table.source.dialect;
         let alias = scan.table_name.table();
         let sent = parse_factor(
-            &format!("{} AS {}", super::quoted_name(&table.remote), quote(alias)),
+            &format!("{} AS {}", table.sent_from(), quote(alias)),
             dialect,
         )?;
         return Some(Group {
@@ -251,13 +251,14 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
     let dialect = table.source.dialect;
     let unparser = Unparser::new(dialect.unparser_dialect());
     let schema = table.schema_ref();
+    let columns_schema = DFSchema::try_from(schema.as_ref().clone()).ok()?;
     let mut select = Vec::new();
     for (index, view) in columns {
         let name = quote(schema.field(*index).name());
         match view {
             ColumnView::Plain => select.push(name),
             ColumnView::Masked { expr, .. } => {
-                if !expr_pushable(expr, dialect) {
+                if !expr_pushable(expr, &columns_schema, dialect) {
                     return None;
                 }
                 let expr = super::collation::for_source(expr.clone(), schema, dialect).ok()?;
@@ -267,13 +268,9 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
             ColumnView::Denied => {}
         }
     }
-    let mut fence = format!(
-        "SELECT {} FROM {}",
-        select.join(", "),
-        super::quoted_name(&table.remote)
-    );
+    let mut fence = format!("SELECT {} FROM {}", select.join(", "), table.sent_from());
     if let Some(filter) = row_filter {
-        if !expr_pushable(filter, dialect) {
+        if !expr_pushable(filter, &columns_schema, dialect) {
             return None;
         }
         let filter = super::collation::for_source(filter.clone(), schema, dialect).ok()?;
@@ -354,15 +351,23 @@ fn node_pushable(plan: &LogicalPlan) -> bool {
 }
 
 fn expressions_pushable(plan: &LogicalPlan, dialect: Dialect) -> bool {
+    let Some(schema) = super::collation::expression_schema(plan) else {
+        return plan.expressions().is_empty();
+    };
     plan.expressions()
         .iter()
-        .all(|expr| expr_pushable(expr, dialect))
+        .all(|expr| expr_pushable(expr, &schema, dialect))
 }
 
 /// Scalar functions every supported dialect spells and computes like
-/// DataFusion does.
-const PORTABLE_FUNCTIONS: &[&str] = &["lower", "upper", "abs", "coalesce", "nullif"];
-/// More functions PostgreSQL shares with DataFusion.
+/// DataFusion does. (`lower` and `upper` are not among them: SQLite's and
+/// PostgreSQL's under the `C` collation change ASCII letters only, and
+/// PostgreSQL's `upper('ß')` is `ß` where DataFusion's is `SS`.)
+const PORTABLE_FUNCTIONS: &[&str] = &["abs", "coalesce", "nullif"];
+/// More functions PostgreSQL computes like DataFusion. (Not `sqrt`, `ln`,
+/// `exp` or `power`, which fail in PostgreSQL where DataFusion answers
+/// NaN or infinity, nor `regexp_replace`, whose patterns PostgreSQL reads
+/// in another regular expression language.)
 const POSTGRES_FUNCTIONS: &[&str] = &[
     "substr",
     "character_length",
@@ -373,45 +378,41 @@ const POSTGRES_FUNCTIONS: &[&str] = &[
     "rtrim",
     "concat",
     "replace",
-    "regexp_replace",
     "starts_with",
     "floor",
     "ceil",
-    "sqrt",
-    "ln",
-    "exp",
-    "power",
     "date_trunc",
 ];
 const AGGREGATES: &[&str] = &["count", "sum", "min", "max", "avg"];
 
-/// Whether `expr` means the same in the source as in DataFusion.
-pub(crate) fn expr_pushable(expr: &Expr, dialect: Dialect) -> bool {
+/// Whether `expr`, over the columns of `schema`, means the same in the
+/// source as in DataFusion: the same rows pass, the same values come out,
+/// and what fails here fails there.
+pub(crate) fn expr_pushable(expr: &Expr, schema: &DFSchema, dialect: Dialect) -> bool {
     !expr
-        .exists(|e| Ok(!node_expr_pushable(e, dialect)))
+        .exists(|e| Ok(!node_expr_pushable(e, schema, dialect)))
         .unwrap_or(true)
 }
 
-fn node_expr_pushable(expr: &Expr, dialect: Dialect) -> bool {
+fn node_expr_pushable(expr: &Expr, schema: &DFSchema, dialect: Dialect) -> bool {
     match expr {
         Expr::Column(_) | Expr::Alias(_) => true,
         Expr::Literal(value, _) => literal_pushable(value, dialect),
-        Expr::BinaryExpr(BinaryExpr { op, .. }) => matches!(
-            op,
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
             Operator::Eq
-                | Operator::NotEq
-                | Operator::Lt
-                | Operator::LtEq
-                | Operator::Gt
-                | Operator::GtEq
-                | Operator::And
-                | Operator::Or
-                | Operator::Plus
-                | Operator::Minus
-                | Operator::Multiply
-                | Operator::Divide
-                | Operator::Modulo
-        ),
+            | Operator::NotEq
+            | Operator::Lt
+            | Operator::LtEq
+            | Operator::Gt
+            | Operator::GtEq
+            | Operator::And
+            | Operator::Or
+            | Operator::Plus
+            | Operator::Minus
+            | Operator::Multiply => true,
+            Operator::Divide | Operator::Modulo => division_pushable(left, *op, right, schema),
+            _ => false,
+        },
         Expr::Not(_)
         | Expr::IsNull(_)
         | Expr::IsNotNull(_)
@@ -427,7 +428,10 @@ fn node_expr_pushable(expr: &Expr, dialect: Dialect) -> bool {
         Expr::Like(like) => {
             dialect != Dialect::Sqlite && !like.case_insensitive && like.escape_char.is_none()
         }
-        Expr::Cast(cast) => type_pushable(cast.field.data_type(), dialect),
+        Expr::Cast(cast) => match cast.expr.get_type(schema) {
+            Ok(from) => cast_pushable(&from, cast.field.data_type(), dialect),
+            Err(_) => false,
+        },
         Expr::ScalarFunction(ScalarFunction { func, .. }) => {
             let name = func.name();
             PORTABLE_FUNCTIONS.contains(&name)
@@ -442,6 +446,63 @@ fn node_expr_pushable(expr: &Expr, dialect: Dialect) -> bool {
                 && !(dialect == Dialect::Sqlite
                     && params.args.iter().any(|a| matches!(a, Expr::Cast(c) if matches!(c.field.data_type(), DataType::Decimal128(..)))))
         }
+        _ => false,
+    }
+}
+
+/// Whether `left / right` or `left % right` is computed alike: by a
+/// constant other than zero (DataFusion fails on a zero divisor of
+/// integers and answers infinity for floating point, PostgreSQL fails on
+/// both, SQLite answers NULL), not of decimals (whose quotients the
+/// source rounds to a scale of its own), and `%` of integers only
+/// (PostgreSQL has no `%` of floating point, SQLite's drops the fraction).
+fn division_pushable(left: &Expr, op: Operator, right: &Expr, schema: &DFSchema) -> bool {
+    let nonzero_constant = match right {
+        Expr::Literal(value, _) => {
+            !value.is_null()
+                && value.data_type().is_numeric()
+                && ScalarValue::new_zero(&value.data_type()).is_ok_and(|zero| zero != *value)
+        }
+        _ => false,
+    };
+    let (Ok(left_type), Ok(right_type)) = (left.get_type(schema), right.get_type(schema)) else {
+        return false;
+    };
+    let types_alike = match op {
+        Operator::Modulo => left_type.is_integer() && right_type.is_integer(),
+        _ => {
+            (left_type.is_integer() && right_type.is_integer())
+                || (left_type.is_floating() && right_type.is_floating())
+        }
+    };
+    nonzero_constant && types_alike
+}
+
+/// Whether a cast from `from` to `to` gives the source's value: between
+/// integers, from integers to floating point, decimals or text, between
+/// floating point types, from decimals to floating point, and to a decimal
+/// of the same scale. Other casts round where DataFusion truncates
+/// (floating point or decimals to integers), format otherwise (floating
+/// point, dates and timestamps to text) or parse otherwise (text to
+/// anything).
+fn cast_pushable(from: &DataType, to: &DataType, dialect: Dialect) -> bool {
+    use DataType::*;
+    if !type_pushable(to, dialect) {
+        return false;
+    }
+    match (from, to) {
+        (Null, _) => true,
+        _ if from == to => true,
+        (f, t)
+            if f.is_integer() && (t.is_numeric() || matches!(t, Utf8 | LargeUtf8 | Utf8View)) =>
+        {
+            true
+        }
+        (f, t) if f.is_floating() && t.is_floating() => true,
+        (Decimal128(..), t) if t.is_floating() => true,
+        (Decimal128(_, from_scale), Decimal128(_, to_scale)) => from_scale == to_scale,
+        (Utf8 | LargeUtf8 | Utf8View, Utf8 | LargeUtf8 | Utf8View) => true,
+        (Boolean, Boolean) => true,
         _ => false,
     }
 }

@@ -17,7 +17,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::mpsc;
 
 use super::convert::{BATCH_ROWS, conform};
-use super::{Discovery, SourceError};
+use super::{Cause, Discovery, SourceError};
 
 pub(super) struct SqliteSource {
     path: PathBuf,
@@ -90,20 +90,22 @@ impl SqliteSource {
         let watcher_tx = tx.clone();
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let result = Self::open(&path).and_then(|connection| {
-                // A cancelled or timed-out query interrupts SQLite's work.
-                let interrupt = connection.get_interrupt_handle();
-                let (done, finished) = tokio::sync::oneshot::channel::<()>();
-                runtime.spawn(async move {
-                    tokio::select! {
-                        () = watcher_tx.closed() => interrupt.interrupt(),
-                        _ = finished => {}
-                    }
+            let result = Self::open(&path)
+                .map_err(Cause::from)
+                .and_then(|connection| {
+                    // A cancelled or timed-out query interrupts SQLite's work.
+                    let interrupt = connection.get_interrupt_handle();
+                    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+                    runtime.spawn(async move {
+                        tokio::select! {
+                            () = watcher_tx.closed() => interrupt.interrupt(),
+                            _ = finished => {}
+                        }
+                    });
+                    let result = stream_rows(&connection, &sql, &task_schema, &tx);
+                    let _ = done.send(());
+                    result
                 });
-                let result = stream_rows(&connection, &sql, &task_schema, &tx);
-                let _ = done.send(());
-                result
-            });
             if let Err(cause) = result {
                 let error = SourceError { context, cause };
                 let _ = tx.blocking_send(Err(error.into_datafusion()));
@@ -119,25 +121,28 @@ fn stream_rows(
     sql: &str,
     schema: &SchemaRef,
     tx: &mpsc::Sender<datafusion::error::Result<RecordBatch>>,
-) -> Result<(), String> {
-    let mut statement = connection
-        .prepare(sql)
-        .map_err(|e| format!("SQLite: {e}"))?;
+) -> Result<(), Cause> {
+    let mut statement = connection.prepare(sql).map_err(failure)?;
     if statement.column_count() != schema.fields().len() {
         return Err(format!(
             "SQLite returns {} columns where {} were expected",
             statement.column_count(),
             schema.fields().len()
-        ));
+        )
+        .into());
     }
-    let mut rows = statement.query([]).map_err(|e| format!("SQLite: {e}"))?;
+    let mut rows = statement.query([]).map_err(failure)?;
     let mut batch = Batch::new(schema);
-    while let Some(row) = rows.next().map_err(|e| format!("SQLite: {e}"))? {
+    while let Some(row) = rows.next().map_err(failure)? {
         for (index, column) in batch.columns.iter_mut().enumerate() {
             let value = row.get_ref(index).map_err(|e| e.to_string())?;
-            column
-                .push(value)
-                .map_err(|e| format!("column `{}`: {e}", schema.field(index).name()))?;
+            // A value that does not fit its column: a stored value the
+            // product's type cannot hold, or arithmetic SQLite took out of
+            // the integers on overflow. Either is the data's failure.
+            column.push(value).map_err(|e| Cause {
+                text: format!("column `{}`: {e}", schema.field(index).name()),
+                data: true,
+            })?;
         }
         batch.rows += 1;
         if batch.rows >= BATCH_ROWS {
@@ -151,6 +156,14 @@ fn stream_rows(
         let _ = tx.blocking_send(Ok(batch.finish(schema)?));
     }
     Ok(())
+}
+
+/// A failed statement's cause: an integer overflow (in `sum`) is the
+/// query's own failure.
+fn failure(error: rusqlite::Error) -> Cause {
+    let text = format!("SQLite: {error}");
+    let data = matches!(&error, rusqlite::Error::SqliteFailure(_, Some(message)) if message == "integer overflow");
+    Cause { text, data }
 }
 
 /// The Arrow type of a column declared with `declared` (SQLite's type

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::DFSchema;
@@ -65,6 +65,38 @@ impl RemoteTable {
     pub(crate) fn schema_ref(&self) -> &SchemaRef {
         &self.schema
     }
+
+    /// The table as the `FROM` of the SQL sent to the source reads it.
+    ///
+    /// SQLite compares text with each column's collation: under `COLLATE
+    /// NOCASE` `'a' = 'A'`, under `COLLATE RTRIM` `'a ' = 'a'`, and sorts,
+    /// groups, `DISTINCT`, `min`, `max`, `IN` and joins follow; meshgate
+    /// compares bytes. So SQLite reads the product's columns through a
+    /// subquery that gives each one that is not a number `COLLATE BINARY`:
+    /// a row filter sent there hides what it hides here. SQLite merges
+    /// the subquery into the statement around it, and an index of a column
+    /// with the default collation still serves.
+    pub(crate) fn sent_from(&self) -> String {
+        let table = quoted_name(&self.remote);
+        if self.source.dialect != Dialect::Sqlite {
+            return table;
+        }
+        let columns: Vec<String> = self
+            .schema
+            .fields()
+            .iter()
+            .map(|field| {
+                let name = quoted_name(std::slice::from_ref(field.name()));
+                let data_type = field.data_type();
+                if data_type.is_numeric() || *data_type == DataType::Boolean {
+                    name
+                } else {
+                    format!("{name} COLLATE BINARY AS {name}")
+                }
+            })
+            .collect();
+        format!("(SELECT {} FROM {table})", columns.join(", "))
+    }
 }
 
 fn declared_schema(declared: &[ColumnContract]) -> SchemaRef {
@@ -111,10 +143,13 @@ impl TableProvider for RemoteTable {
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
+        let schema = DFSchema::try_from(self.schema.as_ref().clone())?;
         Ok(filters
             .iter()
             .map(|f| {
-                if self.source.options.pushdown && expr_pushable(f, self.source.dialect) {
+                if self.source.options.pushdown
+                    && expr_pushable(&unqualified(f), &schema, self.source.dialect)
+                {
                     TableProviderFilterPushDown::Exact
                 } else {
                     TableProviderFilterPushDown::Unsupported
@@ -168,7 +203,7 @@ impl TableProvider for RemoteTable {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut sql = format!("SELECT {columns} FROM {}", quoted_name(&self.remote));
+        let mut sql = format!("SELECT {columns} FROM {}", self.sent_from());
         if !sent.is_empty() {
             sql.push_str(&format!(" WHERE {}", sent.join(" AND ")));
         }
@@ -179,7 +214,7 @@ impl TableProvider for RemoteTable {
             // `SELECT 1`: one placeholder column, dropped below.
             Arc::new(Schema::new(vec![Field::new(
                 "placeholder",
-                arrow::datatypes::DataType::Int64,
+                DataType::Int64,
                 true,
             )]))
         } else {

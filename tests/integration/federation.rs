@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tonic::Code;
 
-use crate::fixture::{TestClient, TestServer, assert_status, demo_data, rows};
+use crate::fixture::{TestClient, TestServer, assert_status, demo_data, pretty, rows};
 use crate::pg::{Postgres, read_parquet};
 
 fn ledger_domain(url: &str) -> String {
@@ -455,14 +455,23 @@ async fn policies_are_sent_fenced_and_caller_predicates_never_see_hidden_rows() 
     let mut eu = server
         .as_identity("erin", &["analyst"], &[("region", "EU")])
         .await;
-    // 10 / divisor fails on every hidden (US) row.
+    // Adding 1 - divisor to the largest BIGINT overflows on every hidden
+    // (US) row, in PostgreSQL as here; 10 / divisor fails on them here.
+    let overflows = "9223372036854775807 + (1 - divisor) > 0";
     let got = rows(
         &mut eu,
-        "SELECT name FROM ledger.people WHERE 10 / divisor > 1 ORDER BY name",
+        &format!("SELECT name FROM ledger.people WHERE {overflows} ORDER BY name"),
     )
     .await;
     assert!(got.contains("Ann") && got.contains("Bob"), "{got}");
     assert!(!got.contains("Cid") && !got.contains("Dee"), "{got}");
+    assert!(
+        received(&pg, "9223372036854775807 + (1 - ")
+            .iter()
+            .any(|s| s.contains("OFFSET 0") && s.contains("'EU'")),
+        "{:#?}",
+        pg.statements()
+    );
     let got = rows(
         &mut eu,
         "SELECT count(*) AS n, sum(10 / divisor) AS s FROM ledger.people",
@@ -517,15 +526,21 @@ async fn policies_are_sent_fenced_and_caller_predicates_never_see_hidden_rows() 
         explain.contains("RemoteExec") && !explain.contains("'EU'"),
         "{explain}"
     );
-    // A US analyst sees the US rows, whose divisor is 0: the error is theirs.
+    // A US analyst sees the US rows, whose divisor is 0: the errors are
+    // theirs, in PostgreSQL and here.
     let mut us = server
         .as_identity("uma", &["analyst"], &[("region", "US")])
         .await;
     let status = us
+        .query(&format!("SELECT name FROM ledger.people WHERE {overflows}"))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "bigint out of range");
+    let status = us
         .query("SELECT name FROM ledger.people WHERE 10 / divisor > 1")
         .await
         .unwrap_err();
-    assert!(status.message().contains("division by zero"), "{status:?}");
+    assert_status(&status, Code::InvalidArgument, "Divide by zero");
     server.stop().await;
 }
 
@@ -659,6 +674,18 @@ async fn a_central_gateway_forwards_the_callers_token_to_the_domain_gateway() {
     let mut carol_central = central.login("carol").await;
     let all = rows(&mut carol_central, count).await;
     assert!(all.contains("1500"), "{all}");
+    // An order sent to the remote is the order the rows arrive in.
+    let mut carol_domain = domain.login("carol").await;
+    for sql in [
+        "SELECT c_custkey FROM {} ORDER BY c_name DESC",
+        "SELECT c_custkey FROM {} ORDER BY c_name DESC LIMIT 3",
+    ] {
+        assert_eq!(
+            rows(&mut carol_central, &sql.replace("{}", "remote.customer")).await,
+            rows(&mut carol_domain, &sql.replace("{}", "crm.customer")).await,
+            "{sql}"
+        );
+    }
 
     // The domain gateway gone: its products fail, the rest answers.
     domain.stop().await;
@@ -667,4 +694,181 @@ async fn a_central_gateway_forwards_the_callers_token_to_the_domain_gateway() {
     let local = rows(&mut carol_central, "SELECT count(*) AS n FROM crm.customer").await;
     assert!(local.contains("1500"), "{local}");
     central.stop().await;
+}
+
+/// Domain `lab`: one SQLite table and one PostgreSQL table, each published
+/// twice, through a storage that pushes work down and through one that
+/// does not (`w` / `w_here`, `p` / `p_here`).
+fn lab_domain(url: &str) -> String {
+    let mut domain = format!(
+        r#"
+name = "lab"
+owner = "lab@acme.example"
+description = "The same tables read with pushdown and without"
+
+[storage.lite]
+type = "sqlite"
+path = "../lab.sqlite"
+
+[storage.lite_here]
+type = "sqlite"
+path = "../lab.sqlite"
+pushdown = false
+
+[storage.pg]
+type = "postgres"
+url = "{url}"
+
+[storage.pg_here]
+type = "postgres"
+url = "{url}"
+pushdown = false
+"#
+    );
+    for (name, storage, table) in [
+        ("w", "lite", "w"),
+        ("w_here", "lite_here", "w"),
+        ("guarded", "lite", "w"),
+        ("p", "pg", "lab.w"),
+        ("p_here", "pg_here", "lab.w"),
+    ] {
+        domain.push_str(&format!(
+            "\n[[products]]\nname = \"{name}\"\nstorage = \"{storage}\"\ntable = \"{table}\"\n"
+        ));
+    }
+    domain.push_str("\n[[policies]]\nproduct = \"guarded\"\nrow_filter = \"padded = 'a'\"\n");
+    domain
+}
+
+/// The query's answer as meshgate computes it with pushdown (`{t}` the
+/// pushed product) and without: the same rows in the same order, or the
+/// same kind of failure.
+async fn assert_alike(client: &mut TestClient, sql: &str, pushed: &str, here: &str) {
+    let with = client.query(&sql.replace("{t}", pushed)).await;
+    let without = client.query(&sql.replace("{t}", here)).await;
+    match (with, without) {
+        (Ok(with), Ok(without)) => {
+            assert_eq!(pretty(&with), pretty(&without), "{sql} on {pushed}")
+        }
+        (Err(with), Err(without)) => {
+            assert_eq!(
+                with.code(),
+                without.code(),
+                "{sql} on {pushed}: {with:?} / {without:?}"
+            )
+        }
+        (with, without) => panic!("{sql} on {pushed}: {with:?} / {without:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_answer_what_meshgate_would_answer_itself() {
+    // SQLite compares text with each column's collation; PostgreSQL's
+    // functions and operators differ from DataFusion's at the edges.
+    let pg = Postgres::start();
+    pg.execute(
+        "CREATE SCHEMA lab;
+         CREATE TABLE lab.w (id bigint, name text, c text COLLATE \"C\", plain text,
+                             x double precision, n bigint, ts timestamptz);
+         INSERT INTO lab.w VALUES
+           (1, 'alice', 'ǅ', 'Ärger', 5.5, 7, '2024-03-01 22:30:00+00'),
+           (2, 'Alice', 'ß', 'ärger', 2.5, -7, '2024-03-02 01:00:00+00'),
+           (3, 'ALICE', 'İx', 'straße', -5.5, 0, '2024-03-02 20:00:00+00'),
+           (4, 'bob', 'x', 'Zebra', 1.0, 3, NULL),
+           (5, 'Bob', NULL, 'apple', NULL, NULL, NULL);
+         ALTER DATABASE postgres SET timezone = 'Asia/Kolkata';",
+    )
+    .await;
+    let url = pg.url();
+    let server = TestServer::start_with(move |dir| {
+        std::fs::write(dir.join("domains/lab.toml"), lab_domain(&url)).unwrap();
+        let db = rusqlite::Connection::open(dir.join("lab.sqlite")).unwrap();
+        db.execute_batch(
+            "CREATE TABLE w (id INTEGER, name TEXT COLLATE NOCASE, padded TEXT COLLATE RTRIM,
+                             plain TEXT, x REAL, n INTEGER);
+             CREATE INDEX w_name ON w (name);
+             INSERT INTO w VALUES
+               (1, 'alice', 'a', 'Ärger', 5.5, 7),
+               (2, 'Alice', 'a  ', 'ärger', 2.5, -7),
+               (3, 'ALICE', 'b', 'straße', -5.5, 0),
+               (4, 'bob', 'a ', 'Zebra', 1.0, 3),
+               (5, 'Bob', 'c', 'apple', NULL, NULL);",
+        )
+        .unwrap();
+    })
+    .await;
+    let mut carol = server.login("carol").await;
+
+    for sql in [
+        "SELECT id FROM {t} WHERE name = 'alice' ORDER BY id",
+        "SELECT id FROM {t} WHERE name <> 'alice' ORDER BY id",
+        "SELECT id FROM {t} WHERE name IN ('alice', 'bob') ORDER BY id",
+        "SELECT id FROM {t} WHERE name < 'B' ORDER BY id",
+        "SELECT id FROM {t} WHERE name BETWEEN 'a' AND 'b' ORDER BY id",
+        "SELECT id FROM {t} WHERE padded = 'a' ORDER BY id",
+        "SELECT count(DISTINCT name) AS k FROM {t}",
+        "SELECT name, count(*) AS k FROM {t} GROUP BY name ORDER BY name",
+        "SELECT DISTINCT padded FROM {t} ORDER BY padded",
+        "SELECT min(name) AS lo, max(name) AS hi FROM {t}",
+        "SELECT id FROM {t} ORDER BY name, id",
+        "SELECT id FROM {t} ORDER BY name DESC LIMIT 2",
+        "SELECT a.id AS a, b.id AS b FROM {t} a JOIN {t} b ON a.name = b.name ORDER BY a, b",
+        "SELECT id, upper(plain) AS u, lower(plain) AS l FROM {t} ORDER BY id",
+        "SELECT id, x % 2 AS m FROM {t} ORDER BY id",
+        "SELECT id, n / 0 AS q FROM {t} ORDER BY id",
+        "SELECT id FROM {t} WHERE x / 2 > 1 ORDER BY id",
+        "SELECT id, CAST(x AS BIGINT) AS i FROM {t} ORDER BY id",
+        "SELECT id, n * 9223372036854775807 AS big FROM {t} ORDER BY id",
+    ] {
+        assert_alike(&mut carol, sql, "lab.w", "lab.w_here").await;
+    }
+    // The collation is the query's, and the filter still went to SQLite.
+    let plan = rows(
+        &mut carol,
+        "EXPLAIN SELECT id FROM lab.w WHERE name = 'alice'",
+    )
+    .await;
+    assert!(
+        plan.contains("COLLATE BINARY") && plan.contains("WHERE"),
+        "{plan}"
+    );
+    // A row filter sent to SQLite hides what it hides here: `padded = 'a'`
+    // keeps `'a'`, not the `'a  '` and `'a '` of `COLLATE RTRIM`.
+    for (sql, expected) in [
+        ("SELECT id FROM lab.guarded ORDER BY id", "| 1  |"),
+        (
+            "SELECT count(*) AS k FROM lab.guarded WHERE name = 'alice'",
+            "| 1 |",
+        ),
+    ] {
+        let got = rows(&mut carol, sql).await;
+        assert_eq!(got.lines().count(), 5, "{sql}: {got}");
+        assert!(got.contains(expected), "{sql}: {got}");
+    }
+
+    for sql in [
+        "SELECT id, upper(plain) AS u, lower(plain) AS l, upper(c) AS uc FROM {t} ORDER BY id",
+        "SELECT id, x % 2 AS m FROM {t} ORDER BY id",
+        "SELECT id, x / 0 AS q FROM {t} ORDER BY id",
+        "SELECT id, CAST(x AS BIGINT) AS i FROM {t} ORDER BY id",
+        "SELECT id, regexp_replace(name, 'a|al', 'X') AS r FROM {t} ORDER BY id",
+        "SELECT id, date_trunc('day', ts) AS d FROM {t} ORDER BY id",
+        "SELECT id, n * 9223372036854775807 AS big FROM {t} ORDER BY id",
+        "SELECT id FROM {t} WHERE c < 'b' ORDER BY name DESC",
+    ] {
+        assert_alike(&mut carol, sql, "lab.p", "lab.p_here").await;
+    }
+    // PostgreSQL truncated the timestamps itself, in UTC.
+    assert!(
+        !received(&pg, "date_trunc('day'").is_empty(),
+        "{:#?}",
+        pg.statements()
+    );
+    // An overflow in PostgreSQL is the query's failure, not the source's.
+    let status = carol
+        .query("SELECT n * 9223372036854775807 AS big FROM lab.p")
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "out of range");
+    server.stop().await;
 }
