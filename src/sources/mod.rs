@@ -12,6 +12,7 @@ mod convert;
 mod flight;
 mod postgres;
 pub(crate) mod pushdown;
+mod scopes;
 mod sqlite;
 mod table;
 mod tls;

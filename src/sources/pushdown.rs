@@ -148,8 +148,8 @@ impl Group {
         Some(self)
     }
 
-    /// `plan` as one remote query, or unchanged when it cannot be written
-    /// in the source's dialect.
+    /// `plan` as one remote query; when it cannot be written in the
+    /// source's dialect, `plan` runs here and its inputs go on their own.
     fn into_remote(self, plan: LogicalPlan) -> LogicalPlan {
         match RemoteQuery::try_new(&plan, &self) {
             Ok(node) => LogicalPlan::Extension(Extension {
@@ -157,7 +157,14 @@ impl Group {
             }),
             Err(error) => {
                 tracing::debug!(%error, "sub-plan stays in meshgate");
-                plan
+                let inputs = plan.clone().map_children(|input| {
+                    let pushed = push_down(input.clone()).unwrap_or(input);
+                    Ok(Transformed::yes(pushed))
+                });
+                match inputs {
+                    Ok(pushed) => pushed.data,
+                    Err(_) => plan,
+                }
             }
         }
     }
@@ -351,6 +358,14 @@ fn node_pushable(plan: &LogicalPlan) -> bool {
 }
 
 fn expressions_pushable(plan: &LogicalPlan, dialect: Dialect) -> bool {
+    // An empty select list (a count over a subquery whose columns nothing
+    // reads) is PostgreSQL's alone.
+    if let LogicalPlan::Projection(projection) = plan
+        && projection.expr.is_empty()
+        && dialect != Dialect::Postgres
+    {
+        return false;
+    }
     let Some(schema) = super::collation::expression_schema(plan) else {
         return plan.expressions().is_empty();
     };
@@ -556,10 +571,19 @@ impl Hash for RemoteQuery {
 impl RemoteQuery {
     fn try_new(plan: &LogicalPlan, group: &Group) -> Result<Self> {
         let dialect = group.source.dialect;
-        let projected = with_projection(limits_above_scans(plan.clone())?)?;
+        let projected = with_projection(limits_above_scans(sorts_under_limits(plan.clone())?)?)?;
         let projected = super::collation::plan_for_source(projected, dialect)?;
         let mut statement = Unparser::new(dialect.unparser_dialect()).plan_to_sql(&projected)?;
         let _ = statement.visit(&mut OrderOutside);
+        let _ = statement.visit(&mut DerivedNamedAsRead);
+        if dialect == Dialect::Sqlite {
+            let _ = statement.visit(&mut OffsetWithLimit);
+        }
+        if !super::scopes::well_scoped(&statement) {
+            return Err(DataFusionError::Plan(format!(
+                "the statement written names columns out of scope: {statement}"
+            )));
+        }
         let sent = replace_leaves(statement.clone(), &group.leaves, |l| &l.sent)?;
         let shown = replace_leaves(statement, &group.leaves, |l| &l.shown)?;
         let mut products: Vec<&str> = group.leaves.iter().map(|l| l.product.as_str()).collect();
@@ -573,6 +597,29 @@ impl RemoteQuery {
             schema: Arc::clone(plan.schema()),
         })
     }
+}
+
+/// `plan` with no row limit on a sort right under a limit. DataFusion gives
+/// such a sort the rows the limit needs, `skip + fetch`; the unparser
+/// writes the sort's count as the statement's `LIMIT` in place of the
+/// limit's, so `ORDER BY id LIMIT 2 OFFSET 1` would be sent as `LIMIT 3
+/// OFFSET 1`. The limit above bounds the rows alone.
+fn sorts_under_limits(plan: LogicalPlan) -> Result<LogicalPlan> {
+    plan.transform_up(|node| match node {
+        LogicalPlan::Limit(mut limit) => match Arc::unwrap_or_clone(limit.input) {
+            LogicalPlan::Sort(mut sort) if sort.fetch.is_some() => {
+                sort.fetch = None;
+                limit.input = Arc::new(LogicalPlan::Sort(sort));
+                Ok(Transformed::yes(LogicalPlan::Limit(limit)))
+            }
+            input => {
+                limit.input = Arc::new(input);
+                Ok(Transformed::no(LogicalPlan::Limit(limit)))
+            }
+        },
+        other => Ok(Transformed::no(other)),
+    })
+    .map(|t| t.data)
 }
 
 /// `plan` with each scan's row limit as a limit node above it, which the
@@ -655,9 +702,6 @@ impl VisitorMut for OrderOutside {
         let SetExpr::Select(inner) = subquery.body.as_ref() else {
             return ControlFlow::Continue(());
         };
-        let [read] = inner.from.as_slice() else {
-            return ControlFlow::Continue(());
-        };
         // Its columns keep their names outside.
         let selects_columns = inner.projection.iter().all(|item| {
             matches!(
@@ -669,27 +713,104 @@ impl VisitorMut for OrderOutside {
                     )
             )
         });
-        let name = match &read.relation {
-            TableFactor::Table {
-                alias: Some(alias), ..
-            }
-            | TableFactor::Derived {
-                alias: Some(alias), ..
-            } => alias.name.clone(),
-            TableFactor::Table {
-                name, alias: None, ..
-            } => match name.0.last().and_then(|part| part.as_ident()) {
-                Some(ident) => ident.clone(),
-                None => return ControlFlow::Continue(()),
-            },
-            _ => return ControlFlow::Continue(()),
+        let Some(name) = read_name(inner) else {
+            return ControlFlow::Continue(());
         };
-        if !selects_columns || groups(inner) || !read.joins.is_empty() {
+        if !selects_columns || groups(inner) {
             return ControlFlow::Continue(());
         }
         alias.name = name;
         query.order_by = subquery.order_by.take();
         query.limit_clause = subquery.limit_clause.take();
+        ControlFlow::Continue(())
+    }
+}
+
+/// Names a derived table as the table it reads.
+///
+/// The unparser writes a projection over another (DataFusion's common
+/// subexpressions) as `SELECT p.id, e AS l FROM (SELECT length(p.name) AS
+/// e, p.id FROM t AS p) AS derived_projection`, where the outer query names
+/// the columns by the table inside, out of its scope. Named `p`, the
+/// derived table puts them back in scope: its columns bear those names.
+/// Derived tables are renamed innermost first, so that one over another
+/// takes the name the inner one took.
+struct DerivedNamedAsRead;
+
+impl VisitorMut for DerivedNamedAsRead {
+    type Break = ();
+
+    fn post_visit_query(&mut self, query: &mut Query) -> ControlFlow<()> {
+        let SetExpr::Select(select) = query.body.as_mut() else {
+            return ControlFlow::Continue(());
+        };
+        let [from] = select.from.as_mut_slice() else {
+            return ControlFlow::Continue(());
+        };
+        let TableFactor::Derived {
+            subquery,
+            alias: Some(alias),
+            ..
+        } = &mut from.relation
+        else {
+            return ControlFlow::Continue(());
+        };
+        if !from.joins.is_empty()
+            || !alias.name.value.starts_with("derived_")
+            || !alias.columns.is_empty()
+        {
+            return ControlFlow::Continue(());
+        }
+        if let SetExpr::Select(inner) = subquery.body.as_ref()
+            && let Some(name) = read_name(inner)
+        {
+            alias.name = name;
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The name `select` reads its one table (or derived table) by, when it
+/// reads one and joins nothing.
+fn read_name(select: &Select) -> Option<sqlparser::ast::Ident> {
+    let [read] = select.from.as_slice() else {
+        return None;
+    };
+    if !read.joins.is_empty() {
+        return None;
+    }
+    match &read.relation {
+        TableFactor::Table {
+            alias: Some(alias), ..
+        }
+        | TableFactor::Derived {
+            alias: Some(alias), ..
+        } => Some(alias.name.clone()),
+        TableFactor::Table {
+            name, alias: None, ..
+        } => name.0.last().and_then(|part| part.as_ident()).cloned(),
+        _ => None,
+    }
+}
+
+/// Gives an `OFFSET` without a `LIMIT` the `LIMIT -1` SQLite requires.
+struct OffsetWithLimit;
+
+impl VisitorMut for OffsetWithLimit {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<()> {
+        if let Some(LimitClause::LimitOffset {
+            limit: limit @ None,
+            offset: Some(_),
+            ..
+        }) = &mut query.limit_clause
+        {
+            *limit = Some(sqlparser::ast::Expr::value(sqlparser::ast::Value::Number(
+                "-1".to_string(),
+                false,
+            )));
+        }
         ControlFlow::Continue(())
     }
 }

@@ -822,6 +822,18 @@ async fn sources_answer_what_meshgate_would_answer_itself() {
     ] {
         assert_alike(&mut carol, sql, "lab.w", "lab.w_here").await;
     }
+    // Statements the unparser writes with names out of scope run here.
+    for sql in [
+        "SELECT id, name FROM {t} ORDER BY id LIMIT 2 OFFSET 1",
+        "SELECT id FROM {t} ORDER BY id OFFSET 3",
+        "SELECT count(*) AS k FROM (SELECT DISTINCT name FROM {t}) s",
+        "SELECT a.id, count(b.id) AS k FROM {t} a LEFT JOIN {t} b ON a.n < b.n GROUP BY a.id ORDER BY a.id",
+        "SELECT id FROM {t} a WHERE n >= (SELECT avg(n) FROM {t} b WHERE b.name = a.name) ORDER BY id",
+        "SELECT id, length(plain) AS l, character_length(plain) AS cl FROM {t} ORDER BY id",
+    ] {
+        assert_alike(&mut carol, sql, "lab.w", "lab.w_here").await;
+        assert_alike(&mut carol, sql, "lab.p", "lab.p_here").await;
+    }
     // The collation is the query's, and the filter still went to SQLite.
     let plan = rows(
         &mut carol,
