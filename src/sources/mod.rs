@@ -30,6 +30,11 @@ pub use table::RemoteTable;
 
 use crate::config::{SourceOptions, StorageConfig};
 
+/// Field metadata discovery gives a column the source must read as text
+/// for its values to compare as meshgate compares them; it is taken off
+/// the product's schema.
+pub(crate) const READ_AS_TEXT: &str = "meshgate.read_as_text";
+
 /// The SQL dialect a source speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {

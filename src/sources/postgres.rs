@@ -112,7 +112,17 @@ impl PostgresSource {
             let data_type = arrow_type(oid, typmod).ok_or_else(|| {
                 Discovery::Refused(format!("column `{name}` has a PostgreSQL type (oid {oid}) meshgate cannot read; publish a view that casts it"))
             })?;
-            fields.push(Field::new(name, data_type, true));
+            let field = Field::new(name, data_type, true);
+            // `char(n)`, `json` and `jsonb` compare otherwise than their text.
+            fields.push(if matches!(oid, 1042 | 114 | 3802) {
+                field.with_metadata(
+                    [(super::READ_AS_TEXT.to_string(), String::new())]
+                        .into_iter()
+                        .collect(),
+                )
+            } else {
+                field
+            });
         }
         if fields.is_empty() {
             return Err(Discovery::Refused(format!(

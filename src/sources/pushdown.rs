@@ -234,10 +234,7 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
         }
         let dialect = table.source.dialect;
         let alias = scan.table_name.table();
-        let sent = parse_factor(
-            &format!("{} AS {}", table.sent_from(), quote(alias)),
-            dialect,
-        )?;
+        let sent = parse_factor(&table.sent_from(alias), dialect)?;
         return Some(Group {
             source: Arc::clone(&table.source),
             leaves: vec![Leaf {
@@ -275,7 +272,12 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
             ColumnView::Denied => {}
         }
     }
-    let mut fence = format!("SELECT {} FROM {}", select.join(", "), table.sent_from());
+    let read = table.remote.last().map_or("t", String::as_str);
+    let mut fence = format!(
+        "SELECT {} FROM {}",
+        select.join(", "),
+        table.sent_from(read)
+    );
     if let Some(filter) = row_filter {
         if !expr_pushable(filter, &columns_schema, dialect) {
             return None;
@@ -856,7 +858,9 @@ fn replace_leaves(
     }
     impl<F: Fn(&Leaf) -> &TableFactor> VisitorMut for Replace<'_, F> {
         type Break = ();
-        fn pre_visit_table_factor(&mut self, table: &mut TableFactor) -> ControlFlow<()> {
+        // After its children: the replacement, which reads the source's
+        // table by a name that may be the product's own, is not visited.
+        fn post_visit_table_factor(&mut self, table: &mut TableFactor) -> ControlFlow<()> {
             let TableFactor::Table { name, alias, .. } = table else {
                 return ControlFlow::Continue(());
             };

@@ -1,5 +1,6 @@
 //! A product that names a table (or view) of a SQL or Flight SQL source.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -30,6 +31,8 @@ pub struct RemoteTable {
     /// The table's name in the source, in parts.
     pub remote: Vec<String>,
     schema: SchemaRef,
+    /// Columns the source reads as `text` (see [`RemoteTable::sent_from`]).
+    read_as_text: HashSet<String>,
 }
 
 impl RemoteTable {
@@ -43,8 +46,13 @@ impl RemoteTable {
         declared: &[ColumnContract],
     ) -> Result<Self, String> {
         let remote = table_parts(table)?;
+        let mut read_as_text = HashSet::new();
         let schema = match source.table_schema(&remote).await {
-            Ok(found) => contract_schema(&found, declared, source.dialect)?,
+            Ok(found) => {
+                let (found, as_text) = without_read_hints(&found);
+                read_as_text = as_text;
+                contract_schema(&found, declared, source.dialect)?
+            }
             // A source that is down does not withdraw a product whose
             // contract gives its schema: queries fail until it is back.
             Err(Discovery::Unreachable(error)) if !declared.is_empty() => {
@@ -59,6 +67,7 @@ impl RemoteTable {
             product,
             remote,
             schema,
+            read_as_text,
         })
     }
 
@@ -66,7 +75,8 @@ impl RemoteTable {
         &self.schema
     }
 
-    /// The table as the `FROM` of the SQL sent to the source reads it.
+    /// The table as the `FROM` of the SQL sent to the source reads it,
+    /// named `alias`.
     ///
     /// SQLite compares text with each column's collation: under `COLLATE
     /// NOCASE` `'a' = 'A'`, under `COLLATE RTRIM` `'a ' = 'a'`, and sorts,
@@ -76,27 +86,59 @@ impl RemoteTable {
     /// a row filter sent there hides what it hides here. SQLite merges
     /// the subquery into the statement around it, and an index of a column
     /// with the default collation still serves.
-    pub(crate) fn sent_from(&self) -> String {
+    ///
+    /// PostgreSQL compares a `char(n)` ignoring its padding and a `jsonb`
+    /// as JSON; meshgate reads both as text. So those columns are read as
+    /// `text` (a `char(n)` without its padding), and compare the same in
+    /// both places.
+    pub(crate) fn sent_from(&self, alias: &str) -> String {
         let table = quoted_name(&self.remote);
-        if self.source.dialect != Dialect::Sqlite {
-            return table;
+        let alias = quoted_name(&[alias.to_string()]);
+        let read = |field: &Field| -> Option<String> {
+            let name = quoted_name(std::slice::from_ref(field.name()));
+            match self.source.dialect {
+                Dialect::Sqlite => {
+                    let data_type = field.data_type();
+                    (!data_type.is_numeric() && *data_type != DataType::Boolean)
+                        .then(|| format!("{name} COLLATE BINARY AS {name}"))
+                }
+                Dialect::Postgres => self
+                    .read_as_text
+                    .contains(field.name())
+                    .then(|| format!("CAST({name} AS TEXT) AS {name}")),
+                Dialect::FlightSql => None,
+            }
+        };
+        let fields = self.schema.fields();
+        if fields.iter().all(|field| read(field).is_none()) {
+            return format!("{table} AS {alias}");
         }
-        let columns: Vec<String> = self
-            .schema
-            .fields()
+        let columns: Vec<String> = fields
             .iter()
             .map(|field| {
-                let name = quoted_name(std::slice::from_ref(field.name()));
-                let data_type = field.data_type();
-                if data_type.is_numeric() || *data_type == DataType::Boolean {
-                    name
-                } else {
-                    format!("{name} COLLATE BINARY AS {name}")
-                }
+                read(field).unwrap_or_else(|| quoted_name(std::slice::from_ref(field.name())))
             })
             .collect();
-        format!("(SELECT {} FROM {table})", columns.join(", "))
+        format!("(SELECT {} FROM {table}) AS {alias}", columns.join(", "))
     }
+}
+
+/// `found` without the hints discovery gives a column to read it as text
+/// ([`super::READ_AS_TEXT`]), and the names of those columns.
+fn without_read_hints(found: &Schema) -> (Schema, HashSet<String>) {
+    let mut as_text = HashSet::new();
+    let fields: Vec<Field> = found
+        .fields()
+        .iter()
+        .map(|field| {
+            let mut metadata = field.metadata().clone();
+            if metadata.remove(super::READ_AS_TEXT).is_some() {
+                as_text.insert(field.name().clone());
+            }
+            field.as_ref().clone().with_metadata(metadata)
+        })
+        .collect();
+    (Schema::new(fields), as_text)
 }
 
 fn declared_schema(declared: &[ColumnContract]) -> SchemaRef {
@@ -203,7 +245,8 @@ impl TableProvider for RemoteTable {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut sql = format!("SELECT {columns} FROM {}", self.sent_from());
+        let table = self.remote.last().map_or("t", String::as_str);
+        let mut sql = format!("SELECT {columns} FROM {}", self.sent_from(table));
         if !sent.is_empty() {
             sql.push_str(&format!(" WHERE {}", sent.join(" AND ")));
         }

@@ -731,12 +731,14 @@ pushdown = false
         ("guarded", "lite", "w"),
         ("p", "pg", "lab.w"),
         ("p_here", "pg_here", "lab.w"),
+        ("pgw", "pg", "lab.pgw"),
     ] {
         domain.push_str(&format!(
             "\n[[products]]\nname = \"{name}\"\nstorage = \"{storage}\"\ntable = \"{table}\"\n"
         ));
     }
     domain.push_str("\n[[policies]]\nproduct = \"guarded\"\nrow_filter = \"padded = 'a'\"\n");
+    domain.push_str("\n[[policies]]\nproduct = \"pgw\"\nrow_filter = \"n > 0\"\n");
     domain
 }
 
@@ -769,13 +771,15 @@ async fn sources_answer_what_meshgate_would_answer_itself() {
     pg.execute(
         "CREATE SCHEMA lab;
          CREATE TABLE lab.w (id bigint, name text, c text COLLATE \"C\", plain text,
-                             x double precision, n bigint, ts timestamptz);
+                             x double precision, n bigint, ts timestamptz,
+                             code char(3), doc jsonb);
          INSERT INTO lab.w VALUES
-           (1, 'alice', 'ǅ', 'Ärger', 5.5, 7, '2024-03-01 22:30:00+00'),
-           (2, 'Alice', 'ß', 'ärger', 2.5, -7, '2024-03-02 01:00:00+00'),
-           (3, 'ALICE', 'İx', 'straße', -5.5, 0, '2024-03-02 20:00:00+00'),
-           (4, 'bob', 'x', 'Zebra', 1.0, 3, NULL),
-           (5, 'Bob', NULL, 'apple', NULL, NULL, NULL);
+           (1, 'alice', 'ǅ', 'Ärger', 5.5, 7, '2024-03-01 22:30:00+00', 'a', '{\"a\":1}'),
+           (2, 'Alice', 'ß', 'ärger', 2.5, -7, '2024-03-02 01:00:00+00', 'bc', '[1, 2]'),
+           (3, 'ALICE', 'İx', 'straße', -5.5, 0, '2024-03-02 20:00:00+00', 'xyz', NULL),
+           (4, 'bob', 'x', 'Zebra', 1.0, 3, NULL, NULL, '{\"b\": [true]}'),
+           (5, 'Bob', NULL, 'apple', NULL, NULL, NULL, 'a  ', '2');
+         CREATE VIEW lab.pgw AS SELECT * FROM lab.w;
          ALTER DATABASE postgres SET timezone = 'Asia/Kolkata';",
     )
     .await;
@@ -867,9 +871,22 @@ async fn sources_answer_what_meshgate_would_answer_itself() {
         "SELECT id, date_trunc('day', ts) AS d FROM {t} ORDER BY id",
         "SELECT id, n * 9223372036854775807 AS big FROM {t} ORDER BY id",
         "SELECT id FROM {t} WHERE c < 'b' ORDER BY name DESC",
+        "SELECT id, code, length(code) AS l FROM {t} ORDER BY id",
+        "SELECT id FROM {t} WHERE code = 'a' ORDER BY id",
+        "SELECT id FROM {t} WHERE code IN ('a  ', 'bc') ORDER BY id",
+        "SELECT id FROM {t} WHERE doc = '{\"a\": 1}' ORDER BY id",
+        "SELECT id FROM {t} WHERE doc = '{\"a\":1}' ORDER BY id",
+        "SELECT id, doc FROM {t} WHERE doc <> '2' ORDER BY doc",
     ] {
         assert_alike(&mut carol, sql, "lab.p", "lab.p_here").await;
     }
+    // A product named as the table it reads, under a policy and with a
+    // column read as text: the SQL sent reads the table inside the fence.
+    let got = rows(&mut carol, "SELECT id, code FROM lab.pgw ORDER BY id").await;
+    assert!(
+        got.contains("| 1  | a    |") && got.contains("| 4  |      |") && got.lines().count() == 6,
+        "{got}"
+    );
     // PostgreSQL truncated the timestamps itself, in UTC.
     assert!(
         !received(&pg, "date_trunc('day'").is_empty(),
