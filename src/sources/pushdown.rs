@@ -462,6 +462,10 @@ fn node_expr_pushable(expr: &Expr, schema: &DFSchema, dialect: Dialect) -> bool 
                 // SQLite keeps decimals as floating point: sums would drift.
                 && !(dialect == Dialect::Sqlite
                     && params.args.iter().any(|a| matches!(a, Expr::Cast(c) if matches!(c.field.data_type(), DataType::Decimal128(..)))))
+                // An average of decimals: DataFusion cuts it at its scale,
+                // PostgreSQL's is rounded there as it is read.
+                && !(func.name() == "avg"
+                    && params.args.iter().any(|a| matches!(a.get_type(schema), Ok(DataType::Decimal128(..)) | Err(_))))
         }
         _ => false,
     }

@@ -772,13 +772,13 @@ async fn sources_answer_what_meshgate_would_answer_itself() {
         "CREATE SCHEMA lab;
          CREATE TABLE lab.w (id bigint, name text, c text COLLATE \"C\", plain text,
                              x double precision, n bigint, ts timestamptz,
-                             code char(3), doc jsonb);
+                             code char(3), doc jsonb, amount numeric(10, 2));
          INSERT INTO lab.w VALUES
-           (1, 'alice', 'ǅ', 'Ärger', 5.5, 7, '2024-03-01 22:30:00+00', 'a', '{\"a\":1}'),
-           (2, 'Alice', 'ß', 'ärger', 2.5, -7, '2024-03-02 01:00:00+00', 'bc', '[1, 2]'),
-           (3, 'ALICE', 'İx', 'straße', -5.5, 0, '2024-03-02 20:00:00+00', 'xyz', NULL),
-           (4, 'bob', 'x', 'Zebra', 1.0, 3, NULL, NULL, '{\"b\": [true]}'),
-           (5, 'Bob', NULL, 'apple', NULL, NULL, NULL, 'a  ', '2');
+           (1, 'alice', 'ǅ', 'Ärger', 5.5, 7, '2024-03-01 22:30:00+00', 'a', '{\"a\":1}', 1.25),
+           (2, 'Alice', 'ß', 'ärger', 2.5, -7, '2024-03-02 01:00:00+00', 'bc', '[1, 2]', -2.50),
+           (3, 'ALICE', 'İx', 'straße', -5.5, 0, '2024-03-02 20:00:00+00', 'xyz', NULL, 0),
+           (4, 'bob', 'x', 'Zebra', 1.0, 3, NULL, NULL, '{\"b\": [true]}', NULL),
+           (5, 'Bob', NULL, 'apple', NULL, NULL, NULL, 'a  ', '2', 3.33);
          CREATE VIEW lab.pgw AS SELECT * FROM lab.w;
          ALTER DATABASE postgres SET timezone = 'Asia/Kolkata';",
     )
@@ -877,6 +877,8 @@ async fn sources_answer_what_meshgate_would_answer_itself() {
         "SELECT id FROM {t} WHERE doc = '{\"a\": 1}' ORDER BY id",
         "SELECT id FROM {t} WHERE doc = '{\"a\":1}' ORDER BY id",
         "SELECT id, doc FROM {t} WHERE doc <> '2' ORDER BY doc",
+        "SELECT avg(amount) AS a FROM {t} WHERE id IN (1, 2, 3)",
+        "SELECT id % 2 AS g, avg(amount) AS a, sum(amount) AS s FROM {t} GROUP BY id % 2 ORDER BY g",
     ] {
         assert_alike(&mut carol, sql, "lab.p", "lab.p_here").await;
     }
