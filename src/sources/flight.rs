@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
 use super::convert::conform;
-use super::{Discovery, ForwardedToken, SourceError};
+use super::{Cause, Discovery, ForwardedToken, SourceError};
 use crate::config::{FlightAuth, SourceOptions};
 
 pub(super) struct FlightSource {
@@ -102,19 +102,19 @@ impl FlightSource {
         // The client is built inside the task: a handshake is I/O.
         let fetch = async move {
             let mut client = connect(channel, &auth, token.as_ref()).await?;
-            let info = client.execute(sql, None).await.map_err(|e| message(&e))?;
+            let info = client.execute(sql, None).await.map_err(|e| failure(&e))?;
             for endpoint in info.endpoint {
                 let ticket = endpoint
                     .ticket
                     .ok_or("the remote sent an endpoint without a ticket")?;
-                let mut stream = client.do_get(ticket).await.map_err(|e| message(&e))?;
+                let mut stream = client.do_get(ticket).await.map_err(|e| failure(&e))?;
                 loop {
                     let next = tokio::select! {
                         next = stream.next() => next,
                         () = tx.closed() => return Ok(()),
                     };
                     let Some(batch) = next else { break };
-                    let batch = batch.map_err(|e| message(&e))?;
+                    let batch = batch.map_err(|e| failure(&e))?;
                     let rows = batch.num_rows();
                     let batch = conform(&task_schema, batch.columns().to_vec(), rows)
                         .map_err(|e| e.to_string())?;
@@ -123,14 +123,11 @@ impl FlightSource {
                     }
                 }
             }
-            Ok::<(), String>(())
+            Ok::<(), Cause>(())
         };
         tokio::spawn(async move {
             if let Err(cause) = fetch.await {
-                let error = SourceError {
-                    context,
-                    cause: cause.into(),
-                };
+                let error = SourceError { context, cause };
                 let _ = error_tx.send(Err(error.into_datafusion())).await;
             }
         });
@@ -158,6 +155,17 @@ async fn connect(
             .map_err(|e| format!("login refused: {}", message(&e)))?;
     }
     Ok(client)
+}
+
+/// A failed call's cause: the remote's `INVALID_ARGUMENT` (its query
+/// failed on its data, or it refused the statement) is the query's own
+/// failure, not the source's.
+fn failure(error: &impl std::fmt::Display) -> Cause {
+    let text = message(error);
+    // tonic writes the code as its name or as its description.
+    let data = text.starts_with("InvalidArgument")
+        || text.contains("code: 'Client specified an invalid argument'");
+    Cause { text, data }
 }
 
 /// The remote's own message for a failed call, without transport noise.

@@ -687,6 +687,13 @@ async fn a_central_gateway_forwards_the_callers_token_to_the_domain_gateway() {
         );
     }
 
+    // An overflow in the remote's query is the caller's failure.
+    let status = carol_central
+        .query("SELECT c_custkey * 9223372036854775807 AS k FROM remote.customer")
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "overflow");
+
     // The domain gateway gone: its products fail, the rest answers.
     domain.stop().await;
     let status = carol_central.query(count).await.unwrap_err();
