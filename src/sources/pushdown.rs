@@ -423,10 +423,10 @@ fn node_expr_pushable(expr: &Expr, schema: &DFSchema, dialect: Dialect) -> bool 
             | Operator::Gt
             | Operator::GtEq
             | Operator::And
-            | Operator::Or
-            | Operator::Plus
-            | Operator::Minus
-            | Operator::Multiply => true,
+            | Operator::Or => true,
+            Operator::Plus | Operator::Minus | Operator::Multiply => {
+                !integer_math_unchecked(expr, schema, dialect)
+            }
             Operator::Divide | Operator::Modulo => division_pushable(left, *op, right, schema),
             _ => false,
         },
@@ -437,10 +437,10 @@ fn node_expr_pushable(expr: &Expr, schema: &DFSchema, dialect: Dialect) -> bool 
         | Expr::IsFalse(_)
         | Expr::IsNotTrue(_)
         | Expr::IsNotFalse(_)
-        | Expr::Negative(_)
         | Expr::Between(_)
         | Expr::InList(_)
         | Expr::Case(_) => true,
+        Expr::Negative(_) => !integer_math_unchecked(expr, schema, dialect),
         // SQLite's LIKE ignores case.
         Expr::Like(like) => {
             dialect != Dialect::Sqlite && !like.case_insensitive && like.escape_char.is_none()
@@ -469,6 +469,13 @@ fn node_expr_pushable(expr: &Expr, schema: &DFSchema, dialect: Dialect) -> bool 
         }
         _ => false,
     }
+}
+
+/// Whether `expr` is integer arithmetic the source does not check for
+/// overflow: SQLite's turns into floating point where meshgate's fails
+/// (`9223372036854775807 + n > 0` keeps the row there).
+fn integer_math_unchecked(expr: &Expr, schema: &DFSchema, dialect: Dialect) -> bool {
+    dialect == Dialect::Sqlite && expr.get_type(schema).map_or(true, |t| t.is_integer())
 }
 
 /// Whether `left / right` or `left % right` is computed alike: by a

@@ -830,6 +830,8 @@ async fn sources_answer_what_meshgate_would_answer_itself() {
         "SELECT id FROM {t} WHERE x / 2 > 1 ORDER BY id",
         "SELECT id, CAST(x AS BIGINT) AS i FROM {t} ORDER BY id",
         "SELECT id, n * 9223372036854775807 AS big FROM {t} ORDER BY id",
+        "SELECT id FROM {t} WHERE 9223372036854775807 + n > 0 ORDER BY id",
+        "SELECT id FROM {t} WHERE -n > 0 ORDER BY id",
     ] {
         assert_alike(&mut carol, sql, "lab.w", "lab.w_here").await;
     }
