@@ -7,6 +7,7 @@
 //! the source's tables), with the caller's row filter and masks inside a
 //! fenced subquery the caller's own predicates cannot reach into.
 
+mod alike;
 mod collation;
 mod convert;
 mod flight;

@@ -14,7 +14,8 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::sql::unparser::Unparser;
 
-use super::pushdown::{RemoteExec, expr_pushable};
+use super::alike::expr_pushable;
+use super::pushdown::RemoteExec;
 use super::{Dialect, Discovery, Source, quoted_name, table_parts};
 use crate::catalog::check_contract;
 use crate::config::ColumnContract;
@@ -73,6 +74,11 @@ impl RemoteTable {
 
     pub(crate) fn schema_ref(&self) -> &SchemaRef {
         &self.schema
+    }
+
+    /// The table's own name in the source, without its schema.
+    pub(crate) fn name(&self) -> &str {
+        self.remote.last().map_or("t", String::as_str)
     }
 
     /// The table as the `FROM` of the SQL sent to the source reads it,
@@ -245,8 +251,7 @@ impl TableProvider for RemoteTable {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let table = self.remote.last().map_or("t", String::as_str);
-        let mut sql = format!("SELECT {columns} FROM {}", self.sent_from(table));
+        let mut sql = format!("SELECT {columns} FROM {}", self.sent_from(self.name()));
         if !sent.is_empty() {
             sql.push_str(&format!(" WHERE {}", sent.join(" AND ")));
         }
