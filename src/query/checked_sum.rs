@@ -6,9 +6,9 @@
 //! (into `HUGEINT`) answer right or fail. The `sum` registered here is
 //! DataFusion's, but for the sums of integers (every signed integer type is
 //! summed as `BIGINT`, every unsigned one as `BIGINT UNSIGNED`) whose
-//! accumulators, grouped or not, fail the query with an overflow error
-//! instead of wrapping. `DISTINCT` sums and sums over window frames are
-//! DataFusion's own.
+//! accumulators, grouped or not, `DISTINCT` or not, over sliding window
+//! frames or not, fail the query with an overflow error instead of
+//! wrapping.
 
 use std::any::Any;
 use std::fmt;
@@ -64,16 +64,46 @@ impl Hash for CheckedSum {
     }
 }
 
-/// The SQL name of the integer type `args` sums value by value (not
-/// `DISTINCT`), if it sums integers.
-fn summed_integer(args: &AccumulatorArgs) -> Option<&'static str> {
-    if args.is_distinct {
-        return None;
-    }
+/// The SQL name of the integer type `args` sums, if it sums integers.
+fn summed_type(args: &AccumulatorArgs) -> Option<&'static str> {
     match args.return_field.data_type() {
         DataType::Int64 => Some("BIGINT"),
         DataType::UInt64 => Some("BIGINT UNSIGNED"),
         _ => None,
+    }
+}
+
+/// The SQL name of the integer type `args` sums value by value (not
+/// `DISTINCT`), if it sums integers.
+fn summed_integer(args: &AccumulatorArgs) -> Option<&'static str> {
+    summed_type(args).filter(|_| !args.is_distinct)
+}
+
+/// The exact sum of a column of `BIGINT` or `BIGINT UNSIGNED` values.
+fn exact_sum(values: &ArrayRef) -> i128 {
+    match values.data_type() {
+        DataType::Int64 => values
+            .as_primitive::<Int64Type>()
+            .iter()
+            .flatten()
+            .map(i128::from)
+            .sum(),
+        DataType::UInt64 => values
+            .as_primitive::<UInt64Type>()
+            .iter()
+            .flatten()
+            .map(i128::from)
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// Whether `sum` is a value of the type named `type_name`.
+fn fits(sum: i128, type_name: &str) -> bool {
+    if type_name == "BIGINT" {
+        i64::try_from(sum).is_ok()
+    } else {
+        u64::try_from(sum).is_ok()
     }
 }
 
@@ -104,6 +134,14 @@ impl AggregateUDFImpl for CheckedSum {
     }
 
     fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        if args.is_distinct {
+            let type_name = summed_type(&args);
+            let inner = self.inner.accumulator(args)?;
+            return Ok(match type_name {
+                Some(type_name) => Box::new(CheckedDistinct { inner, type_name }),
+                None => inner,
+            });
+        }
         let Some(type_name) = summed_integer(&args) else {
             return self.inner.accumulator(args);
         };
@@ -143,7 +181,16 @@ impl AggregateUDFImpl for CheckedSum {
     }
 
     fn create_sliding_accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        self.inner.create_sliding_accumulator(args)
+        let type_name = summed_integer(&args);
+        let inner = self.inner.create_sliding_accumulator(args)?;
+        Ok(match type_name {
+            Some(type_name) => Box::new(CheckedSliding {
+                inner,
+                sum: 0,
+                type_name,
+            }),
+            None => inner,
+        })
     }
 
     fn order_sensitivity(&self) -> AggregateOrderSensitivity {
@@ -262,6 +309,95 @@ impl<T: ArrowPrimitiveType> Accumulator for SumAccumulator<T> {
 
     fn size(&self) -> usize {
         size_of_val(self)
+    }
+}
+
+/// DataFusion's `sum(DISTINCT ...)` of integers, failing when the sum of
+/// the distinct values passes their type's range: they are added exactly
+/// once more as the sum is given.
+#[derive(Debug)]
+struct CheckedDistinct {
+    inner: Box<dyn Accumulator>,
+    type_name: &'static str,
+}
+
+impl Accumulator for CheckedDistinct {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        self.inner.update_batch(values)
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.inner.merge_batch(states)
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        self.inner.state()
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        let sum = self.inner.evaluate()?;
+        if sum.is_null() {
+            return Ok(sum);
+        }
+        // The state is the list of the distinct values.
+        if let Some(ScalarValue::List(values)) = self.inner.state()?.first()
+            && !fits(exact_sum(values.values()), self.type_name)
+        {
+            return Err(overflow(self.type_name));
+        }
+        Ok(sum)
+    }
+
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+}
+
+/// DataFusion's sum over a sliding window frame of integers, failing when
+/// a frame's sum passes their type's range. Rows enter the frame before
+/// those it leaves go, so a running sum in the type itself could pass its
+/// range on the way to a sum that fits: the exact one is kept alongside.
+#[derive(Debug)]
+struct CheckedSliding {
+    inner: Box<dyn Accumulator>,
+    sum: i128,
+    type_name: &'static str,
+}
+
+impl Accumulator for CheckedSliding {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        self.sum += values.first().map_or(0, exact_sum);
+        self.inner.update_batch(values)
+    }
+
+    fn retract_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        self.sum -= values.first().map_or(0, exact_sum);
+        self.inner.retract_batch(values)
+    }
+
+    fn supports_retract_batch(&self) -> bool {
+        self.inner.supports_retract_batch()
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.sum += states.first().map_or(0, exact_sum);
+        self.inner.merge_batch(states)
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        self.inner.state()
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        let sum = self.inner.evaluate()?;
+        if !sum.is_null() && !fits(self.sum, self.type_name) {
+            return Err(overflow(self.type_name));
+        }
+        Ok(sum)
+    }
+
+    fn size(&self) -> usize {
+        self.inner.size() + size_of::<i128>()
     }
 }
 
@@ -418,5 +554,36 @@ mod tests {
             .await
             .expect("sum");
         assert!(exact.contains("| 2 "), "{exact}");
+    }
+
+    #[tokio::test]
+    async fn distinct_sums_and_sliding_window_sums_past_their_type_fail() {
+        let max = i64::MAX;
+        let rows = vec![vec![(max, 1, 0), (1, 2, 0)], vec![(max, 3, 0), (-1, 4, 0)]];
+        let wrapping = context(rows.clone(), false);
+        let checked = context(rows, true);
+        for sql in [
+            // The distinct values MAX and 1. (DataFusion sums one distinct
+            // argument over a grouping by it, with the plain sum; two take
+            // the distinct accumulators.)
+            "SELECT sum(DISTINCT x) FROM t WHERE g < 4",
+            "SELECT sum(DISTINCT x), sum(DISTINCT g) FROM t WHERE g < 4",
+            "SELECT g < 3, sum(DISTINCT x) FROM t GROUP BY g < 3",
+            // Rows 2 and 3's frame: 1 + MAX.
+            "SELECT g, sum(x) OVER (ORDER BY g ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) FROM t",
+        ] {
+            let error = "sum() passed the range of BIGINT";
+            assert_fails_where_it_wrapped(&wrapping, &checked, sql, error).await;
+        }
+        for sql in [
+            // MAX, 1 and -1 add up to MAX.
+            "SELECT sum(DISTINCT x), sum(DISTINCT g) FROM t",
+            // Each frame's sum fits, though a running one would pass MAX as
+            // row 3 enters before row 2 leaves.
+            "SELECT g, sum(x) OVER (ORDER BY g ROWS BETWEEN CURRENT ROW AND CURRENT ROW) FROM t ORDER BY g",
+            "SELECT g, sum(x) OVER (ORDER BY g ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) FROM t WHERE g >= 3 ORDER BY g",
+        ] {
+            assert_answers_alike(&wrapping, &checked, sql).await;
+        }
     }
 }
