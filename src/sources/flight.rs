@@ -162,9 +162,7 @@ async fn connect(
 /// failure, not the source's.
 fn failure(error: &impl std::fmt::Display) -> Cause {
     let text = message(error);
-    // tonic writes the code as its name or as its description.
-    let data = text.starts_with("InvalidArgument")
-        || text.contains("code: 'Client specified an invalid argument'");
+    let data = text.starts_with("InvalidArgument");
     Cause { text, data }
 }
 
@@ -189,6 +187,21 @@ fn message(error: &impl std::fmt::Display) -> String {
                 .trim_start_matches(": ")
                 .to_string();
         }
+        // or as "Tonic error: code: '<description>', message: \"...\"".
+        if let Some(said) = rest.strip_suffix('"')
+            && let Some(code) = described_code(&text)
+        {
+            return format!("{code:?}: {said}");
+        }
     }
     text
+}
+
+/// The gRPC code whose description `text` quotes as `code: '...'`.
+fn described_code(text: &str) -> Option<tonic::Code> {
+    let start = text.find("code: '")? + 7;
+    let description = &text[start..start + text[start..].find('\'')?];
+    (0..=16)
+        .map(tonic::Code::from)
+        .find(|code| code.description() == description)
 }
