@@ -15,10 +15,10 @@ use super::Dialect;
 /// PostgreSQL's under the `C` collation change ASCII letters only, and
 /// PostgreSQL's `upper('ß')` is `ß` where DataFusion's is `SS`.)
 const PORTABLE_FUNCTIONS: &[&str] = &["abs", "coalesce", "nullif"];
-/// More functions PostgreSQL computes like DataFusion. (Not `sqrt`, `ln`,
-/// `exp` or `power`, which fail in PostgreSQL where DataFusion answers
-/// NaN or infinity, nor `regexp_replace`, whose patterns PostgreSQL reads
-/// in another regular expression language.)
+/// More functions PostgreSQL computes like DataFusion. (Not `ln`, `exp`
+/// or `power`, which fail in PostgreSQL where DataFusion answers NaN or
+/// infinity, nor `regexp_replace`, whose patterns PostgreSQL reads in
+/// another regular expression language.)
 const POSTGRES_FUNCTIONS: &[&str] = &[
     "substr",
     "character_length",
@@ -32,6 +32,7 @@ const POSTGRES_FUNCTIONS: &[&str] = &[
     "starts_with",
     "floor",
     "ceil",
+    "sqrt",
     "date_trunc",
 ];
 const AGGREGATES: &[&str] = &["count", "sum", "min", "max", "avg"];

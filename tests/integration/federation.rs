@@ -890,6 +890,8 @@ async fn sources_answer_what_meshgate_would_answer_itself() {
         "SELECT id FROM {t} WHERE doc = '{\"a\": 1}' ORDER BY id",
         "SELECT id FROM {t} WHERE doc = '{\"a\":1}' ORDER BY id",
         "SELECT id, doc FROM {t} WHERE doc <> '2' ORDER BY doc",
+        "SELECT id, sqrt(x) AS s FROM {t} WHERE x >= 0 ORDER BY id",
+        "SELECT id, ln(x) AS l FROM {t} ORDER BY id",
         "SELECT avg(amount) AS a FROM {t} WHERE id IN (1, 2, 3)",
         "SELECT id % 2 AS g, avg(amount) AS a, sum(amount) AS s FROM {t} GROUP BY id % 2 ORDER BY g",
     ] {
@@ -902,6 +904,8 @@ async fn sources_answer_what_meshgate_would_answer_itself() {
         got.contains("| 1  | a    |") && got.contains("| 4  |      |") && got.lines().count() == 6,
         "{got}"
     );
+    // A square root PostgreSQL computes as meshgate does is sent.
+    assert!(!received(&pg, "sqrt(").is_empty(), "{:#?}", pg.statements());
     // PostgreSQL truncated the timestamps itself, in UTC.
     assert!(
         !received(&pg, "date_trunc('day'").is_empty(),
