@@ -81,19 +81,20 @@ fn summed_integer(args: &AccumulatorArgs) -> Option<&'static str> {
 
 /// The exact sum of a column of `BIGINT` or `BIGINT UNSIGNED` values.
 fn exact_sum(values: &ArrayRef) -> i128 {
+    fn sum<T: ArrowPrimitiveType>(values: &ArrayRef) -> i128
+    where
+        T::Native: Into<i128>,
+    {
+        values
+            .as_primitive::<T>()
+            .iter()
+            .flatten()
+            .map(Into::into)
+            .sum()
+    }
     match values.data_type() {
-        DataType::Int64 => values
-            .as_primitive::<Int64Type>()
-            .iter()
-            .flatten()
-            .map(i128::from)
-            .sum(),
-        DataType::UInt64 => values
-            .as_primitive::<UInt64Type>()
-            .iter()
-            .flatten()
-            .map(i128::from)
-            .sum(),
+        DataType::Int64 => sum::<Int64Type>(values),
+        DataType::UInt64 => sum::<UInt64Type>(values),
         _ => 0,
     }
 }
