@@ -18,6 +18,7 @@ mod shared_subplans;
 mod stack;
 #[cfg(test)]
 pub(crate) mod testing;
+mod window_arithmetic;
 mod wire;
 mod yielding;
 

@@ -31,6 +31,7 @@ use super::kernels::ExpressionKernels;
 use super::recursion::{BoundedRecursion, RecursionLimit};
 use super::selectivity::StringFilterSelectivity;
 use super::shared_subplans::SharedSubplans;
+use super::window_arithmetic::WindowArithmeticBelow;
 use super::yielding::YieldingJoins;
 
 /// The schema unqualified names resolve in; it holds no products, so every
@@ -93,6 +94,7 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
         .with_default_features()
         .with_analyzer_rule(Arc::new(CheckedConstants))
         .with_optimizer_rule(Arc::new(SourcePushdown))
+        .with_optimizer_rule(Arc::new(WindowArithmeticBelow))
         .with_physical_optimizer_rules(physical_optimizer_rules())
         .with_query_planner(Arc::new(SourcePlanner))
         .build();
