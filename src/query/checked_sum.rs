@@ -8,17 +8,21 @@
 //! summed as `BIGINT`, every unsigned one as `BIGINT UNSIGNED`) whose
 //! accumulators, grouped or not, `DISTINCT` or not, over sliding window
 //! frames or not, fail the query with an overflow error instead of
-//! wrapping.
+//! wrapping. Sums are kept exact, in 128 bits (partial sums travel between
+//! the stages of an aggregation as `DECIMAL(38, 0)`), and checked when they
+//! are given: values that pass the range on the way and come back
+//! (`MAX`, `1`, `-1`) add up to what they are.
 
 use std::any::Any;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use arrow::array::{ArrayRef, AsArray, BooleanArray};
-use arrow::compute::kernels::aggregate::sum_checked;
-use arrow::datatypes::{ArrowNativeTypeOp, ArrowPrimitiveType, DataType, Int64Type, UInt64Type};
+use arrow::array::{ArrayRef, AsArray, BooleanArray, PrimitiveArray};
+use arrow::compute::cast;
+use arrow::datatypes::{
+    ArrowPrimitiveType, DataType, Decimal128Type, Field, FieldRef, Int64Type, UInt64Type,
+};
 use datafusion::common::{DataFusionError, Result, ScalarValue};
 use datafusion::execution::{FunctionRegistry, SessionState};
 use datafusion::logical_expr::expr::AggregateFunction;
@@ -146,14 +150,28 @@ impl AggregateUDFImpl for CheckedSum {
         let Some(type_name) = summed_integer(&args) else {
             return self.inner.accumulator(args);
         };
-        Ok(match args.return_field.data_type() {
-            DataType::Int64 => Box::new(SumAccumulator::<Int64Type>::new(type_name)),
-            _ => Box::new(SumAccumulator::<UInt64Type>::new(type_name)),
-        })
+        Ok(Box::new(SumAccumulator {
+            sum: None,
+            data_type: args.return_field.data_type().clone(),
+            type_name,
+        }))
     }
 
-    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<arrow::datatypes::FieldRef>> {
-        self.inner.state_fields(args)
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        let exact = !args.is_distinct
+            && matches!(
+                args.return_field.data_type(),
+                DataType::Int64 | DataType::UInt64
+            );
+        let fields = self.inner.state_fields(args)?;
+        if !exact {
+            return Ok(fields);
+        }
+        // The partial sum, exact.
+        Ok(fields
+            .iter()
+            .map(|field| Arc::new(Field::new(field.name(), EXACT_STATE.clone(), true)) as FieldRef)
+            .collect())
     }
 
     fn groups_accumulator_supported(&self, args: AccumulatorArgs) -> bool {
@@ -167,16 +185,9 @@ impl AggregateUDFImpl for CheckedSum {
         let Some(type_name) = summed_integer(&args) else {
             return self.inner.create_groups_accumulator(args);
         };
-        let data_type = args.return_field.data_type().clone();
-        let overflowed = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&overflowed);
-        let inner = match data_type {
-            DataType::Int64 => flagging_sum::<Int64Type>(&data_type, flag),
-            _ => flagging_sum::<UInt64Type>(&data_type, flag),
-        };
-        Ok(Box::new(CheckedGroups {
-            inner,
-            overflowed,
+        Ok(Box::new(ExactGroups {
+            inner: PrimitiveGroupsAccumulator::new(&EXACT_STATE, add_exact),
+            data_type: args.return_field.data_type().clone(),
             type_name,
         }))
     }
@@ -231,69 +242,68 @@ impl AggregateUDFImpl for CheckedSum {
     }
 }
 
-/// DataFusion's grouped sum of `T` values, its additions wrapping as
-/// DataFusion's do and setting `overflowed` when one does.
-fn flagging_sum<T>(data_type: &DataType, overflowed: Arc<AtomicBool>) -> Box<dyn GroupsAccumulator>
-where
-    T: ArrowPrimitiveType + Send,
-{
-    Box::new(PrimitiveGroupsAccumulator::<T, _>::new(
-        data_type,
-        move |sum: &mut T::Native, value: T::Native| match sum.add_checked(value) {
-            Ok(added) => *sum = added,
-            Err(_) => {
-                *sum = sum.add_wrapping(value);
-                overflowed.store(true, Ordering::Relaxed);
-            }
-        },
-    ))
+/// The type partial sums of integers travel in between the stages of an
+/// aggregation: the exact sum, which may lie past the summed type's range
+/// until the values still to come bring it back.
+const EXACT_STATE: DataType = DataType::Decimal128(38, 0);
+
+/// The exact sum of `BIGINT` or `BIGINT UNSIGNED` values, or of partial
+/// sums (`EXACT_STATE`); `None` when every value is null. 128 bits hold
+/// the sum of 2^64 values of 64 bits.
+fn exact_sum_of(values: &ArrayRef) -> Option<i128> {
+    if values.null_count() == values.len() {
+        return None;
+    }
+    Some(match values.data_type() {
+        DataType::Decimal128(..) => values
+            .as_primitive::<Decimal128Type>()
+            .iter()
+            .flatten()
+            .fold(0_i128, i128::wrapping_add),
+        _ => exact_sum(values),
+    })
 }
 
-/// The sum of a column's values, failing when it passes its type's range.
-struct SumAccumulator<T: ArrowPrimitiveType> {
-    sum: Option<T::Native>,
+/// `sum` as a value of `data_type` (`BIGINT` or `BIGINT UNSIGNED`), or an
+/// overflow error when it lies outside its range.
+fn summed_value(sum: Option<i128>, data_type: &DataType, type_name: &str) -> Result<ScalarValue> {
+    let Some(sum) = sum else {
+        return ScalarValue::try_from(data_type);
+    };
+    match data_type {
+        DataType::UInt64 => u64::try_from(sum)
+            .map(|sum| ScalarValue::UInt64(Some(sum)))
+            .map_err(|_| overflow(type_name)),
+        _ => i64::try_from(sum)
+            .map(|sum| ScalarValue::Int64(Some(sum)))
+            .map_err(|_| overflow(type_name)),
+    }
+}
+
+/// The sum of a column of integers, exact as it runs, failing when it is
+/// given outside its type's range.
+#[derive(Debug)]
+struct SumAccumulator {
+    sum: Option<i128>,
+    /// `BIGINT` or `BIGINT UNSIGNED`.
+    data_type: DataType,
     type_name: &'static str,
 }
 
-impl<T: ArrowPrimitiveType> fmt::Debug for SumAccumulator<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SumAccumulator")
-            .field("sum", &self.sum)
-            .finish()
-    }
-}
-
-impl<T: ArrowPrimitiveType> SumAccumulator<T> {
-    fn new(type_name: &'static str) -> Self {
-        Self {
-            sum: None,
-            type_name,
+impl SumAccumulator {
+    fn add(&mut self, values: &ArrayRef) {
+        if let Some(sum) = exact_sum_of(values) {
+            self.sum = Some(self.sum.unwrap_or(0).wrapping_add(sum));
         }
     }
-
-    fn add(&mut self, values: &ArrayRef) -> Result<()> {
-        let Some(sum) =
-            sum_checked(values.as_primitive::<T>()).map_err(|_| overflow(self.type_name))?
-        else {
-            return Ok(());
-        };
-        self.sum = Some(match self.sum {
-            Some(before) => before
-                .add_checked(sum)
-                .map_err(|_| overflow(self.type_name))?,
-            None => sum,
-        });
-        Ok(())
-    }
-
-    fn value(&self) -> Result<ScalarValue> {
-        ScalarValue::new_primitive::<T>(self.sum, &T::DATA_TYPE)
-    }
 }
 
-impl<T: ArrowPrimitiveType> Accumulator for SumAccumulator<T> {
+impl Accumulator for SumAccumulator {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        values.first().map_or(Ok(()), |values| self.add(values))
+        if let Some(values) = values.first() {
+            self.add(values);
+        }
+        Ok(())
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
@@ -301,11 +311,11 @@ impl<T: ArrowPrimitiveType> Accumulator for SumAccumulator<T> {
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        Ok(vec![self.value()?])
+        Ok(vec![ScalarValue::Decimal128(self.sum, 38, 0)])
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        self.value()
+        summed_value(self.sum, &self.data_type, self.type_name)
     }
 
     fn size(&self) -> usize {
@@ -402,33 +412,38 @@ impl Accumulator for CheckedSliding {
     }
 }
 
-/// DataFusion's grouped sum, whose additions note when one wraps: each
-/// batch that wrapped fails the query.
-struct CheckedGroups {
-    inner: Box<dyn GroupsAccumulator>,
-    overflowed: Arc<AtomicBool>,
+/// DataFusion's grouped sum, over the values made exact (`EXACT_STATE`),
+/// each group's sum checked when it is given.
+struct ExactGroups {
+    inner: PrimitiveGroupsAccumulator<Decimal128Type, fn(&mut i128, i128)>,
+    /// `BIGINT` or `BIGINT UNSIGNED`.
+    data_type: DataType,
     type_name: &'static str,
 }
 
-impl fmt::Debug for CheckedGroups {
+impl fmt::Debug for ExactGroups {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CheckedGroups")
+        f.debug_struct("ExactGroups")
             .field("type", &self.type_name)
             .finish_non_exhaustive()
     }
 }
 
-impl CheckedGroups {
-    fn checked(&self, result: Result<()>) -> Result<()> {
-        result?;
-        if self.overflowed.load(Ordering::Relaxed) {
-            return Err(overflow(self.type_name));
-        }
-        Ok(())
-    }
+/// Adds `value` to the exact `sum` (which 128 bits hold, see
+/// [`exact_sum_of`]).
+fn add_exact(sum: &mut i128, value: i128) {
+    *sum = sum.wrapping_add(value);
 }
 
-impl GroupsAccumulator for CheckedGroups {
+/// `values` (integers) as `EXACT_STATE`.
+fn exact(values: &[ArrayRef]) -> Result<Vec<ArrayRef>> {
+    values
+        .iter()
+        .map(|values| Ok(cast(values, &EXACT_STATE)?))
+        .collect()
+}
+
+impl GroupsAccumulator for ExactGroups {
     fn update_batch(
         &mut self,
         values: &[ArrayRef],
@@ -436,10 +451,8 @@ impl GroupsAccumulator for CheckedGroups {
         opt_filter: Option<&BooleanArray>,
         total_num_groups: usize,
     ) -> Result<()> {
-        let result = self
-            .inner
-            .update_batch(values, group_indices, opt_filter, total_num_groups);
-        self.checked(result)
+        self.inner
+            .update_batch(&exact(values)?, group_indices, opt_filter, total_num_groups)
     }
 
     fn merge_batch(
@@ -448,14 +461,18 @@ impl GroupsAccumulator for CheckedGroups {
         group_indices: &[usize],
         total_num_groups: usize,
     ) -> Result<()> {
-        let result = self
-            .inner
-            .merge_batch(values, group_indices, total_num_groups);
-        self.checked(result)
+        self.inner
+            .merge_batch(values, group_indices, total_num_groups)
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
-        self.inner.evaluate(emit_to)
+        let sums = self.inner.evaluate(emit_to)?;
+        let sums = sums.as_primitive::<Decimal128Type>();
+        let type_name = self.type_name;
+        Ok(match self.data_type {
+            DataType::UInt64 => Arc::new(in_range::<UInt64Type>(sums, type_name)?),
+            _ => Arc::new(in_range::<Int64Type>(sums, type_name)?),
+        })
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
@@ -467,12 +484,23 @@ impl GroupsAccumulator for CheckedGroups {
         values: &[ArrayRef],
         opt_filter: Option<&BooleanArray>,
     ) -> Result<Vec<ArrayRef>> {
-        self.inner.convert_to_state(values, opt_filter)
+        self.inner.convert_to_state(&exact(values)?, opt_filter)
     }
 
     fn size(&self) -> usize {
         self.inner.size()
     }
+}
+
+/// `sums` as values of `T`, or an overflow error if one lies outside its
+/// range.
+fn in_range<T>(sums: &PrimitiveArray<Decimal128Type>, type_name: &str) -> Result<PrimitiveArray<T>>
+where
+    T: ArrowPrimitiveType,
+    T::Native: TryFrom<i128>,
+{
+    sums.try_unary(|sum| T::Native::try_from(sum).map_err(|_| ()))
+        .map_err(|()| overflow(type_name))
 }
 
 #[cfg(test)]
@@ -489,6 +517,15 @@ mod tests {
     /// A session over `t`: `x` BIGINT, `g` INT, `u` BIGINT UNSIGNED, the
     /// rows in two partitions; with `checked`, this module's `sum`.
     fn context(partitions: Vec<Vec<(i64, i32, u64)>>, checked: bool) -> SessionContext {
+        context_in_batches(partitions, checked, usize::MAX)
+    }
+
+    /// [`context`], each partition's rows in batches of `batch_rows`.
+    fn context_in_batches(
+        partitions: Vec<Vec<(i64, i32, u64)>>,
+        checked: bool,
+        batch_rows: usize,
+    ) -> SessionContext {
         let schema = Arc::new(Schema::new(vec![
             Field::new("x", DataType::Int64, true),
             Field::new("g", DataType::Int32, false),
@@ -497,12 +534,16 @@ mod tests {
         let batches: Vec<Vec<RecordBatch>> = partitions
             .into_iter()
             .map(|rows| {
-                let columns: Vec<ArrayRef> = vec![
-                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
-                    Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.1))),
-                    Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.2))),
-                ];
-                vec![RecordBatch::try_new(Arc::clone(&schema), columns).expect("batch")]
+                rows.chunks(batch_rows.max(1))
+                    .map(|rows| {
+                        let columns: Vec<ArrayRef> = vec![
+                            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                            Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.1))),
+                            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.2))),
+                        ];
+                        RecordBatch::try_new(Arc::clone(&schema), columns).expect("batch")
+                    })
+                    .collect()
             })
             .collect();
         let mut state = SessionStateBuilder::new()
@@ -557,6 +598,46 @@ mod tests {
         assert!(exact.contains("| 2 "), "{exact}");
     }
 
+    /// Grouped sums whose partial aggregation is skipped (each row's value
+    /// handed on as its own partial sum) are exact and checked alike.
+    #[tokio::test]
+    async fn grouped_sums_without_partial_aggregation_are_exact() {
+        let max = i64::MAX;
+        let rows = vec![
+            vec![(max, 1, 0), (1, 1, 0), (max, 2, 0), (5, 3, 0)],
+            vec![(-1, 1, 0), (-1, 2, 0), (6, 3, 0), (7, 4, 0)],
+        ];
+        // A row a batch: the partial aggregation is skipped from the
+        // second batch on.
+        let wrapping = context_in_batches(rows.clone(), false, 1);
+        let checked = context_in_batches(rows, true, 1);
+        for ctx in [&wrapping, &checked] {
+            for setting in [
+                "SET datafusion.execution.skip_partial_aggregation_probe_rows_threshold = 1",
+                "SET datafusion.execution.skip_partial_aggregation_probe_ratio_threshold = 0.0",
+            ] {
+                ctx.sql(setting).await.expect(setting);
+            }
+        }
+        let plan = answer(
+            &checked,
+            "EXPLAIN ANALYZE SELECT g, sum(x) FROM t GROUP BY g",
+        )
+        .await
+        .expect("explain");
+        assert!(!plan.contains("skipped_aggregation_rows=0"), "{plan}");
+        assert!(plan.contains("skipped_aggregation_rows="), "{plan}");
+        assert_answers_alike(
+            &wrapping,
+            &checked,
+            "SELECT g, sum(x) FROM t GROUP BY g ORDER BY g",
+        )
+        .await;
+        let error = "sum() passed the range of BIGINT";
+        let sql = "SELECT g % 2, sum(x) FROM t GROUP BY g % 2";
+        assert_fails_where_it_wrapped(&wrapping, &checked, sql, error).await;
+    }
+
     #[tokio::test]
     async fn distinct_sums_and_sliding_window_sums_past_their_type_fail() {
         let max = i64::MAX;
@@ -577,7 +658,12 @@ mod tests {
             assert_fails_where_it_wrapped(&wrapping, &checked, sql, error).await;
         }
         for sql in [
-            // MAX, 1 and -1 add up to MAX.
+            // MAX, 1 and -1 add up to MAX, though MAX and 1, the first
+            // partition's, do not fit.
+            "SELECT sum(x) FROM t WHERE g <> 3",
+            "SELECT g < 5, sum(x) FROM t WHERE g <> 3 GROUP BY g < 5",
+            "SELECT sum(x) FILTER (WHERE g <> 3), count(*) FROM t",
+            "SELECT sum(DISTINCT x) FROM t",
             "SELECT sum(DISTINCT x), sum(DISTINCT g) FROM t",
             // Each frame's sum fits, though a running one would pass MAX as
             // row 3 enters before row 2 leaves.
