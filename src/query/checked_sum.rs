@@ -193,9 +193,11 @@ impl AggregateUDFImpl for CheckedSum {
     }
 
     fn create_sliding_accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        let type_name = summed_integer(&args);
+        let distinct = args.is_distinct;
+        let type_name = summed_type(&args);
         let inner = self.inner.create_sliding_accumulator(args)?;
         Ok(match type_name {
+            Some(type_name) if distinct => Box::new(CheckedDistinct { inner, type_name }),
             Some(type_name) => Box::new(CheckedSliding {
                 inner,
                 sum: 0,
@@ -323,9 +325,10 @@ impl Accumulator for SumAccumulator {
     }
 }
 
-/// DataFusion's `sum(DISTINCT ...)` of integers, failing when the sum of
-/// the distinct values passes their type's range: they are added exactly
-/// once more as the sum is given.
+/// DataFusion's `sum(DISTINCT ...)` of integers, over the rows of a group
+/// or of a sliding window frame, failing when the sum of the distinct
+/// values passes their type's range: they are added exactly once more as
+/// the sum is given.
 #[derive(Debug)]
 struct CheckedDistinct {
     inner: Box<dyn Accumulator>,
@@ -335,6 +338,14 @@ struct CheckedDistinct {
 impl Accumulator for CheckedDistinct {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
         self.inner.update_batch(values)
+    }
+
+    fn retract_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        self.inner.retract_batch(values)
+    }
+
+    fn supports_retract_batch(&self) -> bool {
+        self.inner.supports_retract_batch()
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
@@ -653,6 +664,7 @@ mod tests {
             "SELECT g < 3, sum(DISTINCT x) FROM t GROUP BY g < 3",
             // Rows 2 and 3's frame: 1 + MAX.
             "SELECT g, sum(x) OVER (ORDER BY g ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) FROM t",
+            "SELECT g, sum(DISTINCT x) OVER (ORDER BY g ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) FROM t",
         ] {
             let error = "sum() passed the range of BIGINT";
             assert_fails_where_it_wrapped(&wrapping, &checked, sql, error).await;
@@ -669,6 +681,8 @@ mod tests {
             // row 3 enters before row 2 leaves.
             "SELECT g, sum(x) OVER (ORDER BY g ROWS BETWEEN CURRENT ROW AND CURRENT ROW) FROM t ORDER BY g",
             "SELECT g, sum(x) OVER (ORDER BY g ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) FROM t WHERE g >= 3 ORDER BY g",
+            "SELECT g, sum(DISTINCT x) OVER (ORDER BY g ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) FROM t WHERE g >= 3 ORDER BY g",
+            "SELECT g, sum(DISTINCT x) OVER (ORDER BY g ROWS BETWEEN CURRENT ROW AND CURRENT ROW) FROM t ORDER BY g",
         ] {
             assert_answers_alike(&wrapping, &checked, sql).await;
         }
