@@ -475,6 +475,28 @@ async fn rule_4_row_filter_hides_rows_and_callers_expressions_never_see_them() {
             "{sql}"
         );
     }
+    // Window functions' arguments, partitioning and ordering likewise: the
+    // hidden rows would overflow (as one who sees them finds).
+    let windows = "SELECT id, sum(10 / divisor + id) OVER (ORDER BY id) AS s, \
+                   max(9223372036854775807 + (1 - divisor)) OVER (PARTITION BY region) AS m, \
+                   rank() OVER (ORDER BY 9223372036854775807 + (1 - divisor)) AS r \
+                   FROM hr.employees ORDER BY id";
+    let mut admin = hr_admin(&server).await;
+    let seen = error(&mut admin, &windows.replace("10 / divisor", "10")).await;
+    assert_eq!(seen.code(), tonic::Code::InvalidArgument, "{seen:?}");
+    assert!(seen.message().contains("Overflow"), "{seen:?}");
+    assert_eq!(
+        lines(&rows(&mut eu, windows).await),
+        lines(
+            "
+            +----+----+---------------------+---+
+            | id | s  | m                   | r |
+            +----+----+---------------------+---+
+            | 1  | 11 | 9223372036854775807 | 2 |
+            | 2  | 18 | 9223372036854775807 | 1 |
+            +----+----+---------------------+---+"
+        )
+    );
     // A NULL row filter result hides the row: no region attribute, no rows.
     let mut stateless = server.as_identity("nora", &["analyst"], &[]).await;
     assert_eq!(
