@@ -661,10 +661,12 @@ fn groups(select: &Select) -> bool {
 }
 
 /// `plan` with an explicit projection, which fixes the statement's columns
-/// and their order, placed below any sort and limit at its top.
+/// and their order, placed below any sort and limit at its top. An
+/// aggregate gets one too: written alone, its aggregates would come before
+/// its grouping columns, which its rows hold first.
 fn with_projection(plan: LogicalPlan) -> Result<LogicalPlan> {
     match plan {
-        LogicalPlan::Projection(_) | LogicalPlan::Aggregate(_) => Ok(plan),
+        LogicalPlan::Projection(_) => Ok(plan),
         LogicalPlan::Limit(_) | LogicalPlan::Sort(_) => {
             let input = plan.inputs()[0].clone();
             let input = with_projection(input)?;

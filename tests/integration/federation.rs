@@ -847,6 +847,9 @@ async fn sources_answer_what_meshgate_would_answer_itself() {
         "SELECT a.id, count(b.id) AS k FROM {t} a LEFT JOIN {t} b ON a.n < b.n GROUP BY a.id ORDER BY a.id",
         "SELECT id FROM {t} a WHERE n >= (SELECT avg(n) FROM {t} b WHERE b.name = a.name) ORDER BY id",
         "SELECT id, length(plain) AS l, character_length(plain) AS cl FROM {t} ORDER BY id",
+        // An aggregate sent alone, under a window: its columns in its order.
+        "SELECT g, sum(sum(n) + 1) OVER (ORDER BY g) AS s FROM (SELECT id % 2 AS g, n FROM {t}) q GROUP BY g ORDER BY g",
+        "SELECT id, sum(n + 1) OVER (PARTITION BY id % 2 ORDER BY id) AS s FROM {t} ORDER BY id",
     ] {
         assert_alike(&mut carol, sql, "lab.w", "lab.w_here").await;
         assert_alike(&mut carol, sql, "lab.p", "lab.p_here").await;
