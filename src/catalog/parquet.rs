@@ -633,7 +633,6 @@ mod tests {
     use parquet::arrow::ArrowWriter;
     use parquet::file::properties::WriterProperties;
 
-    use datafusion::catalog::CatalogProvider;
     use datafusion::physical_plan::statistics::{StatisticsArgs, StatisticsContext};
 
     use super::*;
@@ -767,16 +766,7 @@ mod tests {
     /// The rows the planner expects out of `sql` over `product`, planned
     /// with meshgate's settings and rules, behind a barrier when `barrier`.
     async fn estimated_rows(product: &Arc<dyn TableProvider>, sql: &str, barrier: bool) -> usize {
-        let runtime = Arc::new(datafusion::execution::runtime_env::RuntimeEnv::default());
-        let ctx = SessionContext::new_with_state(crate::query::base_session_state(runtime));
-        let catalog = Arc::new(datafusion::catalog::MemoryCatalogProvider::new());
-        catalog
-            .register_schema(
-                "public",
-                Arc::new(datafusion::catalog::MemorySchemaProvider::new()),
-            )
-            .expect("schema");
-        ctx.register_catalog(crate::catalog::CATALOG_NAME, catalog);
+        let ctx = crate::query::testing::gateway_session();
         let plan = if barrier {
             plan_on(&ctx, Arc::clone(product), lit(true), sql).await
         } else {

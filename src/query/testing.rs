@@ -26,6 +26,22 @@ pub(crate) fn session_with_rules(
     SessionContext::new_with_state(state)
 }
 
+/// A session as the gateway makes one (its settings, rules and functions),
+/// with an empty schema in its catalog for tables to be registered in.
+pub(crate) fn gateway_session() -> SessionContext {
+    let runtime = Arc::new(datafusion::execution::runtime_env::RuntimeEnv::default());
+    let ctx = SessionContext::new_with_state(super::base_session_state(runtime));
+    let catalog = Arc::new(datafusion::catalog::MemoryCatalogProvider::new());
+    datafusion::catalog::CatalogProvider::register_schema(
+        catalog.as_ref(),
+        "public",
+        Arc::new(datafusion::catalog::MemorySchemaProvider::new()),
+    )
+    .expect("schema");
+    ctx.register_catalog(crate::catalog::CATALOG_NAME, catalog);
+    ctx
+}
+
 /// A session planned with `rules` (see [`session_with_rules`]) holding
 /// `table` as table `t`.
 pub(crate) fn session_over(

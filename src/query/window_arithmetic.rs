@@ -170,11 +170,11 @@ mod tests {
 
     use arrow::array::{ArrayRef, Int32Array, Int64Array, RecordBatch};
     use arrow::datatypes::{DataType, Field, Schema};
-    use datafusion::catalog::CatalogProvider;
-    use datafusion::execution::runtime_env::RuntimeEnv;
     use datafusion::prelude::SessionContext;
 
-    use crate::query::testing::{answer, assert_answers_alike, assert_fails_where_it_wrapped};
+    use crate::query::testing::{
+        answer, assert_answers_alike, assert_fails_where_it_wrapped, gateway_session,
+    };
 
     /// `t` (`x BIGINT`, `i INT`, `g INT`) in meshgate's session and in
     /// DataFusion's own.
@@ -196,17 +196,7 @@ mod tests {
             .expect("table");
             ctx.register_table("t", Arc::new(t)).expect("register");
         };
-        let runtime = Arc::new(RuntimeEnv::default());
-        let state = crate::query::base_session_state(runtime);
-        let checked = SessionContext::new_with_state(state);
-        let catalog = Arc::new(datafusion::catalog::MemoryCatalogProvider::new());
-        catalog
-            .register_schema(
-                "public",
-                Arc::new(datafusion::catalog::MemorySchemaProvider::new()),
-            )
-            .expect("schema");
-        checked.register_catalog(crate::catalog::CATALOG_NAME, catalog);
+        let checked = gateway_session();
         register(&checked);
         let wrapping = SessionContext::new();
         register(&wrapping);
