@@ -83,7 +83,9 @@ fn summed_integer(args: &AccumulatorArgs) -> Option<&'static str> {
     summed_type(args).filter(|_| !args.is_distinct)
 }
 
-/// The exact sum of a column of `BIGINT` or `BIGINT UNSIGNED` values.
+/// The exact sum of a column of `BIGINT` or `BIGINT UNSIGNED` values, or
+/// of exact partial sums (`EXACT_STATE`). 128 bits hold the sum of 2^64
+/// values of 64 bits.
 fn exact_sum(values: &ArrayRef) -> i128 {
     fn sum<T: ArrowPrimitiveType>(values: &ArrayRef) -> i128
     where
@@ -99,6 +101,7 @@ fn exact_sum(values: &ArrayRef) -> i128 {
     match values.data_type() {
         DataType::Int64 => sum::<Int64Type>(values),
         DataType::UInt64 => sum::<UInt64Type>(values),
+        DataType::Decimal128(..) => sum::<Decimal128Type>(values),
         _ => 0,
     }
 }
@@ -249,21 +252,9 @@ impl AggregateUDFImpl for CheckedSum {
 /// until the values still to come bring it back.
 const EXACT_STATE: DataType = DataType::Decimal128(38, 0);
 
-/// The exact sum of `BIGINT` or `BIGINT UNSIGNED` values, or of partial
-/// sums (`EXACT_STATE`); `None` when every value is null. 128 bits hold
-/// the sum of 2^64 values of 64 bits.
+/// [`exact_sum`] of `values`, or `None` when every value is null.
 fn exact_sum_of(values: &ArrayRef) -> Option<i128> {
-    if values.null_count() == values.len() {
-        return None;
-    }
-    Some(match values.data_type() {
-        DataType::Decimal128(..) => values
-            .as_primitive::<Decimal128Type>()
-            .iter()
-            .flatten()
-            .fold(0_i128, i128::wrapping_add),
-        _ => exact_sum(values),
-    })
+    (values.null_count() < values.len()).then(|| exact_sum(values))
 }
 
 /// `sum` as a value of `data_type` (`BIGINT` or `BIGINT UNSIGNED`), or an
@@ -313,7 +304,10 @@ impl Accumulator for SumAccumulator {
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        Ok(vec![ScalarValue::Decimal128(self.sum, 38, 0)])
+        Ok(vec![ScalarValue::new_primitive::<Decimal128Type>(
+            self.sum,
+            &EXACT_STATE,
+        )?])
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
