@@ -410,6 +410,7 @@ impl RemoteQuery {
     fn try_new(plan: &LogicalPlan, group: &Group) -> Result<Self> {
         let dialect = group.source.dialect;
         let projected = with_projection(limits_above_scans(sorts_under_limits(plan.clone())?)?)?;
+        let projected = computed_columns_named(projected)?;
         let projected = super::collation::plan_for_source(projected, dialect)?;
         let mut statement = Unparser::new(dialect.unparser_dialect()).plan_to_sql(&projected)?;
         let _ = statement.visit(&mut OrderOutside);
@@ -681,6 +682,43 @@ fn with_projection(plan: LogicalPlan) -> Result<LogicalPlan> {
             Arc::new(plan),
         )?)),
     }
+}
+
+/// `plan` with each column that a projection over an aggregate or a window
+/// hands on named as the plan names it. The unparser writes such a column
+/// as the aggregate or window function it holds (`count(1)`), which, in a
+/// derived table, the statement around it would read by a name no column
+/// has (`"count(Int64(1))"`): `HAVING count(*) > 0` without the grouping
+/// column in the select list, say, filters a derived table so.
+fn computed_columns_named(plan: LogicalPlan) -> Result<LogicalPlan> {
+    plan.transform_up(|node| {
+        let LogicalPlan::Projection(projection) = node else {
+            return Ok(Transformed::no(node));
+        };
+        if !matches!(
+            projection.input.as_ref(),
+            LogicalPlan::Aggregate(_) | LogicalPlan::Window(_)
+        ) || projection.expr.iter().all(|e| matches!(e, Expr::Alias(_)))
+        {
+            return Ok(Transformed::no(LogicalPlan::Projection(projection)));
+        }
+        let named = projection
+            .expr
+            .iter()
+            .enumerate()
+            .map(|(index, expr)| match expr {
+                Expr::Alias(_) => expr.clone(),
+                _ => {
+                    let (qualifier, field) = projection.schema.qualified_field(index);
+                    expr.clone()
+                        .alias_qualified(qualifier.cloned(), field.name())
+                }
+            })
+            .collect();
+        let named = Projection::try_new(named, Arc::clone(&projection.input))?;
+        Ok(Transformed::yes(LogicalPlan::Projection(named)))
+    })
+    .map(|t| t.data)
 }
 
 /// Replaces each leaf's name in `statement` by what the source reads.

@@ -850,6 +850,9 @@ async fn sources_answer_what_meshgate_would_answer_itself() {
         // An aggregate sent alone, under a window: its columns in its order.
         "SELECT g, sum(sum(n) + 1) OVER (ORDER BY g) AS s FROM (SELECT id % 2 AS g, n FROM {t}) q GROUP BY g ORDER BY g",
         "SELECT id, sum(n + 1) OVER (PARTITION BY id % 2 ORDER BY id) AS s FROM {t} ORDER BY id",
+        // Aggregates and windows in a derived table, read by their names.
+        "SELECT count(*) AS c, max(id) AS m FROM {t} GROUP BY n HAVING count(*) > 0 ORDER BY c, m",
+        "SELECT id FROM (SELECT id, sum(n) OVER () AS s FROM {t}) q WHERE s > 0 ORDER BY id",
     ] {
         assert_alike(&mut carol, sql, "lab.w", "lab.w_here").await;
         assert_alike(&mut carol, sql, "lab.p", "lab.p_here").await;
