@@ -16,6 +16,7 @@ use datafusion::datasource::listing::{
 };
 use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use object_store::ObjectStoreExt;
@@ -70,6 +71,13 @@ pub(crate) async fn open_file_product(
         return Err(format!("no {} files found", extension_label(format)));
     }
 
+    if format == FileFormat::Csv && !declared.is_empty() {
+        // A CSV file's fields are read by position: the table reads every
+        // field of a line, and the declared columns are picked out of them.
+        let (read, picked) = csv_columns(&file_schema, declared, csv.has_header)?;
+        let table = listing_table(state, table_url, options, read).map_err(|e| e.to_string())?;
+        return DeclaredColumns::over(table, picked);
+    }
     let schema = if declared.is_empty() {
         file_schema
     } else {
@@ -83,6 +91,58 @@ pub(crate) async fn open_file_product(
         }
         _ => table,
     })
+}
+
+/// How the CSV files of a product with declared columns are read: the
+/// schema of a whole line (each field in its place, declared ones in their
+/// declared types, the others as text, which always parses), and where in
+/// it each declared column is. With a header the declared columns are
+/// found by name; without one they are the first fields, in order.
+fn csv_columns(
+    file_schema: &Schema,
+    declared: &[ColumnContract],
+    has_header: bool,
+) -> Result<(SchemaRef, Vec<usize>), String> {
+    let fields = file_schema.fields();
+    let picked: Vec<usize> = if has_header {
+        check_contract(file_schema, declared, false, "the files' header")?;
+        declared
+            .iter()
+            .map(|column| {
+                file_schema
+                    .index_of(&column.name)
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<_, _>>()?
+    } else if declared.len() > fields.len() {
+        return Err(format!(
+            "{} columns are declared but the files' lines have {} fields (they have no header: \
+             the declared columns name the fields in order)",
+            declared.len(),
+            fields.len()
+        ));
+    } else {
+        (0..declared.len()).collect()
+    };
+    let mut read: Vec<Field> = fields
+        .iter()
+        .map(|field| Field::new(field.name(), DataType::Utf8, true))
+        .collect();
+    for (column, &index) in declared.iter().zip(&picked) {
+        read[index] = Field::new(&column.name, column.data_type.clone(), true);
+    }
+    // Fields no column is declared for keep their inferred names, unless a
+    // declared column has taken the name.
+    for (index, field) in read.iter_mut().enumerate() {
+        if !picked.contains(&index) {
+            let mut name = field.name().clone();
+            while declared.iter().any(|c| c.name == name) {
+                name.push('_');
+            }
+            *field = Field::new(name, DataType::Utf8, true);
+        }
+    }
+    Ok((Arc::new(Schema::new(read)), picked))
 }
 
 /// The listing table of the files at `url` with `schema`.
@@ -152,6 +212,76 @@ impl TableProvider for SingleFile {
             store.head(self.table_url.prefix()).await?;
         }
         Ok(plan)
+    }
+}
+
+/// Some of a table's columns, in an order of their own: the declared
+/// columns of a product whose files hold more, or hold them in another
+/// order. Filters and limits pass through (the names are the table's).
+#[derive(Debug)]
+struct DeclaredColumns {
+    table: Arc<dyn TableProvider>,
+    schema: SchemaRef,
+    /// The table's column of each of this one's.
+    picked: Vec<usize>,
+}
+
+impl DeclaredColumns {
+    /// `table`'s columns `picked`, or `table` itself when that is all of
+    /// them in order.
+    fn over(
+        table: Arc<dyn TableProvider>,
+        picked: Vec<usize>,
+    ) -> Result<Arc<dyn TableProvider>, String> {
+        let all = table.schema();
+        if picked.iter().copied().eq(0..all.fields().len()) {
+            return Ok(table);
+        }
+        let schema = Arc::new(all.project(&picked).map_err(|e| e.to_string())?);
+        Ok(Arc::new(Self {
+            table,
+            schema,
+            picked,
+        }))
+    }
+}
+
+#[async_trait]
+impl TableProvider for DeclaredColumns {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        self.table.table_type()
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        self.table.supports_filters_pushdown(filters)
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let columns: Vec<usize> = match projection {
+            Some(projection) => projection
+                .iter()
+                .map(|&i| {
+                    self.picked.get(i).copied().ok_or_else(|| {
+                        DataFusionError::Internal(format!("no column {i} to project"))
+                    })
+                })
+                .collect::<datafusion::error::Result<_>>()?,
+            None => self.picked.clone(),
+        };
+        self.table.scan(state, Some(&columns), filters, limit).await
     }
 }
 
@@ -276,6 +406,165 @@ pub(crate) fn type_satisfies(actual: &DataType, declared: &DataType) -> bool {
 }
 
 /// The innermost message of a DataFusion error, without the wrapping layers.
-pub(crate) fn root_message(error: &datafusion::error::DataFusionError) -> String {
+pub(crate) fn root_message(error: &DataFusionError) -> String {
     error.find_root().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+
+    fn column(name: &str, data_type: DataType) -> ColumnContract {
+        ColumnContract {
+            name: name.into(),
+            data_type,
+            tags: Vec::new(),
+            description: None,
+        }
+    }
+
+    /// The product of the CSV file holding `text`, under `declared`.
+    async fn csv_product(
+        text: &str,
+        csv: CsvOptions,
+        declared: &[ColumnContract],
+    ) -> Result<(SessionContext, tempfile::TempDir), String> {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("rows.csv");
+        std::fs::write(&path, text).expect("write");
+        let url = Url::from_file_path(&path).expect("url");
+        let ctx = SessionContext::new();
+        let product =
+            open_file_product(&ctx.state(), &url, FileFormat::Csv, &csv, declared).await?;
+        ctx.register_table("p", product).expect("register");
+        Ok((ctx, dir))
+    }
+
+    /// The rows `sql` answers, each value as text.
+    async fn rows(ctx: &SessionContext, sql: &str) -> Vec<Vec<String>> {
+        let batches = ctx.sql(sql).await.expect(sql).collect().await.expect(sql);
+        let mut rows = Vec::new();
+        for batch in batches {
+            for row in 0..batch.num_rows() {
+                rows.push(
+                    batch
+                        .columns()
+                        .iter()
+                        .map(|column| {
+                            arrow::util::display::array_value_to_string(column, row).expect("value")
+                        })
+                        .collect(),
+                );
+            }
+        }
+        rows
+    }
+
+    #[tokio::test]
+    async fn declared_csv_columns_are_found_by_the_header_in_any_order() {
+        let text = "id,name,city\n1,x,Paris\n2,y,Rome\n";
+        let declared = [
+            column("city", DataType::Utf8),
+            column("id", DataType::Int64),
+        ];
+        let (ctx, _dir) = csv_product(text, CsvOptions::default(), &declared)
+            .await
+            .expect("published");
+        assert_eq!(
+            ctx.table("p").await.expect("table").schema().field_names(),
+            ["p.city", "p.id"]
+        );
+        assert_eq!(
+            rows(&ctx, "SELECT * FROM p ORDER BY id").await,
+            [["Paris", "1"], ["Rome", "2"]]
+        );
+        assert_eq!(
+            rows(&ctx, "SELECT id FROM p WHERE city = 'Rome'").await,
+            [["2"]]
+        );
+        // Two text columns in another order than the file's: each keeps
+        // its own values.
+        let text = "a,b\nA1,B1\n";
+        let declared = [column("b", DataType::Utf8), column("a", DataType::Utf8)];
+        let (ctx, _dir) = csv_product(text, CsvOptions::default(), &declared)
+            .await
+            .expect("published");
+        assert_eq!(rows(&ctx, "SELECT * FROM p").await, [["B1", "A1"]]);
+    }
+
+    #[tokio::test]
+    async fn a_csv_file_may_hold_columns_no_one_declared() {
+        // The undeclared `note` would not parse as a number: it is never
+        // parsed as one.
+        let text = "id,note,name\n1,n/a,x\n2,7,y\n";
+        let (ctx, _dir) = csv_product(
+            text,
+            CsvOptions::default(),
+            &[column("name", DataType::Utf8)],
+        )
+        .await
+        .expect("published");
+        assert_eq!(
+            rows(&ctx, "SELECT * FROM p ORDER BY name").await,
+            [["x"], ["y"]]
+        );
+        let Err(missing) = csv_product(
+            text,
+            CsvOptions::default(),
+            &[column("city", DataType::Utf8)],
+        )
+        .await
+        else {
+            panic!("published");
+        };
+        assert!(
+            missing.contains("`city` is missing from the files' header"),
+            "{missing}"
+        );
+    }
+
+    #[tokio::test]
+    async fn declared_columns_name_the_fields_of_a_csv_file_without_header() {
+        let headerless = CsvOptions {
+            has_header: false,
+            delimiter: b';',
+            ..CsvOptions::default()
+        };
+        let text = "1;a b;2024-01-01\n2;\"c;d\";2024-02-01\n";
+        let declared = [
+            column("id", DataType::Int64),
+            column("name", DataType::Utf8),
+            column("day", DataType::Date32),
+        ];
+        let (ctx, _dir) = csv_product(text, headerless.clone(), &declared)
+            .await
+            .expect("published");
+        assert_eq!(
+            rows(&ctx, "SELECT name, day FROM p WHERE id > 1").await,
+            [["c;d", "2024-02-01"]]
+        );
+        // Fewer columns than fields: the first ones, even when a declared
+        // name is one the reader would have given another field.
+        let (ctx, _dir) = csv_product(
+            text,
+            headerless.clone(),
+            &[column("column_2", DataType::Int64)],
+        )
+        .await
+        .expect("published");
+        assert_eq!(
+            rows(&ctx, "SELECT * FROM p ORDER BY 1").await,
+            [["1"], ["2"]]
+        );
+        let too_many = [declared.as_slice(), &[column("extra", DataType::Utf8)]].concat();
+        let Err(refused) = csv_product(text, headerless, &too_many).await else {
+            panic!("published");
+        };
+        assert!(
+            refused.contains("4 columns are declared but the files' lines have 3 fields"),
+            "{refused}"
+        );
+    }
 }
