@@ -88,7 +88,7 @@ impl ExprCompiler {
     fn compile(&self, sql: &str, role: ExprRole) -> Result<Expr, String> {
         let state = self.context.state();
         let expr = state
-            .create_logical_expr(sql, &self.schema)
+            .create_logical_expr(&without_current_user_parentheses(sql)?, &self.schema)
             .map_err(|e| e.find_root().to_string())?;
         let simplifier = ExprSimplifier::new(
             SimplifyContext::builder()
@@ -114,6 +114,43 @@ impl ExprCompiler {
         }
         Ok(expr)
     }
+}
+
+/// `sql` with each `current_user()` written `current_user`. The SQL parser
+/// reads `CURRENT_USER` as a keyword that takes no parentheses, and
+/// policies call it as the function it is.
+fn without_current_user_parentheses(sql: &str) -> Result<String, String> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::keywords::Keyword;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+
+    // Unescaped, each token is written back as it was read.
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .with_unescape(false)
+        .tokenize()
+        .map_err(|e| e.to_string())?;
+    let is_space = |token: &Token| matches!(token, Token::Whitespace(_));
+    let mut kept = Vec::with_capacity(tokens.len());
+    let mut rest = tokens.iter().peekable();
+    let mut changed = false;
+    while let Some(token) = rest.next() {
+        kept.push(token);
+        if !matches!(token, Token::Word(w) if w.keyword == Keyword::CURRENT_USER && w.quote_style.is_none())
+        {
+            continue;
+        }
+        let mut after = rest.clone().skip_while(|t| is_space(t));
+        if after.next() == Some(&Token::LParen)
+            && after.find(|t| !is_space(t)) == Some(&Token::RParen)
+        {
+            while rest.next() != Some(&Token::RParen) {}
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(sql.to_string());
+    }
+    Ok(kept.iter().map(ToString::to_string).collect())
 }
 
 /// Refuses what a policy expression may not contain, and caller functions
@@ -288,4 +325,56 @@ fn compile_tag_mask(schema: &Schema, column: &str, sql: &str) -> Result<Expr, St
     })
     .map(|t| t.data)
     .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn current_user_is_called_with_or_without_parentheses() {
+        for (written, read) in [
+            ("current_user() = 'ann'", "current_user = 'ann'"),
+            ("CURRENT_USER ( /* me */ ) = 'ann'", "CURRENT_USER = 'ann'"),
+            ("current_user = 'ann'", "current_user = 'ann'"),
+            // Literals, quoted names and comments keep their text.
+            (
+                "owner = current_user() AND note <> 'current_user()' AND \"current_user\"() -- x()",
+                "owner = current_user AND note <> 'current_user()' AND \"current_user\"() -- x()",
+            ),
+            (
+                "name = 'it''s' OR current_user()<>''",
+                "name = 'it''s' OR current_user<>''",
+            ),
+        ] {
+            assert_eq!(without_current_user_parentheses(written).unwrap(), read);
+        }
+    }
+
+    #[test]
+    fn policies_compile_with_current_user() {
+        let schema = Schema::new(vec![Field::new("owner", DataType::Utf8, true)]);
+        let compiler = ExprCompiler::new(&schema).unwrap();
+        for (sql, role) in [
+            ("current_user() = 'ann'", ExprRole::CallerCondition),
+            ("owner = current_user()", ExprRole::RowFilter),
+            (
+                "CASE WHEN owner = current_user() THEN owner END",
+                ExprRole::Mask,
+            ),
+        ] {
+            let expr = compiler
+                .compile(sql, role)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let mut calls = 0;
+            expr.apply(|e| {
+                if matches!(e, Expr::ScalarFunction(f) if f.func.name() == CURRENT_USER) {
+                    calls += 1;
+                }
+                Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+            })
+            .unwrap();
+            assert_eq!(calls, 1, "{sql}: {expr}");
+        }
+    }
 }

@@ -1053,3 +1053,56 @@ async fn a_callers_filter_runs_once_below_the_barrier_and_a_limit_waits_for_it()
         "{text}"
     );
 }
+
+/// Policies that name the caller: each person sees their own row and their
+/// own salary; nobody named otto sees the product.
+const SELF_SERVICE_DOMAIN: &str = r#"
+name = "me"
+owner = "hr@acme.example"
+description = "What each employee may see of themselves"
+
+[storage.files]
+type = "object_store"
+url = "file://../hrdata"
+
+[[products]]
+name = "profile"
+description = "One row per employee"
+storage = "files"
+location = "employees.parquet"
+format = "parquet"
+
+[[policies]]
+product = "profile"
+access = "current_user() <> 'otto'"
+row_filter = "lower(name) = current_user() OR has_group('hr')"
+columns.salary = { mask = "CASE WHEN lower(name) = current_user ( ) THEN salary END" }
+columns.ssn = { deny = true }
+"#;
+
+#[tokio::test]
+async fn current_user_is_the_callers_name_in_every_policy_expression() {
+    let server = TestServer::start_with(|dir| {
+        std::fs::write(dir.join("domains/me.toml"), SELF_SERVICE_DOMAIN).unwrap();
+        write_employees(&dir.join("hrdata"));
+    })
+    .await;
+    let sql = "SELECT id, salary FROM me.profile ORDER BY id";
+    let mut bob = server.as_identity("bob", &[], &[]).await;
+    assert_eq!(
+        lines(&rows(&mut bob, sql).await),
+        lines(
+            "+----+--------+\n| id | salary |\n+----+--------+\n| 2  | 200    |\n+----+--------+"
+        ),
+    );
+    // All rows for the hr group, and only its member's own salary.
+    let mut eve = server.as_identity("eve", &["hr"], &[]).await;
+    let answer = lines(&rows(&mut eve, sql).await);
+    assert!(answer.contains("| 5  | 500    |"), "{answer}");
+    for id in 1..=4 {
+        assert!(answer.contains(&format!("| {id}  |        |")), "{answer}");
+    }
+    let mut otto = server.as_identity("otto", &["hr"], &[]).await;
+    assert_eq!(error(&mut otto, sql).await.code(), Code::NotFound);
+    server.stop().await;
+}
