@@ -257,7 +257,9 @@ impl Catalog {
             .fields()
             .iter()
             .zip(&view.columns)
-            .map(|(field, column)| {
+            .enumerate()
+            .filter(|(index, _)| product.publishes(*index))
+            .map(|(_, (field, column))| {
                 let (access, mask) = match column {
                     ColumnView::Plain => ("visible", String::new()),
                     ColumnView::Masked { expr, .. } => ("masked", sql_text(expr)),

@@ -553,13 +553,28 @@ async fn check(config: Option<PathBuf>, strict: bool, demo_scale: f64) -> Result
             domain.config.file.display()
         );
         for product in domain.products.values() {
-            let columns: Vec<String> = product
+            let (published, policy_only): (Vec<_>, Vec<_>) = product
                 .schema
                 .fields()
                 .iter()
-                .map(|f| format!("{} {}", f.name(), f.data_type()))
-                .collect();
-            println!("  publish {}: {}", product.name, columns.join(", "));
+                .enumerate()
+                .partition(|(index, _)| product.publishes(*index));
+            let columns = |fields: Vec<(usize, &arrow::datatypes::FieldRef)>| -> Vec<String> {
+                fields
+                    .iter()
+                    .map(|(_, f)| format!("{} {}", f.name(), f.data_type()))
+                    .collect()
+            };
+            let policy_only = columns(policy_only);
+            let mut line = format!(
+                "  publish {}: {}",
+                product.name,
+                columns(published).join(", ")
+            );
+            if !policy_only.is_empty() {
+                line.push_str(&format!(" (policies also read {})", policy_only.join(", ")));
+            }
+            println!("{line}");
         }
     }
     for warning in &gateway.warnings {
@@ -639,7 +654,8 @@ fn explain_access(
         }
     }
     let _ = writeln!(out, "columns:");
-    for (field, column) in found.schema.fields().iter().zip(&view.columns) {
+    let columns = found.schema.fields().iter().zip(&view.columns).enumerate();
+    for (_, (field, column)) in columns.filter(|(index, _)| found.publishes(*index)) {
         let how = match column {
             ColumnView::Plain => "visible".to_string(),
             ColumnView::Masked { expr, data_type } => {

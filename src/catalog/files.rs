@@ -33,6 +33,7 @@ pub(crate) async fn open_file_product(
     format: FileFormat,
     csv: &CsvOptions,
     declared: &[ColumnContract],
+    policy_columns: &[PolicyColumn],
 ) -> Result<Arc<dyn TableProvider>, String> {
     let table_url = ListingTableUrl::parse(url.as_str()).map_err(|e| e.to_string())?;
     let parquet_options = state.default_table_options().parquet;
@@ -74,14 +75,15 @@ pub(crate) async fn open_file_product(
     if format == FileFormat::Csv && !declared.is_empty() {
         // A CSV file's fields are read by position: the table reads every
         // field of a line, and the declared columns are picked out of them.
-        let (read, picked) = csv_columns(&file_schema, declared, csv.has_header)?;
+        let (read, picked) = csv_columns(&file_schema, declared, policy_columns, csv.has_header)?;
         let table = listing_table(state, table_url, options, read).map_err(|e| e.to_string())?;
         return DeclaredColumns::over(table, picked);
     }
     let schema = if declared.is_empty() {
         file_schema
     } else {
-        contract_schema(&file_schema, declared, format)?
+        let published = contract_schema(&file_schema, declared, format)?;
+        with_policy_columns(&published, &file_schema, policy_columns, "the files")?
     };
     let table =
         listing_table(state, table_url.clone(), options, schema).map_err(|e| e.to_string())?;
@@ -96,11 +98,13 @@ pub(crate) async fn open_file_product(
 /// How the CSV files of a product with declared columns are read: the
 /// schema of a whole line (each field in its place, declared ones in their
 /// declared types, the others as text, which always parses), and where in
-/// it each declared column is. With a header the declared columns are
-/// found by name; without one they are the first fields, in order.
+/// it each declared column is, then each of `policy_columns`. With a header
+/// the declared columns are found by name; without one they are the first
+/// fields, in order.
 fn csv_columns(
     file_schema: &Schema,
     declared: &[ColumnContract],
+    policy_columns: &[PolicyColumn],
     has_header: bool,
 ) -> Result<(SchemaRef, Vec<usize>), String> {
     let fields = file_schema.fields();
@@ -142,7 +146,13 @@ fn csv_columns(
             *field = Field::new(name, DataType::Utf8, true);
         }
     }
-    Ok((Arc::new(Schema::new(read)), picked))
+    let read = Schema::new(read);
+    let mut picked = picked;
+    for column in policy_columns {
+        let index = read.index_of(&column.name);
+        picked.push(index.map_err(|_| column.missing(&read, "the files"))?);
+    }
+    Ok((Arc::new(read), picked))
 }
 
 /// The listing table of the files at `url` with `schema`.
@@ -394,6 +404,51 @@ pub(crate) fn check_contract<'a>(
         .collect()
 }
 
+/// A column a product's policies read that the product does not publish.
+#[derive(Debug, Clone)]
+pub(crate) struct PolicyColumn {
+    pub name: String,
+    /// The first policy expression that reads it (`policies[0].row_filter`).
+    pub read_by: String,
+}
+
+impl PolicyColumn {
+    fn missing(&self, stored: &Schema, holder: &str) -> String {
+        format!(
+            "policy does not compile: {} reads column `{}`, which is neither declared nor in {holder} (columns there: {})",
+            self.read_by,
+            self.name,
+            stored
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+/// `published` followed by `policy_columns` as `stored` holds them.
+pub(crate) fn with_policy_columns(
+    published: &Schema,
+    stored: &Schema,
+    policy_columns: &[PolicyColumn],
+    holder: &str,
+) -> Result<SchemaRef, String> {
+    let mut fields: Vec<Field> = published
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    for column in policy_columns {
+        let field = stored
+            .field_with_name(&column.name)
+            .map_err(|_| column.missing(stored, holder))?;
+        fields.push(Field::new(&column.name, field.data_type().clone(), true));
+    }
+    Ok(Arc::new(Schema::new(fields)))
+}
+
 /// Whether stored data of type `actual` satisfies a declared type: equal, or
 /// the same family of strings or binaries.
 pub(crate) fn type_satisfies(actual: &DataType, declared: &DataType) -> bool {
@@ -431,13 +486,37 @@ mod tests {
         csv: CsvOptions,
         declared: &[ColumnContract],
     ) -> Result<(SessionContext, tempfile::TempDir), String> {
+        csv_product_reading(text, csv, declared, &[]).await
+    }
+
+    /// The same, with columns its policies read.
+    async fn csv_product_reading(
+        text: &str,
+        csv: CsvOptions,
+        declared: &[ColumnContract],
+        policy_columns: &[&str],
+    ) -> Result<(SessionContext, tempfile::TempDir), String> {
+        let policy_columns: Vec<PolicyColumn> = policy_columns
+            .iter()
+            .map(|name| PolicyColumn {
+                name: name.to_string(),
+                read_by: "policies[0].row_filter".into(),
+            })
+            .collect();
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("rows.csv");
         std::fs::write(&path, text).expect("write");
         let url = Url::from_file_path(&path).expect("url");
         let ctx = SessionContext::new();
-        let product =
-            open_file_product(&ctx.state(), &url, FileFormat::Csv, &csv, declared).await?;
+        let product = open_file_product(
+            &ctx.state(),
+            &url,
+            FileFormat::Csv,
+            &csv,
+            declared,
+            &policy_columns,
+        )
+        .await?;
         ctx.register_table("p", product).expect("register");
         Ok((ctx, dir))
     }
@@ -565,6 +644,30 @@ mod tests {
         assert!(
             refused.contains("4 columns are declared but the files' lines have 3 fields"),
             "{refused}"
+        );
+    }
+
+    #[tokio::test]
+    async fn columns_only_policies_read_follow_the_declared_ones() {
+        let text = "id,note,name\n1,n/a,x\n2,7,y\n";
+        let declared = [column("name", DataType::Utf8)];
+        let (ctx, _dir) = csv_product_reading(text, CsvOptions::default(), &declared, &["id"])
+            .await
+            .expect("published");
+        assert_eq!(
+            rows(&ctx, "SELECT * FROM p ORDER BY name").await,
+            [["x", "1"], ["y", "2"]]
+        );
+        let Err(missing) =
+            csv_product_reading(text, CsvOptions::default(), &declared, &["region"]).await
+        else {
+            panic!("published");
+        };
+        assert!(
+            missing.contains(
+                "policies[0].row_filter reads column `region`, which is neither declared nor in the files"
+            ),
+            "{missing}"
         );
     }
 }

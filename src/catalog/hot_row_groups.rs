@@ -958,6 +958,7 @@ mod tests {
             FileFormat::Parquet,
             &CsvOptions::default(),
             &[],
+            &[],
         )
         .await
         .expect("product");

@@ -9,7 +9,7 @@ mod parquet;
 mod stored_values;
 mod views;
 
-pub(crate) use files::check_contract;
+pub(crate) use files::{PolicyColumn, check_contract, with_policy_columns};
 pub(crate) use hot_row_groups::SerialHotScans;
 pub use hot_row_groups::{row_group_cache_bytes, set_row_group_cache};
 
@@ -90,6 +90,12 @@ fn view_cache() -> moka::sync::Cache<CallerIdentity, Arc<CallerProductView>> {
 }
 
 impl Product {
+    /// Whether the column at `index` of the schema is published (and not
+    /// there only for the product's policies to read).
+    pub fn publishes(&self, index: usize) -> bool {
+        !self.policy.policy_only.contains(&index)
+    }
+
     /// What `caller` may see of this product. A policy that cannot be bound
     /// for the caller hides the product (fail closed).
     pub fn view_for(&self, caller: &CallerIdentity) -> Arc<CallerProductView> {
@@ -240,12 +246,30 @@ impl Mesh {
                     domain: domain_config.name.clone(),
                     product: product.name.clone(),
                 };
+                let policy_columns = match policy_columns(product, &domain_config.policies) {
+                    Ok(columns) => columns,
+                    Err(reason) => {
+                        problems.push(PublicationProblem {
+                            product: name,
+                            file: domain_config.file.clone(),
+                            reason,
+                        });
+                        continue;
+                    }
+                };
                 let opened = match &product.source {
                     ProductSource::Files {
                         url, format, csv, ..
-                    } => files::open_file_product(&state, url, *format, csv, &product.columns)
-                        .await
-                        .map(|table| (table.schema(), ProductData::Table(table))),
+                    } => files::open_file_product(
+                        &state,
+                        url,
+                        *format,
+                        csv,
+                        &product.columns,
+                        &policy_columns,
+                    )
+                    .await
+                    .map(|table| (table.schema(), ProductData::Table(table))),
                     ProductSource::Table { storage, table } => {
                         match sources.get(&(domain_config.name.clone(), storage.clone())) {
                             Some(Ok(source)) => RemoteTable::open(
@@ -253,6 +277,7 @@ impl Mesh {
                                 name.to_string(),
                                 table,
                                 &product.columns,
+                                &policy_columns,
                             )
                             .await
                             .map(|table| {
@@ -392,6 +417,48 @@ impl Mesh {
     pub fn products(&self) -> impl Iterator<Item = &Arc<Product>> {
         self.domains.values().flat_map(|d| d.products.values())
     }
+}
+
+/// The columns the policies of a product with declared columns read (in
+/// row filters and masks) that it does not declare: it reads them from its
+/// storage and never shows them (a row filter works on raw values).
+fn policy_columns(
+    product: &ProductConfig,
+    policies: &[PolicyConfig],
+) -> Result<Vec<PolicyColumn>, String> {
+    if product.columns.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut read: BTreeMap<String, String> = BTreeMap::new();
+    for (index, policy) in policies
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.product == product.name)
+    {
+        let masks = policy.columns.iter().filter_map(|(column, rule)| {
+            Some((format!("columns.{column}.mask"), rule.mask.as_ref()?))
+        });
+        let expressions = policy
+            .row_filter
+            .as_ref()
+            .map(|sql| ("row_filter".to_string(), sql))
+            .into_iter()
+            .chain(masks);
+        for (key, sql) in expressions {
+            let read_by = format!("policies[{index}].{key}");
+            let names = crate::policy::columns_read(sql)
+                .map_err(|e| format!("policy does not compile: {read_by}: {e}"))?;
+            for name in names {
+                if !product.columns.iter().any(|c| c.name == name) {
+                    read.entry(name).or_insert_with(|| read_by.clone());
+                }
+            }
+        }
+    }
+    Ok(read
+        .into_iter()
+        .map(|(name, read_by)| PolicyColumn { name, read_by })
+        .collect())
 }
 
 /// Compiles each product's policies; a product whose policies do not compile
@@ -653,9 +720,7 @@ impl DomainSchema {
         let view = if self.enforce_policies {
             product.view_for(&self.caller)
         } else {
-            Arc::new(CallerProductView::unrestricted(
-                product.schema.fields().len(),
-            ))
+            Arc::new(product.policy.unrestricted(product.schema.fields().len()))
         };
         view.visible.then_some((product, view))
     }

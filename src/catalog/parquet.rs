@@ -712,6 +712,7 @@ mod tests {
             FileFormat::Parquet,
             &CsvOptions::default(),
             &[],
+            &[],
         )
         .await
         .expect("product")

@@ -153,6 +153,42 @@ fn without_current_user_parentheses(sql: &str) -> Result<String, String> {
     Ok(kept.iter().map(ToString::to_string).collect())
 }
 
+/// The names of the columns `sql` reads, as the SQL planner resolves them
+/// (unquoted names in lower case).
+pub(crate) fn columns_read(sql: &str) -> Result<std::collections::BTreeSet<String>, String> {
+    use std::ops::ControlFlow;
+
+    use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Ident, visit_expressions};
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+
+    let sql = without_current_user_parentheses(sql)?;
+    let expr = Parser::new(&GenericDialect {})
+        .try_with_sql(&sql)
+        .and_then(|mut parser| parser.parse_expr())
+        .map_err(|e| e.to_string())?;
+    let name = |ident: &Ident| match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_lowercase(),
+    };
+    let mut read = std::collections::BTreeSet::new();
+    let _ = visit_expressions(&expr, |e| {
+        match e {
+            SqlExpr::Identifier(ident) => {
+                read.insert(name(ident));
+            }
+            SqlExpr::CompoundIdentifier(parts) => {
+                if let Some(last) = parts.last() {
+                    read.insert(name(last));
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    Ok(read)
+}
+
 /// Refuses what a policy expression may not contain, and caller functions
 /// whose argument is not a string literal.
 fn check_shape(expr: &Expr) -> Result<(), String> {
@@ -199,8 +235,22 @@ pub(crate) fn compile_product_policy(
 ) -> Result<ProductPolicy, String> {
     let compiler = ExprCompiler::new(schema)?;
     let name = format!("{domain}.{}", product.name);
+    // With declared columns, the others are there for the policies alone.
+    let policy_only: Vec<usize> = if product.columns.is_empty() {
+        Vec::new()
+    } else {
+        (0..schema.fields().len())
+            .filter(|&i| {
+                !product
+                    .columns
+                    .iter()
+                    .any(|c| c.name == *schema.field(i).name())
+            })
+            .collect()
+    };
     let mut compiled = ProductPolicy {
         default_access,
+        policy_only,
         ..ProductPolicy::default()
     };
     let unless = |index: usize, text: &Option<String>, key: &str| -> Result<Option<Expr>, String> {
@@ -235,7 +285,11 @@ pub(crate) fn compile_product_policy(
         }
         for (column, rule) in &policy.columns {
             let key = format!("columns.{column}");
-            let Some(position) = schema.index_of(column).ok() else {
+            let Some(position) = schema
+                .index_of(column)
+                .ok()
+                .filter(|i| !compiled.policy_only.contains(i))
+            else {
                 return Err(format!(
                     "policies[{index}].{key}: product `{name}` has no column `{column}`"
                 ));

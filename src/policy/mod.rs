@@ -24,7 +24,7 @@ mod table;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::logical_expr::Expr;
 
-pub(crate) use compile::compile_product_policy;
+pub(crate) use compile::{columns_read, compile_product_policy};
 pub use exec::PolicyExec;
 pub use explain::render_plan;
 pub(crate) use table::dictionary_type;
@@ -64,6 +64,9 @@ pub struct ProductPolicy {
     pub access: Vec<PolicyRule>,
     pub row_filters: Vec<PolicyRule>,
     pub columns: Vec<ColumnRule>,
+    /// Columns of the product's schema that only its policies read: no
+    /// caller sees them.
+    pub policy_only: Vec<usize>,
 }
 
 impl Default for ProductPolicy {
@@ -73,6 +76,7 @@ impl Default for ProductPolicy {
             access: Vec::new(),
             row_filters: Vec::new(),
             columns: Vec::new(),
+            policy_only: Vec::new(),
         }
     }
 }
@@ -146,6 +150,16 @@ pub struct PolicyError {
 }
 
 impl ProductPolicy {
+    /// Every row and every raw value of the product's `columns` columns,
+    /// except those only its policies read.
+    pub fn unrestricted(&self, columns: usize) -> CallerProductView {
+        let mut view = CallerProductView::unrestricted(columns);
+        for &column in &self.policy_only {
+            view.columns[column] = ColumnView::Denied;
+        }
+        view
+    }
+
     /// Binds every rule to `caller` and decides what they see.
     pub fn for_caller(
         &self,
@@ -225,6 +239,9 @@ impl ProductPolicy {
                     applied.push(rule.id.clone());
                 }
             }
+        }
+        for &column in &self.policy_only {
+            columns[column] = ColumnView::Denied;
         }
         Ok(CallerProductView {
             visible,

@@ -17,7 +17,7 @@ use datafusion::sql::unparser::Unparser;
 use super::alike::expr_pushable;
 use super::pushdown::RemoteExec;
 use super::{Dialect, Discovery, Source, quoted_name, table_parts};
-use crate::catalog::check_contract;
+use crate::catalog::{PolicyColumn, check_contract, with_policy_columns};
 use crate::config::ColumnContract;
 use crate::policy::unqualified;
 
@@ -40,11 +40,12 @@ impl RemoteTable {
     /// Discovers the table's schema and checks it against the declared
     /// columns. Without credentials of its own, a token-forwarding Flight
     /// SQL source takes the declared columns as the schema.
-    pub async fn open(
+    pub(crate) async fn open(
         source: Arc<Source>,
         product: String,
         table: &str,
         declared: &[ColumnContract],
+        policy_columns: &[PolicyColumn],
     ) -> Result<Self, String> {
         let remote = table_parts(table)?;
         let mut read_as_text = HashSet::new();
@@ -52,7 +53,21 @@ impl RemoteTable {
             Ok(found) => {
                 let (found, as_text) = without_read_hints(&found);
                 read_as_text = as_text;
-                contract_schema(&found, declared, source.dialect)?
+                let published = contract_schema(&found, declared, source.dialect)?;
+                with_policy_columns(&published, &found, policy_columns, "the source table")?
+            }
+            // The types of columns that only policies read are the
+            // source's to tell.
+            Err(Discovery::Unreachable(error)) if !policy_columns.is_empty() => {
+                return Err(format!(
+                    "{error} (its policies read {}, which are not declared: declare them, \
+                     denied, to publish the product while its source is down)",
+                    policy_columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
             }
             // A source that is down does not withdraw a product whose
             // contract gives its schema: queries fail until it is back.

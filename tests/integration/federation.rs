@@ -926,3 +926,79 @@ async fn sources_answer_what_meshgate_would_answer_itself() {
     assert_status(&status, Code::InvalidArgument, "out of range");
     server.stop().await;
 }
+
+/// The shape of DESIGN.md's `crm.customers`: the product declares some
+/// columns, its row filter and a mask read others.
+const STAFF_PRODUCT: &str = r#"
+[[products]]
+name = "staff"
+storage = "pg"
+table = "tpch.people"
+columns = [{ name = "id", type = "Int64" }, { name = "name", type = "Utf8" }]
+
+[[policies]]
+product = "staff"
+row_filter = "region = user_attr('region') OR has_group('hr_admin')"
+columns.name = { mask = "CASE WHEN divisor > 1 THEN '***' ELSE name END" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_read_columns_the_product_does_not_publish() {
+    let pg = ledger_postgres().await;
+    let url = pg.url();
+    let server = TestServer::start_with(move |dir| {
+        let domain = ledger_domain(&url) + STAFF_PRODUCT;
+        std::fs::write(dir.join("domains/ledger.toml"), domain).unwrap();
+    })
+    .await;
+    let mut eu = server
+        .as_identity("erin", &["analyst"], &[("region", "EU")])
+        .await;
+    let got = rows(&mut eu, "SELECT * FROM ledger.staff ORDER BY id").await;
+    assert_eq!(
+        got.trim(),
+        "+----+------+\n| id | name |\n+----+------+\n| 1  | Ann  |\n| 2  | ***  |\n+----+------+"
+    );
+    assert!(
+        received(&pg, "tpch")
+            .iter()
+            .any(|s| s.contains("region") && s.contains("'EU'")),
+        "the row filter runs in PostgreSQL: {:#?}",
+        pg.statements()
+    );
+    // The columns the policies read do not exist for any caller, not even
+    // one the row filter lets see every row.
+    let mut admin = server.as_identity("hana", &["hr_admin"], &[]).await;
+    assert_eq!(
+        crate::fixture::row_count(&admin.query("SELECT id FROM ledger.staff").await.unwrap()),
+        4
+    );
+    for column in ["region", "divisor"] {
+        for client in [&mut eu, &mut admin] {
+            let status = client
+                .query(&format!("SELECT {column} FROM ledger.staff"))
+                .await
+                .unwrap_err();
+            let never = client
+                .query("SELECT never_was FROM ledger.staff")
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), never.code());
+            assert_eq!(
+                status.message().replace(column, "never_was"),
+                never.message(),
+                "{column}"
+            );
+        }
+    }
+    let schema = crate::policies::table_schema(&mut eu, "ledger", "staff").await;
+    assert_eq!(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect::<Vec<_>>(),
+        ["id", "name"]
+    );
+    server.stop().await;
+}

@@ -185,7 +185,7 @@ async fn table_names(client: &mut TestClient) -> Vec<String> {
     crate::flight_sql::table_names(client).await.1
 }
 
-async fn table_schema(client: &mut TestClient, domain: &str, table: &str) -> Schema {
+pub(crate) async fn table_schema(client: &mut TestClient, domain: &str, table: &str) -> Schema {
     let command = CommandGetTables {
         catalog: None,
         db_schema_filter_pattern: Some(domain.into()),
