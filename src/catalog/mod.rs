@@ -419,14 +419,15 @@ impl Mesh {
     }
 }
 
-/// The columns the policies of a product with declared columns read (in
-/// row filters and masks) that it does not declare: it reads them from its
+/// The columns the policies of a table product (files or a SQL source)
+/// with declared columns read (in row filters and masks) that it does not
+/// declare: it reads them from its
 /// storage and never shows them (a row filter works on raw values).
 fn policy_columns(
     product: &ProductConfig,
     policies: &[PolicyConfig],
 ) -> Result<Vec<PolicyColumn>, String> {
-    if product.columns.is_empty() {
+    if product.columns.is_empty() || matches!(product.source, ProductSource::View { .. }) {
         return Ok(Vec::new());
     }
     let mut read: BTreeMap<String, String> = BTreeMap::new();

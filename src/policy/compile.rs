@@ -16,7 +16,7 @@ use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::prelude::SessionContext;
 
 use super::{ColumnAction, ColumnRule, PolicyRule, ProductPolicy};
-use crate::config::{DefaultAccess, PolicyConfig, ProductConfig, TagPolicyConfig};
+use crate::config::{DefaultAccess, PolicyConfig, ProductConfig, ProductSource, TagPolicyConfig};
 
 pub(crate) const CURRENT_USER: &str = "current_user";
 pub(crate) const USER_ATTR: &str = "user_attr";
@@ -235,8 +235,11 @@ pub(crate) fn compile_product_policy(
 ) -> Result<ProductPolicy, String> {
     let compiler = ExprCompiler::new(schema)?;
     let name = format!("{domain}.{}", product.name);
-    // With declared columns, the others are there for the policies alone.
-    let policy_only: Vec<usize> = if product.columns.is_empty() {
+    // A table product with declared columns holds others for its policies
+    // alone. (A view's columns are what its SQL selects; what it declares
+    // describes them.)
+    let describes_only = matches!(product.source, ProductSource::View { .. });
+    let policy_only: Vec<usize> = if product.columns.is_empty() || describes_only {
         Vec::new()
     } else {
         (0..schema.fields().len())

@@ -1106,3 +1106,34 @@ async fn current_user_is_the_callers_name_in_every_policy_expression() {
     assert_eq!(error(&mut otto, sql).await.code(), Code::NotFound);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_views_declared_columns_describe_it_and_hide_none() {
+    let server = TestServer::start_with(|dir| {
+        let domain = HR_DOMAIN.to_string()
+            + r#"
+[[products]]
+name = "contacts"
+description = "Names and emails"
+sql = "SELECT name, email FROM hr.employees"
+columns = [{ name = "email", type = "Utf8", tags = ["pii"] }]
+
+[[policies]]
+product = "contacts"
+access = "has_group('analyst')"
+"#;
+        std::fs::write(dir.join("domains/hr.toml"), domain).unwrap();
+        write_employees(&dir.join("hrdata"));
+    })
+    .await;
+    // The tag policy masks the declared `pii` column; `name` stays.
+    let mut erin = eu(&server).await;
+    assert_eq!(
+        lines(&rows(&mut erin, "SELECT * FROM hr.contacts ORDER BY name").await),
+        lines(
+            "+------+-------+\n| name | email |\n+------+-------+\n\
+             | Ann  | ***   |\n| Bob  | ***   |\n+------+-------+"
+        ),
+    );
+    server.stop().await;
+}
