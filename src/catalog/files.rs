@@ -99,8 +99,9 @@ pub(crate) async fn open_file_product(
 /// schema of a whole line (each field in its place, declared ones in their
 /// declared types, the others as text, which always parses), and where in
 /// it each declared column is, then each of `policy_columns`. With a header
-/// the declared columns are found by name; without one they are the first
-/// fields, in order.
+/// that names every declared column (in any case, when that is not
+/// ambiguous), the columns are found by name; otherwise they name the
+/// fields in order: all of them with a header, the first ones without.
 fn csv_columns(
     file_schema: &Schema,
     declared: &[ColumnContract],
@@ -108,25 +109,42 @@ fn csv_columns(
     has_header: bool,
 ) -> Result<(SchemaRef, Vec<usize>), String> {
     let fields = file_schema.fields();
-    let picked: Vec<usize> = if has_header {
-        check_contract(file_schema, declared, false, "the files' header")?;
-        declared
-            .iter()
-            .map(|column| {
-                file_schema
-                    .index_of(&column.name)
-                    .map_err(|e| e.to_string())
-            })
-            .collect::<Result<_, _>>()?
-    } else if declared.len() > fields.len() {
-        return Err(format!(
-            "{} columns are declared but the files' lines have {} fields (they have no header: \
-             the declared columns name the fields in order)",
-            declared.len(),
-            fields.len()
-        ));
-    } else {
-        (0..declared.len()).collect()
+    let by_name: Option<Vec<usize>> = has_header
+        .then(|| {
+            declared
+                .iter()
+                .map(|c| header_field(file_schema, &c.name))
+                .collect()
+        })
+        .flatten();
+    let picked: Vec<usize> = match by_name {
+        Some(picked) => picked,
+        None if declared.len() == fields.len()
+            || (!has_header && declared.len() < fields.len()) =>
+        {
+            (0..declared.len()).collect()
+        }
+        None if has_header => {
+            let unnamed = declared
+                .iter()
+                .find(|c| header_field(file_schema, &c.name).is_none())
+                .map_or("", |c| c.name.as_str());
+            return Err(format!(
+                "declared column `{unnamed}` is not in the files' header (columns there: {}): \
+                 name each declared column in the header, or declare one column for each of \
+                 its {} fields to name them in order",
+                field_names(file_schema),
+                fields.len()
+            ));
+        }
+        None => {
+            return Err(format!(
+                "{} columns are declared but the files' lines have {} fields (they have no header: \
+                 the declared columns name the fields in order)",
+                declared.len(),
+                fields.len()
+            ));
+        }
     };
     let mut read: Vec<Field> = fields
         .iter()
@@ -146,13 +164,45 @@ fn csv_columns(
             *field = Field::new(name, DataType::Utf8, true);
         }
     }
-    let read = Schema::new(read);
+    let mut read = Schema::new(read);
     let mut picked = picked;
     for column in policy_columns {
-        let index = read.index_of(&column.name);
-        picked.push(index.map_err(|_| column.missing(&read, "the files"))?);
+        let index = header_field(&read, &column.name)
+            .filter(|index| !picked.contains(index))
+            .ok_or_else(|| column.missing(&read, "the files"))?;
+        let mut fields: Vec<Field> = read.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields[index] = Field::new(&column.name, DataType::Utf8, true);
+        read = Schema::new(fields);
+        picked.push(index);
     }
     Ok((Arc::new(read), picked))
+}
+
+/// The field of a CSV header that names `name`: the one spelled alike, or
+/// else the only one alike but for case.
+fn header_field(header: &Schema, name: &str) -> Option<usize> {
+    if let Ok(index) = header.index_of(name) {
+        return Some(index);
+    }
+    let mut alike = header
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.name().eq_ignore_ascii_case(name))
+        .map(|(index, _)| index);
+    match (alike.next(), alike.next()) {
+        (Some(index), None) => Some(index),
+        _ => None,
+    }
+}
+
+fn field_names(schema: &Schema) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The listing table of the files at `url` with `schema`.
@@ -574,6 +624,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_header_that_does_not_name_the_declared_columns_leaves_them_in_order() {
+        // Names differ only in case: found by name, in the declared order.
+        let text = "ID,Full Name\n1,Ann\n";
+        let declared = [
+            column("full name", DataType::Utf8),
+            column("id", DataType::Int64),
+        ];
+        let (ctx, _dir) = csv_product(text, CsvOptions::default(), &declared)
+            .await
+            .expect("published");
+        assert_eq!(rows(&ctx, "SELECT * FROM p").await, [["Ann", "1"]]);
+        // Names the header does not hold, one for each field: in order.
+        let declared = [
+            column("id", DataType::Int64),
+            column("full_name", DataType::Utf8),
+        ];
+        let (ctx, _dir) = csv_product(text, CsvOptions::default(), &declared)
+            .await
+            .expect("published");
+        assert_eq!(
+            rows(&ctx, "SELECT full_name, id FROM p").await,
+            [["Ann", "1"]]
+        );
+    }
+
+    #[tokio::test]
     async fn a_csv_file_may_hold_columns_no_one_declared() {
         // The undeclared `note` would not parse as a number: it is never
         // parsed as one.
@@ -599,7 +675,7 @@ mod tests {
             panic!("published");
         };
         assert!(
-            missing.contains("`city` is missing from the files' header"),
+            missing.contains("declared column `city` is not in the files' header"),
             "{missing}"
         );
     }
