@@ -407,7 +407,27 @@ fn contract_schema(
     let self_describing = matches!(format, FileFormat::Parquet | FileFormat::Arrow);
     let found = check_contract(file_schema, declared, self_describing, "the files")?;
     let fields: Vec<Field> = if self_describing {
-        found.into_iter().cloned().collect()
+        // Parquet's large strings and binaries are read as the plain ones
+        // declared (views stay views: they become plain for the wire
+        // anyway). Arrow files are read as they are stored.
+        found
+            .into_iter()
+            .zip(declared)
+            .map(
+                |(field, column)| match (field.data_type(), &column.data_type) {
+                    (DataType::LargeUtf8, DataType::Utf8)
+                    | (DataType::LargeBinary, DataType::Binary)
+                        if format == FileFormat::Parquet =>
+                    {
+                        field
+                            .as_ref()
+                            .clone()
+                            .with_data_type(column.data_type.clone())
+                    }
+                    _ => field.as_ref().clone(),
+                },
+            )
+            .collect()
     } else {
         declared
             .iter()
@@ -745,5 +765,50 @@ mod tests {
             ),
             "{missing}"
         );
+    }
+
+    #[tokio::test]
+    async fn parquet_large_strings_are_read_as_the_plain_strings_declared() {
+        use arrow::array::{Int64Array, LargeStringArray, RecordBatch};
+
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("rows.parquet");
+        let batch = RecordBatch::try_from_iter([
+            ("id", Arc::new(Int64Array::from(vec![1, 2])) as _),
+            ("s", Arc::new(LargeStringArray::from(vec!["a", "b"])) as _),
+        ])
+        .expect("batch");
+        let file = std::fs::File::create(&path).expect("file");
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        let ctx = crate::query::testing::gateway_session();
+        let declared = [column("id", DataType::Int64), column("s", DataType::Utf8)];
+        let url = Url::from_file_path(&path).expect("url");
+        let product = open_file_product(
+            &ctx.state(),
+            &url,
+            FileFormat::Parquet,
+            &CsvOptions::default(),
+            &declared,
+            &[],
+        )
+        .await
+        .expect("published");
+        assert_eq!(product.schema().field(1).data_type(), &DataType::Utf8);
+        ctx.register_table("p", product).expect("register");
+        assert_eq!(rows(&ctx, "SELECT id FROM p WHERE s = 'b'").await, [["2"]]);
+        let types = ctx
+            .sql("SELECT s FROM p")
+            .await
+            .expect("plan")
+            .collect()
+            .await
+            .expect("run")
+            .iter()
+            .map(|b| b.schema().field(0).data_type().clone())
+            .collect::<Vec<_>>();
+        assert_eq!(types, [DataType::Utf8]);
     }
 }
