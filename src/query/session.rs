@@ -81,12 +81,15 @@ fn session_state(runtime: Arc<RuntimeEnv>, memory_limit: Option<u64>) -> Session
         .with_information_schema(false)
         .with_create_default_catalog_and_schema(false)
         .with_default_catalog_and_schema(CATALOG_NAME, DEFAULT_SCHEMA);
-    // A sort reserves memory to merge its spilled runs; under a small
-    // memory limit, reserve a quarter of it rather than 10 MB.
+    // Each partition's sort reserves memory to merge its spilled runs;
+    // under a small memory limit, all of them together reserve a quarter
+    // of it rather than 10 MB each (which could take the whole limit and
+    // fail the sort instead of spilling it).
     if let Some(limit) = memory_limit {
-        let quarter = usize::try_from(limit / 4).unwrap_or(usize::MAX);
+        let partitions = config.options().execution.target_partitions.max(1) as u64;
+        let share = usize::try_from(limit / 4 / partitions).unwrap_or(usize::MAX);
         let reservation = &mut config.options_mut().execution.sort_spill_reservation_bytes;
-        *reservation = (*reservation).min(quarter);
+        *reservation = (*reservation).min(share);
     }
     let mut state = SessionStateBuilder::new()
         .with_config(config)
@@ -338,4 +341,30 @@ pub(crate) fn caller_context(
     ));
     context.register_catalog(CATALOG_NAME, Arc::clone(&catalog) as _);
     (context, catalog)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sorts_reserve_a_quarter_of_a_small_memory_limit_between_them() {
+        let runtime = Arc::new(RuntimeEnv::default());
+        let reserved = |limit| {
+            let state = session_state(Arc::clone(&runtime), limit);
+            let options = &state.config().options().execution;
+            (
+                options.sort_spill_reservation_bytes,
+                options.target_partitions,
+            )
+        };
+        let (default, _) = reserved(None);
+        let (small, partitions) = reserved(Some(32 * 1024 * 1024));
+        let quarter = 8 * 1024 * 1024;
+        assert!(
+            small * partitions <= quarter && small * partitions > quarter - partitions,
+            "{small} bytes for each of {partitions} partitions"
+        );
+        assert_eq!(reserved(Some(8 * 1024 * 1024 * 1024)).0, default);
+    }
 }
