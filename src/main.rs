@@ -572,7 +572,10 @@ async fn check(config: Option<PathBuf>, strict: bool, demo_scale: f64) -> Result
                 columns(published).join(", ")
             );
             if !policy_only.is_empty() {
-                line.push_str(&format!(" (policies also read {})", policy_only.join(", ")));
+                line.push_str(&format!(
+                    " (unpublished, for its policies and its domain's views: {})",
+                    policy_only.join(", ")
+                ));
             }
             println!("{line}");
         }

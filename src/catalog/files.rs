@@ -167,9 +167,10 @@ fn csv_columns(
     let mut read = Schema::new(read);
     let mut picked = picked;
     for column in policy_columns {
-        let index = header_field(&read, &column.name)
-            .filter(|index| !picked.contains(index))
-            .ok_or_else(|| column.missing(&read, "the files"))?;
+        let Some(index) = header_field(&read, &column.name).filter(|i| !picked.contains(i)) else {
+            column.missing(&read, "the files")?;
+            continue;
+        };
         let mut fields: Vec<Field> = read.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields[index] = Field::new(&column.name, DataType::Utf8, true);
         read = Schema::new(fields);
@@ -478,15 +479,21 @@ pub(crate) fn check_contract<'a>(
 #[derive(Debug, Clone)]
 pub(crate) struct PolicyColumn {
     pub name: String,
-    /// The first policy expression that reads it (`policies[0].row_filter`).
-    pub read_by: String,
+    /// The first policy expression that reads it (`policies[0].row_filter`);
+    /// none when only views of the product's domain name it (they may name
+    /// a column the storage does not hold: one of their own aliases).
+    pub read_by: Option<String>,
 }
 
 impl PolicyColumn {
-    fn missing(&self, stored: &Schema, holder: &str) -> String {
-        format!(
+    /// Where `stored` lacks the column: an error when a policy reads it.
+    fn missing(&self, stored: &Schema, holder: &str) -> Result<(), String> {
+        let Some(read_by) = &self.read_by else {
+            return Ok(());
+        };
+        Err(format!(
             "policy does not compile: {} reads column `{}`, which is neither declared nor in {holder} (columns there: {})",
-            self.read_by,
+            read_by,
             self.name,
             stored
                 .fields()
@@ -494,7 +501,7 @@ impl PolicyColumn {
                 .map(|f| f.name().as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
-        )
+        ))
     }
 }
 
@@ -511,10 +518,10 @@ pub(crate) fn with_policy_columns(
         .map(|f| f.as_ref().clone())
         .collect();
     for column in policy_columns {
-        let field = stored
-            .field_with_name(&column.name)
-            .map_err(|_| column.missing(stored, holder))?;
-        fields.push(Field::new(&column.name, field.data_type().clone(), true));
+        match stored.field_with_name(&column.name) {
+            Ok(field) => fields.push(Field::new(&column.name, field.data_type().clone(), true)),
+            Err(_) => column.missing(stored, holder)?,
+        }
     }
     Ok(Arc::new(Schema::new(fields)))
 }
@@ -570,7 +577,7 @@ mod tests {
             .iter()
             .map(|name| PolicyColumn {
                 name: name.to_string(),
-                read_by: "policies[0].row_filter".into(),
+                read_by: Some("policies[0].row_filter".into()),
             })
             .collect();
         let dir = tempfile::tempdir().expect("temporary directory");

@@ -13,7 +13,7 @@ pub(crate) use files::{PolicyColumn, check_contract, with_policy_columns};
 pub(crate) use hot_row_groups::SerialHotScans;
 pub use hot_row_groups::{row_group_cache_bytes, set_row_group_cache};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::{Arc, Weak};
 
@@ -21,7 +21,9 @@ use parking_lot::RwLock;
 
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
-use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
+use datafusion::catalog::{
+    CatalogProvider, CatalogProviderList, MemoryCatalogProviderList, SchemaProvider, TableProvider,
+};
 use datafusion::datasource::ViewTable;
 use datafusion::error::{DataFusionError, Result as DataFusionResult};
 use datafusion::execution::SessionState;
@@ -35,7 +37,9 @@ use crate::config::{
     DomainConfig, MeshConfig, PolicyConfig, ProductConfig, ProductSource, StorageConfig,
     TagPolicyConfig,
 };
-use crate::policy::{CallerProductView, PolicyTable, ProductPolicy, compile_product_policy};
+use crate::policy::{
+    CallerProductView, ColumnView, PolicyTable, ProductPolicy, compile_product_policy,
+};
 use crate::sources::{RemoteTable, Source};
 
 /// The catalog name every product lives under.
@@ -94,6 +98,23 @@ impl Product {
     /// there only for the product's policies to read).
     pub fn publishes(&self, index: usize) -> bool {
         !self.policy.policy_only.contains(&index)
+    }
+
+    /// What a view of the product's domain that names `names` sees of it
+    /// for a caller who sees `view`: the same rows, values and masks, and
+    /// the unpublished columns the view names.
+    pub fn for_view(
+        &self,
+        view: &CallerProductView,
+        names: &BTreeSet<String>,
+    ) -> CallerProductView {
+        let mut for_view = view.clone();
+        for &column in &self.policy.policy_only {
+            if names.contains(self.schema.field(column).name()) {
+                for_view.columns[column] = ColumnView::Plain;
+            }
+        }
+        for_view
     }
 
     /// What `caller` may see of this product. A policy that cannot be bound
@@ -246,7 +267,7 @@ impl Mesh {
                     domain: domain_config.name.clone(),
                     product: product.name.clone(),
                 };
-                let policy_columns = match policy_columns(product, &domain_config.policies) {
+                let policy_columns = match policy_columns(product, domain_config) {
                     Ok(columns) => columns,
                     Err(reason) => {
                         problems.push(PublicationProblem {
@@ -419,19 +440,21 @@ impl Mesh {
     }
 }
 
-/// The columns the policies of a table product (files or a SQL source)
-/// with declared columns read (in row filters and masks) that it does not
-/// declare: it reads them from its
-/// storage and never shows them (a row filter works on raw values).
+/// The columns a table product (files or a SQL source) with declared
+/// columns reads without publishing them: those its policies read (in row
+/// filters and masks), which must be in its storage, and those the views of
+/// its domain name, where the storage holds them. No caller sees them; a
+/// row filter works on raw values, and the domain's views build on them.
 fn policy_columns(
     product: &ProductConfig,
-    policies: &[PolicyConfig],
+    domain: &DomainConfig,
 ) -> Result<Vec<PolicyColumn>, String> {
     if product.columns.is_empty() || matches!(product.source, ProductSource::View { .. }) {
         return Ok(Vec::new());
     }
-    let mut read: BTreeMap<String, String> = BTreeMap::new();
-    for (index, policy) in policies
+    let mut read: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for (index, policy) in domain
+        .policies
         .iter()
         .enumerate()
         .filter(|(_, p)| p.product == product.name)
@@ -450,14 +473,21 @@ fn policy_columns(
             let names = crate::policy::columns_read(sql)
                 .map_err(|e| format!("policy does not compile: {read_by}: {e}"))?;
             for name in names {
-                if !product.columns.iter().any(|c| c.name == name) {
-                    read.entry(name).or_insert_with(|| read_by.clone());
-                }
+                read.entry(name).or_insert_with(|| Some(read_by.clone()));
+            }
+        }
+    }
+    for view in &domain.products {
+        if let ProductSource::View { sql } = &view.source {
+            // A view that does not parse is withdrawn with its own reason.
+            for name in views::names_in(sql).unwrap_or_default() {
+                read.entry(name).or_insert(None);
             }
         }
     }
     Ok(read
         .into_iter()
+        .filter(|(name, _)| !product.columns.iter().any(|c| &c.name == name))
         .map(|(name, read_by)| PolicyColumn { name, read_by })
         .collect())
 }
@@ -610,6 +640,16 @@ pub struct MeshCatalog {
     reads: Arc<parking_lot::Mutex<ReadLog>>,
     /// False only for the mesh's own planning of views at load time.
     enforce_policies: bool,
+    /// The view being planned: the products of its domain show it the
+    /// unpublished columns its SQL names.
+    planning_view: Option<Arc<PlanningView>>,
+}
+
+/// A view being planned: its domain and the names its SQL holds.
+#[derive(Debug)]
+pub(super) struct PlanningView {
+    domain: String,
+    names: BTreeSet<String>,
 }
 
 impl fmt::Debug for MeshCatalog {
@@ -633,6 +673,18 @@ impl MeshCatalog {
             session,
             reads,
             enforce_policies: true,
+            planning_view: None,
+        }
+    }
+
+    /// This catalog, as the view of `domain` with `sql` reads it.
+    pub(super) fn planning_view(self, domain: &str, sql: &str) -> Self {
+        Self {
+            planning_view: Some(Arc::new(PlanningView {
+                domain: domain.to_string(),
+                names: views::names_in(sql).unwrap_or_default(),
+            })),
+            ..self
         }
     }
 
@@ -658,6 +710,7 @@ impl MeshCatalog {
             session: Weak::clone(&self.session),
             reads: Arc::clone(&self.reads),
             enforce_policies: self.enforce_policies,
+            planning_view: self.planning_view.clone(),
         }
     }
 
@@ -701,6 +754,7 @@ struct DomainSchema {
     session: Weak<RwLock<SessionState>>,
     reads: Arc<parking_lot::Mutex<ReadLog>>,
     enforce_policies: bool,
+    planning_view: Option<Arc<PlanningView>>,
 }
 
 impl fmt::Debug for DomainSchema {
@@ -722,6 +776,12 @@ impl DomainSchema {
             product.view_for(&self.caller)
         } else {
             Arc::new(product.policy.unrestricted(product.schema.fields().len()))
+        };
+        let view = match &self.planning_view {
+            Some(planning) if planning.domain == self.domain && view.visible => {
+                Arc::new(product.for_view(&view, &planning.names))
+            }
+            _ => view,
         };
         view.visible.then_some((product, view))
     }
@@ -761,7 +821,23 @@ impl SchemaProvider for DomainSchema {
                 let session = self.session.upgrade().ok_or_else(|| {
                     DataFusionError::Internal("the caller's session has ended".into())
                 })?;
-                let state = session.read().clone();
+                // The view reads its own domain's unpublished columns.
+                let catalog = MeshCatalog {
+                    mesh: Arc::clone(&self.mesh),
+                    caller: Arc::clone(&self.caller),
+                    session: Weak::clone(&self.session),
+                    reads: Arc::clone(&self.reads),
+                    enforce_policies: self.enforce_policies,
+                    planning_view: None,
+                }
+                .planning_view(&product.name.domain, sql);
+                let catalogs = MemoryCatalogProviderList::new();
+                catalogs.register_catalog(CATALOG_NAME.to_string(), Arc::new(catalog));
+                let state = datafusion::execution::SessionStateBuilder::new_from_existing(
+                    session.read().clone(),
+                )
+                .with_catalog_list(Arc::new(catalogs))
+                .build();
                 let plan = state.create_logical_plan(sql).await.map_err(|e| {
                     DataFusionError::Plan(format!(
                         "view product {} cannot be planned: {}",

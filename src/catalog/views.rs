@@ -89,19 +89,20 @@ pub(super) async fn resolve_views(mesh: &mut Mesh, problems: &mut Vec<Publicatio
         source_probe: tokio::sync::Mutex::new(None),
     });
     let context = SessionContext::new_with_state(state);
-    // Views publish the schema they have for a caller no policy restricts.
-    context.register_catalog(
-        CATALOG_NAME,
-        Arc::new(MeshCatalog::unrestricted(
-            Arc::clone(&snapshot),
-            context.state_weak_ref(),
-        )),
-    );
     let mut failed = BTreeMap::new();
     for (name, sql) in &views {
         if withdrawn.contains_key(name) {
             continue;
         }
+        // Views publish the schema they have for a caller no policy
+        // restricts.
+        context.register_catalog(
+            CATALOG_NAME,
+            Arc::new(
+                MeshCatalog::unrestricted(Arc::clone(&snapshot), context.state_weak_ref())
+                    .planning_view(&name.domain, sql),
+            ),
+        );
         match context.state().create_logical_plan(sql).await {
             Ok(plan) => {
                 let schema = Arc::new(plan.schema().as_arrow().clone());
@@ -122,6 +123,38 @@ pub(super) async fn resolve_views(mesh: &mut Mesh, problems: &mut Vec<Publicatio
     remove_products(mesh, &failed, problems);
     reads.retain(|name, _| !withdrawn.contains_key(name) && !failed.contains_key(name));
     mesh.lineage = reads;
+}
+
+/// The names a view's SQL holds where an expression may name a column
+/// (unquoted ones in lower case, as the planner reads them).
+pub(super) fn names_in(sql: &str) -> Result<BTreeSet<String>, String> {
+    use std::ops::ControlFlow;
+
+    use datafusion::sql::sqlparser::ast::{Expr, Ident, visit_expressions};
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+
+    let statements = Parser::parse_sql(&GenericDialect {}, sql).map_err(|e| e.to_string())?;
+    let name = |ident: &Ident| match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_lowercase(),
+    };
+    let mut names = BTreeSet::new();
+    let _ = visit_expressions(&statements, |e| {
+        match e {
+            Expr::Identifier(ident) => {
+                names.insert(name(ident));
+            }
+            Expr::CompoundIdentifier(parts) => {
+                if let Some(last) = parts.last() {
+                    names.insert(name(last));
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    Ok(names)
 }
 
 fn remove_products(

@@ -64,8 +64,8 @@ pub struct ProductPolicy {
     pub access: Vec<PolicyRule>,
     pub row_filters: Vec<PolicyRule>,
     pub columns: Vec<ColumnRule>,
-    /// Columns of the product's schema that only its policies read: no
-    /// caller sees them.
+    /// Columns of the product's schema that it does not publish (only its
+    /// policies and its domain's views read them): no caller sees them.
     pub policy_only: Vec<usize>,
 }
 

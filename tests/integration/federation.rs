@@ -940,6 +940,25 @@ columns = [{ name = "id", type = "Int64" }, { name = "name", type = "Utf8" }]
 product = "staff"
 row_filter = "region = user_attr('region') OR has_group('hr_admin')"
 columns.name = { mask = "CASE WHEN divisor > 1 THEN '***' ELSE name END" }
+
+[[products]]
+name = "staff_by_region"
+sql = "SELECT region, count(*) AS n FROM ledger.staff GROUP BY region"
+
+[[products]]
+name = "all_staff"
+sql = "SELECT * FROM ledger.staff"
+"#;
+
+/// Another domain's view of the unpublished column.
+const STAFF_ELSEWHERE: &str = r#"
+name = "outside"
+owner = "x@acme.example"
+description = "Reads what ledger does not publish"
+
+[[products]]
+name = "regions"
+sql = "SELECT DISTINCT region FROM ledger.staff"
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1000,5 +1019,40 @@ async fn policies_read_columns_the_product_does_not_publish() {
             .collect::<Vec<_>>(),
         ["id", "name"]
     );
+    // A view of the same domain builds on the unpublished column, under
+    // the caller's row filter; `*` is what the product publishes.
+    let sql = "SELECT * FROM ledger.staff_by_region ORDER BY region";
+    let got = rows(&mut eu, sql).await;
+    assert!(
+        got.contains("| EU     | 2 |") && !got.contains("US"),
+        "{got}"
+    );
+    let got = rows(&mut admin, sql).await;
+    assert!(
+        got.contains("| EU     | 2 |") && got.contains("| US     | 2 |"),
+        "{got}"
+    );
+    let schema = crate::policies::table_schema(&mut eu, "ledger", "all_staff").await;
+    assert_eq!(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect::<Vec<_>>(),
+        ["id", "name"]
+    );
     server.stop().await;
+
+    // Another domain's view does not see it, and is not published.
+    let dir = crate::fixture::demo_config_dir();
+    let domain = ledger_domain(&pg.url()) + STAFF_PRODUCT;
+    std::fs::write(dir.path().join("domains/ledger.toml"), domain).unwrap();
+    std::fs::write(dir.path().join("domains/outside.toml"), STAFF_ELSEWHERE).unwrap();
+    let config = meshgate::config::MeshConfig::load(&dir.path().join("meshgate.toml")).unwrap();
+    let gateway = meshgate::server::Gateway::open(config).await.unwrap();
+    let problems: Vec<String> = gateway.problems.iter().map(ToString::to_string).collect();
+    assert!(
+        matches!(problems.as_slice(), [p] if p.starts_with("outside.regions") && p.contains("No field named region")),
+        "{problems:?}"
+    );
 }
