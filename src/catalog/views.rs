@@ -125,36 +125,13 @@ pub(super) async fn resolve_views(mesh: &mut Mesh, problems: &mut Vec<Publicatio
     mesh.lineage = reads;
 }
 
-/// The names a view's SQL holds where an expression may name a column
-/// (unquoted ones in lower case, as the planner reads them).
+/// The names a view's SQL holds where an expression may name a column.
 pub(super) fn names_in(sql: &str) -> Result<BTreeSet<String>, String> {
-    use std::ops::ControlFlow;
-
-    use datafusion::sql::sqlparser::ast::{Expr, Ident, visit_expressions};
     use datafusion::sql::sqlparser::dialect::GenericDialect;
     use datafusion::sql::sqlparser::parser::Parser;
 
     let statements = Parser::parse_sql(&GenericDialect {}, sql).map_err(|e| e.to_string())?;
-    let name = |ident: &Ident| match ident.quote_style {
-        Some(_) => ident.value.clone(),
-        None => ident.value.to_lowercase(),
-    };
-    let mut names = BTreeSet::new();
-    let _ = visit_expressions(&statements, |e| {
-        match e {
-            Expr::Identifier(ident) => {
-                names.insert(name(ident));
-            }
-            Expr::CompoundIdentifier(parts) => {
-                if let Some(last) = parts.last() {
-                    names.insert(name(last));
-                }
-            }
-            _ => {}
-        }
-        ControlFlow::<()>::Continue(())
-    });
-    Ok(names)
+    Ok(crate::policy::names_in(&statements))
 }
 
 fn remove_products(

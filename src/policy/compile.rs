@@ -156,9 +156,6 @@ fn without_current_user_parentheses(sql: &str) -> Result<String, String> {
 /// The names of the columns `sql` reads, as the SQL planner resolves them
 /// (unquoted names in lower case).
 pub(crate) fn columns_read(sql: &str) -> Result<std::collections::BTreeSet<String>, String> {
-    use std::ops::ControlFlow;
-
-    use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Ident, visit_expressions};
     use datafusion::sql::sqlparser::dialect::GenericDialect;
     use datafusion::sql::sqlparser::parser::Parser;
 
@@ -167,26 +164,39 @@ pub(crate) fn columns_read(sql: &str) -> Result<std::collections::BTreeSet<Strin
         .try_with_sql(&sql)
         .and_then(|mut parser| parser.parse_expr())
         .map_err(|e| e.to_string())?;
+    Ok(names_in(&expr))
+}
+
+/// The names parsed SQL holds where an expression may name a column (the
+/// last part of a qualified name), as the SQL planner reads them: unquoted
+/// ones in lower case.
+pub(crate) fn names_in<T: datafusion::sql::sqlparser::ast::Visit>(
+    sql: &T,
+) -> std::collections::BTreeSet<String> {
+    use std::ops::ControlFlow;
+
+    use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Ident, visit_expressions};
+
     let name = |ident: &Ident| match ident.quote_style {
         Some(_) => ident.value.clone(),
         None => ident.value.to_lowercase(),
     };
-    let mut read = std::collections::BTreeSet::new();
-    let _ = visit_expressions(&expr, |e| {
+    let mut names = std::collections::BTreeSet::new();
+    let _ = visit_expressions(sql, |e| {
         match e {
             SqlExpr::Identifier(ident) => {
-                read.insert(name(ident));
+                names.insert(name(ident));
             }
             SqlExpr::CompoundIdentifier(parts) => {
                 if let Some(last) = parts.last() {
-                    read.insert(name(last));
+                    names.insert(name(last));
                 }
             }
             _ => {}
         }
         ControlFlow::<()>::Continue(())
     });
-    Ok(read)
+    names
 }
 
 /// Refuses what a policy expression may not contain, and caller functions

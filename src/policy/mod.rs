@@ -24,7 +24,7 @@ mod table;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::logical_expr::Expr;
 
-pub(crate) use compile::{columns_read, compile_product_policy};
+pub(crate) use compile::{columns_read, compile_product_policy, names_in};
 pub use exec::PolicyExec;
 pub use explain::render_plan;
 pub(crate) use table::dictionary_type;
