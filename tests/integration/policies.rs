@@ -202,7 +202,7 @@ pub(crate) async fn table_schema(client: &mut TestClient, domain: &str, table: &
     try_schema_from_ipc_buffer(column.value(0)).unwrap()
 }
 
-fn field_names(schema: &Schema) -> Vec<&str> {
+pub(crate) fn field_names(schema: &Schema) -> Vec<&str> {
     schema.fields().iter().map(|f| f.name().as_str()).collect()
 }
 
