@@ -37,9 +37,7 @@ use crate::config::{
     DomainConfig, MeshConfig, PolicyConfig, ProductConfig, ProductSource, StorageConfig,
     TagPolicyConfig,
 };
-use crate::policy::{
-    CallerProductView, ColumnView, PolicyTable, ProductPolicy, compile_product_policy,
-};
+use crate::policy::{CallerProductView, PolicyTable, ProductPolicy, compile_product_policy};
 use crate::sources::{RemoteTable, Source};
 
 /// The catalog name every product lives under.
@@ -98,23 +96,6 @@ impl Product {
     /// there only for the product's policies to read).
     pub fn publishes(&self, index: usize) -> bool {
         !self.policy.policy_only.contains(&index)
-    }
-
-    /// What a view of the product's domain that names `names` sees of it
-    /// for a caller who sees `view`: the same rows, values and masks, and
-    /// the unpublished columns the view names.
-    pub fn for_view(
-        &self,
-        view: &CallerProductView,
-        names: &BTreeSet<String>,
-    ) -> CallerProductView {
-        let mut for_view = view.clone();
-        for &column in &self.policy.policy_only {
-            if names.contains(self.schema.field(column).name()) {
-                for_view.columns[column] = ColumnView::Plain;
-            }
-        }
-        for_view
     }
 
     /// What `caller` may see of this product. A policy that cannot be bound
@@ -778,9 +759,11 @@ impl DomainSchema {
             Arc::new(product.policy.unrestricted(product.schema.fields().len()))
         };
         let view = match &self.planning_view {
-            Some(planning) if planning.domain == self.domain && view.visible => {
-                Arc::new(product.for_view(&view, &planning.names))
-            }
+            Some(planning) if planning.domain == self.domain && view.visible => Arc::new(
+                product
+                    .policy
+                    .for_view(&view, &product.schema, &planning.names),
+            ),
             _ => view,
         };
         view.visible.then_some((product, view))

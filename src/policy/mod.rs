@@ -160,6 +160,24 @@ impl ProductPolicy {
         view
     }
 
+    /// What a view of the product's domain that names `names` sees of the
+    /// product (of `schema`) for a caller who sees `view`: the same rows,
+    /// values and masks, and the unpublished columns the view names.
+    pub fn for_view(
+        &self,
+        view: &CallerProductView,
+        schema: &Schema,
+        names: &std::collections::BTreeSet<String>,
+    ) -> CallerProductView {
+        let mut for_view = view.clone();
+        for &column in &self.policy_only {
+            if names.contains(schema.field(column).name()) {
+                for_view.columns[column] = ColumnView::Plain;
+            }
+        }
+        for_view
+    }
+
     /// Binds every rule to `caller` and decides what they see.
     pub fn for_caller(
         &self,
