@@ -113,7 +113,7 @@ fn csv_columns(
         .then(|| {
             declared
                 .iter()
-                .map(|c| header_field(file_schema, &c.name))
+                .map(|c| header_field(file_schema.fields().iter(), &c.name))
                 .collect()
         })
         .flatten();
@@ -127,7 +127,7 @@ fn csv_columns(
         None if has_header => {
             let unnamed = declared
                 .iter()
-                .find(|c| header_field(file_schema, &c.name).is_none())
+                .find(|c| header_field(file_schema.fields().iter(), &c.name).is_none())
                 .map_or("", |c| c.name.as_str());
             return Err(format!(
                 "declared column `{unnamed}` is not in the files' header (columns there: {}): \
@@ -164,32 +164,31 @@ fn csv_columns(
             *field = Field::new(name, DataType::Utf8, true);
         }
     }
-    let mut read = Schema::new(read);
     let mut picked = picked;
     for column in policy_columns {
-        let Some(index) = header_field(&read, &column.name).filter(|i| !picked.contains(i)) else {
-            column.missing(&read, "the files")?;
+        let index = header_field(read.iter(), &column.name).filter(|i| !picked.contains(i));
+        let Some(index) = index else {
+            column.missing(&Schema::new(read.clone()), "the files")?;
             continue;
         };
-        let mut fields: Vec<Field> = read.fields().iter().map(|f| f.as_ref().clone()).collect();
-        fields[index] = Field::new(&column.name, DataType::Utf8, true);
-        read = Schema::new(fields);
+        read[index] = Field::new(&column.name, DataType::Utf8, true);
         picked.push(index);
     }
-    Ok((Arc::new(read), picked))
+    Ok((Arc::new(Schema::new(read)), picked))
 }
 
 /// The field of a CSV header that names `name`: the one spelled alike, or
 /// else the only one alike but for case.
-fn header_field(header: &Schema, name: &str) -> Option<usize> {
-    if let Ok(index) = header.index_of(name) {
+fn header_field<'a, F: AsRef<Field> + 'a>(
+    header: impl Iterator<Item = &'a F> + Clone,
+    name: &str,
+) -> Option<usize> {
+    if let Some(index) = header.clone().position(|f| f.as_ref().name() == name) {
         return Some(index);
     }
     let mut alike = header
-        .fields()
-        .iter()
         .enumerate()
-        .filter(|(_, f)| f.name().eq_ignore_ascii_case(name))
+        .filter(|(_, f)| f.as_ref().name().eq_ignore_ascii_case(name))
         .map(|(index, _)| index);
     match (alike.next(), alike.next()) {
         (Some(index), None) => Some(index),
@@ -454,12 +453,7 @@ pub(crate) fn check_contract<'a>(
                 return Err(format!(
                     "declared column `{}` is missing from {holder} (columns there: {})",
                     column.name,
-                    stored
-                        .fields()
-                        .iter()
-                        .map(|f| f.name().as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    field_names(stored)
                 ));
             };
             if typed && !type_satisfies(found.data_type(), &column.data_type) {
@@ -495,12 +489,7 @@ impl PolicyColumn {
             "policy does not compile: {} reads column `{}`, which is neither declared nor in {holder} (columns there: {})",
             read_by,
             self.name,
-            stored
-                .fields()
-                .iter()
-                .map(|f| f.name().as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            field_names(stored)
         ))
     }
 }
