@@ -23,7 +23,12 @@ pub(super) async fn resolve_views(mesh: &mut Mesh, problems: &mut Vec<Publicatio
         return;
     }
 
-    let state = crate::query::base_session_state(mesh.runtime());
+    let mut state = crate::query::base_session_state(mesh.runtime());
+    // Views may call the caller functions, bound when a caller reads them.
+    for function in crate::policy::caller_functions() {
+        let _ =
+            datafusion::execution::FunctionRegistry::register_udf(&mut state, Arc::new(function));
+    }
     let mut reads: BTreeMap<ProductName, BTreeSet<ProductName>> = BTreeMap::new();
     let mut withdrawn: BTreeMap<ProductName, String> = BTreeMap::new();
     for (name, sql) in &views {

@@ -4,11 +4,14 @@
 
 use std::sync::Arc;
 
+use arrow::array::{ArrayRef, BooleanArray, StringArray};
 use arrow::datatypes::{DataType, Schema};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::logical_expr::simplify::SimplifyContext;
-use datafusion::logical_expr::{Expr, ExprSchemable};
+use datafusion::logical_expr::{
+    ColumnarValue, Expr, ExprSchemable, ScalarUDF, Volatility, create_udf,
+};
 use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 
 use super::PolicyError;
@@ -83,4 +86,76 @@ pub(super) fn expr_type(expr: &Expr, schema: &Schema, id: &str) -> Result<DataTy
     let df_schema = DFSchema::try_from(schema.clone()).map_err(|e| error(id, e.to_string()))?;
     expr.get_type(&df_schema)
         .map_err(|e| error(id, e.to_string()))
+}
+
+/// The caller functions as they answer for `caller` in the caller's own
+/// SQL and in the views it reads: `SELECT current_user` is the name the
+/// gateway knows the caller by, `user_attr('region')` and
+/// `has_group('analyst')` what policies see of them. They are stable within
+/// a query, so the planner folds them into literals before any source is
+/// asked.
+pub(crate) fn caller_functions_for(caller: &Arc<CallerIdentity>) -> Vec<ScalarUDF> {
+    let user = caller.user.clone();
+    let attributes = Arc::clone(caller);
+    let groups = Arc::clone(caller);
+    vec![
+        create_udf(
+            CURRENT_USER,
+            vec![],
+            DataType::Utf8,
+            Volatility::Stable,
+            Arc::new(move |_: &[ColumnarValue]| {
+                Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(user.clone()))))
+            }),
+        ),
+        create_udf(
+            USER_ATTR,
+            vec![DataType::Utf8],
+            DataType::Utf8,
+            Volatility::Stable,
+            Arc::new(move |args: &[ColumnarValue]| {
+                per_name(args, |names| {
+                    let values: StringArray = names
+                        .iter()
+                        .map(|name| name.and_then(|name| attributes.attributes.get(name)))
+                        .collect();
+                    Arc::new(values)
+                })
+            }),
+        ),
+        create_udf(
+            HAS_GROUP,
+            vec![DataType::Utf8],
+            DataType::Boolean,
+            Volatility::Stable,
+            Arc::new(move |args: &[ColumnarValue]| {
+                per_name(args, |names| {
+                    let values: BooleanArray = names
+                        .iter()
+                        .map(|name| name.map(|name| groups.has_group(name)))
+                        .collect();
+                    Arc::new(values)
+                })
+            }),
+        ),
+    ]
+}
+
+/// A function of one name applied to its argument, a value or a column
+/// (NULL for a NULL name).
+fn per_name(
+    args: &[ColumnarValue],
+    answer: impl Fn(&StringArray) -> ArrayRef,
+) -> datafusion::common::Result<ColumnarValue> {
+    let [argument] = args else {
+        return datafusion::common::exec_err!("expected one argument, got {}", args.len());
+    };
+    let names = arrow::compute::cast(&argument.to_array(1)?, &DataType::Utf8)?;
+    let answers = answer(datafusion::common::cast::as_string_array(&names)?);
+    match argument {
+        ColumnarValue::Scalar(_) => Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(
+            &answers, 0,
+        )?)),
+        ColumnarValue::Array(_) => Ok(ColumnarValue::Array(answers)),
+    }
 }

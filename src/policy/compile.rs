@@ -24,7 +24,7 @@ pub(crate) const HAS_GROUP: &str = "has_group";
 
 /// The caller functions, as planning stubs: they are replaced by typed
 /// literals for each caller and never run.
-fn caller_functions() -> Vec<ScalarUDF> {
+pub(crate) fn caller_functions() -> Vec<ScalarUDF> {
     let unbound = |name: &'static str| {
         Arc::new(move |_: &[ColumnarValue]| {
             datafusion::common::exec_err!("{name}() is bound per caller and cannot run here")
@@ -119,7 +119,7 @@ impl ExprCompiler {
 /// `sql` with each `current_user()` written `current_user`. The SQL parser
 /// reads `CURRENT_USER` as a keyword that takes no parentheses, and
 /// policies call it as the function it is.
-fn without_current_user_parentheses(sql: &str) -> Result<String, String> {
+pub(crate) fn without_current_user_parentheses(sql: &str) -> Result<String, String> {
     use datafusion::sql::sqlparser::dialect::GenericDialect;
     use datafusion::sql::sqlparser::keywords::Keyword;
     use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};

@@ -24,7 +24,11 @@ mod table;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::logical_expr::Expr;
 
-pub(crate) use compile::{columns_read, compile_product_policy, names_in};
+pub(crate) use bind::caller_functions_for;
+pub(crate) use compile::{
+    caller_functions, columns_read, compile_product_policy, names_in,
+    without_current_user_parentheses,
+};
 pub use exec::PolicyExec;
 pub use explain::render_plan;
 pub(crate) use table::dictionary_type;

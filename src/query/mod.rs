@@ -914,6 +914,16 @@ async fn plan_sql(
 /// `options`.
 fn parse_statement(options: &ConfigOptions, sql: &str) -> Result<DataFusionStatement, QueryError> {
     guard::check_complexity(sql)?;
+    // `current_user()` is written as the function it is in policies, and
+    // callers may write it so too.
+    let rewritten;
+    let sql = if contains_ignoring_case(sql, "current_user") {
+        rewritten =
+            crate::policy::without_current_user_parentheses(sql).map_err(QueryError::Syntax)?;
+        rewritten.as_str()
+    } else {
+        sql
+    };
     let recursion_limit = options.sql_parser.recursion_limit.get();
     let mut statements = DFParserBuilder::new(sql)
         .with_dialect(&GenericDialect {})
@@ -935,6 +945,12 @@ fn parse_statement(options: &ConfigOptions, sql: &str) -> Result<DataFusionState
     };
     guard::check_and_normalize(&mut statement)?;
     Ok(statement)
+}
+
+fn contains_ignoring_case(text: &str, word: &str) -> bool {
+    text.as_bytes()
+        .windows(word.len())
+        .any(|window| window.eq_ignore_ascii_case(word.as_bytes()))
 }
 
 /// Plans one parsed and guarded statement (whose text is `sql`) in `context`.

@@ -332,6 +332,11 @@ pub(crate) fn caller_context(
     if let Some(token) = token {
         state.config_mut().set_extension(Arc::new(token));
     }
+    for function in crate::policy::caller_functions_for(&caller) {
+        // Registering replaces; there is nothing it could fail on.
+        let _ =
+            datafusion::execution::FunctionRegistry::register_udf(&mut state, Arc::new(function));
+    }
     let context = SessionContext::new_with_state(state);
     let catalog = Arc::new(MeshCatalog::new(
         Arc::clone(mesh),

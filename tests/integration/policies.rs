@@ -1108,6 +1108,71 @@ async fn current_user_is_the_callers_name_in_every_policy_expression() {
 }
 
 #[tokio::test]
+async fn callers_and_views_ask_who_the_caller_is_with_the_policy_functions() {
+    let server = TestServer::start_with(|dir| {
+        let domain = SELF_SERVICE_DOMAIN.to_string()
+            + r#"
+[[products]]
+name = "mine"
+description = "The caller's own row"
+sql = "SELECT id, name FROM me.profile WHERE lower(name) = current_user()"
+"#;
+        std::fs::write(dir.join("domains/me.toml"), domain).unwrap();
+        write_employees(&dir.join("hrdata"));
+    })
+    .await;
+    let mut eve = server
+        .as_identity("eve", &["hr"], &[("region", "APAC")])
+        .await;
+    assert_eq!(
+        lines(
+            &rows(
+                &mut eve,
+                "SELECT current_user AS who, current_user() AS again, \
+                 user_attr('region') AS region, user_attr('none') AS none, \
+                 has_group('hr') AS hr, has_group('sales') AS sales"
+            )
+            .await
+        ),
+        lines(
+            "+-----+-------+--------+------+------+-------+\n\
+             | who | again | region | none | hr   | sales |\n\
+             +-----+-------+--------+------+------+-------+\n\
+             | eve | eve   | APAC   |      | true | false |\n\
+             +-----+-------+--------+------+------+-------+"
+        ),
+    );
+    // Per row, over a column.
+    assert_eq!(
+        lines(
+            &rows(
+                &mut eve,
+                "SELECT name, has_group(lower(name) || 'r') AS member FROM me.profile \
+                 WHERE id IN (3, 4) ORDER BY id"
+            )
+            .await
+        ),
+        lines(
+            "+------+--------+\n| name | member |\n+------+--------+\n\
+             | Cid  | false  |\n| Dee  | false  |\n+------+--------+"
+        ),
+    );
+    // A view binds them for whoever reads it: eve's policies let her see
+    // every row, and the view keeps hers.
+    let sql = "SELECT id, name FROM me.mine";
+    assert_eq!(
+        lines(&rows(&mut eve, sql).await),
+        lines("+----+------+\n| id | name |\n+----+------+\n| 5  | Eve  |\n+----+------+"),
+    );
+    let mut bob = server.as_identity("bob", &[], &[]).await;
+    assert_eq!(
+        lines(&rows(&mut bob, sql).await),
+        lines("+----+------+\n| id | name |\n+----+------+\n| 2  | Bob  |\n+----+------+"),
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_views_declared_columns_describe_it_and_hide_none() {
     let server = TestServer::start_with(|dir| {
         let domain = HR_DOMAIN.to_string()
