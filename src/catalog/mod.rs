@@ -221,11 +221,29 @@ impl Mesh {
             .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
             .build_arc()
             .map_err(|e| format!("cannot build the query runtime: {e}"))?;
+        // Each bucket is one store: storages naming it must agree on its
+        // options. A store that cannot be set up withdraws its products.
+        let mut stores: BTreeMap<String, (&BTreeMap<String, String>, String)> = BTreeMap::new();
+        let mut broken_stores: BTreeMap<(&str, &str), String> = BTreeMap::new();
         for domain in &config.domains {
             for (name, storage) in &domain.storage {
-                if let StorageConfig::ObjectStore { url } = storage {
-                    register_store(&runtime, url)
-                        .map_err(|e| format!("{}: storage.{name}: {e}", domain.file.display()))?;
+                let StorageConfig::ObjectStore { url, options } = storage else {
+                    continue;
+                };
+                let root = store_root(url);
+                let registered = match stores.get(&root) {
+                    Some((first, there)) if *first != options => Err(format!(
+                        "`{root}` is also storage {there}, with other options: \
+                         the storages of one bucket share its options"
+                    )),
+                    Some(_) => Ok(()),
+                    None => register_store(&runtime, url, options).map(|()| {
+                        let here = format!("`{name}` of {}", domain.file.display());
+                        stores.insert(root, (options, here));
+                    }),
+                };
+                if let Err(reason) = registered {
+                    broken_stores.insert((&domain.name, name), reason);
                 }
             }
         }
@@ -260,6 +278,12 @@ impl Mesh {
                     }
                 };
                 let opened = match &product.source {
+                    ProductSource::Files { storage, .. }
+                        if let Some(reason) =
+                            broken_stores.get(&(domain_config.name.as_str(), storage.as_str())) =>
+                    {
+                        Err(format!("storage `{storage}`: {reason}"))
+                    }
                     ProductSource::Files {
                         url, format, csv, ..
                     } => files::open_file_product(
@@ -569,29 +593,73 @@ fn unprotected_pii(
     ))
 }
 
-fn register_store(runtime: &RuntimeEnv, url: &Url) -> Result<(), String> {
+/// The scheme and bucket (or container) of a store URL: what the runtime
+/// finds its store by.
+fn store_root(url: &Url) -> String {
+    format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""))
+}
+
+/// Registers the store of a storage URL with its options; the environment
+/// (`AWS_*`, `GOOGLE_*`, `AZURE_*`) gives what the options leave out.
+fn register_store(
+    runtime: &RuntimeEnv,
+    url: &Url,
+    options: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    use object_store::aws::AmazonS3Builder;
+    use object_store::azure::MicrosoftAzureBuilder;
+    use object_store::gcp::GoogleCloudStorageBuilder;
+
+    fn configured<B, K: std::str::FromStr>(
+        builder: B,
+        options: &BTreeMap<String, String>,
+        with: fn(B, K, String) -> B,
+    ) -> B {
+        // The config module let through only keys the store knows.
+        options
+            .iter()
+            .fold(builder, |builder, (key, value)| match key.parse() {
+                Ok(key) => with(builder, key, value.clone()),
+                Err(_) => builder,
+            })
+    }
+    let cannot = |e: object_store::Error| format!("cannot configure the store of `{url}`: {e}");
+    if url.host_str().is_none_or(str::is_empty) && matches!(url.scheme(), "s3" | "gs" | "az") {
+        return Err(format!("`{url}` names no bucket"));
+    }
     let store: Arc<dyn ObjectStore> = match url.scheme() {
         "file" => return Ok(()),
         "memory" => Arc::new(object_store::memory::InMemory::new()),
-        "s3" => {
-            let bucket = url
-                .host_str()
-                .ok_or_else(|| format!("`{url}` names no bucket"))?;
-            Arc::new(
-                object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()
-                    .map_err(|e| format!("cannot configure S3 for `{url}`: {e}"))?,
+        "s3" => Arc::new(
+            configured(
+                AmazonS3Builder::from_env().with_url(url.as_str()),
+                options,
+                AmazonS3Builder::with_config,
             )
-        }
+            .build()
+            .map_err(cannot)?,
+        ),
+        "gs" => Arc::new(
+            configured(
+                GoogleCloudStorageBuilder::from_env().with_url(url.as_str()),
+                options,
+                GoogleCloudStorageBuilder::with_config,
+            )
+            .build()
+            .map_err(cannot)?,
+        ),
+        "az" => Arc::new(
+            configured(
+                MicrosoftAzureBuilder::from_env().with_url(url.as_str()),
+                options,
+                MicrosoftAzureBuilder::with_config,
+            )
+            .build()
+            .map_err(cannot)?,
+        ),
         other => return Err(format!("unsupported scheme `{other}`")),
     };
-    let root = Url::parse(&format!(
-        "{}://{}",
-        url.scheme(),
-        url.host_str().unwrap_or("")
-    ))
-    .map_err(|e| e.to_string())?;
+    let root = Url::parse(&store_root(url)).map_err(|e| e.to_string())?;
     runtime.register_object_store(&root, store);
     Ok(())
 }

@@ -191,8 +191,14 @@ pub struct DomainConfig {
 /// Where a domain keeps data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageConfig {
-    /// Files under a URL (`file:///abs/dir`, `s3://bucket/prefix`, `memory://name`).
-    ObjectStore { url: Url },
+    /// Files under a URL (`file:///abs/dir`, `s3://bucket/prefix`,
+    /// `gs://bucket/prefix`, `az://container/prefix`, `memory://name`), and
+    /// the options of its cloud store (endpoint, region, credentials), keyed
+    /// as `object_store` names them.
+    ObjectStore {
+        url: Url,
+        options: BTreeMap<String, String>,
+    },
     /// A PostgreSQL database (`postgres://user:pass@host:port/db`).
     Postgres { url: String, options: SourceOptions },
     /// A SQLite database file, opened read-only.
@@ -724,9 +730,12 @@ fn load_domain(
     for (name, entry) in domain.storage {
         let key = format!("storage.{name}");
         let resolved = match entry {
-            raw::StorageEntry::ObjectStore { url } => StorageConfig::ObjectStore {
-                url: resolve_store_url(file, &base, &format!("{key}.url"), &url)?,
-            },
+            raw::StorageEntry::ObjectStore { url, options } => {
+                let url = resolve_store_url(file, &base, &format!("{key}.url"), &url)?;
+                let options = store_options(&url, options)
+                    .map_err(|e| ConfigError::new(file, format!("{key}.options: {e}")))?;
+                StorageConfig::ObjectStore { url, options }
+            }
             raw::StorageEntry::Postgres {
                 url,
                 pushdown,
@@ -888,6 +897,49 @@ fn load_domain(
     })
 }
 
+/// The options of a cloud store at `url`, each a key its store knows
+/// (`endpoint`, `region`, `access_key_id`, with or without the `aws_`,
+/// `google_` or `azure_` prefix).
+fn store_options(
+    url: &Url,
+    options: BTreeMap<String, raw::OptionValue>,
+) -> Result<BTreeMap<String, String>, String> {
+    use object_store::aws::AmazonS3ConfigKey;
+    use object_store::azure::AzureConfigKey;
+    use object_store::gcp::GoogleConfigKey;
+
+    let known: fn(&str) -> bool = match url.scheme() {
+        _ if options.is_empty() => return Ok(BTreeMap::new()),
+        "s3" => |key| key.parse::<AmazonS3ConfigKey>().is_ok(),
+        "gs" => |key| key.parse::<GoogleConfigKey>().is_ok(),
+        "az" => |key| key.parse::<AzureConfigKey>().is_ok(),
+        other => {
+            return Err(format!(
+                "options are for s3://, gs:// and az:// storage, not {other}://"
+            ));
+        }
+    };
+    options
+        .into_iter()
+        .map(|(key, value)| {
+            let lower = key.to_ascii_lowercase();
+            if !known(&lower) {
+                return Err(format!(
+                    "`{key}` is not an option of {}:// storage (such as endpoint, region, \
+                     access_key_id, secret_access_key, allow_http)",
+                    url.scheme()
+                ));
+            }
+            let value = match value {
+                raw::OptionValue::Text(text) => text,
+                raw::OptionValue::Flag(flag) => flag.to_string(),
+                raw::OptionValue::Number(number) => number.to_string(),
+            };
+            Ok((lower, value))
+        })
+        .collect()
+}
+
 /// Resolves a storage URL: `file://` paths (and bare paths) relative to the file.
 fn resolve_store_url(file: &Path, base: &Path, key: &str, url: &str) -> Result<Url, ConfigError> {
     let local_path = match url.strip_prefix("file://") {
@@ -913,12 +965,12 @@ fn resolve_store_url(file: &Path, base: &Path, key: &str, url: &str) -> Result<U
             let mut parsed = Url::parse(url)
                 .map_err(|e| ConfigError::new(file, format!("{key}: `{url}` is not a URL: {e}")))?;
             match parsed.scheme() {
-                "s3" | "memory" => {}
+                "s3" | "gs" | "az" | "memory" => {}
                 other => {
                     return Err(ConfigError::new(
                         file,
                         format!(
-                            "{key}: scheme `{other}://` is not supported (use file://, s3:// or memory://)"
+                            "{key}: scheme `{other}://` is not supported (use file://, s3://, gs://, az:// or memory://)"
                         ),
                     ));
                 }
@@ -1015,7 +1067,7 @@ fn load_product(
                 ));
             };
             match store {
-                StorageConfig::ObjectStore { url } => {
+                StorageConfig::ObjectStore { url, .. } => {
                     let Some(location) = &product.location else {
                         return Err(ConfigError::new(
                             file,

@@ -123,6 +123,8 @@ pub(crate) struct DomainFile {
 pub(crate) enum StorageEntry {
     ObjectStore {
         url: String,
+        #[serde(default)]
+        options: BTreeMap<String, OptionValue>,
     },
     Postgres {
         url: String,
@@ -145,6 +147,15 @@ pub(crate) enum StorageEntry {
         password: Option<String>,
         token: Option<String>,
     },
+}
+
+/// An object store option: text, or a number or flag written bare.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum OptionValue {
+    Text(String),
+    Flag(bool),
+    Number(i64),
 }
 
 #[derive(Debug, Deserialize)]

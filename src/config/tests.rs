@@ -142,6 +142,70 @@ fn every_mistake_names_file_and_key() {
 }
 
 #[test]
+fn cloud_stores_take_the_options_their_store_knows() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = write(dir.path(), "meshgate.toml", GATEWAY);
+    let domain = DOMAIN.replace(
+        "url = \"file://data/crm\"",
+        "url = \"s3://lake/crm\"\noptions = { Endpoint = \"http://127.0.0.1:9000\", \
+         allow_http = true, aws_region = \"eu-west-1\", secret_access_key = \"${SECRET}\" }\n\
+         [storage.gcs]\ntype = \"object_store\"\nurl = \"gs://bucket/x\"\n\
+         options = { service_account_key = \"{}\" }\n\
+         [storage.blob]\ntype = \"object_store\"\nurl = \"az://container\"\n\
+         options = { account_name = \"acme\", use_emulator = true }",
+    );
+    write(dir.path(), "domains/crm.toml", &domain);
+    let config = MeshConfig::load_with_env(&gateway, env).unwrap();
+    let storage = &config.domains[0].storage;
+    let StorageConfig::ObjectStore { url, options } = &storage["lake"] else {
+        panic!("expected object storage");
+    };
+    assert_eq!(url.as_str(), "s3://lake/crm/");
+    let options: Vec<(&str, &str)> = options
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        options,
+        [
+            ("allow_http", "true"),
+            ("aws_region", "eu-west-1"),
+            ("endpoint", "http://127.0.0.1:9000"),
+            ("secret_access_key", "0123456789abcdef0123"),
+        ]
+    );
+    assert!(
+        matches!(&storage["gcs"], StorageConfig::ObjectStore { url, .. } if url.scheme() == "gs")
+    );
+    assert!(
+        matches!(&storage["blob"], StorageConfig::ObjectStore { url, .. } if url.scheme() == "az")
+    );
+
+    let err = load_error(
+        GATEWAY,
+        &DOMAIN.replace(
+            "url = \"file://data/crm\"",
+            "url = \"s3://lake\"\noptions = { endpoint_url = \"x\", bucket_owner = \"me\" }",
+        ),
+    );
+    assert!(
+        err.contains("storage.lake.options")
+            && err.contains("`bucket_owner` is not an option of s3://"),
+        "{err}"
+    );
+    let err = load_error(
+        GATEWAY,
+        &DOMAIN.replace(
+            "url = \"file://data/crm\"",
+            "url = \"file://data/crm\"\noptions = { region = \"x\" }",
+        ),
+    );
+    assert!(err.contains("not file://"), "{err}");
+    let err = load_error(GATEWAY, &DOMAIN.replace("file://data/crm", "hdfs://nn/crm"));
+    assert!(err.contains("`hdfs://` is not supported"), "{err}");
+}
+
+#[test]
 fn the_demo_config_loads() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo/meshgate.toml");
     let config = MeshConfig::load_with_env(&dir, |_| None).unwrap();
