@@ -23,18 +23,66 @@ use object_store::ObjectStoreExt;
 use url::Url;
 
 use super::parquet::ParquetProduct;
+use super::unopened::UnopenedFiles;
 use crate::config::{ColumnContract, CsvOptions, FileFormat};
 
+/// Where a file product's files are and how they are read.
+#[derive(Debug, Clone)]
+pub(crate) struct FileProduct {
+    pub url: Url,
+    pub format: FileFormat,
+    pub csv: CsvOptions,
+    pub declared: Vec<ColumnContract>,
+    pub policy_columns: Vec<PolicyColumn>,
+}
+
+/// Why a file product did not open.
+pub(super) enum OpenError {
+    /// Its store did not answer (a network error, an outage).
+    Unreachable(DataFusionError),
+    /// Its files are not what the product says.
+    Refused(String),
+}
+
+impl From<String> for OpenError {
+    fn from(reason: String) -> Self {
+        OpenError::Refused(reason)
+    }
+}
+
 /// Opens a file product: infers the files' schema and, when the product
-/// declares columns, checks them against it and exposes exactly those columns.
+/// declares columns, checks them against it and exposes exactly those
+/// columns. A product whose store does not answer is published from its
+/// declared columns, when they give every column its policies read, and
+/// opened at its first query once the store is back.
 pub(crate) async fn open_file_product(
     state: &dyn Session,
-    url: &Url,
-    format: FileFormat,
-    csv: &CsvOptions,
-    declared: &[ColumnContract],
-    policy_columns: &[PolicyColumn],
+    product: &FileProduct,
 ) -> Result<Arc<dyn TableProvider>, String> {
+    match open_files(state, product).await {
+        Ok(table) => Ok(table),
+        Err(OpenError::Refused(reason)) => Err(reason),
+        Err(OpenError::Unreachable(error)) => {
+            let reason = format!("cannot read the files' schema: {}", root_message(&error));
+            UnopenedFiles::publish(product, &reason).map_err(|why| format!("{reason}{why}"))
+        }
+    }
+}
+
+/// Opens a file product, telling an unreachable store from files that
+/// break the product's contract.
+pub(super) async fn open_files(
+    state: &dyn Session,
+    product: &FileProduct,
+) -> Result<Arc<dyn TableProvider>, OpenError> {
+    let FileProduct {
+        url,
+        format,
+        csv,
+        declared,
+        policy_columns,
+    } = product;
+    let format = *format;
     let table_url = ListingTableUrl::parse(url.as_str()).map_err(|e| e.to_string())?;
     let parquet_options = state.default_table_options().parquet;
     let file_format: Arc<dyn DataFusionFileFormat> = match format {
@@ -63,13 +111,23 @@ pub(crate) async fn open_file_product(
     let inferred = listing
         .infer_schema(state)
         .await
-        .map_err(|e| format!("cannot read the files' schema: {}", root_message(&e)))?;
+        .map_err(|e| match e.find_root() {
+            DataFusionError::ObjectStore(inner)
+                if !matches!(**inner, object_store::Error::NotFound { .. }) =>
+            {
+                OpenError::Unreachable(e)
+            }
+            _ => OpenError::Refused(format!(
+                "cannot read the files' schema: {}",
+                root_message(&e)
+            )),
+        })?;
     let file_schema = inferred
         .file_schema
         .clone()
         .ok_or_else(|| "no schema could be inferred".to_string())?;
     if file_schema.fields().is_empty() {
-        return Err(format!("no {} files found", extension_label(format)));
+        return Err(format!("no {} files found", extension_label(format)).into());
     }
 
     if format == FileFormat::Csv && !declared.is_empty() {
@@ -77,7 +135,7 @@ pub(crate) async fn open_file_product(
         // field of a line, and the declared columns are picked out of them.
         let (read, picked) = csv_columns(&file_schema, declared, policy_columns, csv.has_header)?;
         let table = listing_table(state, table_url, options, read).map_err(|e| e.to_string())?;
-        return DeclaredColumns::over(table, picked);
+        return Ok(DeclaredColumns::over(table, picked)?);
     }
     let schema = if declared.is_empty() {
         file_schema
@@ -576,11 +634,13 @@ mod tests {
         let ctx = SessionContext::new();
         let product = open_file_product(
             &ctx.state(),
-            &url,
-            FileFormat::Csv,
-            &csv,
-            declared,
-            &policy_columns,
+            &FileProduct {
+                url,
+                format: FileFormat::Csv,
+                csv,
+                declared: declared.to_vec(),
+                policy_columns,
+            },
         )
         .await?;
         ctx.register_table("p", product).expect("register");
@@ -784,11 +844,13 @@ mod tests {
         let url = Url::from_file_path(&path).expect("url");
         let product = open_file_product(
             &ctx.state(),
-            &url,
-            FileFormat::Parquet,
-            &CsvOptions::default(),
-            &declared,
-            &[],
+            &FileProduct {
+                url,
+                format: FileFormat::Parquet,
+                csv: CsvOptions::default(),
+                declared: declared.to_vec(),
+                policy_columns: Vec::new(),
+            },
         )
         .await
         .expect("published");

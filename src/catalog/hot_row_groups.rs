@@ -954,11 +954,13 @@ mod tests {
         let url = url::Url::from_directory_path(dir).expect("url");
         let product = super::super::files::open_file_product(
             &ctx.state(),
-            &url,
-            FileFormat::Parquet,
-            &CsvOptions::default(),
-            &[],
-            &[],
+            &super::super::files::FileProduct {
+                url,
+                format: FileFormat::Parquet,
+                csv: CsvOptions::default(),
+                declared: Vec::new(),
+                policy_columns: Vec::new(),
+            },
         )
         .await
         .expect("product");

@@ -7,6 +7,7 @@ mod hot_row_groups;
 mod listed_version;
 mod parquet;
 mod stored_values;
+mod unopened;
 mod views;
 
 pub(crate) use files::{PolicyColumn, check_contract, with_policy_columns};
@@ -288,11 +289,13 @@ impl Mesh {
                         url, format, csv, ..
                     } => files::open_file_product(
                         &state,
-                        url,
-                        *format,
-                        csv,
-                        &product.columns,
-                        &policy_columns,
+                        &files::FileProduct {
+                            url: url.clone(),
+                            format: *format,
+                            csv: csv.clone(),
+                            declared: product.columns.clone(),
+                            policy_columns,
+                        },
                     )
                     .await
                     .map(|table| (table.schema(), ProductData::Table(table))),

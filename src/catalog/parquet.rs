@@ -708,11 +708,13 @@ mod tests {
     pub(super) async fn open_at(ctx: &SessionContext, url: &url::Url) -> Arc<dyn TableProvider> {
         super::super::files::open_file_product(
             &ctx.state(),
-            url,
-            FileFormat::Parquet,
-            &CsvOptions::default(),
-            &[],
-            &[],
+            &super::super::files::FileProduct {
+                url: url.clone(),
+                format: FileFormat::Parquet,
+                csv: CsvOptions::default(),
+                declared: Vec::new(),
+                policy_columns: Vec::new(),
+            },
         )
         .await
         .expect("product")

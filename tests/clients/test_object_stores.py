@@ -157,3 +157,70 @@ def test_a_store_that_goes_down_fails_only_its_products_and_comes_back(lake):
         lake["s3"] = ThreadedMotoServer(ip_address="127.0.0.1", port=lake["port"], verbose=False)
         lake["s3"].start()
     assert query(uri, "alice", "SELECT count(*) FROM lake.accounts") == [(3,)]
+
+
+DOWN_AT_START = """
+name = "cold"
+owner = "lake@acme.example"
+description = "A bucket that is down when the gateway starts"
+
+[storage.bucket]
+type = "object_store"
+url = "s3://lake/crm"
+options = {{ endpoint = "{endpoint}", allow_http = true, region = "eu-west-1", access_key_id = "lake-reader", secret_access_key = "lake-secret" }}
+
+[[products]]
+name = "accounts"
+description = "One row per account"
+storage = "bucket"
+location = "accounts/"
+format = "parquet"
+columns = [{{ name = "id", type = "Int64" }}, {{ name = "email", type = "Utf8" }}]
+
+[[products]]
+name = "undeclared"
+description = "Its schema is the files'"
+storage = "bucket"
+location = "regions.csv"
+format = "csv"
+
+[[policies]]
+product = "accounts"
+row_filter = "id > 2"
+"""
+
+
+def test_a_product_whose_store_is_down_at_start_is_published_from_its_declared_columns(lake):
+    port = free_port()
+    binary = meshgate_binary()
+    with tempfile.TemporaryDirectory(prefix="meshgate-s3-down-") as tmp:
+        root = pathlib.Path(tmp)
+        subprocess.run([binary, "demo", str(root), "--scale", SCALE], check=True, capture_output=True)
+        (root / "domains" / "cold.toml").write_text(
+            DOWN_AT_START.format(endpoint=f"http://127.0.0.1:{port}"))
+        process, out, first = serve(binary, root / "meshgate.toml", root / "stdout.log")
+        s3_server = None
+        try:
+            assert first.startswith("meshgate listening on grpc://"), first
+            uri = first.split()[3]
+            with pytest.raises(flightsql.Error) as failed:
+                query(uri, "alice", "SELECT id FROM cold.accounts")
+            assert "cold.accounts" in str(failed.value), str(failed.value)
+            assert "Unavailable" in str(failed.value) or "UNAVAILABLE" in str(failed.value)
+            # A product without declared columns has no schema to publish.
+            with pytest.raises(flightsql.Error) as failed:
+                query(uri, "alice", "SELECT * FROM cold.undeclared")
+            assert "not found" in str(failed.value), str(failed.value)
+            # The store comes up: the next query opens the product, under
+            # its policy.
+            s3_server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            s3_server.start()
+            assert query(uri, "alice", "SELECT id, email FROM cold.accounts ORDER BY id") == [
+                (i, f"user{i}@acme.example") for i in range(3, 7)
+            ]
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+            out.close()
+            if s3_server:
+                s3_server.stop()
