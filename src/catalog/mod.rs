@@ -30,6 +30,7 @@ use datafusion::error::{DataFusionError, Result as DataFusionResult};
 use datafusion::execution::SessionState;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use futures::StreamExt;
 use object_store::ObjectStore;
 use url::Url;
 
@@ -258,76 +259,32 @@ impl Mesh {
             }
         }
 
+        // Products open concurrently: each may wait on a remote store or
+        // database (and on its retries when that is down).
+        let stores = Stores {
+            state: &state,
+            sources: &sources,
+            broken: &broken_stores,
+        };
+        let mut opening = Vec::new();
+        for domain in &config.domains {
+            for product in &domain.products {
+                opening.push(stores.open_product(domain, product));
+            }
+        }
+        let opened: Vec<Result<(SchemaRef, ProductData), String>> = futures::stream::iter(opening)
+            .buffered(PRODUCTS_OPENED_AT_ONCE)
+            .collect()
+            .await;
+        let mut opened = opened.into_iter();
         let mut problems = Vec::new();
         let mut domains = BTreeMap::new();
         for domain_config in &config.domains {
             let mut products = BTreeMap::new();
-            for product in &domain_config.products {
+            for (product, opened) in domain_config.products.iter().zip(opened.by_ref()) {
                 let name = ProductName {
                     domain: domain_config.name.clone(),
                     product: product.name.clone(),
-                };
-                let policy_columns = match policy_columns(product, domain_config) {
-                    Ok(columns) => columns,
-                    Err(reason) => {
-                        problems.push(PublicationProblem {
-                            product: name,
-                            file: domain_config.file.clone(),
-                            reason,
-                        });
-                        continue;
-                    }
-                };
-                let opened = match &product.source {
-                    ProductSource::Files { storage, .. }
-                        if let Some(reason) =
-                            broken_stores.get(&(domain_config.name.as_str(), storage.as_str())) =>
-                    {
-                        Err(format!("storage `{storage}`: {reason}"))
-                    }
-                    ProductSource::Files {
-                        url, format, csv, ..
-                    } => files::open_file_product(
-                        &state,
-                        &files::FileProduct {
-                            url: url.clone(),
-                            format: *format,
-                            csv: csv.clone(),
-                            declared: product.columns.clone(),
-                            policy_columns,
-                        },
-                    )
-                    .await
-                    .map(|table| (table.schema(), ProductData::Table(table))),
-                    ProductSource::Table { storage, table } => {
-                        match sources.get(&(domain_config.name.clone(), storage.clone())) {
-                            Some(Ok(source)) => RemoteTable::open(
-                                Arc::clone(source),
-                                name.to_string(),
-                                table,
-                                &product.columns,
-                                &policy_columns,
-                            )
-                            .await
-                            .map(|table| {
-                                let table: Arc<dyn TableProvider> = Arc::new(table);
-                                (table.schema(), ProductData::Table(table))
-                            }),
-                            Some(Err(error)) => Err(format!("storage `{storage}`: {error}")),
-                            None => Err(format!(
-                                "storage `{storage}` is object storage: give `location` and `format`, not `table`"
-                            )),
-                        }
-                    }
-                    // Views are checked once every table is open.
-                    ProductSource::View { sql } => Ok((
-                        Arc::new(arrow::datatypes::Schema::empty()),
-                        ProductData::View {
-                            // SQL that does not tokenize fails where it is planned.
-                            sql: crate::policy::without_current_user_parentheses(sql)
-                                .unwrap_or_else(|_| sql.clone()),
-                        },
-                    )),
                 };
                 match opened {
                     Ok((schema, data)) => {
@@ -594,6 +551,84 @@ fn unprotected_pii(
         name = column.name,
         product = product.name,
     ))
+}
+
+/// How many products the mesh opens at once.
+const PRODUCTS_OPENED_AT_ONCE: usize = 8;
+
+/// What products are opened with while the mesh loads.
+#[derive(Clone, Copy)]
+struct Stores<'a> {
+    state: &'a SessionState,
+    sources: &'a BTreeMap<(String, String), Result<Arc<Source>, String>>,
+    /// Object stores that could not be set up, by domain and storage name.
+    broken: &'a BTreeMap<(&'a str, &'a str), String>,
+}
+
+impl Stores<'_> {
+    /// Opens one product: its schema and data, or why it is not published.
+    async fn open_product(
+        self,
+        domain: &DomainConfig,
+        product: &ProductConfig,
+    ) -> Result<(SchemaRef, ProductData), String> {
+        let policy_columns = policy_columns(product, domain)?;
+        match &product.source {
+            ProductSource::Files { storage, .. }
+                if let Some(reason) =
+                    self.broken.get(&(domain.name.as_str(), storage.as_str())) =>
+            {
+                Err(format!("storage `{storage}`: {reason}"))
+            }
+            ProductSource::Files {
+                url, format, csv, ..
+            } => files::open_file_product(
+                self.state,
+                &files::FileProduct {
+                    url: url.clone(),
+                    format: *format,
+                    csv: csv.clone(),
+                    declared: product.columns.clone(),
+                    policy_columns,
+                },
+            )
+            .await
+            .map(|table| (table.schema(), ProductData::Table(table))),
+            ProductSource::Table { storage, table } => {
+                match self.sources.get(&(domain.name.clone(), storage.clone())) {
+                    Some(Ok(source)) => {
+                        let name = ProductName {
+                            domain: domain.name.clone(),
+                            product: product.name.clone(),
+                        };
+                        let table = RemoteTable::open(
+                            Arc::clone(source),
+                            name.to_string(),
+                            table,
+                            &product.columns,
+                            &policy_columns,
+                        )
+                        .await?;
+                        let table: Arc<dyn TableProvider> = Arc::new(table);
+                        Ok((table.schema(), ProductData::Table(table)))
+                    }
+                    Some(Err(error)) => Err(format!("storage `{storage}`: {error}")),
+                    None => Err(format!(
+                        "storage `{storage}` is object storage: give `location` and `format`, not `table`"
+                    )),
+                }
+            }
+            // Views are checked once every table is open.
+            ProductSource::View { sql } => Ok((
+                Arc::new(arrow::datatypes::Schema::empty()),
+                ProductData::View {
+                    // SQL that does not tokenize fails where it is planned.
+                    sql: crate::policy::without_current_user_parentheses(sql)
+                        .unwrap_or_else(|_| sql.clone()),
+                },
+            )),
+        }
+    }
 }
 
 /// The scheme and bucket (or container) of a store URL: what the runtime
