@@ -1,6 +1,8 @@
-"""Products on S3, read from a real S3 server (moto's, on loopback) with the
-storage's own endpoint and credentials: Parquet, CSV and JSON files, the
-caller's policies, and a store that goes down and comes back."""
+"""Products in cloud object storage, read from real servers on loopback with
+each storage's own endpoint and credentials: S3 (moto's server) with
+Parquet, CSV and JSON files under the caller's policies, a store that goes
+down and comes back, and one that is down when the gateway starts; Azure
+Blob Storage (Azurite)."""
 
 import io
 import json
@@ -9,6 +11,7 @@ import pathlib
 import socket
 import subprocess
 import tempfile
+import time
 
 import adbc_driver_flightsql.dbapi as flightsql
 import boto3
@@ -224,3 +227,86 @@ def test_a_product_whose_store_is_down_at_start_is_published_from_its_declared_c
             out.close()
             if s3_server:
                 s3_server.stop()
+
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's well-known development key (public, documented by Microsoft).
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+BLOB_DOMAIN = """
+name = "blob"
+owner = "lake@acme.example"
+description = "Files in an Azure container"
+
+[storage.container]
+type = "object_store"
+url = "az://lake/crm"
+options = {{ account_name = "{account}", access_key = "{key}", endpoint = "{endpoint}", allow_http = true }}
+
+[[products]]
+name = "accounts"
+description = "One row per account"
+storage = "container"
+location = "accounts/"
+format = "parquet"
+
+[[policies]]
+product = "accounts"
+row_filter = "region = user_attr('region')"
+"""
+
+
+def test_products_in_an_azure_container_are_read_under_the_callers_policies():
+    from azure.storage.blob import BlobServiceClient
+
+    azurite = os.environ.get("MESHGATE_AZURITE")
+    assert azurite, "MESHGATE_AZURITE names Azurite's azurite-blob (scripts/test installs it)"
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    binary = meshgate_binary()
+    with tempfile.TemporaryDirectory(prefix="meshgate-az-") as tmp:
+        root = pathlib.Path(tmp)
+        storage = subprocess.Popen(
+            [azurite, "--blobHost", "127.0.0.1", "--blobPort", str(port),
+             "--location", str(root / "azurite"), "--silent", "--skipApiVersionCheck", "--loose"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        process = out = None
+        try:
+            service = BlobServiceClient.from_connection_string(
+                f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+                f"AccountKey={AZURITE_KEY};BlobEndpoint={endpoint};"
+            )
+            container = None
+            deadline = time.monotonic() + 60
+            while container is None:
+                try:
+                    container = service.create_container("lake")
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            for part, ids in enumerate([[1, 2], [3, 4]]):
+                table = pa.table({
+                    "id": pa.array(ids, pa.int64()),
+                    "region": pa.array(["EUROPE" if i % 2 else "AMERICA" for i in ids]),
+                })
+                buffer = io.BytesIO()
+                pq.write_table(table, buffer)
+                container.upload_blob(f"crm/accounts/part-{part}.parquet", buffer.getvalue())
+            subprocess.run([binary, "demo", str(root), "--scale", SCALE], check=True, capture_output=True)
+            (root / "domains" / "blob.toml").write_text(
+                BLOB_DOMAIN.format(account=AZURITE_ACCOUNT, key=AZURITE_KEY, endpoint=endpoint))
+            process, out, first = serve(binary, root / "meshgate.toml", root / "stdout.log")
+            assert first.startswith("meshgate listening on grpc://"), first
+            uri = first.split()[3]
+            sql = "SELECT id, region FROM blob.accounts ORDER BY id"
+            assert query(uri, "alice", sql) == [(1, "EUROPE"), (3, "EUROPE")]
+            assert query(uri, "bob", sql) == [(2, "AMERICA"), (4, "AMERICA")]
+        finally:
+            if process:
+                process.terminate()
+                process.wait(timeout=30)
+                out.close()
+            storage.terminate()
+            storage.wait(timeout=30)
