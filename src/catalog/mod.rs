@@ -954,3 +954,101 @@ impl SchemaProvider for DomainSchema {
         self.visible(name).is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use datafusion::execution::object_store::ObjectStoreUrl;
+
+    use super::*;
+
+    fn options(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect()
+    }
+
+    fn url(text: &str) -> Url {
+        Url::parse(text).expect("url")
+    }
+
+    #[test]
+    fn cloud_stores_are_set_up_from_their_options() {
+        let runtime = RuntimeEnv::default();
+        let s3 = options(&[
+            ("endpoint", "http://127.0.0.1:9000"),
+            ("allow_http", "true"),
+            ("region", "eu-west-1"),
+        ]);
+        register_store(&runtime, &url("s3://lake/crm/"), &s3).expect("s3");
+        let gcs = options(&[("skip_signature", "true")]);
+        register_store(&runtime, &url("gs://bucket/x/"), &gcs).expect("gcs");
+        let azure = options(&[("account_name", "acme"), ("use_emulator", "true")]);
+        register_store(&runtime, &url("az://container/"), &azure).expect("azure");
+        for root in ["s3://lake", "gs://bucket", "az://container"] {
+            let found = runtime.object_store(ObjectStoreUrl::parse(root).expect("root"));
+            assert!(found.is_ok(), "{root}");
+        }
+
+        let bad = options(&[("allow_http", "maybe")]);
+        let error = register_store(&runtime, &url("s3://other/"), &bad).unwrap_err();
+        assert!(
+            error.starts_with("cannot configure the store of `s3://other/`"),
+            "{error}"
+        );
+        let error = register_store(&runtime, &url("s3:///x/"), &BTreeMap::new()).unwrap_err();
+        assert!(error.contains("names no bucket"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn storages_of_one_bucket_that_disagree_withdraw_the_later_ones_products() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::create_dir_all(dir.path().join("domains")).expect("domains");
+        std::fs::write(
+            dir.path().join("meshgate.toml"),
+            "domains = [\"domains/*.toml\"]\n[auth]\nissuer = \"m\"\naudience = \"m\"\n\
+             hs256_secret = \"0123456789abcdef0123\"\n",
+        )
+        .expect("gateway");
+        let storage = |name: &str, region: &str| {
+            format!(
+                "[storage.{name}]\ntype = \"object_store\"\nurl = \"s3://lake/{name}\"\n\
+                 options = {{ region = \"{region}\", endpoint = \"http://127.0.0.1:1\", \
+                 allow_http = true }}\n"
+            )
+        };
+        let product = |name: &str| {
+            format!(
+                "[[products]]\nname = \"{name}\"\nstorage = \"{name}\"\nlocation = \"f.parquet\"\n\
+                 format = \"parquet\"\n"
+            )
+        };
+        let domain = format!(
+            "name = \"d\"\n{}{}{}{}",
+            storage("one", "eu-west-1"),
+            storage("two", "us-east-1"),
+            product("one"),
+            product("two"),
+        );
+        std::fs::write(dir.path().join("domains/d.toml"), domain).expect("domain");
+        let config = MeshConfig::load(&dir.path().join("meshgate.toml")).expect("config");
+        let (_, problems) = Mesh::open(&config).await.expect("mesh");
+        let two = problems
+            .iter()
+            .find(|p| p.product.product == "two")
+            .expect("two is refused");
+        assert!(
+            two.reason
+                .starts_with("storage `two`: `s3://lake` is also storage `one`")
+                && two.reason.contains("share its options"),
+            "{}",
+            two.reason
+        );
+        // `one` is set up, and refused only for its files (nothing answers).
+        let one = problems.iter().find(|p| p.product.product == "one");
+        assert!(
+            one.is_none_or(|p| !p.reason.contains("share its options")),
+            "{one:?}"
+        );
+    }
+}
