@@ -648,55 +648,50 @@ fn register_store(
     use object_store::azure::MicrosoftAzureBuilder;
     use object_store::gcp::GoogleCloudStorageBuilder;
 
-    fn configured<B, K: std::str::FromStr>(
+    /// The store `builder` makes, given `options` (the config module let
+    /// through only keys the store knows).
+    fn configured<B, K: std::str::FromStr, S: ObjectStore>(
         builder: B,
         options: &BTreeMap<String, String>,
         with: fn(B, K, String) -> B,
-    ) -> B {
-        // The config module let through only keys the store knows.
-        options
+        build: fn(B) -> object_store::Result<S>,
+    ) -> object_store::Result<Arc<dyn ObjectStore>> {
+        let builder = options
             .iter()
             .fold(builder, |builder, (key, value)| match key.parse() {
                 Ok(key) => with(builder, key, value.clone()),
                 Err(_) => builder,
-            })
+            });
+        Ok(Arc::new(build(builder)?))
     }
-    let cannot = |e: object_store::Error| format!("cannot configure the store of `{url}`: {e}");
     if url.host_str().is_none_or(str::is_empty) && matches!(url.scheme(), "s3" | "gs" | "az") {
         return Err(format!("`{url}` names no bucket"));
     }
-    let store: Arc<dyn ObjectStore> = match url.scheme() {
+    let at = url.as_str();
+    let store = match url.scheme() {
         "file" => return Ok(()),
-        "memory" => Arc::new(object_store::memory::InMemory::new()),
-        "s3" => Arc::new(
-            configured(
-                AmazonS3Builder::from_env().with_url(url.as_str()),
-                options,
-                AmazonS3Builder::with_config,
-            )
-            .build()
-            .map_err(cannot)?,
+        "memory" => Ok(Arc::new(object_store::memory::InMemory::new()) as Arc<dyn ObjectStore>),
+        "s3" => configured(
+            AmazonS3Builder::from_env().with_url(at),
+            options,
+            AmazonS3Builder::with_config,
+            AmazonS3Builder::build,
         ),
-        "gs" => Arc::new(
-            configured(
-                GoogleCloudStorageBuilder::from_env().with_url(url.as_str()),
-                options,
-                GoogleCloudStorageBuilder::with_config,
-            )
-            .build()
-            .map_err(cannot)?,
+        "gs" => configured(
+            GoogleCloudStorageBuilder::from_env().with_url(at),
+            options,
+            GoogleCloudStorageBuilder::with_config,
+            GoogleCloudStorageBuilder::build,
         ),
-        "az" => Arc::new(
-            configured(
-                MicrosoftAzureBuilder::from_env().with_url(url.as_str()),
-                options,
-                MicrosoftAzureBuilder::with_config,
-            )
-            .build()
-            .map_err(cannot)?,
+        "az" => configured(
+            MicrosoftAzureBuilder::from_env().with_url(at),
+            options,
+            MicrosoftAzureBuilder::with_config,
+            MicrosoftAzureBuilder::build,
         ),
         other => return Err(format!("unsupported scheme `{other}`")),
-    };
+    }
+    .map_err(|e| format!("cannot configure the store of `{url}`: {e}"))?;
     let root = Url::parse(&store_root(url)).map_err(|e| e.to_string())?;
     runtime.register_object_store(&root, store);
     Ok(())

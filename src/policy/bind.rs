@@ -9,13 +9,11 @@ use arrow::datatypes::{DataType, Schema};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::logical_expr::simplify::SimplifyContext;
-use datafusion::logical_expr::{
-    ColumnarValue, Expr, ExprSchemable, ScalarUDF, Volatility, create_udf,
-};
+use datafusion::logical_expr::{ColumnarValue, Expr, ExprSchemable, ScalarUDF};
 use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 
 use super::PolicyError;
-use super::compile::{CURRENT_USER, HAS_GROUP, USER_ATTR};
+use super::compile::{CURRENT_USER, HAS_GROUP, USER_ATTR, caller_functions_as};
 use crate::auth::CallerIdentity;
 
 fn error(id: &str, message: impl Into<String>) -> PolicyError {
@@ -98,47 +96,29 @@ pub(crate) fn caller_functions_for(caller: &Arc<CallerIdentity>) -> Vec<ScalarUD
     let user = caller.user.clone();
     let attributes = Arc::clone(caller);
     let groups = Arc::clone(caller);
-    vec![
-        create_udf(
-            CURRENT_USER,
-            vec![],
-            DataType::Utf8,
-            Volatility::Stable,
-            Arc::new(move |_: &[ColumnarValue]| {
-                Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(user.clone()))))
-            }),
-        ),
-        create_udf(
-            USER_ATTR,
-            vec![DataType::Utf8],
-            DataType::Utf8,
-            Volatility::Stable,
-            Arc::new(move |args: &[ColumnarValue]| {
-                per_name(args, |names| {
-                    let values: StringArray = names
-                        .iter()
-                        .map(|name| name.and_then(|name| attributes.attributes.get(name)))
-                        .collect();
-                    Arc::new(values)
-                })
-            }),
-        ),
-        create_udf(
-            HAS_GROUP,
-            vec![DataType::Utf8],
-            DataType::Boolean,
-            Volatility::Stable,
-            Arc::new(move |args: &[ColumnarValue]| {
-                per_name(args, |names| {
-                    let values: BooleanArray = names
-                        .iter()
-                        .map(|name| name.map(|name| groups.has_group(name)))
-                        .collect();
-                    Arc::new(values)
-                })
-            }),
-        ),
-    ]
+    caller_functions_as(
+        Arc::new(move |_: &[ColumnarValue]| {
+            Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(user.clone()))))
+        }),
+        Arc::new(move |args: &[ColumnarValue]| {
+            per_name(args, |names| {
+                let values: StringArray = names
+                    .iter()
+                    .map(|name| name.and_then(|name| attributes.attributes.get(name)))
+                    .collect();
+                Arc::new(values)
+            })
+        }),
+        Arc::new(move |args: &[ColumnarValue]| {
+            per_name(args, |names| {
+                let values: BooleanArray = names
+                    .iter()
+                    .map(|name| name.map(|name| groups.has_group(name)))
+                    .collect();
+                Arc::new(values)
+            })
+        }),
+    )
 }
 
 /// A function of one name applied to its argument, a value or a column

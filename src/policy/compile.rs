@@ -10,7 +10,8 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, DFSchema};
 use datafusion::logical_expr::simplify::SimplifyContext;
 use datafusion::logical_expr::{
-    ColumnarValue, Expr, ExprSchemable, ScalarUDF, Volatility, create_udf,
+    ColumnarValue, Expr, ExprSchemable, ScalarFunctionImplementation, ScalarUDF, Volatility,
+    create_udf,
 };
 use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::prelude::SessionContext;
@@ -25,32 +26,46 @@ pub(crate) const HAS_GROUP: &str = "has_group";
 /// The caller functions, as planning stubs: they are replaced by typed
 /// literals for each caller and never run.
 pub(crate) fn caller_functions() -> Vec<ScalarUDF> {
-    let unbound = |name: &'static str| {
+    let unbound = |name: &'static str| -> ScalarFunctionImplementation {
         Arc::new(move |_: &[ColumnarValue]| {
             datafusion::common::exec_err!("{name}() is bound per caller and cannot run here")
         })
     };
+    caller_functions_as(
+        unbound(CURRENT_USER),
+        unbound(USER_ATTR),
+        unbound(HAS_GROUP),
+    )
+}
+
+/// `current_user()`, `user_attr(name)` and `has_group(name)`, each with its
+/// signature, computed by the implementations given.
+pub(crate) fn caller_functions_as(
+    current_user: ScalarFunctionImplementation,
+    user_attr: ScalarFunctionImplementation,
+    has_group: ScalarFunctionImplementation,
+) -> Vec<ScalarUDF> {
     vec![
         create_udf(
             CURRENT_USER,
             vec![],
             DataType::Utf8,
             Volatility::Stable,
-            unbound(CURRENT_USER),
+            current_user,
         ),
         create_udf(
             USER_ATTR,
             vec![DataType::Utf8],
             DataType::Utf8,
             Volatility::Stable,
-            unbound(USER_ATTR),
+            user_attr,
         ),
         create_udf(
             HAS_GROUP,
             vec![DataType::Utf8],
             DataType::Boolean,
             Volatility::Stable,
-            unbound(HAS_GROUP),
+            has_group,
         ),
     ]
 }

@@ -22,15 +22,17 @@ from moto.server import ThreadedMotoServer
 
 from conftest import SCALE, meshgate_binary, serve
 
-LAKE_DOMAIN = """
-name = "lake"
+# A domain on the bucket `lake` of the S3 server at `endpoint`, its first
+# product, and then those of each test.
+BUCKET = """
+name = "{name}"
 owner = "lake@acme.example"
-description = "Files in a bucket"
+description = "{description}"
 
 [storage.bucket]
 type = "object_store"
 url = "s3://lake/crm"
-options = {{ endpoint = "{endpoint}", allow_http = true, region = "eu-west-1", access_key_id = "lake-reader", secret_access_key = "${{LAKE_S3_SECRET}}" }}
+options = {{ endpoint = "{endpoint}", allow_http = true, region = "eu-west-1", access_key_id = "lake-reader", secret_access_key = "{secret}" }}
 
 [[products]]
 name = "accounts"
@@ -38,6 +40,10 @@ description = "One row per account"
 storage = "bucket"
 location = "accounts/"
 format = "parquet"
+"""
+
+# The other products and the policies.
+LAKE_PRODUCTS = """
 
 [[products]]
 name = "regions"
@@ -46,8 +52,8 @@ storage = "bucket"
 location = "regions.csv"
 format = "csv"
 columns = [
-  {{ name = "name", type = "Utf8" }},
-  {{ name = "id", type = "Int64" }},
+  { name = "name", type = "Utf8" },
+  { name = "id", type = "Int64" },
 ]
 
 [[products]]
@@ -60,7 +66,7 @@ format = "json"
 [[policies]]
 product = "accounts"
 row_filter = "region = user_attr('region')"
-columns.email = {{ mask = "'***'", unless = "has_group('pii_reader')" }}
+columns.email = { mask = "'***'", unless = "has_group('pii_reader')" }
 """
 
 
@@ -100,7 +106,9 @@ def lake():
     with tempfile.TemporaryDirectory(prefix="meshgate-s3-") as tmp:
         root = pathlib.Path(tmp)
         subprocess.run([binary, "demo", str(root), "--scale", SCALE], check=True, capture_output=True)
-        (root / "domains" / "lake.toml").write_text(LAKE_DOMAIN.format(endpoint=endpoint))
+        domain = BUCKET.format(name="lake", description="Files in a bucket", endpoint=endpoint,
+                               secret="${LAKE_S3_SECRET}")
+        (root / "domains" / "lake.toml").write_text(domain + LAKE_PRODUCTS)
         os.environ["LAKE_S3_SECRET"] = "lake-secret"
         process, out, first = serve(binary, root / "meshgate.toml", root / "stdout.log")
         try:
@@ -162,23 +170,8 @@ def test_a_store_that_goes_down_fails_only_its_products_and_comes_back(lake):
     assert query(uri, "alice", "SELECT count(*) FROM lake.accounts") == [(3,)]
 
 
-DOWN_AT_START = """
-name = "cold"
-owner = "lake@acme.example"
-description = "A bucket that is down when the gateway starts"
-
-[storage.bucket]
-type = "object_store"
-url = "s3://lake/crm"
-options = {{ endpoint = "{endpoint}", allow_http = true, region = "eu-west-1", access_key_id = "lake-reader", secret_access_key = "lake-secret" }}
-
-[[products]]
-name = "accounts"
-description = "One row per account"
-storage = "bucket"
-location = "accounts/"
-format = "parquet"
-columns = [{{ name = "id", type = "Int64" }}, {{ name = "email", type = "Utf8" }}]
+# The first product's declared columns, then the other products.
+COLD_PRODUCTS = """columns = [{ name = "id", type = "Int64" }, { name = "email", type = "Utf8" }]
 
 [[products]]
 name = "undeclared"
@@ -199,8 +192,9 @@ def test_a_product_whose_store_is_down_at_start_is_published_from_its_declared_c
     with tempfile.TemporaryDirectory(prefix="meshgate-s3-down-") as tmp:
         root = pathlib.Path(tmp)
         subprocess.run([binary, "demo", str(root), "--scale", SCALE], check=True, capture_output=True)
-        (root / "domains" / "cold.toml").write_text(
-            DOWN_AT_START.format(endpoint=f"http://127.0.0.1:{port}"))
+        domain = BUCKET.format(name="cold", description="A bucket that is down when the gateway starts",
+                               endpoint=f"http://127.0.0.1:{port}", secret="lake-secret")
+        (root / "domains" / "cold.toml").write_text(domain + COLD_PRODUCTS)
         process, out, first = serve(binary, root / "meshgate.toml", root / "stdout.log")
         s3_server = None
         try:
