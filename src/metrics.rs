@@ -471,7 +471,7 @@ impl Metrics {
             &mut out,
             "meshgate_source_up",
             "gauge",
-            "Whether a SQL or Flight SQL source answers (1) or not (0), probed at each scrape.",
+            "Whether a SQL or Flight SQL source, or a cloud object store, answers (1) or not (0), probed at each scrape.",
         );
         for (source, up) in sources_up {
             let _ = writeln!(

@@ -29,6 +29,7 @@ use datafusion::datasource::ViewTable;
 use datafusion::error::{DataFusionError, Result as DataFusionResult};
 use datafusion::execution::SessionState;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use futures::StreamExt;
 use object_store::ObjectStore;
@@ -211,6 +212,10 @@ pub type SourceStates = Vec<(String, Result<(), String>)>;
 /// that come often cost one probe per source at most this often.
 const SOURCE_PROBE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long an object store's probe waits for its listing (with the
+/// store's own retries).
+const STORE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Mesh {
     /// Opens every product of `config`. Products that cannot be opened are
     /// left out and reported; the rest of the mesh is published.
@@ -343,10 +348,11 @@ impl Mesh {
         self.domains.get(domain)?.products.get(product)
     }
 
-    /// Whether each SQL or Flight SQL source answers: one of its products'
-    /// tables is looked up (connection, login and table), all sources at
-    /// once, each bounded by its connect timeout. A probe is reused for a
-    /// few seconds, so frequent checks cost the sources nothing more.
+    /// Whether each SQL or Flight SQL source answers (one of its products'
+    /// tables is looked up: connection, login and table, bounded by its
+    /// connect timeout), and each cloud object store (its prefix is listed,
+    /// bounded by [`STORE_PROBE_TIMEOUT`]); all at once. A probe is reused
+    /// for a few seconds, so frequent checks cost the sources nothing more.
     pub async fn probe_sources(&self) -> SourceStates {
         let mut last = self.source_probe.lock().await;
         if let Some((at, states)) = last.as_ref()
@@ -370,9 +376,50 @@ impl Mesh {
                 let answer = source.table_schema(&table).await;
                 (name, answer.map(|_| ()).map_err(|e| e.to_string()))
             });
-        let states = futures::future::join_all(probes).await;
+        let stores = self.domains.values().flat_map(|domain| {
+            domain
+                .config
+                .storage
+                .iter()
+                .filter_map(move |(name, storage)| {
+                    let StorageConfig::ObjectStore { url, .. } = storage else {
+                        return None;
+                    };
+                    matches!(url.scheme(), "s3" | "gs" | "az").then(|| async move {
+                        let name = format!("{}.{name}", domain.config.name);
+                        (name, self.probe_store(url).await)
+                    })
+                })
+        });
+        let (mut states, stores) = futures::join!(
+            futures::future::join_all(probes),
+            futures::future::join_all(stores)
+        );
+        states.extend(stores);
         *last = Some((std::time::Instant::now(), states.clone()));
         states
+    }
+
+    /// Whether the object store at `url` lists its prefix.
+    async fn probe_store(&self, url: &Url) -> Result<(), String> {
+        let store = self
+            .runtime
+            .object_store(ObjectStoreUrl::parse(store_root(url)).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        let prefix = object_store::path::Path::from(url.path());
+        match tokio::time::timeout(
+            STORE_PROBE_TIMEOUT,
+            store.list_with_delimiter(Some(&prefix)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {} s",
+                STORE_PROBE_TIMEOUT.as_secs()
+            )),
+        }
     }
 
     /// When `product`'s data last changed, UNIX seconds, where its source
@@ -952,8 +999,6 @@ impl SchemaProvider for DomainSchema {
 
 #[cfg(test)]
 mod tests {
-    use datafusion::execution::object_store::ObjectStoreUrl;
-
     use super::*;
 
     fn options(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from moto.server import ThreadedMotoServer
 
-from conftest import SCALE, meshgate_binary, serve
+from conftest import SCALE, meshgate_binary, serve, serve_with_http
 
 # A domain on the bucket `lake` of the S3 server at `endpoint`, its first
 # product, and then those of each test.
@@ -110,15 +110,16 @@ def lake():
                                secret="${LAKE_S3_SECRET}")
         (root / "domains" / "lake.toml").write_text(domain + LAKE_PRODUCTS)
         os.environ["LAKE_S3_SECRET"] = "lake-secret"
-        process, out, first = serve(binary, root / "meshgate.toml", root / "stdout.log")
+        process, files, flight_uri, http = serve_with_http(binary, root / "meshgate.toml", root)
         try:
-            assert first.startswith("meshgate listening on grpc://"), first
-            lake.update(uri=first.split()[3], port=port, s3=s3_server)
+            assert flight_uri and http, (root / "stderr.log").read_text()
+            lake.update(uri=flight_uri, http=http, port=port, s3=s3_server)
             yield lake
         finally:
             process.terminate()
             process.wait(timeout=30)
-            out.close()
+            for file in files:
+                file.close()
             lake["s3"].stop()
 
 
@@ -127,6 +128,13 @@ def query(uri: str, user: str, sql: str):
         with conn.cursor() as cur:
             cur.execute(sql)
             return cur.fetchall()
+
+
+def readiness(http: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{http}/readyz", timeout=30) as answer:
+        return answer.read().decode()
 
 
 def test_products_on_s3_are_read_under_the_callers_policies(lake):
@@ -155,8 +163,12 @@ def test_products_on_s3_are_read_under_the_callers_policies(lake):
 
 def test_a_store_that_goes_down_fails_only_its_products_and_comes_back(lake):
     uri = lake["uri"]
+    assert "source lake.bucket: reachable" in readiness(lake["http"])
     lake["s3"].stop()
+    time.sleep(5.5)  # the readiness probe is reused for 5 s
     try:
+        body = readiness(lake["http"])
+        assert "ready: " in body and "source lake.bucket: unreachable: " in body, body
         with pytest.raises(flightsql.Error) as failed:
             query(uri, "alice", "SELECT count(*) FROM lake.accounts")
         message = str(failed.value)
