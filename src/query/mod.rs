@@ -947,6 +947,7 @@ fn parse_statement(options: &ConfigOptions, sql: &str) -> Result<DataFusionState
     Ok(statement)
 }
 
+/// Whether `text` holds `word`, in any ASCII case.
 fn contains_ignoring_case(text: &str, word: &str) -> bool {
     text.as_bytes()
         .windows(word.len())
