@@ -50,16 +50,43 @@ impl From<String> for OpenError {
     }
 }
 
+/// How long the mesh waits for a product's files while it loads: a store
+/// that drops packets rather than refusing them would otherwise hold the
+/// load for its client's every retry (minutes).
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Opens a file product: infers the files' schema and, when the product
 /// declares columns, checks them against it and exposes exactly those
-/// columns. A product whose store does not answer is published from its
-/// declared columns, when they give every column its policies read, and
-/// opened at its first query once the store is back.
+/// columns. A product whose store does not answer (within
+/// [`OPEN_TIMEOUT`]) is published from its declared columns, when they
+/// give every column its policies read, and opened at its first query once
+/// the store is back.
 pub(crate) async fn open_file_product(
     state: &dyn Session,
     product: &FileProduct,
 ) -> Result<Arc<dyn TableProvider>, String> {
-    match open_files(state, product).await {
+    open_file_product_within(state, product, OPEN_TIMEOUT).await
+}
+
+async fn open_file_product_within(
+    state: &dyn Session,
+    product: &FileProduct,
+    timeout: std::time::Duration,
+) -> Result<Arc<dyn TableProvider>, String> {
+    let opened = tokio::time::timeout(timeout, open_files(state, product))
+        .await
+        .unwrap_or_else(|_| {
+            Err(OpenError::Unreachable(DataFusionError::IoError(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the store gave no answer within {} s",
+                        timeout.as_secs_f32()
+                    ),
+                ),
+            )))
+        });
+    match opened {
         Ok(table) => Ok(table),
         Err(OpenError::Refused(reason)) => Err(reason),
         Err(OpenError::Unreachable(error)) => {
@@ -821,6 +848,54 @@ mod tests {
             ),
             "{missing}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_store_that_never_answers_is_waited_for_a_bounded_time() {
+        // A server that takes connections and never answers.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        std::thread::spawn(move || {
+            let held: Vec<_> = listener.incoming().take(64).collect();
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            drop(held);
+        });
+        let ctx = SessionContext::new();
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name("lake")
+            .with_region("eu-west-1")
+            .with_endpoint(format!("http://127.0.0.1:{port}"))
+            .with_allow_http(true)
+            .with_access_key_id("k")
+            .with_secret_access_key("s")
+            .build()
+            .expect("store");
+        let bucket = Url::parse("s3://lake").expect("url");
+        ctx.runtime_env()
+            .register_object_store(&bucket, Arc::new(store));
+        let product = |declared: Vec<ColumnContract>| FileProduct {
+            url: Url::parse("s3://lake/events/").expect("url"),
+            format: FileFormat::Parquet,
+            csv: CsvOptions::default(),
+            declared,
+            policy_columns: Vec::new(),
+        };
+        let timeout = std::time::Duration::from_millis(500);
+        let started = std::time::Instant::now();
+        let error = open_file_product_within(&ctx.state(), &product(Vec::new()), timeout)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error,
+            "cannot read the files' schema: IO error: the store gave no answer within 0.5 s"
+        );
+        // Declared columns publish it, to be opened by a later query.
+        let declared = vec![column("id", DataType::Int64)];
+        let table = open_file_product_within(&ctx.state(), &product(declared), timeout)
+            .await
+            .expect("published from its declared columns");
+        assert_eq!(table.schema().field(0).name(), "id");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }
 
     #[tokio::test]
