@@ -266,7 +266,7 @@ impl Mesh {
 
         // Products open concurrently: each may wait on a remote store or
         // database (and on its retries when that is down).
-        let stores = Stores {
+        let storage = StorageAccess {
             state: &state,
             sources: &sources,
             broken: &broken_stores,
@@ -274,7 +274,7 @@ impl Mesh {
         let mut opening = Vec::new();
         for domain in &config.domains {
             for product in &domain.products {
-                opening.push(stores.open_product(domain, product));
+                opening.push(storage.open_product(domain, product));
             }
         }
         let opened: Vec<Result<(SchemaRef, ProductData), String>> = futures::stream::iter(opening)
@@ -385,7 +385,7 @@ impl Mesh {
                     let StorageConfig::ObjectStore { url, .. } = storage else {
                         return None;
                     };
-                    matches!(url.scheme(), "s3" | "gs" | "az").then(|| async move {
+                    is_cloud_store(url).then_some(async move {
                         let name = format!("{}.{name}", domain.config.name);
                         (name, self.probe_store(url).await)
                     })
@@ -603,16 +603,18 @@ fn unprotected_pii(
 /// How many products the mesh opens at once.
 const PRODUCTS_OPENED_AT_ONCE: usize = 8;
 
-/// What products are opened with while the mesh loads.
+/// What products reach their storage through while the mesh loads: the
+/// session over the runtime's object stores, the SQL and Flight SQL
+/// sources, and the object stores that could not be set up.
 #[derive(Clone, Copy)]
-struct Stores<'a> {
+struct StorageAccess<'a> {
     state: &'a SessionState,
     sources: &'a BTreeMap<(String, String), Result<Arc<Source>, String>>,
     /// Object stores that could not be set up, by domain and storage name.
     broken: &'a BTreeMap<(&'a str, &'a str), String>,
 }
 
-impl Stores<'_> {
+impl StorageAccess<'_> {
     /// Opens one product: its schema and data, or why it is not published.
     async fn open_product(
         self,
@@ -678,6 +680,12 @@ impl Stores<'_> {
     }
 }
 
+/// Whether `url` is in a cloud object store (S3, GCS, Azure), which has a
+/// bucket and can be down, rather than on local disk or in memory.
+fn is_cloud_store(url: &Url) -> bool {
+    matches!(url.scheme(), "s3" | "gs" | "az")
+}
+
 /// The scheme and bucket (or container) of a store URL: what the runtime
 /// finds its store by.
 fn store_root(url: &Url) -> String {
@@ -711,7 +719,7 @@ fn register_store(
             });
         Ok(Arc::new(build(builder)?))
     }
-    if url.host_str().is_none_or(str::is_empty) && matches!(url.scheme(), "s3" | "gs" | "az") {
+    if url.host_str().is_none_or(str::is_empty) && is_cloud_store(url) {
         return Err(format!("`{url}` names no bucket"));
     }
     let at = url.as_str();
