@@ -18,6 +18,17 @@
 //! condition is false for it, and a condition is never evaluated on a row
 //! DataFusion would not evaluate it on (rows an earlier condition made
 //! false are left out exactly when DataFusion leaves them out, or sooner).
+//!
+//! The conditions run cheapest first: those that compare a fixed-width
+//! column (a number, a date, a timestamp) with a constant, then those that
+//! compare two such columns or look one up in a list of constants, then the
+//! rest, each group in the order written. TPC-H q12's
+//! `l_shipmode = 'MAIL' OR l_shipmode = 'SHIP'`, written first, then
+//! compares the strings of the rows its date range leaves (one in seven)
+//! rather than of all. A condition moved ahead cannot fail (it is made of
+//! columns and constants only, of one type), so evaluating it on more rows
+//! turns no answer into an error, and those behind it are evaluated on
+//! fewer rows than before; `AND` answers alike in any order.
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -33,7 +44,9 @@ use datafusion::common::internal_err;
 use datafusion::error::Result;
 use datafusion::logical_expr::{ColumnarValue, Operator};
 use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_expr::expressions::BinaryExpr;
+use datafusion::physical_expr::expressions::{
+    BinaryExpr, Column, InListExpr, IsNotNullExpr, IsNullExpr, Literal, NotExpr,
+};
 use datafusion::physical_expr::utils::{conjunction, split_conjunction};
 
 /// The share of a batch's rows below which the undecided rows are copied
@@ -42,26 +55,104 @@ use datafusion::physical_expr::utils::{conjunction, split_conjunction};
 const SELECT_BELOW: f64 = 0.2;
 
 /// `expr`'s conditions as a [`Conjunction`], if it is an `AND` of at least
-/// two conditions.
-pub(super) fn conjunction_of(expr: &Arc<dyn PhysicalExpr>) -> Option<Conjunction> {
+/// two conditions over rows of `schema`.
+pub(super) fn conjunction_of(expr: &Arc<dyn PhysicalExpr>, schema: &Schema) -> Option<Conjunction> {
     let binary = expr.downcast_ref::<BinaryExpr>()?;
     if *binary.op() != Operator::And {
         return None;
     }
     let conditions: Vec<_> = split_conjunction(expr).into_iter().cloned().collect();
-    (conditions.len() > 1).then_some(Conjunction { conditions })
+    if conditions.len() < 2 {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..conditions.len()).collect();
+    // A stable sort: each cost's conditions stay in the order written.
+    order.sort_by_key(|&i| cost(&conditions[i], schema));
+    Some(Conjunction { conditions, order })
 }
 
-/// An `AND` of conditions, evaluated in order on the rows still undecided.
-/// Displays as the `AND` it replaces.
+/// What a condition costs a row, cheapest first (see the module's
+/// documentation). Only conditions that cannot fail cost less than
+/// [`Cost::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Cost {
+    /// A fixed-width column compared with a constant of its type, or
+    /// tested for null.
+    WithConstant,
+    /// Two fixed-width columns of one type compared, or a fixed-width
+    /// column looked up in a list of constants of its type.
+    OfColumns,
+    /// Anything else: strings, functions, arithmetic, casts.
+    Other,
+}
+
+fn cost(condition: &Arc<dyn PhysicalExpr>, schema: &Schema) -> Cost {
+    // A fixed-width column's type, or a constant's.
+    let column = |expr: &Arc<dyn PhysicalExpr>| {
+        expr.downcast_ref::<Column>()
+            .and_then(|column| schema.fields().get(column.index()))
+            .map(|field| field.data_type().clone())
+            .filter(|t| t.is_primitive() || *t == DataType::Boolean)
+    };
+    let constant = |expr: &Arc<dyn PhysicalExpr>| {
+        expr.downcast_ref::<Literal>()
+            .map(|literal| literal.value().data_type())
+    };
+    if let Some(binary) = condition.downcast_ref::<BinaryExpr>() {
+        let (left, right) = (binary.left(), binary.right());
+        return match binary.op() {
+            Operator::And | Operator::Or => cost(left, schema).max(cost(right, schema)),
+            Operator::Eq
+            | Operator::NotEq
+            | Operator::Lt
+            | Operator::LtEq
+            | Operator::Gt
+            | Operator::GtEq
+            | Operator::IsDistinctFrom
+            | Operator::IsNotDistinctFrom => match (column(left), column(right)) {
+                (Some(a), Some(b)) if a == b => Cost::OfColumns,
+                (Some(a), None) if constant(right).as_ref() == Some(&a) => Cost::WithConstant,
+                (None, Some(b)) if constant(left).as_ref() == Some(&b) => Cost::WithConstant,
+                _ => Cost::Other,
+            },
+            _ => Cost::Other,
+        };
+    }
+    if let Some(not) = condition.downcast_ref::<NotExpr>() {
+        return cost(not.arg(), schema);
+    }
+    if let Some(test) = condition.downcast_ref::<IsNullExpr>() {
+        return column(test.arg()).map_or(Cost::Other, |_| Cost::WithConstant);
+    }
+    if let Some(test) = condition.downcast_ref::<IsNotNullExpr>() {
+        return column(test.arg()).map_or(Cost::Other, |_| Cost::WithConstant);
+    }
+    if let Some(list) = condition.downcast_ref::<InListExpr>()
+        && let Some(t) = column(list.expr())
+        && list
+            .list()
+            .iter()
+            .all(|item| constant(item).as_ref() == Some(&t))
+    {
+        return Cost::OfColumns;
+    }
+    Cost::Other
+}
+
+/// An `AND` of conditions, evaluated on the rows still undecided in the
+/// order of `order`. Displays as the `AND` it replaces.
 #[derive(Debug, Clone)]
 pub(crate) struct Conjunction {
+    /// The conditions as written.
     conditions: Vec<Arc<dyn PhysicalExpr>>,
+    /// The positions in `conditions` of the conditions in the order they
+    /// are evaluated in.
+    order: Vec<usize>,
 }
 
 impl PartialEq for Conjunction {
     fn eq(&self, other: &Self) -> bool {
-        self.conditions == other.conditions
+        self.conditions == other.conditions && self.order == other.order
     }
 }
 
@@ -70,6 +161,7 @@ impl Eq for Conjunction {}
 impl Hash for Conjunction {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.conditions.hash(state);
+        self.order.hash(state);
     }
 }
 
@@ -95,15 +187,16 @@ impl PhysicalExpr for Conjunction {
 
     fn evaluate(&self, batch: &RecordBatch) -> Result<ColumnarValue> {
         let rows = batch.num_rows();
-        let Some((first, rest)) = self.conditions.split_first() else {
+        let Some((&first, rest)) = self.order.split_first() else {
             return internal_err!("a conjunction without conditions");
         };
-        let mut answers = boolean(first.evaluate(batch)?, rows)?;
+        let mut answers = boolean(self.conditions[first].evaluate(batch)?, rows)?;
         // The rows still undecided (true or null so far), and their
         // positions in `batch` once they are not all of its rows.
         let mut undecided = batch.clone();
         let mut positions: Option<Vec<u32>> = None;
-        for condition in rest {
+        for &condition in rest {
+            let condition = &self.conditions[condition];
             let open = answers.len() - false_count(&answers);
             if open == 0 {
                 break;
@@ -142,6 +235,7 @@ impl PhysicalExpr for Conjunction {
         }
         Ok(Arc::new(Conjunction {
             conditions: children,
+            order: self.order.clone(),
         }))
     }
 
@@ -251,7 +345,7 @@ mod tests {
                 conditions.push(Arc::new(Literal::new(ScalarValue::Boolean(Some(true)))));
             }
             let plain = conjunction(conditions.iter().cloned());
-            let fast = conjunction_of(&plain).expect("an AND");
+            let fast = conjunction_of(&plain, batch.schema_ref()).expect("an AND");
             assert_eq!(fast.conditions.len(), conditions.len());
             assert_eq!(fast.to_string(), plain.to_string());
             let want = plain
@@ -289,7 +383,7 @@ mod tests {
         let large: Arc<dyn PhysicalExpr> =
             Arc::new(BinaryExpr::new(quotient, Operator::Gt, literal(20)));
         let plain = conjunction([nonzero, large]);
-        let fast = conjunction_of(&plain).expect("an AND");
+        let fast = conjunction_of(&plain, batch.schema_ref()).expect("an AND");
         let want = plain
             .evaluate(&batch)
             .and_then(|v| v.into_array(1000))
@@ -299,6 +393,172 @@ mod tests {
             .and_then(|v| v.into_array(1000))
             .expect("fast");
         assert_eq!(&want, &got);
+        let expected = (0..1000)
+            .filter(|i| i % 50 == 0 && 100 / (i % 7 + 1) > 20)
+            .count();
+        assert!(expected > 0);
+        assert_eq!(got.as_boolean().true_count(), expected);
+    }
+
+    fn compare(
+        left: &Arc<dyn PhysicalExpr>,
+        op: Operator,
+        right: &Arc<dyn PhysicalExpr>,
+    ) -> Arc<dyn PhysicalExpr> {
+        Arc::new(BinaryExpr::new(Arc::clone(left), op, Arc::clone(right)))
+    }
+
+    /// Comparisons of fixed-width columns with constants run first, then
+    /// those of two columns and lookups in lists, then the rest, each group
+    /// as written; the conjunction still displays as written.
+    #[test]
+    fn cheap_conditions_run_first() {
+        let schema = Schema::new(vec![
+            Field::new("mode", DataType::Utf8View, true),
+            Field::new("shipped", DataType::Date32, true),
+            Field::new("received", DataType::Date32, true),
+            Field::new("amount", DataType::Decimal128(15, 2), true),
+        ]);
+        let column = |name: &str| -> Arc<dyn PhysicalExpr> {
+            Arc::new(Column::new_with_schema(name, &schema).expect("column"))
+        };
+        let constant =
+            |value: ScalarValue| -> Arc<dyn PhysicalExpr> { Arc::new(Literal::new(value)) };
+        let mail = constant(ScalarValue::Utf8View(Some("MAIL".into())));
+        let day = constant(ScalarValue::Date32(Some(8766)));
+        let conditions = vec![
+            // 0: a string comparison.
+            compare(&column("mode"), Operator::Eq, &mail),
+            // 1: two date columns.
+            compare(&column("shipped"), Operator::Lt, &column("received")),
+            // 2: a date column and a constant, written on either side.
+            compare(&day, Operator::LtEq, &column("received")),
+            // 3: a lookup in a list of constants.
+            Arc::new(
+                InListExpr::try_new(
+                    column("amount"),
+                    vec![constant(ScalarValue::Decimal128(Some(100), 15, 2))],
+                    false,
+                    &schema,
+                )
+                .expect("a list"),
+            ),
+            // 4: a constant of another type than its column: not moved.
+            compare(
+                &column("amount"),
+                Operator::Gt,
+                &constant(ScalarValue::Int64(Some(1))),
+            ),
+            // 5: a null test and a constant comparison, or-ed.
+            compare(
+                &(Arc::new(IsNullExpr::new(column("shipped"))) as Arc<dyn PhysicalExpr>),
+                Operator::Or,
+                &compare(&column("shipped"), Operator::Gt, &day),
+            ),
+        ];
+        let plain = conjunction(conditions.iter().cloned());
+        let fast = conjunction_of(&plain, &schema).expect("an AND");
+        assert_eq!(fast.order, vec![2, 5, 1, 3, 0, 4]);
+        assert_eq!(fast.to_string(), plain.to_string());
+        assert_eq!(
+            fast.children().into_iter().cloned().collect::<Vec<_>>(),
+            conditions
+        );
+    }
+
+    /// Reordered, the conditions answer as DataFusion's `AND`s, nulls
+    /// included: integer ranges, comparisons of two columns and string
+    /// comparisons over random rows.
+    #[test]
+    fn reordered_conditions_answer_as_datafusion_ands() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Int64, true),
+            Field::new("b", DataType::Int64, true),
+            Field::new("s", DataType::Utf8View, true),
+        ]));
+        let a: Arc<dyn PhysicalExpr> = Arc::new(Column::new("a", 0));
+        let b: Arc<dyn PhysicalExpr> = Arc::new(Column::new("b", 1));
+        let s: Arc<dyn PhysicalExpr> = Arc::new(Column::new("s", 2));
+        for round in 0..200 {
+            let rows = rng.random_range(0..400);
+            let int = |rng: &mut StdRng| -> ArrayRef {
+                Arc::new(
+                    (0..rows)
+                        .map(|_| (!rng.random_bool(0.1)).then(|| rng.random_range(0..100)))
+                        .collect::<Int64Array>(),
+                )
+            };
+            let (first, second) = (int(&mut rng), int(&mut rng));
+            let strings: ArrayRef = Arc::new(
+                (0..rows)
+                    .map(|_| {
+                        (!rng.random_bool(0.1)).then(|| {
+                            ["MAIL", "SHIP", "a longer value here"][rng.random_range(0..3)]
+                        })
+                    })
+                    .collect::<arrow::array::StringViewArray>(),
+            );
+            let batch = RecordBatch::try_new(Arc::clone(&schema), vec![first, second, strings])
+                .expect("batch");
+            let number = |v: i64| -> Arc<dyn PhysicalExpr> {
+                Arc::new(Literal::new(ScalarValue::Int64(Some(v))))
+            };
+            let text: Arc<dyn PhysicalExpr> =
+                Arc::new(Literal::new(ScalarValue::Utf8View(Some("SHIP".into()))));
+            let mut conditions = [
+                compare(&s, Operator::Eq, &text),
+                compare(&a, Operator::Lt, &b),
+                compare(&a, Operator::GtEq, &number(rng.random_range(0..100))),
+                compare(&b, Operator::Lt, &number(rng.random_range(0..100))),
+            ];
+            if round % 2 == 0 {
+                conditions.reverse();
+            }
+            let plain = conjunction(conditions.iter().cloned());
+            let fast = conjunction_of(&plain, &schema).expect("an AND");
+            // The string comparison runs last, wherever it is written.
+            let text_at = if round % 2 == 0 { 3 } else { 0 };
+            assert_eq!(fast.order.last(), Some(&text_at));
+            let want = plain
+                .evaluate(&batch)
+                .and_then(|v| v.into_array(rows))
+                .expect("plain");
+            let got = fast
+                .evaluate(&batch)
+                .and_then(|v| v.into_array(rows))
+                .expect("fast");
+            assert_eq!(&want, &got, "round {round}: {plain}");
+        }
+    }
+
+    /// A cheap condition written after one that fails on some rows runs
+    /// first: `100 / x > 20 AND x <> 0` divides no row by zero once few
+    /// rows are left, where DataFusion's `AND` divides every row.
+    #[test]
+    fn a_failing_condition_runs_after_a_cheaper_one() {
+        let x: ArrayRef = Arc::new(Int64Array::from_iter_values(
+            (0..1000).map(|i| if i % 50 == 0 { i % 7 + 1 } else { 0 }),
+        ));
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(schema, vec![x]).expect("batch");
+        let column: Arc<dyn PhysicalExpr> = Arc::new(Column::new("x", 0));
+        let literal = |v: i64| -> Arc<dyn PhysicalExpr> {
+            Arc::new(Literal::new(ScalarValue::Int64(Some(v))))
+        };
+        let quotient = compare(&literal(100), Operator::Divide, &column);
+        let large = compare(&quotient, Operator::Gt, &literal(20));
+        let nonzero = compare(&column, Operator::NotEq, &literal(0));
+        let plain = conjunction([large, nonzero]);
+        assert!(
+            plain.evaluate(&batch).is_err(),
+            "DataFusion divides by zero"
+        );
+        let fast = conjunction_of(&plain, batch.schema_ref()).expect("an AND");
+        let got = fast
+            .evaluate(&batch)
+            .and_then(|v| v.into_array(1000))
+            .expect("no row divided by zero");
         let expected = (0..1000)
             .filter(|i| i % 50 == 0 && 100 / (i % 7 + 1) > 20)
             .count();

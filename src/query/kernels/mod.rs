@@ -347,7 +347,7 @@ fn rewrite_expr(
 /// `expr` as a conjunction, if it is an `AND` of conditions, or as a
 /// narrow decimal operation, if it is a decimal `+`, `-` or `*`.
 fn faster_kernel(expr: &Arc<dyn PhysicalExpr>, schema: &Schema) -> Option<Arc<dyn PhysicalExpr>> {
-    if let Some(conjunction) = conjunction_of(expr) {
+    if let Some(conjunction) = conjunction_of(expr, schema) {
         return Some(Arc::new(conjunction));
     }
     let binary = expr.downcast_ref::<BinaryExpr>()?;
