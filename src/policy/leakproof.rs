@@ -22,7 +22,7 @@ use datafusion::logical_expr::{Expr, Operator};
 
 /// Whether `op` compares its operands (`=`, `<>`, `<`, `<=`, `>`, `>=`,
 /// `IS [NOT] DISTINCT FROM`).
-pub(super) fn is_comparison(op: Operator) -> bool {
+pub(crate) fn is_comparison(op: Operator) -> bool {
     matches!(
         op,
         Operator::Eq

@@ -31,6 +31,7 @@ pub(crate) use compile::{
 };
 pub use exec::PolicyExec;
 pub use explain::render_plan;
+pub(crate) use leakproof::is_comparison;
 pub(crate) use table::dictionary_type;
 pub(crate) use table::unqualified;
 pub use table::{DictionaryScan, PolicyParts, PolicyTable, ScanRequest, WhereTrue};

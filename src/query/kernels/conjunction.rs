@@ -49,6 +49,8 @@ use datafusion::physical_expr::expressions::{
 };
 use datafusion::physical_expr::utils::{conjunction, split_conjunction};
 
+use crate::policy::is_comparison;
+
 /// The share of a batch's rows below which the undecided rows are copied
 /// out before the next condition: DataFusion's threshold for evaluating an
 /// `AND`'s right side on the rows its left side passes.
@@ -102,14 +104,7 @@ fn cost(condition: &Arc<dyn PhysicalExpr>, schema: &Schema) -> Cost {
         let (left, right) = (binary.left(), binary.right());
         return match binary.op() {
             Operator::And | Operator::Or => cost(left, schema).max(cost(right, schema)),
-            Operator::Eq
-            | Operator::NotEq
-            | Operator::Lt
-            | Operator::LtEq
-            | Operator::Gt
-            | Operator::GtEq
-            | Operator::IsDistinctFrom
-            | Operator::IsNotDistinctFrom => match (column(left), column(right)) {
+            &op if is_comparison(op) => match (column(left), column(right)) {
                 (Some(a), Some(b)) if a == b => Cost::OfColumns,
                 (Some(a), None) if constant(right).as_ref() == Some(&a) => Cost::WithConstant,
                 (None, Some(b)) if constant(left).as_ref() == Some(&b) => Cost::WithConstant,
@@ -317,6 +312,12 @@ mod tests {
 
     use super::*;
 
+    /// What `expr` answers for each row of `batch`.
+    fn answers(expr: &dyn PhysicalExpr, batch: &RecordBatch) -> Result<ArrayRef> {
+        expr.evaluate(batch)
+            .and_then(|value| value.into_array(batch.num_rows()))
+    }
+
     /// The same answers as DataFusion's `AND`s, nulls included, whether the
     /// conditions pass most rows, few or none, in any order.
     #[test]
@@ -348,14 +349,8 @@ mod tests {
             let fast = conjunction_of(&plain, batch.schema_ref()).expect("an AND");
             assert_eq!(fast.conditions.len(), conditions.len());
             assert_eq!(fast.to_string(), plain.to_string());
-            let want = plain
-                .evaluate(&batch)
-                .and_then(|v| v.into_array(rows))
-                .expect("plain");
-            let got = fast
-                .evaluate(&batch)
-                .and_then(|v| v.into_array(rows))
-                .expect("fast");
+            let want = answers(plain.as_ref(), &batch).expect("plain");
+            let got = answers(&fast, &batch).expect("fast");
             assert_eq!(&want, &got, "round {round}: {plain}");
         }
     }
@@ -395,14 +390,8 @@ mod tests {
         let (batch, nonzero, large, kept) = divisions();
         let plain = conjunction([nonzero, large]);
         let fast = conjunction_of(&plain, batch.schema_ref()).expect("an AND");
-        let want = plain
-            .evaluate(&batch)
-            .and_then(|v| v.into_array(1000))
-            .expect("plain");
-        let got = fast
-            .evaluate(&batch)
-            .and_then(|v| v.into_array(1000))
-            .expect("fast");
+        let want = answers(plain.as_ref(), &batch).expect("plain");
+        let got = answers(&fast, &batch).expect("fast");
         assert_eq!(&want, &got);
         assert_eq!(got.as_boolean().true_count(), kept);
     }
@@ -527,14 +516,8 @@ mod tests {
             // The string comparison runs last, wherever it is written.
             let text_at = if round % 2 == 0 { 3 } else { 0 };
             assert_eq!(fast.order.last(), Some(&text_at));
-            let want = plain
-                .evaluate(&batch)
-                .and_then(|v| v.into_array(rows))
-                .expect("plain");
-            let got = fast
-                .evaluate(&batch)
-                .and_then(|v| v.into_array(rows))
-                .expect("fast");
+            let want = answers(plain.as_ref(), &batch).expect("plain");
+            let got = answers(&fast, &batch).expect("fast");
             assert_eq!(&want, &got, "round {round}: {plain}");
         }
     }
@@ -551,10 +534,7 @@ mod tests {
             "DataFusion divides by zero"
         );
         let fast = conjunction_of(&plain, batch.schema_ref()).expect("an AND");
-        let got = fast
-            .evaluate(&batch)
-            .and_then(|v| v.into_array(1000))
-            .expect("no row divided by zero");
+        let got = answers(&fast, &batch).expect("no row divided by zero");
         assert_eq!(got.as_boolean().true_count(), kept);
     }
 }
