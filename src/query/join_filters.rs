@@ -54,6 +54,7 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, Pla
 use futures::{FutureExt, TryStreamExt};
 
 use super::join_sides::estimated_rows;
+use super::key_bitmap::key_bitmap;
 
 /// A key list is evaluated row by row when its distinct keys are at most
 /// this share of the integers in the probe column's range: a probe row then
@@ -500,7 +501,7 @@ fn sparse_keys(
         if let Some((min, max)) = domain(column) {
             keys.widen(min, max);
         }
-        lists.push(Arc::clone(branch));
+        lists.push(with_key_bitmap(branch));
     }
     if !keys.sparse(bound) {
         return None;
@@ -508,6 +509,16 @@ fn sparse_keys(
     lists
         .into_iter()
         .reduce(|left, right| Arc::new(BinaryExpr::new(left, Operator::Or, right)))
+}
+
+/// `branch` with its key list answered from a bitmap where one can be (see
+/// [`key_bitmap`]).
+fn with_key_bitmap(branch: &Arc<dyn PhysicalExpr>) -> Arc<dyn PhysicalExpr> {
+    conjunction(
+        split_conjunction(branch)
+            .into_iter()
+            .map(|conjunct| key_bitmap(conjunct).unwrap_or_else(|| Arc::clone(conjunct))),
+    )
 }
 
 /// The column whose values a key list looks up: the list's own, or for a

@@ -9,6 +9,7 @@ mod guard;
 mod join_filters;
 mod join_sides;
 mod kernels;
+mod key_bitmap;
 mod pass_through;
 mod recursion;
 mod selectivity;
