@@ -30,23 +30,24 @@ const MAX_RANGE: u64 = 1 << 26;
 /// integers.
 pub(super) fn key_bitmap(list: &Arc<dyn PhysicalExpr>) -> Option<Arc<dyn PhysicalExpr>> {
     let in_list = list.downcast_ref::<InListExpr>()?;
-    if in_list.negated() || in_list.list().is_empty() {
+    let looks_up_a_column = in_list.expr().downcast_ref::<Column>().is_some();
+    if in_list.negated() || !looks_up_a_column {
         return None;
     }
-    in_list.expr().downcast_ref::<Column>()?;
-    let mut keys = Vec::with_capacity(in_list.list().len());
-    let mut key_type = None;
-    for item in in_list.list() {
-        let (key, data_type) = match item.downcast_ref::<Literal>()?.value() {
-            ScalarValue::Int64(Some(key)) => (*key, DataType::Int64),
-            ScalarValue::Int32(Some(key)) => (i64::from(*key), DataType::Int32),
-            _ => return None,
-        };
-        if *key_type.get_or_insert_with(|| data_type.clone()) != data_type {
-            return None;
-        }
-        keys.push(key);
-    }
+    // The keys' type is the first key's; every key must have it.
+    let first = in_list.list().first()?.downcast_ref::<Literal>()?;
+    let key_type = first.value().data_type();
+    let keys = in_list
+        .list()
+        .iter()
+        .map(
+            |item| match (item.downcast_ref::<Literal>()?.value(), &key_type) {
+                (ScalarValue::Int64(Some(key)), DataType::Int64) => Some(*key),
+                (ScalarValue::Int32(Some(key)), DataType::Int32) => Some(i64::from(*key)),
+                _ => None,
+            },
+        )
+        .collect::<Option<Vec<i64>>>()?;
     let min = *keys.iter().min()?;
     let max = *keys.iter().max()?;
     let range = u64::try_from(i128::from(max) - i128::from(min) + 1).ok()?;
@@ -62,7 +63,7 @@ pub(super) fn key_bitmap(list: &Arc<dyn PhysicalExpr>) -> Option<Arc<dyn Physica
     }
     Some(Arc::new(KeyBitmap {
         value: Arc::clone(in_list.expr()),
-        value_type: key_type?,
+        value_type: key_type,
         min,
         bits: bits.finish(),
         list: Arc::clone(list),
@@ -159,12 +160,9 @@ impl PhysicalExpr for KeyBitmap {
         self: Arc<Self>,
         children: Vec<Arc<dyn PhysicalExpr>>,
     ) -> Result<Arc<dyn PhysicalExpr>> {
-        let [value] = <[_; 1]>::try_from(children).map_err(|children| {
-            datafusion::error::DataFusionError::Internal(format!(
-                "a key bitmap was given {} children",
-                children.len()
-            ))
-        })?;
+        let Ok([value]) = <[_; 1]>::try_from(children) else {
+            return internal_err!("a key bitmap takes one child, its value");
+        };
         Ok(Arc::new(KeyBitmap {
             value,
             ..(*self).clone()
