@@ -377,7 +377,7 @@ fn distinct_count(expr: &Arc<dyn PhysicalExpr>, input: &Statistics) -> Precision
 /// a join. Rounding always up would make every product behind a barrier look
 /// up to twice its size, and a build side that fits under the single-partition
 /// threshold without policies would no longer fit with them.
-fn coarse(value: usize) -> usize {
+pub(crate) fn coarse(value: usize) -> usize {
     let value = value.max(1);
     let Some(above) = value.checked_next_power_of_two() else {
         return 1 << (usize::BITS - 1);

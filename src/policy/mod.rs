@@ -30,6 +30,7 @@ pub(crate) use compile::{
     without_current_user_parentheses,
 };
 pub use exec::PolicyExec;
+pub(crate) use exec::coarse;
 pub use explain::render_plan;
 pub(crate) use leakproof::is_comparison;
 pub(crate) use table::dictionary_type;

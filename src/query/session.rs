@@ -130,6 +130,7 @@ pub(super) fn physical_optimizer_rules() -> Vec<Arc<dyn PhysicalOptimizerRule + 
         .unwrap_or(rules.len());
     rules.insert(dynamic_filters, Arc::new(SharedSubplans));
     rules.push(Arc::new(SelectiveJoinFilters));
+    rules.push(Arc::new(crate::sources::RemoteJoinKeys));
     rules.push(Arc::new(ExpressionKernels::FASTER));
     rules.push(Arc::new(SerialHotScans));
     rules.push(Arc::new(BoundedRecursion));

@@ -11,6 +11,7 @@ mod alike;
 mod collation;
 mod convert;
 mod flight;
+mod join_keys;
 mod postgres;
 pub(crate) mod pushdown;
 mod scopes;
@@ -26,6 +27,7 @@ use arrow::datatypes::SchemaRef;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 
+pub(crate) use pushdown::RemoteJoinKeys;
 pub use pushdown::{RemoteExec, SourcePlanner, SourcePushdown};
 pub use table::RemoteTable;
 
@@ -239,6 +241,23 @@ impl Source {
                     .to_string(),
             )),
         }
+    }
+
+    /// About how many rows `table` holds, where the source keeps a count or
+    /// an estimate it answers at once: for choosing the side of a join to
+    /// build on. `None` when it does not, or does not answer in time.
+    pub async fn table_rows(&self, table: &[String]) -> Option<u64> {
+        let estimated = async {
+            match &self.driver {
+                Driver::Postgres(pg) => pg.table_rows(table).await,
+                Driver::Sqlite(sqlite) => sqlite.table_rows(table).await,
+                Driver::Flight(_) => None,
+            }
+        };
+        tokio::time::timeout(self.options.connect_timeout, estimated)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Runs `sql` in the source, yielding batches of `schema` (the source's

@@ -86,6 +86,25 @@ impl PostgresSource {
         }
     }
 
+    /// The planner's estimate of the rows of `table` (`pg_class.reltuples`,
+    /// kept by `ANALYZE` and autovacuum); `None` for a table never analyzed
+    /// or a view.
+    pub(super) async fn table_rows(&self, table: &[String]) -> Option<u64> {
+        let _slot = self.slots.acquire().await.ok()?;
+        let (client, _) = self.client().await.ok()?;
+        let row = client
+            .query_opt(
+                "SELECT c.reltuples::float8 FROM pg_catalog.pg_class c \
+                 WHERE c.oid = to_regclass($1::text) AND c.relkind IN ('r', 'p', 'm')",
+                &[&super::quoted_name(table)],
+            )
+            .await
+            .ok();
+        self.give_back(client);
+        let rows: f64 = row??.get(0);
+        (rows >= 0.0).then_some(rows as u64)
+    }
+
     pub(super) async fn table_schema(&self, table: &[String]) -> Result<SchemaRef, Discovery> {
         let _slot = self
             .slots

@@ -26,13 +26,16 @@ use std::collections::HashSet;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::ops::ControlFlow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::Session;
+use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{DFSchema, DFSchemaRef, TableReference};
+use datafusion::common::{DFSchema, DFSchemaRef, Statistics, TableReference};
+use datafusion::config::ConfigOptions;
 use datafusion::datasource::source_as_provider;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::context::QueryPlanner;
@@ -43,22 +46,31 @@ use datafusion::logical_expr::{
     UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
 };
 use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
-use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_expr::expressions::DynamicFilterPhysicalExpr;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::filter_pushdown::{
+    ChildPushdownResult, FilterPushdownPhase, FilterPushdownPropagation,
+};
+use datafusion::physical_plan::joins::HashJoinExec;
 use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
+use datafusion::physical_plan::replace_children_if_necessary;
+use datafusion::physical_plan::statistics::StatisticsArgs;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
 use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
 use datafusion::sql::unparser::Unparser;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use sqlparser::ast::{
     GroupByExpr, LimitClause, ObjectName, OrderByKind, Query, Select, SelectItem, SetExpr,
     Statement, TableFactor, VisitMut, VisitorMut,
 };
 
 use super::alike::expr_pushable;
+use super::join_keys::KeyCondition;
 use super::{Dialect, ForwardedToken, RemoteTable, Source};
 use crate::policy::{ColumnView, PolicyTable};
 
@@ -121,6 +133,8 @@ struct Leaf {
     /// fence: nothing above it may be sent.
     unfenced: bool,
     product: String,
+    /// About how many rows the table holds.
+    rows: Option<u64>,
 }
 
 /// Nodes whose whole subtree can be sent to one source.
@@ -243,6 +257,7 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
                 sent,
                 unfenced: false,
                 product: table.product.clone(),
+                rows: table.rows,
             }],
         });
     }
@@ -308,6 +323,13 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
             shown,
             unfenced: row_filter.is_some() && !dialect.fences_subqueries(),
             product: table.product.clone(),
+            rows: table.rows.map(|rows| {
+                if row_filter.is_some() {
+                    filtered(rows)
+                } else {
+                    rows
+                }
+            }),
         }],
     })
 }
@@ -384,6 +406,8 @@ pub(crate) struct RemoteQuery {
     shown: String,
     products: String,
     schema: DFSchemaRef,
+    /// About how many rows the statement answers.
+    rows: Option<u64>,
 }
 
 impl PartialEq for RemoteQuery {
@@ -434,8 +458,59 @@ impl RemoteQuery {
             shown: shown.to_string(),
             products: products.join(", "),
             schema: Arc::clone(plan.schema()),
+            rows: estimated_rows(plan, &group.leaves),
         })
     }
+}
+
+/// The share of a table's rows a filter is taken to keep, where nothing
+/// better is known.
+const FILTER_KEEPS: f64 = 0.1;
+
+/// About how many of `rows` a filter keeps.
+pub(crate) fn filtered(rows: u64) -> u64 {
+    ((rows as f64 * FILTER_KEEPS).ceil() as u64).max(1)
+}
+
+/// About how many rows `plan` answers, from the rows of its tables
+/// (`leaves`): enough to tell a dimension table's few rows, or a
+/// selective filter's, from a fact table's many when a join chooses the
+/// side to build on. A filter keeps a tenth; a join of keys yields the
+/// rows of its larger side; an aggregate, a tenth of its input (one row
+/// without groups); a limit, at most its count. `None` when a table's
+/// rows are unknown.
+fn estimated_rows(plan: &LogicalPlan, leaves: &[Leaf]) -> Option<u64> {
+    let input = |plan: &LogicalPlan| -> Option<u64> {
+        plan.inputs()
+            .into_iter()
+            .map(|input| estimated_rows(input, leaves))
+            .try_fold(0_u64, |most, rows| Some(most.max(rows?)))
+    };
+    Some(match plan {
+        LogicalPlan::TableScan(scan) => {
+            let leaf = leaves.iter().find(|leaf| leaf.table == scan.table_name)?;
+            let rows = leaf.rows?;
+            let rows = if scan.filters.is_empty() {
+                rows
+            } else {
+                filtered(rows)
+            };
+            scan.fetch.map_or(rows, |fetch| rows.min(fetch as u64))
+        }
+        LogicalPlan::Filter(_) => filtered(input(plan)?),
+        LogicalPlan::Aggregate(aggregate) if aggregate.group_expr.is_empty() => 1,
+        LogicalPlan::Aggregate(_) => filtered(input(plan)?),
+        LogicalPlan::Limit(limit) => match limit.get_fetch_type().ok()? {
+            FetchType::Literal(Some(fetch)) => input(plan)?.min(fetch as u64),
+            _ => input(plan)?,
+        },
+        LogicalPlan::Union(_) => plan
+            .inputs()
+            .into_iter()
+            .map(|input| estimated_rows(input, leaves))
+            .try_fold(0_u64, |sum, rows| Some(sum.saturating_add(rows?)))?,
+        _ => input(plan)?,
+    })
 }
 
 /// `plan` with no row limit on a sort right under a limit. DataFusion gives
@@ -837,13 +912,16 @@ impl ExtensionPlanner for SourcePlanner {
         let Some(query) = node.as_any().downcast_ref::<RemoteQuery>() else {
             return Ok(None);
         };
-        Ok(Some(Arc::new(RemoteExec::new(
-            Arc::clone(&query.source),
-            query.sql.clone(),
-            query.shown.clone(),
-            query.products.clone(),
-            Arc::new(query.schema.as_arrow().clone()),
-        ))))
+        Ok(Some(Arc::new(
+            RemoteExec::new(
+                Arc::clone(&query.source),
+                query.sql.clone(),
+                query.shown.clone(),
+                query.products.clone(),
+                Arc::new(query.schema.as_arrow().clone()),
+            )
+            .with_estimated_rows(query.rows),
+        )))
     }
 }
 
@@ -860,7 +938,8 @@ impl QueryPlanner for SourcePlanner {
     }
 }
 
-/// Runs one SQL statement in a source.
+/// Runs one SQL statement in a source, with the keys of the joins above it
+/// where they are final when it starts (see [`super::join_keys`]).
 #[derive(Debug)]
 pub struct RemoteExec {
     source: Arc<Source>,
@@ -870,7 +949,19 @@ pub struct RemoteExec {
     schema: SchemaRef,
     properties: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
+    /// The dynamic filters of the hash joins above whose probe side this is.
+    join_filters: Vec<Arc<dyn PhysicalExpr>>,
+    /// The keys the statement was sent with, once it was (for EXPLAIN
+    /// ANALYZE).
+    sent: Arc<OnceLock<Option<KeyCondition>>>,
+    /// About how many rows the statement answers.
+    rows: Option<u64>,
 }
+
+/// How long a statement waits for the joins above it to have their keys.
+/// A join reads its probe side only once it has them, so the wait is over
+/// by the time the rows are needed; the bound is a safeguard.
+const JOIN_KEYS_WAIT: Duration = Duration::from_secs(30);
 
 impl RemoteExec {
     pub(crate) fn new(
@@ -894,7 +985,72 @@ impl RemoteExec {
             schema,
             properties: Arc::new(properties),
             metrics: ExecutionPlanMetricsSet::new(),
+            join_filters: Vec::new(),
+            sent: Arc::default(),
+            rows: None,
         }
+    }
+
+    /// A copy that sends the keys of `join_filters`, not yet run.
+    fn with_join_filters(&self, join_filters: Vec<Arc<dyn PhysicalExpr>>) -> Self {
+        let mut node = RemoteExec::new(
+            Arc::clone(&self.source),
+            self.sql.clone(),
+            self.shown.clone(),
+            self.products.clone(),
+            Arc::clone(&self.schema),
+        );
+        node.join_filters = join_filters;
+        node.rows = self.rows;
+        node
+    }
+
+    /// With an estimate of the rows the statement answers, for the joins
+    /// above to choose the side they build on.
+    pub(crate) fn with_estimated_rows(mut self, rows: Option<u64>) -> Self {
+        self.rows = rows;
+        self
+    }
+
+    /// The statement to send: with the keys of the join filters, once they
+    /// are final, where they make a condition a source can be sent.
+    async fn statement(
+        sql: String,
+        schema: SchemaRef,
+        join_filters: Vec<Arc<dyn PhysicalExpr>>,
+        sent: Arc<OnceLock<Option<KeyCondition>>>,
+    ) -> String {
+        let filters: Vec<&DynamicFilterPhysicalExpr> = join_filters
+            .iter()
+            .filter_map(|filter| filter.downcast_ref::<DynamicFilterPhysicalExpr>())
+            .collect();
+        let waits = filters.iter().map(|filter| filter.wait_complete());
+        if tokio::time::timeout(JOIN_KEYS_WAIT, futures::future::join_all(waits))
+            .await
+            .is_err()
+        {
+            tracing::debug!("a join's keys were not final in time; the statement goes without");
+        }
+        let mut conditions = filters.iter().filter_map(|filter| {
+            // A filter not final is not sent.
+            filter.wait_complete().now_or_never()?;
+            KeyCondition::of(&filter.current().ok()?, &schema)
+        });
+        let condition = conditions.next().map(|first| {
+            conditions.fold(first, |all, next| match (all, next) {
+                (KeyCondition::Keys(mut a), KeyCondition::Keys(b)) => {
+                    a.extend(b);
+                    KeyCondition::Keys(a)
+                }
+                _ => KeyCondition::Nothing,
+            })
+        });
+        let statement = match &condition {
+            Some(condition) => condition.wrap(&sql, &schema),
+            None => sql,
+        };
+        let _ = sent.set(condition);
+        statement
     }
 
     /// The statement sent, policies included (for administrators' EXPLAIN).
@@ -909,7 +1065,11 @@ impl DisplayAs for RemoteExec {
             f,
             "RemoteExec: source={} sql={}",
             self.source.name, self.shown
-        )
+        )?;
+        if let Some(Some(condition)) = self.sent.get() {
+            write!(f, ", join keys sent=[{}]", condition.summary(&self.schema))?;
+        }
+        Ok(())
     }
 }
 
@@ -920,11 +1080,52 @@ impl ExecutionPlan for RemoteExec {
 
     fn apply_expressions(
         &self,
-        _f: &mut dyn FnMut(
-            &Arc<dyn datafusion::physical_expr::PhysicalExpr>,
-        ) -> Result<TreeNodeRecursion>,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
     ) -> Result<TreeNodeRecursion> {
+        for filter in &self.join_filters {
+            if f(filter)? == TreeNodeRecursion::Stop {
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
         Ok(TreeNodeRecursion::Continue)
+    }
+
+    /// A plan that is run again (a recursive query's step) is reset: its
+    /// joins make their filters afresh, and the statement goes without.
+    fn reset_state(self: Arc<Self>) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(self.with_join_filters(Vec::new())))
+    }
+
+    /// Takes the dynamic filters DataFusion hands down after planning (of
+    /// hash joins, sorts with a limit and aggregates): [`RemoteJoinKeys`]
+    /// keeps those of the hash joins this is the probe side of, which are
+    /// sent with the statement. The joins still apply them; a remote Flight
+    /// SQL server is sent none.
+    fn handle_child_pushdown_result(
+        &self,
+        phase: FilterPushdownPhase,
+        child_pushdown_result: ChildPushdownResult,
+        _config: &ConfigOptions,
+    ) -> Result<FilterPushdownPropagation<Arc<dyn ExecutionPlan>>> {
+        let taken: Vec<Arc<dyn PhysicalExpr>> = if phase == FilterPushdownPhase::Post
+            && matches!(self.source.dialect, Dialect::Postgres | Dialect::Sqlite)
+        {
+            child_pushdown_result
+                .parent_filters
+                .iter()
+                .map(|pushed| &pushed.filter)
+                .filter(|filter| filter.downcast_ref::<DynamicFilterPhysicalExpr>().is_some())
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let propagation = FilterPushdownPropagation::all_unsupported(child_pushdown_result);
+        if taken.is_empty() {
+            return Ok(propagation);
+        }
+        let filters = self.join_filters.iter().cloned().chain(taken).collect();
+        Ok(propagation.with_updated_node(Arc::new(self.with_join_filters(filters))))
     }
 
     fn properties(&self) -> &Arc<PlanProperties> {
@@ -956,12 +1157,35 @@ impl ExecutionPlan for RemoteExec {
             .session_config()
             .get_extension::<ForwardedToken>()
             .map(|t| t.as_ref().clone());
-        let stream = self.source.execute(
-            self.sql.clone(),
-            Arc::clone(&self.schema),
-            &self.products,
-            token,
-        );
+        let stream: SendableRecordBatchStream = if self.join_filters.is_empty() {
+            let _ = self.sent.set(None);
+            self.source.execute(
+                self.sql.clone(),
+                Arc::clone(&self.schema),
+                &self.products,
+                token,
+            )
+        } else {
+            let statement = Self::statement(
+                self.sql.clone(),
+                Arc::clone(&self.schema),
+                self.join_filters.clone(),
+                Arc::clone(&self.sent),
+            );
+            let (source, schema, products) = (
+                Arc::clone(&self.source),
+                Arc::clone(&self.schema),
+                self.products.clone(),
+            );
+            let started = futures::stream::once(async move {
+                let sql = statement.await;
+                Ok::<_, DataFusionError>(source.execute(sql, schema, &products, token))
+            });
+            Box::pin(RecordBatchStreamAdapter::new(
+                Arc::clone(&self.schema),
+                started.try_flatten(),
+            ))
+        };
         // `output_rows` counts the rows the source sent; the gateway's
         // metrics, how long the source took to answer.
         let baseline = BaselineMetrics::new(&self.metrics, partition);
@@ -993,4 +1217,98 @@ impl ExecutionPlan for RemoteExec {
     fn metrics(&self) -> Option<MetricsSet> {
         Some(self.metrics.clone_inner())
     }
+
+    fn statistics_from_inputs(
+        &self,
+        _input_stats: &[Arc<Statistics>],
+        _args: &StatisticsArgs,
+    ) -> Result<Arc<Statistics>> {
+        let mut statistics = Statistics::new_unknown(&self.schema);
+        // Rounded as a policy barrier rounds its estimate: the rows of a
+        // table read under a row filter are not the caller's to learn.
+        if let Some(rows) = self.rows.and_then(|rows| usize::try_from(rows).ok()) {
+            statistics.num_rows = Precision::Inexact(crate::policy::coarse(rows));
+        }
+        Ok(Arc::new(statistics))
+    }
+}
+
+/// Keeps, of the dynamic filters each [`RemoteExec`] was handed, those of
+/// the hash joins it is on the probe side of. Such a join reads its probe
+/// side only once its build side is in and its filter final, so waiting for
+/// the filter costs nothing. The other dynamic filters (a sort's with a
+/// limit, an aggregate's) become final only once the source's rows are
+/// read: they are dropped, and their operators go without.
+#[derive(Debug, Default)]
+pub(crate) struct RemoteJoinKeys;
+
+impl PhysicalOptimizerRule for RemoteJoinKeys {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        probed_join_keys(plan, &HashSet::new())
+    }
+
+    fn name(&self) -> &str {
+        "remote_join_keys"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
+/// `node` with each [`RemoteExec`] below it keeping the filters of the
+/// hash joins whose probe side it is on: those above `node` named in
+/// `probing`, and those of the joins below.
+fn probed_join_keys(
+    node: Arc<dyn ExecutionPlan>,
+    probing: &HashSet<u64>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    if let Some(remote) = node.downcast_ref::<RemoteExec>() {
+        let kept: Vec<Arc<dyn PhysicalExpr>> = remote
+            .join_filters
+            .iter()
+            .filter(|filter| {
+                filter
+                    .expression_id()
+                    .is_some_and(|id| probing.contains(&id))
+            })
+            .cloned()
+            .collect();
+        return Ok(if kept.len() == remote.join_filters.len() {
+            node
+        } else {
+            Arc::new(remote.with_join_filters(kept))
+        });
+    }
+    let children: Vec<Arc<dyn ExecutionPlan>> = node.children().into_iter().cloned().collect();
+    if children.is_empty() {
+        return Ok(node);
+    }
+    let join = node.downcast_ref::<HashJoinExec>().is_some();
+    let mut with_own = probing.clone();
+    if join {
+        with_own.extend(
+            node.dynamic_expressions_produced()
+                .iter()
+                .filter_map(|filter| filter.expression_id()),
+        );
+    }
+    let kept = children
+        .into_iter()
+        .enumerate()
+        .map(|(index, child)| {
+            // A hash join's probe side is its second input.
+            let ids = if join && index == 1 {
+                &with_own
+            } else {
+                probing
+            };
+            probed_join_keys(child, ids)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    replace_children_if_necessary(node, kept)
 }

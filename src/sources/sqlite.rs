@@ -43,6 +43,26 @@ impl SqliteSource {
         Ok(connection)
     }
 
+    /// About how many rows `table` holds: its largest rowid, which a table
+    /// that rows are only added to keeps equal to its count, read from the
+    /// end of its b-tree. `None` for a view or a table without rowids.
+    pub(super) async fn table_rows(&self, table: &[String]) -> Option<u64> {
+        let path = self.path.clone();
+        let name = super::quoted_name(table);
+        tokio::task::spawn_blocking(move || {
+            let connection = Self::open(&path).ok()?;
+            let rows: Option<i64> = connection
+                .query_row(&format!("SELECT max(rowid) FROM {name}"), [], |row| {
+                    row.get(0)
+                })
+                .ok()?;
+            Some(rows.unwrap_or(0).max(0) as u64)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     pub(super) async fn table_schema(&self, table: &[String]) -> Result<SchemaRef, Discovery> {
         let path = self.path.clone();
         let table = table.to_vec();

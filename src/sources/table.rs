@@ -34,6 +34,8 @@ pub struct RemoteTable {
     schema: SchemaRef,
     /// Columns the source reads as `text` (see [`RemoteTable::sent_from`]).
     read_as_text: HashSet<String>,
+    /// About how many rows the table held when it was opened.
+    pub(crate) rows: Option<u64>,
 }
 
 impl RemoteTable {
@@ -78,12 +80,14 @@ impl RemoteTable {
             Err(error) => return Err(error.to_string()),
         };
 
+        let rows = source.table_rows(&remote).await;
         Ok(Self {
             source,
             product,
             remote,
             schema,
             read_as_text,
+            rows,
         })
     }
 
@@ -283,13 +287,24 @@ impl TableProvider for RemoteTable {
         } else {
             Arc::clone(&read)
         };
-        let exec: Arc<dyn ExecutionPlan> = Arc::new(RemoteExec::new(
-            Arc::clone(&self.source),
-            sql.clone(),
-            sql,
-            self.product.clone(),
-            exec_schema,
-        ));
+        let rows = self.rows.map(|rows| {
+            let rows = if sent.is_empty() {
+                rows
+            } else {
+                super::pushdown::filtered(rows)
+            };
+            limit.map_or(rows, |limit| rows.min(limit as u64))
+        });
+        let exec: Arc<dyn ExecutionPlan> = Arc::new(
+            RemoteExec::new(
+                Arc::clone(&self.source),
+                sql.clone(),
+                sql,
+                self.product.clone(),
+                exec_schema,
+            )
+            .with_estimated_rows(rows),
+        );
         let exec: Arc<dyn ExecutionPlan> = match conjunction(kept) {
             Some(predicate) => {
                 let df_schema = DFSchema::try_from(read.as_ref().clone())?;

@@ -372,6 +372,122 @@ async fn postgres_receives_the_work_and_sends_only_result_rows() {
     server.stop().await;
 }
 
+/// A join between two sources sends the keys of its build side to the
+/// source on its probe side: PostgreSQL is asked for the customers of the
+/// one nation SQLite found, and sends only those; with a policy fenced in
+/// the statement, the answer is still the caller's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_sends_its_keys_to_the_source_it_probes() {
+    let pg = ledger_postgres().await;
+    // Its four rows known, `people` is the side a join with the 25 nations
+    // builds on.
+    pg.execute("ANALYZE tpch.people").await;
+    let server = federated_server(&pg).await;
+    let mut root = server.unrestricted().await;
+    let mut carol = server.login("carol").await;
+
+    let federated = "SELECT c.c_custkey, c.c_name FROM geo.nation n
+        JOIN ledger.customer c ON c.c_nationkey = n.n_nationkey
+        WHERE n.n_name = 'GERMANY' ORDER BY c.c_custkey";
+    let reference = "SELECT c.c_custkey, c.c_name FROM crm.nation n
+        JOIN crm.customer c ON c.c_nationkey = n.n_nationkey
+        WHERE n.n_name = 'GERMANY' ORDER BY c.c_custkey";
+    let got = rows(&mut carol, federated).await;
+    assert_eq!(got, rows(&mut root, reference).await);
+    let customers = got.lines().filter(|l| l.contains("Customer#")).count();
+    assert!(customers > 0, "{got}");
+    // GERMANY's key is 7.
+    let sent = received(&pg, "\"meshgate_keyed\"");
+    assert!(
+        sent.iter()
+            .any(|s| s.contains("customer") && s.contains("IN (7)")),
+        "{:#?}",
+        pg.statements()
+    );
+    let reads = remote_reads(&mut carol, federated).await;
+    let (line, read) = reads
+        .iter()
+        .find(|(line, _)| line.contains("ledger.pg"))
+        .unwrap_or_else(|| panic!("{reads:?}"));
+    assert_eq!(*read, customers, "only the nation's customers: {line}");
+    assert!(
+        line.contains("join keys sent=[c_nationkey: 1 keys]"),
+        "{line}"
+    );
+
+    // Orders under alice's row filter and mask, probed with the keys of
+    // the nation's customers: the keys apply to what leaves the fence that
+    // holds her policy.
+    let mut alice = server.login("alice").await;
+    let federated = "SELECT o.o_orderkey, o.o_orderstatus, o.o_clerk FROM geo.nation n
+        JOIN ledger.customer c ON c.c_nationkey = n.n_nationkey
+        JOIN ledger.orders o ON o.o_custkey = c.c_custkey
+        WHERE n.n_name = 'GERMANY' ORDER BY o.o_orderkey";
+    let reference = "SELECT o.o_orderkey, o.o_orderstatus, '***' AS o_clerk FROM crm.nation n
+        JOIN crm.customer c ON c.c_nationkey = n.n_nationkey
+        JOIN sales.orders o ON o.o_custkey = c.c_custkey
+        WHERE n.n_name = 'GERMANY' AND o.o_orderstatus = 'F' ORDER BY o.o_orderkey";
+    let got = rows(&mut alice, federated).await;
+    assert_eq!(got, rows(&mut root, reference).await);
+    assert!(
+        got.lines().filter(|l| l.contains("***")).count() > 1,
+        "{got}"
+    );
+    assert!(
+        received(&pg, "\"meshgate_keyed\"").iter().any(|s| {
+            let (keyed, keys) = s.split_once(" SELECT * FROM ").unwrap();
+            keyed.contains("\"orders\" WHERE (\"o_orderstatus\" = 'F') OFFSET 0")
+                && keys.contains(" IN (")
+        }),
+        "{:#?}",
+        pg.statements()
+    );
+
+    // A sort with a limit above the join hands the statement its own
+    // filter too, final only once every row is read: the statement goes
+    // without it rather than wait for it.
+    let federated = "SELECT c.c_custkey, c.c_acctbal FROM geo.nation n
+        JOIN ledger.customer c ON c.c_nationkey = n.n_nationkey
+        WHERE n.n_name = 'GERMANY' ORDER BY c.c_acctbal DESC, c.c_custkey LIMIT 3";
+    let reference = federated.replace("geo.", "crm.").replace("ledger.", "crm.");
+    let started = std::time::Instant::now();
+    let got = rows(&mut carol, federated).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(got, rows(&mut root, &reference).await);
+    assert_eq!(
+        got.lines().filter(|l| l.starts_with("| ")).count(),
+        4,
+        "{got}"
+    );
+
+    // The other way round: SQLite is sent the keys of the people erin may
+    // see (1 and 2), not those of the rows her row filter hides (3, 4).
+    let mut erin = server
+        .as_identity("erin", &["analyst"], &[("region", "EU")])
+        .await;
+    let federated = "SELECT p.id, n.n_name FROM ledger.people p
+        JOIN geo.nation n ON n.n_nationkey = p.id ORDER BY p.id";
+    let got = rows(&mut erin, federated).await;
+    let reference = "SELECT n_nationkey AS id, n_name FROM crm.nation
+        WHERE n_nationkey IN (1, 2) ORDER BY n_nationkey";
+    assert_eq!(got, rows(&mut root, reference).await);
+    let reads = remote_reads(&mut erin, federated).await;
+    let (line, read) = reads
+        .iter()
+        .find(|(line, _)| line.contains("geo.local"))
+        .unwrap_or_else(|| panic!("{reads:?}"));
+    assert_eq!(*read, 2, "{line}");
+    assert!(
+        line.contains("join keys sent=[n_nationkey: 2 keys]"),
+        "{line}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strings_sent_to_postgres_are_ordered_by_their_bytes_as_here() {
     let pg = ledger_postgres().await;
