@@ -22,7 +22,7 @@
 //!
 //! [`RemoteExec`]: super::RemoteExec
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -35,6 +35,30 @@ use datafusion::physical_expr::utils::split_conjunction;
 
 /// The most keys of one column sent in a list; past this, their range.
 const MAX_LISTED: usize = 4096;
+
+/// Which integer columns of a statement's output hold what the source
+/// stores, so that a key compares in the source as here.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum KeyColumns {
+    /// Every one (PostgreSQL: a product's integer column is an integer
+    /// column of the table).
+    #[default]
+    All,
+    /// Those named (SQLite: columns of `INTEGER` affinity, which store any
+    /// integer written to them as one). Any other may hold text that reads
+    /// here as an integer (`' 7'`, `'07'`), and is compared as
+    /// `CAST(column AS INTEGER)`, which reads such text alike.
+    Named(Arc<HashSet<String>>),
+}
+
+impl KeyColumns {
+    fn stored(&self, name: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Named(names) => names.contains(name),
+        }
+    }
+}
 
 /// What a join filter lets through, as a source can be told it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,7 +122,7 @@ impl KeyCondition {
 
     /// `sql` sent with this condition on its output, whose columns are
     /// those of `schema`.
-    pub(crate) fn wrap(&self, sql: &str, schema: &Schema) -> String {
+    pub(crate) fn wrap(&self, sql: &str, schema: &Schema, stored: &KeyColumns) -> String {
         let name = |index: usize| format!("\"meshgate_{index}\"");
         let mut text = String::from("WITH \"meshgate_keyed\"(");
         for index in 0..schema.fields().len() {
@@ -115,7 +139,10 @@ impl KeyCondition {
                     if position > 0 {
                         text.push_str(" AND ");
                     }
-                    let column = name(*index);
+                    let column = match schema.fields().get(*index) {
+                        Some(field) if stored.stored(field.name()) => name(*index),
+                        _ => format!("CAST({} AS INTEGER)", name(*index)),
+                    };
                     match keys {
                         Keys::List(list) => {
                             let _ = write!(text, "{column} IN (");
@@ -466,16 +493,58 @@ mod tests {
             (KeyCondition::Nothing, |_| false),
         ];
         for (condition, holds) in cases {
-            let sent = condition.wrap(statement, &schema);
+            let sent = condition.wrap(statement, &schema, &KeyColumns::All);
             let expected: Vec<_> = all.iter().filter(|r| holds(r)).cloned().collect();
             assert_eq!(rows(&sent), expected, "{sent}");
         }
         assert_eq!(
-            KeyCondition::Keys(vec![(0, listed(&[2, 9])), (2, Keys::Range(-1, 3))])
-                .wrap("SELECT 1", &schema),
+            KeyCondition::Keys(vec![(0, listed(&[2, 9])), (2, Keys::Range(-1, 3))]).wrap(
+                "SELECT 1",
+                &schema,
+                &KeyColumns::All
+            ),
             "WITH \"meshgate_keyed\"(\"meshgate_0\", \"meshgate_1\", \"meshgate_2\") AS (SELECT 1) \
              SELECT * FROM \"meshgate_keyed\" WHERE \"meshgate_0\" IN (2, 9) \
              AND \"meshgate_2\" BETWEEN -1 AND 3"
         );
+    }
+
+    /// Text an integer column of SQLite holds where it has no `INTEGER`
+    /// affinity reads here as the integer it spells: such a column is sent
+    /// its keys through a cast, which reads it alike.
+    #[test]
+    fn keys_of_a_column_without_integer_affinity_are_compared_as_read() {
+        let db = rusqlite::Connection::open_in_memory().unwrap();
+        db.execute_batch(
+            "CREATE TABLE t (id INTEGER, loose TEXT, n);
+             INSERT INTO t VALUES (1, ' 7', '07'), (2, '7', 7), (3, '+7 ', ' 8'), (4, '70', 'x');",
+        )
+        .unwrap();
+        let schema = Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("loose", DataType::Int64, true),
+            Field::new("n", DataType::Int64, true),
+        ]);
+        let ids = |sql: &str| -> Vec<i64> {
+            let mut statement = db.prepare(sql).unwrap();
+            statement
+                .query_map([], |row| row.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        let stored = KeyColumns::Named(Arc::new(HashSet::from(["id".to_string()])));
+        let statement = "SELECT id, loose, n FROM t ORDER BY id";
+        let loose = KeyCondition::Keys(vec![(1, listed(&[7]))]).wrap(statement, &schema, &stored);
+        assert!(
+            loose.contains("CAST(\"meshgate_1\" AS INTEGER) IN (7)"),
+            "{loose}"
+        );
+        assert_eq!(ids(&loose), vec![1, 2, 3]);
+        let n = KeyCondition::Keys(vec![(2, Keys::Range(7, 8))]).wrap(statement, &schema, &stored);
+        assert_eq!(ids(&n), vec![1, 2, 3]);
+        let id = KeyCondition::Keys(vec![(0, listed(&[2, 4]))]).wrap(statement, &schema, &stored);
+        assert!(id.contains("WHERE \"meshgate_0\" IN (2, 4)"), "{id}");
+        assert_eq!(ids(&id), vec![2, 4]);
     }
 }

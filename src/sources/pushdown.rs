@@ -70,7 +70,7 @@ use sqlparser::ast::{
 };
 
 use super::alike::expr_pushable;
-use super::join_keys::KeyCondition;
+use super::join_keys::{KeyColumns, KeyCondition};
 use super::{Dialect, ForwardedToken, RemoteTable, Source};
 use crate::policy::{ColumnView, PolicyTable};
 
@@ -956,6 +956,8 @@ pub struct RemoteExec {
     sent: Arc<OnceLock<Option<KeyCondition>>>,
     /// About how many rows the statement answers.
     rows: Option<u64>,
+    /// The output columns whose keys compare in the source as here.
+    key_columns: KeyColumns,
 }
 
 /// How long a statement waits for the joins above it to have their keys.
@@ -977,6 +979,12 @@ impl RemoteExec {
             EmissionType::Incremental,
             Boundedness::Bounded,
         );
+        // Without knowing which columns a statement's output holds as
+        // stored, SQLite compares every key column through a cast.
+        let key_columns = match source.dialect {
+            Dialect::Sqlite => KeyColumns::Named(Arc::default()),
+            Dialect::Postgres | Dialect::FlightSql => KeyColumns::All,
+        };
         Self {
             source,
             sql,
@@ -988,7 +996,15 @@ impl RemoteExec {
             join_filters: Vec::new(),
             sent: Arc::default(),
             rows: None,
+            key_columns,
         }
+    }
+
+    /// With the output columns of `INTEGER` affinity, where the source is
+    /// SQLite.
+    pub(crate) fn with_key_columns(mut self, key_columns: KeyColumns) -> Self {
+        self.key_columns = key_columns;
+        self
     }
 
     /// A copy that sends the keys of `join_filters`, not yet run.
@@ -1002,6 +1018,7 @@ impl RemoteExec {
         );
         node.join_filters = join_filters;
         node.rows = self.rows;
+        node.key_columns = self.key_columns.clone();
         node
     }
 
@@ -1018,6 +1035,7 @@ impl RemoteExec {
         sql: String,
         schema: SchemaRef,
         join_filters: Vec<Arc<dyn PhysicalExpr>>,
+        key_columns: KeyColumns,
         sent: Arc<OnceLock<Option<KeyCondition>>>,
     ) -> String {
         let filters: Vec<&DynamicFilterPhysicalExpr> = join_filters
@@ -1046,7 +1064,7 @@ impl RemoteExec {
             })
         });
         let statement = match &condition {
-            Some(condition) => condition.wrap(&sql, &schema),
+            Some(condition) => condition.wrap(&sql, &schema, &key_columns),
             None => sql,
         };
         let _ = sent.set(condition);
@@ -1170,6 +1188,7 @@ impl ExecutionPlan for RemoteExec {
                 self.sql.clone(),
                 Arc::clone(&self.schema),
                 self.join_filters.clone(),
+                self.key_columns.clone(),
                 Arc::clone(&self.sent),
             );
             let (source, schema, products) = (

@@ -15,6 +15,7 @@ use datafusion::physical_plan::filter::FilterExec;
 use datafusion::sql::unparser::Unparser;
 
 use super::alike::expr_pushable;
+use super::join_keys::KeyColumns;
 use super::pushdown::RemoteExec;
 use super::{Dialect, Discovery, Source, quoted_name, table_parts};
 use crate::catalog::{PolicyColumn, check_contract, with_policy_columns};
@@ -36,6 +37,8 @@ pub struct RemoteTable {
     read_as_text: HashSet<String>,
     /// About how many rows the table held when it was opened.
     pub(crate) rows: Option<u64>,
+    /// SQLite: the columns of `INTEGER` affinity.
+    integer_affinity: Arc<HashSet<String>>,
 }
 
 impl RemoteTable {
@@ -51,8 +54,15 @@ impl RemoteTable {
     ) -> Result<Self, String> {
         let remote = table_parts(table)?;
         let mut read_as_text = HashSet::new();
+        let mut integer_affinity = HashSet::new();
         let schema = match source.table_schema(&remote).await {
             Ok(found) => {
+                integer_affinity = found
+                    .fields()
+                    .iter()
+                    .filter(|field| *field.data_type() == DataType::Int64)
+                    .map(|field| field.name().clone())
+                    .collect();
                 let (found, as_text) = without_read_hints(&found);
                 read_as_text = as_text;
                 let published = contract_schema(&found, declared, source.dialect)?;
@@ -88,6 +98,7 @@ impl RemoteTable {
             schema,
             read_as_text,
             rows,
+            integer_affinity: Arc::new(integer_affinity),
         })
     }
 
@@ -303,7 +314,11 @@ impl TableProvider for RemoteTable {
                 self.product.clone(),
                 exec_schema,
             )
-            .with_estimated_rows(rows),
+            .with_estimated_rows(rows)
+            .with_key_columns(match self.source.dialect {
+                Dialect::Sqlite => KeyColumns::Named(Arc::clone(&self.integer_affinity)),
+                Dialect::Postgres | Dialect::FlightSql => KeyColumns::All,
+            }),
         );
         let exec: Arc<dyn ExecutionPlan> = match conjunction(kept) {
             Some(predicate) => {
