@@ -121,8 +121,16 @@ impl KeyCondition {
     }
 
     /// `sql` sent with this condition on its output, whose columns are
-    /// those of `schema`.
-    pub(crate) fn wrap(&self, sql: &str, schema: &Schema, stored: &KeyColumns) -> String {
+    /// those of `schema`. `fenced`, the source runs `sql` as written and
+    /// applies the condition to what it answers, rather than plan the two
+    /// as one.
+    pub(crate) fn wrap(
+        &self,
+        sql: &str,
+        schema: &Schema,
+        stored: &KeyColumns,
+        fenced: bool,
+    ) -> String {
         let name = |index: usize| format!("\"meshgate_{index}\"");
         let mut text = String::from("WITH \"meshgate_keyed\"(");
         for index in 0..schema.fields().len() {
@@ -131,7 +139,14 @@ impl KeyCondition {
             }
             text.push_str(&name(index));
         }
-        let _ = write!(text, ") AS ({sql}) SELECT * FROM \"meshgate_keyed\" WHERE ");
+        if fenced {
+            // SQLite neither merges a subquery with a limit into the query
+            // around it nor moves that query's conditions into it.
+            let _ = write!(text, ") AS (SELECT * FROM ({sql}) LIMIT -1 OFFSET 0)");
+        } else {
+            let _ = write!(text, ") AS ({sql})");
+        }
+        text.push_str(" SELECT * FROM \"meshgate_keyed\" WHERE ");
         match self {
             Self::Nothing => text.push_str("1 = 0"),
             Self::Keys(columns) => {
@@ -493,15 +508,18 @@ mod tests {
             (KeyCondition::Nothing, |_| false),
         ];
         for (condition, holds) in cases {
-            let sent = condition.wrap(statement, &schema, &KeyColumns::All);
             let expected: Vec<_> = all.iter().filter(|r| holds(r)).cloned().collect();
-            assert_eq!(rows(&sent), expected, "{sent}");
+            for fenced in [false, true] {
+                let sent = condition.wrap(statement, &schema, &KeyColumns::All, fenced);
+                assert_eq!(rows(&sent), expected, "{sent}");
+            }
         }
         assert_eq!(
             KeyCondition::Keys(vec![(0, listed(&[2, 9])), (2, Keys::Range(-1, 3))]).wrap(
                 "SELECT 1",
                 &schema,
-                &KeyColumns::All
+                &KeyColumns::All,
+                false
             ),
             "WITH \"meshgate_keyed\"(\"meshgate_0\", \"meshgate_1\", \"meshgate_2\") AS (SELECT 1) \
              SELECT * FROM \"meshgate_keyed\" WHERE \"meshgate_0\" IN (2, 9) \
@@ -535,15 +553,18 @@ mod tests {
         };
         let stored = KeyColumns::Named(Arc::new(HashSet::from(["id".to_string()])));
         let statement = "SELECT id, loose, n FROM t ORDER BY id";
-        let loose = KeyCondition::Keys(vec![(1, listed(&[7]))]).wrap(statement, &schema, &stored);
+        let loose =
+            KeyCondition::Keys(vec![(1, listed(&[7]))]).wrap(statement, &schema, &stored, false);
         assert!(
             loose.contains("CAST(\"meshgate_1\" AS INTEGER) IN (7)"),
             "{loose}"
         );
         assert_eq!(ids(&loose), vec![1, 2, 3]);
-        let n = KeyCondition::Keys(vec![(2, Keys::Range(7, 8))]).wrap(statement, &schema, &stored);
+        let n = KeyCondition::Keys(vec![(2, Keys::Range(7, 8))])
+            .wrap(statement, &schema, &stored, false);
         assert_eq!(ids(&n), vec![1, 2, 3]);
-        let id = KeyCondition::Keys(vec![(0, listed(&[2, 4]))]).wrap(statement, &schema, &stored);
+        let id =
+            KeyCondition::Keys(vec![(0, listed(&[2, 4]))]).wrap(statement, &schema, &stored, false);
         assert!(id.contains("WHERE \"meshgate_0\" IN (2, 4)"), "{id}");
         assert_eq!(ids(&id), vec![2, 4]);
     }
