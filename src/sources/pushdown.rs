@@ -1091,9 +1091,15 @@ impl RemoteExec {
         statement
     }
 
-    /// The statement sent, policies included (for administrators' EXPLAIN).
-    pub fn sql(&self) -> &str {
-        &self.sql
+    /// The statement sent, policies included, and once it was sent the
+    /// join keys it carried (for administrators' EXPLAIN).
+    pub fn sql(&self) -> String {
+        match self.sent.get() {
+            Some(Some(condition)) => {
+                condition.wrap(&self.sql, &self.schema, &self.key_columns, self.keys_fenced)
+            }
+            _ => self.sql.clone(),
+        }
     }
 }
 

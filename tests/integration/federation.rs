@@ -414,6 +414,13 @@ async fn a_join_sends_its_keys_to_the_source_it_probes() {
         line.contains("join keys sent=[c_nationkey: 1 keys]"),
         "{line}"
     );
+    // Administrators see the statement as it was sent, keys and all.
+    let mut ops = server.as_identity("ops", &["platform"], &[]).await;
+    let plan = rows(&mut ops, &format!("EXPLAIN ANALYZE {federated}")).await;
+    assert!(
+        plan.contains("sent=WITH \"meshgate_keyed\"") && plan.contains("IN (7)"),
+        "{plan}"
+    );
 
     // Orders under alice's row filter and mask, probed with the keys of
     // the nation's customers: the keys apply to what leaves the fence that
