@@ -298,22 +298,14 @@ fn branch_keys(branch: &Arc<dyn PhysicalExpr>, schema: &Schema) -> Vec<(usize, K
     keys
 }
 
-/// The index of `expr` in `schema` if it is a column of an integer type.
+/// The index of `expr` in `schema` if it is a column of an integer type
+/// whose values fit a BIGINT.
 fn integer_column(expr: &Arc<dyn PhysicalExpr>, schema: &Schema) -> Option<usize> {
     let column = expr.downcast_ref::<Column>()?;
     let field = schema.fields().get(column.index())?;
-    (field.name() == column.name()
-        && matches!(
-            field.data_type(),
-            DataType::Int8
-                | DataType::Int16
-                | DataType::Int32
-                | DataType::Int64
-                | DataType::UInt8
-                | DataType::UInt16
-                | DataType::UInt32
-        ))
-    .then_some(column.index())
+    let data_type = field.data_type();
+    (field.name() == column.name() && data_type.is_integer() && *data_type != DataType::UInt64)
+        .then_some(column.index())
 }
 
 fn integer(value: &ScalarValue) -> Option<i64> {
