@@ -99,9 +99,10 @@ impl PostgresSource {
                 &[&super::quoted_name(table)],
             )
             .await
-            .ok();
+            .ok()?;
+        // A connection that failed is not given back.
         self.give_back(client);
-        let rows: f64 = row??.get(0);
+        let rows: f64 = row?.get(0);
         (rows >= 0.0).then_some(rows as u64)
     }
 
