@@ -33,6 +33,8 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::{BinaryExpr, CaseExpr, Column, InListExpr, Literal};
 use datafusion::physical_expr::utils::split_conjunction;
 
+use super::Dialect;
+
 /// The most keys of one column sent in a list; past this, their range.
 const MAX_LISTED: usize = 4096;
 
@@ -52,6 +54,31 @@ pub(crate) enum KeyColumns {
 }
 
 impl KeyColumns {
+    /// For a statement whose output columns' storage is not known: in
+    /// SQLite, every key column is compared through a cast.
+    pub(crate) fn unknown(dialect: Dialect) -> Self {
+        match dialect {
+            Dialect::Sqlite => Self::Named(Arc::default()),
+            Dialect::Postgres | Dialect::FlightSql => Self::All,
+        }
+    }
+
+    /// For the columns of a table whose types the source reports as
+    /// `found` (SQLite's integers are its columns of `INTEGER` affinity).
+    pub(crate) fn of_table(dialect: Dialect, found: &Schema) -> Self {
+        match dialect {
+            Dialect::Sqlite => Self::Named(Arc::new(
+                found
+                    .fields()
+                    .iter()
+                    .filter(|field| *field.data_type() == DataType::Int64)
+                    .map(|field| field.name().clone())
+                    .collect(),
+            )),
+            Dialect::Postgres | Dialect::FlightSql => Self::All,
+        }
+    }
+
     fn stored(&self, name: &str) -> bool {
         match self {
             Self::All => true,
@@ -77,6 +104,17 @@ pub(crate) enum Keys {
 }
 
 impl KeyCondition {
+    /// What passes both `self` and `other`.
+    pub(crate) fn and(self, other: KeyCondition) -> KeyCondition {
+        match (self, other) {
+            (Self::Keys(mut columns), Self::Keys(more)) => {
+                columns.extend(more);
+                Self::Keys(columns)
+            }
+            _ => Self::Nothing,
+        }
+    }
+
     /// The condition a join filter's current expression sets on the columns
     /// of `schema`, if it is one a source can be sent: a key list or range
     /// per integer column, or one per partition of a partitioned join

@@ -986,12 +986,7 @@ impl RemoteExec {
             EmissionType::Incremental,
             Boundedness::Bounded,
         );
-        // Without knowing which columns a statement's output holds as
-        // stored, SQLite compares every key column through a cast.
-        let key_columns = match source.dialect {
-            Dialect::Sqlite => KeyColumns::Named(Arc::default()),
-            Dialect::Postgres | Dialect::FlightSql => KeyColumns::All,
-        };
+        let key_columns = KeyColumns::unknown(source.dialect);
         Self {
             source,
             sql,
@@ -1069,20 +1064,14 @@ impl RemoteExec {
         {
             tracing::debug!("a join's keys were not final in time; the statement goes without");
         }
-        let mut conditions = filters.iter().filter_map(|filter| {
-            // A filter not final is not sent.
-            filter.wait_complete().now_or_never()?;
-            KeyCondition::of(&filter.current().ok()?, &schema)
-        });
-        let condition = conditions.next().map(|first| {
-            conditions.fold(first, |all, next| match (all, next) {
-                (KeyCondition::Keys(mut a), KeyCondition::Keys(b)) => {
-                    a.extend(b);
-                    KeyCondition::Keys(a)
-                }
-                _ => KeyCondition::Nothing,
+        let condition = filters
+            .iter()
+            .filter_map(|filter| {
+                // A filter not final is not sent.
+                filter.wait_complete().now_or_never()?;
+                KeyCondition::of(&filter.current().ok()?, &schema)
             })
-        });
+            .reduce(KeyCondition::and);
         let statement = match &condition {
             Some(condition) => condition.wrap(&sql, &schema, &key_columns, fenced),
             None => sql,

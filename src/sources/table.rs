@@ -37,8 +37,8 @@ pub struct RemoteTable {
     read_as_text: HashSet<String>,
     /// About how many rows the table held when it was opened.
     pub(crate) rows: Option<u64>,
-    /// SQLite: the columns of `INTEGER` affinity.
-    integer_affinity: Arc<HashSet<String>>,
+    /// The columns whose join keys compare in the source as here.
+    key_columns: KeyColumns,
 }
 
 impl RemoteTable {
@@ -54,15 +54,10 @@ impl RemoteTable {
     ) -> Result<Self, String> {
         let remote = table_parts(table)?;
         let mut read_as_text = HashSet::new();
-        let mut integer_affinity = HashSet::new();
+        let mut key_columns = KeyColumns::unknown(source.dialect);
         let schema = match source.table_schema(&remote).await {
             Ok(found) => {
-                integer_affinity = found
-                    .fields()
-                    .iter()
-                    .filter(|field| *field.data_type() == DataType::Int64)
-                    .map(|field| field.name().clone())
-                    .collect();
+                key_columns = KeyColumns::of_table(source.dialect, &found);
                 let (found, as_text) = without_read_hints(&found);
                 read_as_text = as_text;
                 let published = contract_schema(&found, declared, source.dialect)?;
@@ -98,7 +93,7 @@ impl RemoteTable {
             schema,
             read_as_text,
             rows,
-            integer_affinity: Arc::new(integer_affinity),
+            key_columns,
         })
     }
 
@@ -315,10 +310,7 @@ impl TableProvider for RemoteTable {
                 exec_schema,
             )
             .with_estimated_rows(rows)
-            .with_key_columns(match self.source.dialect {
-                Dialect::Sqlite => KeyColumns::Named(Arc::clone(&self.integer_affinity)),
-                Dialect::Postgres | Dialect::FlightSql => KeyColumns::All,
-            }),
+            .with_key_columns(self.key_columns.clone()),
         );
         let exec: Arc<dyn ExecutionPlan> = match conjunction(kept) {
             Some(predicate) => {
