@@ -20,6 +20,7 @@ mod table;
 mod tls;
 mod unparse;
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
@@ -255,6 +256,21 @@ impl Source {
             }
         };
         tokio::time::timeout(self.options.connect_timeout, estimated)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The columns of `table` the source finds rows by without reading the
+    /// whole table, where it needs them to join well: SQLite joins by
+    /// looking rows up (an index, or one it builds for the query), where
+    /// PostgreSQL hashes and merges, so `None` for every other source, and
+    /// for a SQLite table whose indexes cannot be read in time.
+    pub async fn indexed_columns(&self, table: &[String]) -> Option<HashSet<String>> {
+        let Driver::Sqlite(sqlite) = &self.driver else {
+            return None;
+        };
+        tokio::time::timeout(self.options.connect_timeout, sqlite.indexed_columns(table))
             .await
             .ok()
             .flatten()

@@ -34,7 +34,7 @@ use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{DFSchema, DFSchemaRef, Statistics, TableReference};
+use datafusion::common::{Column, DFSchema, DFSchemaRef, Statistics, TableReference};
 use datafusion::config::ConfigOptions;
 use datafusion::datasource::source_as_provider;
 use datafusion::error::{DataFusionError, Result};
@@ -135,6 +135,9 @@ struct Leaf {
     product: String,
     /// About how many rows the table holds.
     rows: Option<u64>,
+    /// The columns the source finds the table's rows by, where it needs
+    /// them to join (see [`join_served`]); `None` where it does not.
+    indexed: Option<Arc<HashSet<String>>>,
 }
 
 /// Nodes whose whole subtree can be sent to one source.
@@ -216,6 +219,7 @@ fn visit(plan: LogicalPlan) -> Result<(LogicalPlan, Option<Group>)> {
             .filter(|g| {
                 expressions_pushable(&plan, g.source.dialect)
                     && !g.leaves.iter().any(|l| l.unfenced)
+                    && join_served(&plan, g)
             })
     } else {
         None
@@ -258,6 +262,7 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
                 unfenced: false,
                 product: table.product.clone(),
                 rows: table.rows,
+                indexed: table.indexed.clone(),
             }],
         });
     }
@@ -330,6 +335,23 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
                     rows
                 }
             }),
+            indexed: table.indexed.as_ref().map(|indexed| {
+                // A fence the source keeps (a row filter's) is read whole,
+                // without its table's indexes; a masked column is a value
+                // computed from the column.
+                let usable = indexed
+                    .iter()
+                    .filter(|name| {
+                        row_filter.is_none()
+                            && columns.iter().any(|(index, view)| {
+                                matches!(view, ColumnView::Plain)
+                                    && schema.field(*index).name() == *name
+                            })
+                    })
+                    .cloned()
+                    .collect();
+                Arc::new(usable)
+            }),
         }],
     })
 }
@@ -396,6 +418,93 @@ fn expressions_pushable(plan: &LogicalPlan, dialect: Dialect) -> bool {
     plan.expressions()
         .iter()
         .all(|expr| expr_pushable(expr, &schema, dialect))
+}
+
+/// Rows a join's side may hold for the join to go to a source without an
+/// index serving it: whatever plan the source makes, it is cheap.
+const SMALL_JOIN_SIDE: u64 = 16_384;
+
+/// Whether the source joins `plan`'s inputs well, when `plan` is a join of
+/// `group`'s tables. SQLite joins by looping over one side and looking each
+/// row's match up in the other, by an index or by one it builds for the
+/// query over the whole table, whose size it does not know (a `partsupp` of
+/// 800 000 rows indexed once per query took longer than reading it here).
+/// So a join goes to SQLite when an index serves one of its keys (for an
+/// outer join, a key of the side that may lack matches), or when both its
+/// sides are small; otherwise each side is sent alone and joined here, with
+/// the keys of the side built first sent to the other. Any other node, and
+/// every join of a source that joins without indexes, is served.
+fn join_served(plan: &LogicalPlan, group: &Group) -> bool {
+    let LogicalPlan::Join(join) = plan else {
+        return true;
+    };
+    if group.leaves.iter().all(|leaf| leaf.indexed.is_none()) {
+        return true;
+    }
+    let small = |side: &LogicalPlan| {
+        estimated_rows(side, &group.leaves).is_some_and(|rows| rows <= SMALL_JOIN_SIDE)
+    };
+    if small(&join.left) && small(&join.right) {
+        return true;
+    }
+    let indexed = |side: &LogicalPlan, key: &Expr| {
+        let Expr::Column(column) = key else {
+            return false;
+        };
+        let Some((table, name)) = column_origin(side, column) else {
+            return false;
+        };
+        group.leaves.iter().any(|leaf| {
+            leaf.table == table
+                && leaf
+                    .indexed
+                    .as_ref()
+                    .is_none_or(|indexed| indexed.contains(&name))
+        })
+    };
+    join.on.iter().any(|(left, right)| {
+        indexed(&join.right, right)
+            || (join.join_type == JoinType::Inner && indexed(&join.left, left))
+    })
+}
+
+/// The table and column of a scan that `column` of `plan` is, passed up
+/// unchanged (renamed at most); `None` for a computed one.
+fn column_origin(plan: &LogicalPlan, column: &Column) -> Option<(TableReference, String)> {
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            let own = column
+                .relation
+                .as_ref()
+                .is_none_or(|relation| *relation == scan.table_name);
+            (own && scan.projected_schema.has_column(column))
+                .then(|| (scan.table_name.clone(), column.name.clone()))
+        }
+        LogicalPlan::SubqueryAlias(alias) => {
+            let index = alias.schema.index_of_column(column).ok()?;
+            let (qualifier, field) = alias.input.schema().qualified_field(index);
+            column_origin(&alias.input, &Column::new(qualifier.cloned(), field.name()))
+        }
+        LogicalPlan::Projection(projection) => {
+            let index = projection.schema.index_of_column(column).ok()?;
+            let mut expr = projection.expr.get(index)?;
+            while let Expr::Alias(alias) = expr {
+                expr = &alias.expr;
+            }
+            let Expr::Column(inner) = expr else {
+                return None;
+            };
+            column_origin(&projection.input, inner)
+        }
+        LogicalPlan::Filter(_) | LogicalPlan::Sort(_) | LogicalPlan::Limit(_) => {
+            column_origin(plan.inputs().first()?, column)
+        }
+        LogicalPlan::Join(join) if join.left.schema().has_column(column) => {
+            column_origin(&join.left, column)
+        }
+        LogicalPlan::Join(join) => column_origin(&join.right, column),
+        _ => None,
+    }
 }
 
 /// A sub-plan sent to a source as one SQL statement.

@@ -1,6 +1,7 @@
 //! SQLite sources: a database file opened read-only, queried on blocking
 //! threads, rows converted to the plan's Arrow types.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +58,42 @@ impl SqliteSource {
                 })
                 .ok()?;
             Some(rows.unwrap_or(0).max(0) as u64)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// The columns of `table` that SQLite can find its rows by: the first
+    /// column of each of its indexes that covers every row (not partial),
+    /// and an `INTEGER PRIMARY KEY`, which is the rowid itself. `None` when
+    /// the catalog cannot be read.
+    pub(super) async fn indexed_columns(&self, table: &[String]) -> Option<HashSet<String>> {
+        let path = self.path.clone();
+        let (schema, name) = match table {
+            [name] => ("main".to_string(), name.clone()),
+            [schema, name] => (schema.clone(), name.clone()),
+            _ => return None,
+        };
+        tokio::task::spawn_blocking(move || {
+            let connection = Self::open(&path).ok()?;
+            let mut statement = connection
+                .prepare(
+                    "SELECT info.name FROM pragma_index_list(?1, ?2) AS list \
+                     JOIN pragma_index_info(list.name, ?2) AS info \
+                     WHERE info.seqno = 0 AND list.partial = 0 AND info.name IS NOT NULL \
+                     UNION \
+                     SELECT name FROM pragma_table_info(?1, ?2) \
+                     WHERE pk = 1 AND upper(type) = 'INTEGER' \
+                     AND (SELECT count(*) FROM pragma_table_info(?1, ?2) WHERE pk > 0) = 1",
+                )
+                .ok()?;
+            let columns = statement
+                .query_map([&name, &schema], |row| row.get::<_, String>(0))
+                .ok()?
+                .collect::<Result<HashSet<_>, _>>()
+                .ok()?;
+            Some(columns)
         })
         .await
         .ok()
@@ -353,5 +390,50 @@ mod tests {
             DataType::Timestamp(TimeUnit::Microsecond, None)
         );
         assert_eq!(declared_type(""), DataType::Utf8);
+    }
+
+    #[tokio::test]
+    async fn indexed_columns_are_those_an_index_leads_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("indexed.sqlite");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY, a INTEGER, b INTEGER, c TEXT,
+                                 d INTEGER, e INTEGER, f INTEGER UNIQUE);
+                 CREATE INDEX t_ab ON t (a, b);
+                 CREATE INDEX t_c_partial ON t (c) WHERE c IS NOT NULL;
+                 CREATE INDEX t_d_expr ON t (d + 1);
+                 CREATE TABLE pair (x BIGINT, y BIGINT, PRIMARY KEY (x, y));
+                 CREATE TABLE wide (k BIGINT PRIMARY KEY, v TEXT) WITHOUT ROWID;
+                 CREATE TABLE bare (k INTEGER, v TEXT);
+                 CREATE TABLE two_keys (k INTEGER, j INTEGER, PRIMARY KEY (k, j));",
+            )
+            .unwrap();
+        let source = SqliteSource::new(path);
+        let indexed = |table: &str| {
+            let source = &source;
+            let table = vec![table.to_string()];
+            async move {
+                let mut columns: Vec<String> = source
+                    .indexed_columns(&table)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .collect();
+                columns.sort();
+                columns
+            }
+        };
+        // The rowid, the first column of (a, b), a UNIQUE column; not b,
+        // nor a partial index's column, nor an expression's.
+        assert_eq!(indexed("t").await, ["a", "f", "id"]);
+        assert_eq!(indexed("pair").await, ["x"]);
+        assert_eq!(indexed("wide").await, ["k"]);
+        assert!(indexed("bare").await.is_empty());
+        // A composite INTEGER key is not the rowid, but has its index.
+        assert_eq!(indexed("two_keys").await, ["k"]);
+        let qualified = vec!["main".to_string(), "t".to_string()];
+        assert!(source.indexed_columns(&qualified).await.is_some());
     }
 }

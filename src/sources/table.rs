@@ -37,6 +37,9 @@ pub struct RemoteTable {
     read_as_text: HashSet<String>,
     /// About how many rows the table held when it was opened.
     pub(crate) rows: Option<u64>,
+    /// The columns the source finds rows by, where it needs them to join
+    /// (see [`Source::indexed_columns`]).
+    pub(crate) indexed: Option<Arc<HashSet<String>>>,
     /// The columns whose join keys compare in the source as here.
     key_columns: KeyColumns,
 }
@@ -86,6 +89,7 @@ impl RemoteTable {
         };
 
         let rows = source.table_rows(&remote).await;
+        let indexed = source.indexed_columns(&remote).await.map(Arc::new);
         Ok(Self {
             source,
             product,
@@ -93,6 +97,7 @@ impl RemoteTable {
             schema,
             read_as_text,
             rows,
+            indexed,
             key_columns,
         })
     }

@@ -1165,3 +1165,153 @@ async fn policies_read_columns_the_product_does_not_publish() {
         "{problems:?}"
     );
 }
+
+/// Domain `depot`: SQLite tables of 20 000 rows each, `parts` and `stock`
+/// without indexes, `keyed_parts` with its key as the rowid, `guarded`
+/// the same under a row filter, and `stock_here` read without pushdown.
+const DEPOT_DOMAIN: &str = r#"
+name = "depot"
+owner = "depot@acme.example"
+description = "Parts and stock in SQLite"
+
+[storage.lite]
+type = "sqlite"
+path = "../depot.sqlite"
+
+[storage.lite_here]
+type = "sqlite"
+path = "../depot.sqlite"
+pushdown = false
+
+[[products]]
+name = "parts"
+storage = "lite"
+table = "parts"
+
+[[products]]
+name = "keyed_parts"
+storage = "lite"
+table = "keyed_parts"
+
+[[products]]
+name = "guarded"
+storage = "lite"
+table = "keyed_parts"
+
+[[products]]
+name = "stock"
+storage = "lite"
+table = "stock"
+
+[[products]]
+name = "parts_here"
+storage = "lite_here"
+table = "parts"
+
+[[products]]
+name = "stock_here"
+storage = "lite_here"
+table = "stock"
+
+[[policies]]
+product = "guarded"
+row_filter = "p_id > 100"
+"#;
+
+fn write_depot(path: &Path) {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE parts (p_id INTEGER, p_name TEXT);
+             CREATE TABLE keyed_parts (p_id INTEGER PRIMARY KEY, p_name TEXT);
+             CREATE TABLE stock (s_part INTEGER, qty INTEGER);
+             INSERT INTO parts WITH RECURSIVE n(i) AS
+               (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)
+               SELECT i, 'part ' || i FROM n;
+             INSERT INTO keyed_parts SELECT * FROM parts;
+             -- Every part's stock but the last hundred's, and stock of
+             -- parts that do not exist.
+             INSERT INTO stock SELECT p_id + 100, p_id % 50 FROM parts;",
+        )
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_is_sent_the_joins_an_index_serves() {
+    let server = TestServer::start_with(|dir| {
+        std::fs::write(dir.join("domains/depot.toml"), DEPOT_DOMAIN).unwrap();
+        write_depot(&dir.join("depot.sqlite"));
+    })
+    .await;
+    let mut carol = server.login("carol").await;
+    let mut root = server.unrestricted().await;
+
+    // (query, whether SQLite runs its join): each answers as the same
+    // query joined here, from tables read without pushdown.
+    let cases = [
+        // Neither key indexed: SQLite would index one side for the query.
+        (
+            "SELECT count(*) AS n, sum(s.qty) AS q FROM depot.stock s
+             JOIN depot.parts p ON p.p_id = s.s_part WHERE p.p_name IN ('part 150', 'part 1500', 'part 15000')",
+            false,
+        ),
+        // The parts found by their rowid, either way round.
+        (
+            "SELECT count(*) AS n, sum(s.qty) AS q FROM depot.stock s
+             JOIN depot.keyed_parts p ON p.p_id = s.s_part WHERE p.p_name IN ('part 150', 'part 1500', 'part 15000')",
+            true,
+        ),
+        (
+            "SELECT count(*) AS n, sum(s.qty) AS q FROM depot.keyed_parts p
+             JOIN depot.stock s ON s.s_part = p.p_id WHERE s.qty = 7",
+            true,
+        ),
+        // An outer join looks up the side that may lack matches.
+        (
+            "SELECT count(*) AS n, count(p.p_name) AS named FROM depot.stock s
+             LEFT JOIN depot.keyed_parts p ON p.p_id = s.s_part",
+            true,
+        ),
+        (
+            "SELECT count(*) AS n, count(s.qty) AS stocked FROM depot.keyed_parts p
+             LEFT JOIN depot.stock s ON s.s_part = p.p_id",
+            false,
+        ),
+        // A row filter's fence is read whole, without the table's index.
+        (
+            "SELECT count(*) AS n, sum(s.qty) AS q FROM depot.stock s
+             JOIN depot.guarded p ON p.p_id = s.s_part",
+            false,
+        ),
+        // Small sides: any plan is cheap.
+        (
+            "SELECT count(*) AS n FROM depot.stock s JOIN depot.parts p ON p.p_id = s.s_part
+             WHERE s.qty = 7 AND p.p_id < 5000",
+            true,
+        ),
+    ];
+    for (sql, joined_there) in cases {
+        let here = sql
+            .replace(
+                "depot.guarded p",
+                "(SELECT * FROM depot.parts_here WHERE p_id > 100) p",
+            )
+            .replace("depot.keyed_parts", "depot.parts_here")
+            .replace("depot.parts ", "depot.parts_here ")
+            .replace("depot.stock", "depot.stock_here");
+        let got = rows(&mut carol, sql).await;
+        assert_eq!(got, rows(&mut root, &here).await, "{sql}");
+        let reads = remote_reads(&mut carol, sql).await;
+        let statements = reads
+            .iter()
+            .filter(|(line, _)| line.contains("depot.lite"))
+            .count();
+        if joined_there {
+            assert_eq!(statements, 1, "{sql}: {reads:#?}");
+            assert!(reads[0].0.contains(" JOIN "), "{sql}: {reads:#?}");
+        } else {
+            assert_eq!(statements, 2, "{sql}: {reads:#?}");
+        }
+    }
+    server.stop().await;
+}
