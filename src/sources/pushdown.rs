@@ -261,7 +261,7 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
                 sent,
                 unfenced: false,
                 product: table.product.clone(),
-                rows: table.rows,
+                rows: table.rows(),
                 indexed: table.indexed.clone(),
             }],
         });
@@ -328,7 +328,7 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
             shown,
             unfenced: row_filter.is_some() && !dialect.fences_subqueries(),
             product: table.product.clone(),
-            rows: table.rows.map(|rows| {
+            rows: table.rows().map(|rows| {
                 if row_filter.is_some() {
                     filtered(rows)
                 } else {

@@ -1,7 +1,10 @@
 //! A product that names a table (or view) of a SQL or Flight SQL source.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
@@ -35,8 +38,8 @@ pub struct RemoteTable {
     schema: SchemaRef,
     /// Columns the source reads as `text` (see [`RemoteTable::sent_from`]).
     read_as_text: HashSet<String>,
-    /// About how many rows the table held when it was opened.
-    pub(crate) rows: Option<u64>,
+    /// About how many rows the table holds (see [`RemoteTable::rows`]).
+    rows: RowEstimate,
     /// The columns the source finds rows by, where it needs them to join
     /// (see [`Source::indexed_columns`]).
     pub(crate) indexed: Option<Arc<HashSet<String>>>,
@@ -88,7 +91,7 @@ impl RemoteTable {
             Err(error) => return Err(error.to_string()),
         };
 
-        let rows = source.table_rows(&remote).await;
+        let rows = RowEstimate::new(source.table_rows(&remote).await, ROWS_REREAD);
         let indexed = source.indexed_columns(&remote).await.map(Arc::new);
         Ok(Self {
             source,
@@ -100,6 +103,18 @@ impl RemoteTable {
             indexed,
             key_columns,
         })
+    }
+
+    /// About how many rows the table holds: read when the product was
+    /// opened, and read again in the background when a plan asks more than
+    /// [`ROWS_REREAD`] after the last read, so that the size joins are
+    /// planned by follows a table that grows or shrinks while the gateway
+    /// runs.
+    pub(crate) fn rows(&self) -> Option<u64> {
+        let source = Arc::clone(&self.source);
+        let remote = self.remote.clone();
+        self.rows
+            .current(move || async move { source.table_rows(&remote).await })
     }
 
     pub(crate) fn schema_ref(&self) -> &SchemaRef {
@@ -298,7 +313,7 @@ impl TableProvider for RemoteTable {
         } else {
             Arc::clone(&read)
         };
-        let rows = self.rows.map(|rows| {
+        let rows = self.rows().map(|rows| {
             let rows = if sent.is_empty() {
                 rows
             } else {
@@ -344,5 +359,109 @@ impl TableProvider for RemoteTable {
         Ok(Arc::new(
             datafusion::physical_plan::projection::ProjectionExec::try_new(keep, exec)?,
         ))
+    }
+}
+
+/// How long a table's row estimate is used before it is read again.
+const ROWS_REREAD: Duration = Duration::from_secs(300);
+
+/// An estimate of a table's rows that is read again, in the background,
+/// when it is asked for after it is `every` old. A read that fails keeps
+/// the estimate before it.
+#[derive(Debug)]
+struct RowEstimate {
+    /// The rows, shared with the read running in the background;
+    /// `u64::MAX` when unknown.
+    rows: Arc<AtomicU64>,
+    /// When the estimate was last read (or a read was started).
+    read_at: parking_lot::Mutex<Instant>,
+    every: Duration,
+}
+
+impl RowEstimate {
+    fn new(rows: Option<u64>, every: Duration) -> Self {
+        Self {
+            rows: Arc::new(AtomicU64::new(rows.unwrap_or(u64::MAX))),
+            read_at: parking_lot::Mutex::new(Instant::now()),
+            every,
+        }
+    }
+
+    /// The estimate as it is; when it is older than `every`, `read` is
+    /// started on the current runtime (one read at a time) to replace it.
+    fn current<F, R>(&self, read: R) -> Option<u64>
+    where
+        R: FnOnce() -> F,
+        F: Future<Output = Option<u64>> + Send + 'static,
+    {
+        {
+            let mut read_at = self.read_at.lock();
+            if read_at.elapsed() >= self.every
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                *read_at = Instant::now();
+                let rows = Arc::clone(&self.rows);
+                let read = read();
+                runtime.spawn(async move {
+                    if let Some(read) = read.await {
+                        rows.store(read.min(u64::MAX - 1), Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+        let rows = self.rows.load(Ordering::Relaxed);
+        (rows != u64::MAX).then_some(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_row_estimate_is_read_again_once_it_is_old() {
+        let reads = Arc::new(AtomicU64::new(0));
+        let read = |answer: Option<u64>| {
+            let reads = Arc::clone(&reads);
+            move || {
+                reads.fetch_add(1, Ordering::Relaxed);
+                async move { answer }
+            }
+        };
+        let reads_made = || reads.load(Ordering::Relaxed);
+        let settle = || tokio::time::sleep(Duration::from_millis(20));
+        let estimate = RowEstimate::new(Some(10), Duration::from_millis(100));
+        // Fresh: answered as it is, nothing read.
+        assert_eq!(estimate.current(read(Some(99))), Some(10));
+        settle().await;
+        assert_eq!(estimate.current(read(Some(99))), Some(10));
+        assert_eq!(reads_made(), 0);
+        // Old: answered as it is while it is read again, then replaced,
+        // and fresh again.
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(estimate.current(read(Some(1000))), Some(10));
+        settle().await;
+        assert_eq!(estimate.current(read(Some(5))), Some(1000));
+        assert_eq!(reads_made(), 1);
+        // A read that fails keeps the estimate before it.
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(estimate.current(read(None)), Some(1000));
+        settle().await;
+        assert_eq!(estimate.current(read(Some(7))), Some(1000));
+        assert_eq!(reads_made(), 2);
+        // Unknown when opened: learned by the next read.
+        let unknown = RowEstimate::new(None, Duration::ZERO);
+        assert_eq!(unknown.current(read(Some(3))), None);
+        settle().await;
+        assert_eq!(unknown.current(read(Some(4))), Some(3));
+        // Without a runtime to read on, it is answered as it is.
+        let estimate = Arc::new(RowEstimate::new(Some(8), Duration::ZERO));
+        let answered = std::thread::spawn({
+            let estimate = Arc::clone(&estimate);
+            move || estimate.current(|| async { Some(9) })
+        })
+        .join()
+        .unwrap();
+        assert_eq!(answered, Some(8));
     }
 }
