@@ -830,6 +830,16 @@ async fn a_central_gateway_forwards_the_callers_token_to_the_domain_gateway() {
     central.stop().await;
 }
 
+/// Appends a `[[products]]` table to `domain` for each (name, storage,
+/// table).
+fn push_products(domain: &mut String, products: &[(&str, &str, &str)]) {
+    for (name, storage, table) in products {
+        domain.push_str(&format!(
+            "\n[[products]]\nname = \"{name}\"\nstorage = \"{storage}\"\ntable = \"{table}\"\n"
+        ));
+    }
+}
+
 /// Domain `lab`: one SQLite table and one PostgreSQL table, each published
 /// twice, through a storage that pushes work down and through one that
 /// does not (`w` / `w_here`, `p` / `p_here`).
@@ -859,18 +869,17 @@ url = "{url}"
 pushdown = false
 "#
     );
-    for (name, storage, table) in [
-        ("w", "lite", "w"),
-        ("w_here", "lite_here", "w"),
-        ("guarded", "lite", "w"),
-        ("p", "pg", "lab.w"),
-        ("p_here", "pg_here", "lab.w"),
-        ("pgw", "pg", "lab.pgw"),
-    ] {
-        domain.push_str(&format!(
-            "\n[[products]]\nname = \"{name}\"\nstorage = \"{storage}\"\ntable = \"{table}\"\n"
-        ));
-    }
+    push_products(
+        &mut domain,
+        &[
+            ("w", "lite", "w"),
+            ("w_here", "lite_here", "w"),
+            ("guarded", "lite", "w"),
+            ("p", "pg", "lab.w"),
+            ("p_here", "pg_here", "lab.w"),
+            ("pgw", "pg", "lab.pgw"),
+        ],
+    );
     domain.push_str("\n[[policies]]\nproduct = \"guarded\"\nrow_filter = \"padded = 'a'\"\n");
     domain.push_str("\n[[policies]]\nproduct = \"pgw\"\nrow_filter = \"n > 0\"\n");
     domain
@@ -1168,8 +1177,10 @@ async fn policies_read_columns_the_product_does_not_publish() {
 
 /// Domain `depot`: SQLite tables of 20 000 rows each, `parts` and `stock`
 /// without indexes, `keyed_parts` with its key as the rowid, `guarded`
-/// the same under a row filter, and `stock_here` read without pushdown.
-const DEPOT_DOMAIN: &str = r#"
+/// the same under a row filter, and `parts_here` and `stock_here` read
+/// without pushdown.
+fn depot_domain() -> String {
+    let mut domain = r#"
 name = "depot"
 owner = "depot@acme.example"
 description = "Parts and stock in SQLite"
@@ -1182,41 +1193,22 @@ path = "../depot.sqlite"
 type = "sqlite"
 path = "../depot.sqlite"
 pushdown = false
-
-[[products]]
-name = "parts"
-storage = "lite"
-table = "parts"
-
-[[products]]
-name = "keyed_parts"
-storage = "lite"
-table = "keyed_parts"
-
-[[products]]
-name = "guarded"
-storage = "lite"
-table = "keyed_parts"
-
-[[products]]
-name = "stock"
-storage = "lite"
-table = "stock"
-
-[[products]]
-name = "parts_here"
-storage = "lite_here"
-table = "parts"
-
-[[products]]
-name = "stock_here"
-storage = "lite_here"
-table = "stock"
-
-[[policies]]
-product = "guarded"
-row_filter = "p_id > 100"
-"#;
+"#
+    .to_string();
+    push_products(
+        &mut domain,
+        &[
+            ("parts", "lite", "parts"),
+            ("keyed_parts", "lite", "keyed_parts"),
+            ("guarded", "lite", "keyed_parts"),
+            ("stock", "lite", "stock"),
+            ("parts_here", "lite_here", "parts"),
+            ("stock_here", "lite_here", "stock"),
+        ],
+    );
+    domain.push_str("\n[[policies]]\nproduct = \"guarded\"\nrow_filter = \"p_id > 100\"\n");
+    domain
+}
 
 fn write_depot(path: &Path) {
     rusqlite::Connection::open(path)
@@ -1239,7 +1231,7 @@ fn write_depot(path: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_is_sent_the_joins_an_index_serves() {
     let server = TestServer::start_with(|dir| {
-        std::fs::write(dir.join("domains/depot.toml"), DEPOT_DOMAIN).unwrap();
+        std::fs::write(dir.join("domains/depot.toml"), depot_domain()).unwrap();
         write_depot(&dir.join("depot.sqlite"));
     })
     .await;
