@@ -253,6 +253,7 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
         let dialect = table.source.dialect;
         let alias = scan.table_name.table();
         let sent = parse_factor(&table.sent_from(alias), dialect)?;
+        let stats = table.stats();
         return Some(Group {
             source: Arc::clone(&table.source),
             leaves: vec![Leaf {
@@ -261,14 +262,15 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
                 sent,
                 unfenced: false,
                 product: table.product.clone(),
-                rows: table.rows(),
-                indexed: table.indexed.clone(),
+                rows: stats.rows,
+                indexed: stats.indexed,
             }],
         });
     }
     let policed = any.downcast_ref::<PolicyTable>()?;
     let (inner, row_filter, columns) = policed.parts();
     let table = (inner.as_ref() as &dyn Any).downcast_ref::<RemoteTable>()?;
+    let stats = table.stats();
     if !table.source.options.pushdown {
         return None;
     }
@@ -328,14 +330,14 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
             shown,
             unfenced: row_filter.is_some() && !dialect.fences_subqueries(),
             product: table.product.clone(),
-            rows: table.rows().map(|rows| {
+            rows: stats.rows.map(|rows| {
                 if row_filter.is_some() {
                     filtered(rows)
                 } else {
                     rows
                 }
             }),
-            indexed: table.indexed.as_ref().map(|indexed| {
+            indexed: stats.indexed.map(|indexed| {
                 // A fence the source keeps (a row filter's) is read whole,
                 // without its table's indexes; a masked column is a value
                 // computed from the column.
@@ -430,9 +432,9 @@ const SMALL_JOIN_SIDE: u64 = 16_384;
 /// query over the whole table, whose size it does not know (a `partsupp` of
 /// 800 000 rows indexed once per query took longer than reading it here).
 /// So a join goes to SQLite when an index serves one of its keys (for an
-/// outer join, a key of the side that may lack matches), or when both its
-/// sides are small; otherwise each side is sent alone and joined here, with
-/// the keys of the side built first sent to the other. Any other node, and
+/// outer join, a key of its right side, the one SQLite looks up), or when
+/// both its sides are small; otherwise each side is sent alone and joined
+/// here, with the keys of the side built first sent to the other. Any other node, and
 /// every join of a source that joins without indexes, is served.
 fn join_served(plan: &LogicalPlan, group: &Group) -> bool {
     let LogicalPlan::Join(join) = plan else {

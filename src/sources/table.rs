@@ -3,7 +3,6 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -38,11 +37,9 @@ pub struct RemoteTable {
     schema: SchemaRef,
     /// Columns the source reads as `text` (see [`RemoteTable::sent_from`]).
     read_as_text: HashSet<String>,
-    /// About how many rows the table holds (see [`RemoteTable::rows`]).
-    rows: RowEstimate,
-    /// The columns the source finds rows by, where it needs them to join
-    /// (see [`Source::indexed_columns`]).
-    pub(crate) indexed: Option<Arc<HashSet<String>>>,
+    /// What the source tells of the table for planning (see
+    /// [`RemoteTable::stats`]).
+    stats: Reread,
     /// The columns whose join keys compare in the source as here.
     key_columns: KeyColumns,
 }
@@ -91,30 +88,27 @@ impl RemoteTable {
             Err(error) => return Err(error.to_string()),
         };
 
-        let rows = RowEstimate::new(source.table_rows(&remote).await, ROWS_REREAD);
-        let indexed = source.indexed_columns(&remote).await.map(Arc::new);
+        let stats = Reread::new(TableStats::read(&source, &remote).await, STATS_REREAD);
         Ok(Self {
             source,
             product,
             remote,
             schema,
             read_as_text,
-            rows,
-            indexed,
+            stats,
             key_columns,
         })
     }
 
-    /// About how many rows the table holds: read when the product was
-    /// opened, and read again in the background when a plan asks more than
-    /// [`ROWS_REREAD`] after the last read, so that the size joins are
-    /// planned by follows a table that grows or shrinks while the gateway
-    /// runs.
-    pub(crate) fn rows(&self) -> Option<u64> {
+    /// What the source tells of the table for planning: read when the
+    /// product was opened, and read again in the background when a plan
+    /// asks more than [`STATS_REREAD`] after the last read, so that joins
+    /// are planned by the size and the indexes the table has now.
+    pub(crate) fn stats(&self) -> TableStats {
         let source = Arc::clone(&self.source);
         let remote = self.remote.clone();
-        self.rows
-            .current(move || async move { source.table_rows(&remote).await })
+        self.stats
+            .current(move || async move { TableStats::read(&source, &remote).await })
     }
 
     pub(crate) fn schema_ref(&self) -> &SchemaRef {
@@ -313,7 +307,7 @@ impl TableProvider for RemoteTable {
         } else {
             Arc::clone(&read)
         };
-        let rows = self.rows().map(|rows| {
+        let rows = self.stats().rows.map(|rows| {
             let rows = if sent.is_empty() {
                 rows
             } else {
@@ -362,37 +356,66 @@ impl TableProvider for RemoteTable {
     }
 }
 
-/// How long a table's row estimate is used before it is read again.
-const ROWS_REREAD: Duration = Duration::from_secs(300);
+/// How long a table's statistics are used before they are read again.
+const STATS_REREAD: Duration = Duration::from_secs(300);
 
-/// An estimate of a table's rows that is read again, in the background,
-/// when it is asked for after it is `every` old. A read that fails keeps
-/// the estimate before it.
+/// What a source tells of a table for planning.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct TableStats {
+    /// About how many rows it holds ([`Source::table_rows`]).
+    pub(crate) rows: Option<u64>,
+    /// The columns the source finds its rows by, where it needs them to
+    /// join ([`Source::indexed_columns`]).
+    pub(crate) indexed: Option<Arc<HashSet<String>>>,
+}
+
+impl TableStats {
+    async fn read(source: &Source, table: &[String]) -> Self {
+        Self {
+            rows: source.table_rows(table).await,
+            indexed: source.indexed_columns(table).await.map(Arc::new),
+        }
+    }
+
+    /// `self` where `read` tells nothing: a read that fails keeps what the
+    /// one before told.
+    fn updated(&mut self, read: TableStats) {
+        if read.rows.is_some() {
+            self.rows = read.rows;
+        }
+        if read.indexed.is_some() {
+            self.indexed = read.indexed;
+        }
+    }
+}
+
+/// A table's statistics, read again in the background when they are asked
+/// for after they are `every` old.
 #[derive(Debug)]
-struct RowEstimate {
-    /// The rows, shared with the read running in the background;
-    /// `u64::MAX` when unknown.
-    rows: Arc<AtomicU64>,
-    /// When the estimate was last read (or a read was started).
+struct Reread {
+    /// Shared with the read running in the background.
+    stats: Arc<parking_lot::RwLock<TableStats>>,
+    /// When the statistics were last read (or a read was started).
     read_at: parking_lot::Mutex<Instant>,
     every: Duration,
 }
 
-impl RowEstimate {
-    fn new(rows: Option<u64>, every: Duration) -> Self {
+impl Reread {
+    fn new(stats: TableStats, every: Duration) -> Self {
         Self {
-            rows: Arc::new(AtomicU64::new(rows.unwrap_or(u64::MAX))),
+            stats: Arc::new(parking_lot::RwLock::new(stats)),
             read_at: parking_lot::Mutex::new(Instant::now()),
             every,
         }
     }
 
-    /// The estimate as it is; when it is older than `every`, `read` is
-    /// started on the current runtime (one read at a time) to replace it.
-    fn current<F, R>(&self, read: R) -> Option<u64>
+    /// The statistics as they are; when they are older than `every`, `read`
+    /// is started on the current runtime (one read at a time) to update
+    /// them.
+    fn current<F, R>(&self, read: R) -> TableStats
     where
         R: FnOnce() -> F,
-        F: Future<Output = Option<u64>> + Send + 'static,
+        F: Future<Output = TableStats> + Send + 'static,
     {
         {
             let mut read_at = self.read_at.lock();
@@ -400,28 +423,36 @@ impl RowEstimate {
                 && let Ok(runtime) = tokio::runtime::Handle::try_current()
             {
                 *read_at = Instant::now();
-                let rows = Arc::clone(&self.rows);
+                let stats = Arc::clone(&self.stats);
                 let read = read();
                 runtime.spawn(async move {
-                    if let Some(read) = read.await {
-                        rows.store(read.min(u64::MAX - 1), Ordering::Relaxed);
-                    }
+                    let read = read.await;
+                    stats.write().updated(read);
                 });
             }
         }
-        let rows = self.rows.load(Ordering::Relaxed);
-        (rows != u64::MAX).then_some(rows)
+        self.stats.read().clone()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use super::*;
 
+    fn stats(rows: Option<u64>, indexed: &[&str]) -> TableStats {
+        TableStats {
+            rows,
+            indexed: (!indexed.is_empty())
+                .then(|| Arc::new(indexed.iter().map(|c| c.to_string()).collect())),
+        }
+    }
+
     #[tokio::test]
-    async fn a_row_estimate_is_read_again_once_it_is_old() {
+    async fn table_stats_are_read_again_once_they_are_old() {
         let reads = Arc::new(AtomicU64::new(0));
-        let read = |answer: Option<u64>| {
+        let read = |answer: TableStats| {
             let reads = Arc::clone(&reads);
             move || {
                 reads.fetch_add(1, Ordering::Relaxed);
@@ -430,38 +461,52 @@ mod tests {
         };
         let reads_made = || reads.load(Ordering::Relaxed);
         let settle = || tokio::time::sleep(Duration::from_millis(20));
-        let estimate = RowEstimate::new(Some(10), Duration::from_millis(100));
-        // Fresh: answered as it is, nothing read.
-        assert_eq!(estimate.current(read(Some(99))), Some(10));
+        let old = || tokio::time::sleep(Duration::from_millis(120));
+        let reread = Reread::new(stats(Some(10), &["id"]), Duration::from_millis(100));
+        // Fresh: answered as they are, nothing read.
+        assert_eq!(
+            reread.current(read(stats(Some(99), &[]))),
+            stats(Some(10), &["id"])
+        );
         settle().await;
-        assert_eq!(estimate.current(read(Some(99))), Some(10));
+        assert_eq!(
+            reread.current(read(stats(Some(99), &[]))),
+            stats(Some(10), &["id"])
+        );
         assert_eq!(reads_made(), 0);
-        // Old: answered as it is while it is read again, then replaced,
-        // and fresh again.
-        tokio::time::sleep(Duration::from_millis(120)).await;
-        assert_eq!(estimate.current(read(Some(1000))), Some(10));
+        // Old: answered as they are while they are read again, then
+        // replaced (an index made since included), and fresh again.
+        old().await;
+        let grown = stats(Some(1000), &["id", "parent"]);
+        assert_eq!(
+            reread.current(read(grown.clone())),
+            stats(Some(10), &["id"])
+        );
         settle().await;
-        assert_eq!(estimate.current(read(Some(5))), Some(1000));
+        assert_eq!(reread.current(read(stats(Some(5), &[]))), grown);
         assert_eq!(reads_made(), 1);
-        // A read that fails keeps the estimate before it.
-        tokio::time::sleep(Duration::from_millis(120)).await;
-        assert_eq!(estimate.current(read(None)), Some(1000));
+        // A read that fails keeps what the one before told.
+        old().await;
+        assert_eq!(reread.current(read(stats(None, &[]))), grown);
         settle().await;
-        assert_eq!(estimate.current(read(Some(7))), Some(1000));
+        assert_eq!(reread.current(read(stats(Some(7), &[]))), grown);
         assert_eq!(reads_made(), 2);
         // Unknown when opened: learned by the next read.
-        let unknown = RowEstimate::new(None, Duration::ZERO);
-        assert_eq!(unknown.current(read(Some(3))), None);
+        let unknown = Reread::new(TableStats::default(), Duration::ZERO);
+        assert_eq!(
+            unknown.current(read(stats(Some(3), &[]))),
+            TableStats::default()
+        );
         settle().await;
-        assert_eq!(unknown.current(read(Some(4))), Some(3));
-        // Without a runtime to read on, it is answered as it is.
-        let estimate = Arc::new(RowEstimate::new(Some(8), Duration::ZERO));
+        assert_eq!(unknown.current(read(stats(Some(4), &[]))).rows, Some(3));
+        // Without a runtime to read on, they are answered as they are.
+        let reread = Arc::new(Reread::new(stats(Some(8), &[]), Duration::ZERO));
         let answered = std::thread::spawn({
-            let estimate = Arc::clone(&estimate);
-            move || estimate.current(|| async { Some(9) })
+            let reread = Arc::clone(&reread);
+            move || reread.current(|| async { stats(Some(9), &[]) })
         })
         .join()
         .unwrap();
-        assert_eq!(answered, Some(8));
+        assert_eq!(answered.rows, Some(8));
     }
 }

@@ -1258,7 +1258,7 @@ async fn sqlite_is_sent_the_joins_an_index_serves() {
              JOIN depot.stock s ON s.s_part = p.p_id WHERE s.qty = 7",
             true,
         ),
-        // An outer join looks up the side that may lack matches.
+        // An outer join looks up its right side.
         (
             "SELECT count(*) AS n, count(p.p_name) AS named FROM depot.stock s
              LEFT JOIN depot.keyed_parts p ON p.p_id = s.s_part",
