@@ -39,7 +39,7 @@ pub struct RemoteTable {
     read_as_text: HashSet<String>,
     /// What the source tells of the table for planning (see
     /// [`RemoteTable::stats`]).
-    stats: Reread,
+    stats: LiveStats,
     /// The columns whose join keys compare in the source as here.
     key_columns: KeyColumns,
 }
@@ -88,7 +88,7 @@ impl RemoteTable {
             Err(error) => return Err(error.to_string()),
         };
 
-        let stats = Reread::new(TableStats::read(&source, &remote).await, STATS_REREAD);
+        let stats = LiveStats::new(TableStats::read(&source, &remote).await, STATS_REREAD);
         Ok(Self {
             source,
             product,
@@ -377,8 +377,8 @@ impl TableStats {
         }
     }
 
-    /// `self` where `read` tells nothing: a read that fails keeps what the
-    /// one before told.
+    /// Takes what `read` tells; what it does not (a read that failed)
+    /// stays as the read before told it.
     fn updated(&mut self, read: TableStats) {
         if read.rows.is_some() {
             self.rows = read.rows;
@@ -392,7 +392,7 @@ impl TableStats {
 /// A table's statistics, read again in the background when they are asked
 /// for after they are `every` old.
 #[derive(Debug)]
-struct Reread {
+struct LiveStats {
     /// Shared with the read running in the background.
     stats: Arc<parking_lot::RwLock<TableStats>>,
     /// When the statistics were last read (or a read was started).
@@ -400,7 +400,7 @@ struct Reread {
     every: Duration,
 }
 
-impl Reread {
+impl LiveStats {
     fn new(stats: TableStats, every: Duration) -> Self {
         Self {
             stats: Arc::new(parking_lot::RwLock::new(stats)),
@@ -462,15 +462,15 @@ mod tests {
         let reads_made = || reads.load(Ordering::Relaxed);
         let settle = || tokio::time::sleep(Duration::from_millis(20));
         let old = || tokio::time::sleep(Duration::from_millis(120));
-        let reread = Reread::new(stats(Some(10), &["id"]), Duration::from_millis(100));
+        let live = LiveStats::new(stats(Some(10), &["id"]), Duration::from_millis(100));
         // Fresh: answered as they are, nothing read.
         assert_eq!(
-            reread.current(read(stats(Some(99), &[]))),
+            live.current(read(stats(Some(99), &[]))),
             stats(Some(10), &["id"])
         );
         settle().await;
         assert_eq!(
-            reread.current(read(stats(Some(99), &[]))),
+            live.current(read(stats(Some(99), &[]))),
             stats(Some(10), &["id"])
         );
         assert_eq!(reads_made(), 0);
@@ -478,21 +478,18 @@ mod tests {
         // replaced (an index made since included), and fresh again.
         old().await;
         let grown = stats(Some(1000), &["id", "parent"]);
-        assert_eq!(
-            reread.current(read(grown.clone())),
-            stats(Some(10), &["id"])
-        );
+        assert_eq!(live.current(read(grown.clone())), stats(Some(10), &["id"]));
         settle().await;
-        assert_eq!(reread.current(read(stats(Some(5), &[]))), grown);
+        assert_eq!(live.current(read(stats(Some(5), &[]))), grown);
         assert_eq!(reads_made(), 1);
         // A read that fails keeps what the one before told.
         old().await;
-        assert_eq!(reread.current(read(stats(None, &[]))), grown);
+        assert_eq!(live.current(read(stats(None, &[]))), grown);
         settle().await;
-        assert_eq!(reread.current(read(stats(Some(7), &[]))), grown);
+        assert_eq!(live.current(read(stats(Some(7), &[]))), grown);
         assert_eq!(reads_made(), 2);
         // Unknown when opened: learned by the next read.
-        let unknown = Reread::new(TableStats::default(), Duration::ZERO);
+        let unknown = LiveStats::new(TableStats::default(), Duration::ZERO);
         assert_eq!(
             unknown.current(read(stats(Some(3), &[]))),
             TableStats::default()
@@ -500,10 +497,10 @@ mod tests {
         settle().await;
         assert_eq!(unknown.current(read(stats(Some(4), &[]))).rows, Some(3));
         // Without a runtime to read on, they are answered as they are.
-        let reread = Arc::new(Reread::new(stats(Some(8), &[]), Duration::ZERO));
+        let live = Arc::new(LiveStats::new(stats(Some(8), &[]), Duration::ZERO));
         let answered = std::thread::spawn({
-            let reread = Arc::clone(&reread);
-            move || reread.current(|| async { stats(Some(9), &[]) })
+            let live = Arc::clone(&live);
+            move || live.current(|| async { stats(Some(9), &[]) })
         })
         .join()
         .unwrap();
