@@ -586,6 +586,13 @@ pub(crate) fn filtered(rows: u64) -> u64 {
     ((rows as f64 * FILTER_KEEPS).ceil() as u64).max(1)
 }
 
+/// About how many of a table's `rows` a scan reads, with filters or not
+/// and up to a limit.
+pub(crate) fn scanned(rows: u64, filters: bool, limit: Option<usize>) -> u64 {
+    let rows = if filters { filtered(rows) } else { rows };
+    limit.map_or(rows, |limit| rows.min(limit as u64))
+}
+
 /// About how many rows `plan` answers, from the rows of its tables
 /// (`leaves`): enough to tell a dimension table's few rows, or a
 /// selective filter's, from a fact table's many when a join chooses the
@@ -603,13 +610,7 @@ fn estimated_rows(plan: &LogicalPlan, leaves: &[Leaf]) -> Option<u64> {
     Some(match plan {
         LogicalPlan::TableScan(scan) => {
             let leaf = leaves.iter().find(|leaf| leaf.table == scan.table_name)?;
-            let rows = leaf.rows?;
-            let rows = if scan.filters.is_empty() {
-                rows
-            } else {
-                filtered(rows)
-            };
-            scan.fetch.map_or(rows, |fetch| rows.min(fetch as u64))
+            scanned(leaf.rows?, !scan.filters.is_empty(), scan.fetch)
         }
         LogicalPlan::Filter(_) => filtered(input(plan)?),
         LogicalPlan::Aggregate(aggregate) if aggregate.group_expr.is_empty() => 1,

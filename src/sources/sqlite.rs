@@ -70,11 +70,7 @@ impl SqliteSource {
     /// the catalog cannot be read.
     pub(super) async fn indexed_columns(&self, table: &[String]) -> Option<HashSet<String>> {
         let path = self.path.clone();
-        let (schema, name) = match table {
-            [name] => ("main".to_string(), name.clone()),
-            [schema, name] => (schema.clone(), name.clone()),
-            _ => return None,
-        };
+        let (schema, name) = schema_and_name(table)?;
         tokio::task::spawn_blocking(move || {
             let connection = Self::open(&path).ok()?;
             let mut statement = connection
@@ -105,11 +101,8 @@ impl SqliteSource {
         let table = table.to_vec();
         tokio::task::spawn_blocking(move || {
             let connection = Self::open(&path)?;
-            let (schema, name) = match table.as_slice() {
-                [name] => ("main".to_string(), name.clone()),
-                [schema, name] => (schema.clone(), name.clone()),
-                _ => return Err(format!("`{}` is not a SQLite table name", table.join("."))),
-            };
+            let (schema, name) = schema_and_name(&table)
+                .ok_or_else(|| format!("`{}` is not a SQLite table name", table.join(".")))?;
             let mut statement = connection
                 .prepare("SELECT name, type FROM pragma_table_info(?1, ?2) ORDER BY cid")
                 .map_err(|e| e.to_string())?;
@@ -170,6 +163,16 @@ impl SqliteSource {
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+    }
+}
+
+/// The schema (`main` when not named) and the name of a table named by
+/// `table`'s one or two parts.
+fn schema_and_name(table: &[String]) -> Option<(String, String)> {
+    match table {
+        [name] => Some(("main".to_string(), name.clone())),
+        [schema, name] => Some((schema.clone(), name.clone())),
+        _ => None,
     }
 }
 

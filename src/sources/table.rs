@@ -307,14 +307,10 @@ impl TableProvider for RemoteTable {
         } else {
             Arc::clone(&read)
         };
-        let rows = self.stats().rows.map(|rows| {
-            let rows = if sent.is_empty() {
-                rows
-            } else {
-                super::pushdown::filtered(rows)
-            };
-            limit.map_or(rows, |limit| rows.min(limit as u64))
-        });
+        let rows = self
+            .stats()
+            .rows
+            .map(|rows| super::pushdown::scanned(rows, !sent.is_empty(), limit));
         let exec: Arc<dyn ExecutionPlan> = Arc::new(
             RemoteExec::new(
                 Arc::clone(&self.source),
