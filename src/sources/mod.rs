@@ -39,6 +39,16 @@ use crate::config::{SourceOptions, StorageConfig};
 /// the product's schema.
 pub(crate) const READ_AS_TEXT: &str = "meshgate.read_as_text";
 
+/// How a SQLite table numbers its rows (see [`Source::rowid`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rowid {
+    /// The name SQL reads the rowid by: `rowid`, or `_rowid_` or `oid`
+    /// where a column takes that name.
+    pub(crate) name: &'static str,
+    /// The column that is the rowid (an `INTEGER PRIMARY KEY`), if any.
+    pub(crate) key: Option<String>,
+}
+
 /// The SQL dialect a source speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -271,6 +281,19 @@ impl Source {
             return None;
         };
         tokio::time::timeout(self.options.connect_timeout, sqlite.indexed_columns(table))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// How `table` numbers its rows, where the source is SQLite and the
+    /// table has rowids: its rows can then be read in ranges of rowids,
+    /// each a seek and a scan of part of the table.
+    pub(crate) async fn rowid(&self, table: &[String]) -> Option<Rowid> {
+        let Driver::Sqlite(sqlite) = &self.driver else {
+            return None;
+        };
+        tokio::time::timeout(self.options.connect_timeout, sqlite.rowid(table))
             .await
             .ok()
             .flatten()

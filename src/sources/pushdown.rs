@@ -138,6 +138,13 @@ struct Leaf {
     /// The columns the source finds the table's rows by, where it needs
     /// them to join (see [`join_served`]); `None` where it does not.
     indexed: Option<Arc<HashSet<String>>>,
+    /// What replaces the name in the SQL sent for each part, where the
+    /// table is read in parts (see [`RemoteTable::sent_in_parts`]); empty
+    /// where it is read whole.
+    parts: Vec<TableFactor>,
+    /// The column that is the table's rowid, which a condition on the
+    /// rowid's range leaves to narrow the rows read as it did.
+    rowid_key: Option<String>,
 }
 
 /// Nodes whose whole subtree can be sent to one source.
@@ -254,6 +261,11 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
         let alias = scan.table_name.table();
         let sent = parse_factor(&table.sent_from(alias), dialect)?;
         let stats = table.stats();
+        let parts = table
+            .sent_in_parts(alias, &stats)
+            .iter()
+            .map(|part| parse_factor(part, dialect))
+            .collect::<Option<_>>()?;
         return Some(Group {
             source: Arc::clone(&table.source),
             leaves: vec![Leaf {
@@ -264,6 +276,8 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
                 product: table.product.clone(),
                 rows: stats.rows,
                 indexed: stats.indexed,
+                parts,
+                rowid_key: stats.rowid.and_then(|rowid| rowid.key),
             }],
         });
     }
@@ -295,26 +309,39 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
         }
     }
     let read = table.remote.last().map_or("t", String::as_str);
-    let mut fence = format!(
-        "SELECT {} FROM {}",
-        select.join(", "),
-        table.sent_from(read)
-    );
+    let mut fenced = String::new();
     if let Some(filter) = row_filter {
         if !expr_pushable(filter, &columns_schema, dialect) {
             return None;
         }
         let filter = super::collation::for_source(filter.clone(), schema, dialect).ok()?;
         let sql = unparser.expr_to_sql(&filter).ok()?;
-        fence.push_str(&format!(" WHERE {sql}"));
+        fenced.push_str(&format!(" WHERE {sql}"));
         match dialect {
-            Dialect::Postgres => fence.push_str(" OFFSET 0"),
-            Dialect::Sqlite => fence.push_str(" LIMIT -1 OFFSET 0"),
+            Dialect::Postgres => fenced.push_str(" OFFSET 0"),
+            Dialect::Sqlite => fenced.push_str(" LIMIT -1 OFFSET 0"),
             Dialect::FlightSql => {}
         }
     }
     let alias = quote(scan.table_name.table());
-    let sent = parse_factor(&format!("({fence}) AS {alias}"), dialect)?;
+    let fence = |from: &str| {
+        let select = select.join(", ");
+        parse_factor(
+            &format!("(SELECT {select} FROM {from}{fenced}) AS {alias}"),
+            dialect,
+        )
+    };
+    let sent = fence(&table.sent_from(read))?;
+    // Under a row filter the table is read whole: how many parts it is
+    // read in would tell the caller how large it is.
+    let parts = match row_filter {
+        Some(_) => Vec::new(),
+        None => table
+            .sent_in_parts(read, &stats)
+            .iter()
+            .map(|part| fence(part))
+            .collect::<Option<_>>()?,
+    };
     let shown = parse_factor(
         &format!(
             "{} AS {alias}",
@@ -354,6 +381,8 @@ fn leaf_group(scan: &TableScan) -> Option<Group> {
                     .collect();
                 Arc::new(usable)
             }),
+            parts,
+            rowid_key: stats.rowid.and_then(|rowid| rowid.key),
         }],
     })
 }
@@ -521,6 +550,9 @@ pub(crate) struct RemoteQuery {
     rows: Option<u64>,
     /// Whether the statement reads more than one table.
     joins: bool,
+    /// The statements that read it in parts, each a part of its table, to
+    /// run at once; empty where it is read by `sql` whole.
+    parts: Vec<String>,
 }
 
 impl PartialEq for RemoteQuery {
@@ -561,6 +593,7 @@ impl RemoteQuery {
             )));
         }
         let sent = replace_leaves(statement.clone(), &group.leaves, |l| &l.sent)?;
+        let parts = statements_in_parts(plan, &group.leaves, &statement)?;
         let shown = replace_leaves(statement, &group.leaves, |l| &l.shown)?;
         let mut products: Vec<&str> = group.leaves.iter().map(|l| l.product.as_str()).collect();
         products.sort_unstable();
@@ -573,8 +606,70 @@ impl RemoteQuery {
             schema: Arc::clone(plan.schema()),
             rows: estimated_rows(plan, &group.leaves),
             joins: group.leaves.len() > 1,
+            parts,
         })
     }
+}
+
+/// The statements that read `plan` in parts, one for each part of its
+/// table (see [`RemoteTable::sent_in_parts`]), from `statement` as written
+/// with the table's name: where `plan` reads one table and only filters
+/// and projects its rows, so that the parts' answers together are the
+/// whole's; and where no index SQLite could narrow the rows read by (for a
+/// filter of the plan, or for join keys sent later on a column it answers)
+/// would give way to a scan of a range of rowids. Empty otherwise.
+fn statements_in_parts(
+    plan: &LogicalPlan,
+    leaves: &[Leaf],
+    statement: &Statement,
+) -> Result<Vec<String>> {
+    let [leaf] = leaves else {
+        return Ok(Vec::new());
+    };
+    let Some(indexed) = leaf.indexed.as_deref().filter(|_| !leaf.parts.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    // The columns the statement answers (join keys may be sent on any)
+    // and those its expressions read.
+    let mut columns: Vec<String> = plan
+        .schema()
+        .fields()
+        .iter()
+        .map(|field| field.name().clone())
+        .collect();
+    let mut whole = false;
+    plan.apply(|node| {
+        let read = |exprs: &[Expr], columns: &mut Vec<String>| {
+            let refs = exprs.iter().flat_map(|expr| expr.column_refs());
+            columns.extend(refs.map(|column| column.name.clone()));
+        };
+        Ok(match node {
+            LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {
+                read(&node.expressions(), &mut columns);
+                TreeNodeRecursion::Continue
+            }
+            LogicalPlan::TableScan(scan) => {
+                whole |= scan.fetch.is_some();
+                read(&scan.filters, &mut columns);
+                TreeNodeRecursion::Continue
+            }
+            _ => {
+                whole = true;
+                TreeNodeRecursion::Stop
+            }
+        })
+    })?;
+    let narrows =
+        |column: &String| indexed.contains(column) && leaf.rowid_key.as_ref() != Some(column);
+    whole |= columns.iter().any(narrows);
+    if whole {
+        return Ok(Vec::new());
+    }
+    (0..leaf.parts.len())
+        .map(|part| {
+            replace_leaves(statement.clone(), leaves, |l| &l.parts[part]).map(|s| s.to_string())
+        })
+        .collect()
 }
 
 /// The share of a table's rows a filter is taken to keep, where nothing
@@ -1036,7 +1131,8 @@ impl ExtensionPlanner for SourcePlanner {
                 Arc::new(query.schema.as_arrow().clone()),
             )
             .with_estimated_rows(query.rows)
-            .with_keys_fenced(query.joins && query.source.dialect == Dialect::Sqlite),
+            .with_keys_fenced(query.joins && query.source.dialect == Dialect::Sqlite)
+            .with_parts(query.parts.clone()),
         )))
     }
 }
@@ -1077,6 +1173,9 @@ pub struct RemoteExec {
     /// Whether the source applies the keys to what the statement answers
     /// rather than plan them into it (see [`RemoteExec::with_keys_fenced`]).
     keys_fenced: bool,
+    /// The statements that read `sql`'s answer in parts, one a partition
+    /// (see [`RemoteExec::with_parts`]); empty where `sql` is run whole.
+    parts: Vec<String>,
 }
 
 /// How long a statement waits for the joins above it to have their keys.
@@ -1112,7 +1211,23 @@ impl RemoteExec {
             rows: None,
             key_columns,
             keys_fenced: false,
+            parts: Vec::new(),
         }
+    }
+
+    /// Read in `parts`, statements whose answers together are `sql`'s, run
+    /// at once, one a partition.
+    pub(crate) fn with_parts(mut self, parts: Vec<String>) -> Self {
+        if parts.len() > 1 {
+            let properties = self
+                .properties
+                .as_ref()
+                .clone()
+                .with_partitioning(Partitioning::UnknownPartitioning(parts.len()));
+            self.properties = Arc::new(properties);
+            self.parts = parts;
+        }
+        self
     }
 
     /// With the keys applied to what the statement answers. SQLite plans a
@@ -1145,7 +1260,7 @@ impl RemoteExec {
         node.rows = self.rows;
         node.key_columns = self.key_columns.clone();
         node.keys_fenced = self.keys_fenced;
-        node
+        node.with_parts(self.parts.clone())
     }
 
     /// With an estimate of the rows the statement answers, for the joins
@@ -1192,15 +1307,20 @@ impl RemoteExec {
         statement
     }
 
-    /// The statement sent, policies included, and once it was sent the
-    /// join keys it carried (for administrators' EXPLAIN).
+    /// The statement sent (each part's, where the table is read in parts),
+    /// policies included, and once it was sent the join keys it carried
+    /// (for administrators' EXPLAIN).
     pub fn sql(&self) -> String {
-        match self.sent.get() {
+        let sent = |sql: &String| match self.sent.get() {
             Some(Some(condition)) => {
-                condition.wrap(&self.sql, &self.schema, &self.key_columns, self.keys_fenced)
+                condition.wrap(sql, &self.schema, &self.key_columns, self.keys_fenced)
             }
-            _ => self.sql.clone(),
+            _ => sql.clone(),
+        };
+        if self.parts.is_empty() {
+            return sent(&self.sql);
         }
+        self.parts.iter().map(sent).collect::<Vec<_>>().join("; ")
     }
 }
 
@@ -1211,6 +1331,9 @@ impl DisplayAs for RemoteExec {
             "RemoteExec: source={} sql={}",
             self.source.name, self.shown
         )?;
+        if !self.parts.is_empty() {
+            write!(f, ", read in {} parts by rowid", self.parts.len())?;
+        }
         if let Some(Some(condition)) = self.sent.get() {
             write!(f, ", join keys sent=[{}]", condition.summary(&self.schema))?;
         }
@@ -1293,26 +1416,26 @@ impl ExecutionPlan for RemoteExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        if partition != 0 {
-            return Err(DataFusionError::Internal(format!(
-                "RemoteExec has one partition, not {partition}"
-            )));
-        }
+        let sql = match self.parts.get(partition) {
+            Some(part) => part.clone(),
+            None if partition == 0 && self.parts.is_empty() => self.sql.clone(),
+            None => {
+                return Err(DataFusionError::Internal(format!(
+                    "RemoteExec has no partition {partition}"
+                )));
+            }
+        };
         let token = context
             .session_config()
             .get_extension::<ForwardedToken>()
             .map(|t| t.as_ref().clone());
         let stream: SendableRecordBatchStream = if self.join_filters.is_empty() {
             let _ = self.sent.set(None);
-            self.source.execute(
-                self.sql.clone(),
-                Arc::clone(&self.schema),
-                &self.products,
-                token,
-            )
+            self.source
+                .execute(sql, Arc::clone(&self.schema), &self.products, token)
         } else {
             let statement = Self::statement(
-                self.sql.clone(),
+                sql,
                 Arc::clone(&self.schema),
                 self.join_filters.clone(),
                 self.key_columns.clone(),
@@ -1368,12 +1491,19 @@ impl ExecutionPlan for RemoteExec {
     fn statistics_from_inputs(
         &self,
         _input_stats: &[Arc<Statistics>],
-        _args: &StatisticsArgs,
+        args: &StatisticsArgs,
     ) -> Result<Arc<Statistics>> {
         let mut statistics = Statistics::new_unknown(&self.schema);
+        // A part reads about its share.
+        let rows = match args.partition() {
+            Some(_) if !self.parts.is_empty() => {
+                self.rows.map(|rows| rows.div_ceil(self.parts.len() as u64))
+            }
+            _ => self.rows,
+        };
         // Rounded as a policy barrier rounds its estimate: the rows of a
         // table read under a row filter are not the caller's to learn.
-        if let Some(rows) = self.rows.and_then(|rows| usize::try_from(rows).ok()) {
+        if let Some(rows) = rows.and_then(|rows| usize::try_from(rows).ok()) {
             statistics.num_rows = Precision::Inexact(crate::policy::coarse(rows));
         }
         Ok(Arc::new(statistics))

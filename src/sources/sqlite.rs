@@ -18,7 +18,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::mpsc;
 
 use super::convert::{BATCH_ROWS, conform};
-use super::{Cause, Discovery, SourceError};
+use super::{Cause, Discovery, Rowid, SourceError};
 
 pub(super) struct SqliteSource {
     path: PathBuf,
@@ -49,19 +49,37 @@ impl SqliteSource {
     /// end of its b-tree. `None` for a view or a table without rowids.
     pub(super) async fn table_rows(&self, table: &[String]) -> Option<u64> {
         let path = self.path.clone();
-        let name = super::quoted_name(table);
+        let table = table.to_vec();
         tokio::task::spawn_blocking(move || {
             let connection = Self::open(&path).ok()?;
+            let rowid = rowid_of(&connection, &table)?;
             let rows: Option<i64> = connection
-                .query_row(&format!("SELECT max(rowid) FROM {name}"), [], |row| {
-                    row.get(0)
-                })
+                .query_row(
+                    &format!(
+                        "SELECT max({}) FROM {}",
+                        rowid.name,
+                        super::quoted_name(&table)
+                    ),
+                    [],
+                    |row| row.get(0),
+                )
                 .ok()?;
             Some(rows.unwrap_or(0).max(0) as u64)
         })
         .await
         .ok()
         .flatten()
+    }
+
+    /// How `table`'s rows are numbered: `None` for a view or a table
+    /// without rowids.
+    pub(super) async fn rowid(&self, table: &[String]) -> Option<Rowid> {
+        let path = self.path.clone();
+        let table = table.to_vec();
+        tokio::task::spawn_blocking(move || rowid_of(&Self::open(&path).ok()?, &table))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The columns of `table` that SQLite can find its rows by: the first
@@ -174,6 +192,52 @@ fn schema_and_name(table: &[String]) -> Option<(String, String)> {
         [schema, name] => Some((schema.clone(), name.clone())),
         _ => None,
     }
+}
+
+/// How the rows of `table` are numbered, where it is a table with rowids:
+/// the first of SQLite's names for the rowid that no column of the table
+/// takes (a column named `rowid` hides the rowid under that name), and the
+/// column that is the rowid itself (an `INTEGER PRIMARY KEY`), if any.
+fn rowid_of(connection: &Connection, table: &[String]) -> Option<Rowid> {
+    let (schema, name) = schema_and_name(table)?;
+    let (kind, without_rowid): (String, bool) = connection
+        .query_row(
+            "SELECT type, wr FROM pragma_table_list WHERE name = ?1 AND schema = ?2",
+            [&name, &schema],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .ok()?;
+    if kind != "table" || without_rowid {
+        return None;
+    }
+    let mut statement = connection
+        .prepare("SELECT name, type, pk FROM pragma_table_info(?1, ?2)")
+        .ok()?;
+    let columns = statement
+        .query_map([&name, &schema], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })
+        .ok()?
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    let rowid_name = ["rowid", "_rowid_", "oid"].into_iter().find(|candidate| {
+        !columns
+            .iter()
+            .any(|(column, ..)| column.eq_ignore_ascii_case(candidate))
+    })?;
+    let keys: Vec<&(String, String, i64)> = columns.iter().filter(|(.., pk)| *pk > 0).collect();
+    let key = match keys.as_slice() {
+        [(column, declared, _)] if declared.eq_ignore_ascii_case("INTEGER") => Some(column.clone()),
+        _ => None,
+    };
+    Some(Rowid {
+        name: rowid_name,
+        key,
+    })
 }
 
 fn stream_rows(
@@ -438,5 +502,54 @@ mod tests {
         assert_eq!(indexed("two_keys").await, ["k"]);
         let qualified = vec!["main".to_string(), "t".to_string()];
         assert!(source.indexed_columns(&qualified).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn rowids_are_read_by_a_name_no_column_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rowid.sqlite");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE plain (a INTEGER, b TEXT);
+                 CREATE TABLE keyed (id integer PRIMARY KEY, b TEXT);
+                 CREATE TABLE big_key (id BIGINT PRIMARY KEY, b TEXT);
+                 CREATE TABLE shadow (RowId INTEGER, b TEXT);
+                 CREATE TABLE shadows (rowid INTEGER, _rowid_ INTEGER, b TEXT);
+                 CREATE TABLE all_shadowed (rowid INTEGER, _rowid_ INTEGER, oid INTEGER);
+                 CREATE TABLE wide (k INTEGER PRIMARY KEY, v TEXT) WITHOUT ROWID;
+                 CREATE VIEW seen AS SELECT * FROM plain;
+                 INSERT INTO plain VALUES (1, 'x'), (2, 'y'), (7, 'z');
+                 INSERT INTO shadow (RowId, b) VALUES (9, 'x'), (8, 'y');",
+            )
+            .unwrap();
+        let source = SqliteSource::new(path);
+        let table = |name: &str| vec![name.to_string()];
+        let rowid = |name: &'static str, key: Option<&str>| {
+            Some(Rowid {
+                name,
+                key: key.map(str::to_string),
+            })
+        };
+        assert_eq!(source.rowid(&table("plain")).await, rowid("rowid", None));
+        assert_eq!(
+            source.rowid(&table("keyed")).await,
+            rowid("rowid", Some("id"))
+        );
+        // Only `INTEGER` itself makes a key the rowid.
+        assert_eq!(source.rowid(&table("big_key")).await, rowid("rowid", None));
+        assert_eq!(source.rowid(&table("shadow")).await, rowid("_rowid_", None));
+        assert_eq!(source.rowid(&table("shadows")).await, rowid("oid", None));
+        assert_eq!(source.rowid(&table("all_shadowed")).await, None);
+        assert_eq!(source.rowid(&table("wide")).await, None);
+        assert_eq!(source.rowid(&table("seen")).await, None);
+        assert_eq!(source.rowid(&table("missing")).await, None);
+        let qualified = vec!["main".to_string(), "plain".to_string()];
+        assert_eq!(source.rowid(&qualified).await, rowid("rowid", None));
+        // Row counts by the rowid, not by a column that takes its name;
+        // none for a view, which has no rowids of its own.
+        assert_eq!(source.table_rows(&table("plain")).await, Some(3));
+        assert_eq!(source.table_rows(&table("shadow")).await, Some(2));
+        assert_eq!(source.table_rows(&table("seen")).await, None);
     }
 }

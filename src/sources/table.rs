@@ -19,7 +19,7 @@ use datafusion::sql::unparser::Unparser;
 use super::alike::expr_pushable;
 use super::join_keys::KeyColumns;
 use super::pushdown::RemoteExec;
-use super::{Dialect, Discovery, Source, quoted_name, table_parts};
+use super::{Dialect, Discovery, Rowid, Source, quoted_name, table_parts};
 use crate::catalog::{PolicyColumn, check_contract, with_policy_columns};
 use crate::config::ColumnContract;
 use crate::policy::unqualified;
@@ -137,6 +137,12 @@ impl RemoteTable {
     /// `text` (a `char(n)` without its padding), and compare the same in
     /// both places.
     pub(crate) fn sent_from(&self, alias: &str) -> String {
+        self.sent_from_where(alias, None)
+    }
+
+    /// [`RemoteTable::sent_from`], the table's rows kept to those that
+    /// meet `condition` (SQL of the source's table, not of `alias`).
+    fn sent_from_where(&self, alias: &str, condition: Option<&str>) -> String {
         let table = quoted_name(&self.remote);
         let alias = quoted_name(&[alias.to_string()]);
         let read = |field: &Field| -> Option<String> {
@@ -155,8 +161,12 @@ impl RemoteTable {
             }
         };
         let fields = self.schema.fields();
+        let filter = condition.map(|c| format!(" WHERE {c}")).unwrap_or_default();
         if fields.iter().all(|field| read(field).is_none()) {
-            return format!("{table} AS {alias}");
+            return match condition {
+                None => format!("{table} AS {alias}"),
+                Some(_) => format!("(SELECT * FROM {table}{filter}) AS {alias}"),
+            };
         }
         let columns: Vec<String> = fields
             .iter()
@@ -164,7 +174,28 @@ impl RemoteTable {
                 read(field).unwrap_or_else(|| quoted_name(std::slice::from_ref(field.name())))
             })
             .collect();
-        format!("(SELECT {} FROM {table}) AS {alias}", columns.join(", "))
+        format!(
+            "(SELECT {} FROM {table}{filter}) AS {alias}",
+            columns.join(", ")
+        )
+    }
+
+    /// The table read in parts that together read each row once, each part
+    /// as [`RemoteTable::sent_from`] reads the whole: where the source is
+    /// SQLite, which runs a statement on one thread, and the table is large
+    /// enough, the parts are ranges of its rowids, which SQLite seeks to in
+    /// its b-tree, so that statements reading the parts at once each scan a
+    /// share of the table. `stats` are the table's; empty where the table
+    /// is read whole.
+    pub(crate) fn sent_in_parts(&self, alias: &str, stats: &TableStats) -> Vec<String> {
+        let (Some(rowid), Some(rows)) = (&stats.rowid, stats.rows) else {
+            return Vec::new();
+        };
+        let parts = rowid_ranges(rowid.name, rows, read_parts());
+        parts
+            .iter()
+            .map(|condition| self.sent_from_where(alias, Some(condition)))
+            .collect()
     }
 }
 
@@ -290,13 +321,40 @@ impl TableProvider for RemoteTable {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut sql = format!("SELECT {columns} FROM {}", self.sent_from(self.name()));
-        if !sent.is_empty() {
-            sql.push_str(&format!(" WHERE {}", sent.join(" AND ")));
-        }
-        if let Some(limit) = limit.filter(|_| kept.is_empty() && self.source.options.pushdown) {
-            sql.push_str(&format!(" LIMIT {limit}"));
-        }
+        let statement = |from: &str| {
+            let mut sql = format!("SELECT {columns} FROM {from}");
+            if !sent.is_empty() {
+                sql.push_str(&format!(" WHERE {}", sent.join(" AND ")));
+            }
+            if let Some(limit) = limit.filter(|_| kept.is_empty() && self.source.options.pushdown) {
+                sql.push_str(&format!(" LIMIT {limit}"));
+            }
+            sql
+        };
+        let sql = statement(&self.sent_from(self.name()));
+        let stats = self.stats();
+        // Read in parts where the source is asked for more than columns,
+        // and where no index could narrow the rows read: by a filter sent,
+        // or by join keys sent later on a column read.
+        let narrowed = stats.indexed.as_deref().is_none_or(|indexed| {
+            let key = stats.rowid.as_ref().and_then(|rowid| rowid.key.as_ref());
+            let read = indices.iter().map(|&i| self.schema.field(i).name());
+            let filtered: Vec<String> = filters
+                .iter()
+                .flat_map(|filter| filter.column_refs())
+                .map(|column| column.name.clone())
+                .collect();
+            read.chain(filtered.iter())
+                .any(|column| indexed.contains(column) && key != Some(column))
+        });
+        let parts: Vec<String> = if !self.source.options.pushdown || limit.is_some() || narrowed {
+            Vec::new()
+        } else {
+            self.sent_in_parts(self.name(), &stats)
+                .iter()
+                .map(|from| statement(from))
+                .collect()
+        };
         let exec_schema = if indices.is_empty() {
             // `SELECT 1`: one placeholder column, dropped below.
             Arc::new(Schema::new(vec![Field::new(
@@ -307,8 +365,7 @@ impl TableProvider for RemoteTable {
         } else {
             Arc::clone(&read)
         };
-        let rows = self
-            .stats()
+        let rows = stats
             .rows
             .map(|rows| super::pushdown::scanned(rows, !sent.is_empty(), limit));
         let exec: Arc<dyn ExecutionPlan> = Arc::new(
@@ -320,7 +377,8 @@ impl TableProvider for RemoteTable {
                 exec_schema,
             )
             .with_estimated_rows(rows)
-            .with_key_columns(self.key_columns.clone()),
+            .with_key_columns(self.key_columns.clone())
+            .with_parts(parts),
         );
         let exec: Arc<dyn ExecutionPlan> = match conjunction(kept) {
             Some(predicate) => {
@@ -352,6 +410,40 @@ impl TableProvider for RemoteTable {
     }
 }
 
+/// The rows a part of a table read in parts holds at least (see
+/// [`RemoteTable::sent_in_parts`]): a part's statement costs a connection
+/// and a thread, worth it when SQLite scans this many rows or more.
+const PART_ROWS: u64 = 100_000;
+
+/// Parts a table is read in at most: one a core, up to 8.
+fn read_parts() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8) as u64)
+}
+
+/// Conditions on `rowid` (the name SQL reads it by) that split the rowids
+/// of a table of about `rows` rows (its largest rowid) into at most
+/// `parts` ranges of at least [`PART_ROWS`]: the first range is open below
+/// and the last above, so the conditions hold for every row between them
+/// once, whatever the table holds now. Empty when the table is not that
+/// large.
+fn rowid_ranges(rowid: &str, rows: u64, parts: u64) -> Vec<String> {
+    let parts = parts.min(rows / PART_ROWS);
+    if parts < 2 {
+        return Vec::new();
+    }
+    let bounds: Vec<u64> = (1..parts).map(|i| rows * i / parts).collect();
+    (0..bounds.len() + 1)
+        .map(
+            |i| match (i.checked_sub(1).map(|j| bounds[j]), bounds.get(i)) {
+                (None, Some(high)) => format!("{rowid} <= {high}"),
+                (Some(low), Some(high)) => format!("{rowid} > {low} AND {rowid} <= {high}"),
+                (Some(low), None) => format!("{rowid} > {low}"),
+                (None, None) => unreachable!("at least two parts"),
+            },
+        )
+        .collect()
+}
+
 /// How long a table's statistics are used before they are read again.
 const STATS_REREAD: Duration = Duration::from_secs(300);
 
@@ -363,6 +455,8 @@ pub(crate) struct TableStats {
     /// The columns the source finds its rows by, where it needs them to
     /// join ([`Source::indexed_columns`]).
     pub(crate) indexed: Option<Arc<HashSet<String>>>,
+    /// How a SQLite table numbers its rows ([`Source::rowid`]).
+    pub(crate) rowid: Option<Rowid>,
 }
 
 impl TableStats {
@@ -370,6 +464,7 @@ impl TableStats {
         Self {
             rows: source.table_rows(table).await,
             indexed: source.indexed_columns(table).await.map(Arc::new),
+            rowid: source.rowid(table).await,
         }
     }
 
@@ -381,6 +476,9 @@ impl TableStats {
         }
         if read.indexed.is_some() {
             self.indexed = read.indexed;
+        }
+        if read.rowid.is_some() {
+            self.rowid = read.rowid;
         }
     }
 }
@@ -442,7 +540,26 @@ mod tests {
             rows,
             indexed: (!indexed.is_empty())
                 .then(|| Arc::new(indexed.iter().map(|c| c.to_string()).collect())),
+            rowid: None,
         }
+    }
+
+    #[test]
+    fn rowid_ranges_read_every_row_once() {
+        assert!(rowid_ranges("rowid", 199_999, 4).is_empty());
+        assert!(rowid_ranges("rowid", 10_000_000, 1).is_empty());
+        assert_eq!(
+            rowid_ranges("rowid", 250_000, 8),
+            ["rowid <= 125000", "rowid > 125000"]
+        );
+        assert_eq!(
+            rowid_ranges("_rowid_", 900_000, 3),
+            [
+                "_rowid_ <= 300000",
+                "_rowid_ > 300000 AND _rowid_ <= 600000",
+                "_rowid_ > 600000"
+            ]
+        );
     }
 
     #[tokio::test]

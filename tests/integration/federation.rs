@@ -1307,3 +1307,174 @@ async fn sqlite_is_sent_the_joins_an_index_serves() {
     }
     server.stop().await;
 }
+
+/// Domain `yard`: SQLite tables of 250 000 rows, each published through a
+/// storage that pushes work down and through one that does not.
+fn yard_domain() -> String {
+    let mut domain = r#"
+name = "yard"
+owner = "yard@acme.example"
+description = "Large SQLite tables"
+
+[storage.lite]
+type = "sqlite"
+path = "../yard.sqlite"
+
+[storage.lite_here]
+type = "sqlite"
+path = "../yard.sqlite"
+pushdown = false
+"#
+    .to_string();
+    push_products(
+        &mut domain,
+        &[
+            ("readings", "lite", "readings"),
+            ("events", "lite", "events"),
+            ("shadowed", "lite", "shadowed"),
+            ("recent", "lite", "recent"),
+            ("guarded", "lite", "readings"),
+            ("masked", "lite", "readings"),
+            ("readings_here", "lite_here", "readings"),
+            ("events_here", "lite_here", "events"),
+            ("shadowed_here", "lite_here", "shadowed"),
+            ("recent_here", "lite_here", "recent"),
+        ],
+    );
+    domain.push_str(
+        r#"
+[[policies]]
+product = "guarded"
+row_filter = "val % 3 = 0"
+
+[[policies]]
+product = "masked"
+columns.note = { mask = "upper(note)" }
+"#,
+    );
+    domain
+}
+
+fn write_yard(path: &Path) {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE readings (kind INTEGER, val INTEGER, note TEXT);
+             CREATE INDEX readings_kind ON readings (kind);
+             CREATE TABLE events (e_id INTEGER PRIMARY KEY, val INTEGER);
+             -- A column that takes the rowid's first name.
+             CREATE TABLE shadowed (rowid INTEGER, val INTEGER);
+             CREATE TABLE recent (val INTEGER);
+             INSERT INTO readings WITH RECURSIVE n(i) AS
+               (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 250000)
+               SELECT i % 1000, i, 'reading ' || i FROM n;
+             -- Rowids with gaps and past the largest's share.
+             INSERT INTO events SELECT val * 3, val FROM readings;
+             INSERT INTO shadowed SELECT 1, val FROM readings;
+             INSERT INTO recent SELECT val FROM readings WHERE val <= 150000;",
+        )
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_sqlite_tables_are_read_in_parts_at_once() {
+    let server = TestServer::start_with(|dir| {
+        std::fs::write(dir.join("domains/yard.toml"), yard_domain()).unwrap();
+        write_yard(&dir.join("yard.sqlite"));
+    })
+    .await;
+    // An administrator, who sees the reads below policies too.
+    let mut ops = server.as_identity("ops", &["platform"], &[]).await;
+    let mut root = server.unrestricted().await;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    // (query, whether it is read in parts): each answers the rows of the
+    // same query read whole, without pushdown.
+    let cases = [
+        // Read and filtered whole: the parts.
+        (
+            "SELECT val, note FROM yard.readings WHERE val % 997 = 5",
+            true,
+        ),
+        (
+            "SELECT e_id, val FROM yard.events WHERE val % 997 = 5",
+            true,
+        ),
+        // The rowid's own column, narrowed by its range.
+        ("SELECT e_id FROM yard.events WHERE e_id > 700000", true),
+        ("SELECT val FROM yard.shadowed WHERE val % 997 = 5", true),
+        // Masks computed in each part.
+        (
+            "SELECT val, note FROM yard.masked WHERE val % 997 = 5",
+            true,
+        ),
+        // Under a row filter: read whole, as the number of parts would
+        // tell how large the table is.
+        ("SELECT val FROM yard.guarded WHERE val % 997 = 5", false),
+        // An index narrows the rows read: read whole.
+        (
+            "SELECT val FROM yard.readings WHERE kind BETWEEN 3 AND 4",
+            false,
+        ),
+        // Join keys may be sent on an indexed column: read whole.
+        (
+            "SELECT kind, val FROM yard.readings WHERE val % 997 = 5",
+            false,
+        ),
+        // The source aggregates, sorts or limits: one statement.
+        (
+            "SELECT val % 13 AS k, count(*) AS n FROM yard.events GROUP BY 1",
+            false,
+        ),
+        (
+            "SELECT val FROM yard.events WHERE val % 997 = 5 ORDER BY val",
+            false,
+        ),
+        // Fewer rows than two parts' worth.
+        ("SELECT val FROM yard.recent WHERE val % 997 = 5", false),
+    ];
+    for (sql, in_parts) in cases {
+        let here = sql
+            .replace("yard.readings", "yard.readings_here")
+            .replace("yard.events", "yard.events_here")
+            .replace("yard.shadowed", "yard.shadowed_here")
+            .replace("yard.recent", "yard.recent_here")
+            .replace(
+                "yard.guarded",
+                "(SELECT * FROM yard.readings_here WHERE val % 3 = 0)",
+            )
+            .replace(
+                "yard.masked",
+                "(SELECT kind, val, upper(note) AS note FROM yard.readings_here)",
+            );
+        let sorted = |text: String| {
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            lines.sort();
+            lines
+        };
+        let got = sorted(rows(&mut ops, sql).await);
+        assert!(got.len() > 10, "{sql}: {got:?}");
+        assert_eq!(got, sorted(rows(&mut root, &here).await), "{sql}");
+        let reads = remote_reads(&mut ops, sql).await;
+        let parted: Vec<&str> = reads
+            .iter()
+            .map(|(line, _)| line.as_str())
+            .filter(|line| line.contains("read in 2 parts by rowid"))
+            .collect();
+        let expected = usize::from(in_parts && cores >= 2);
+        assert_eq!(parted.len(), expected, "{sql}: {reads:#?}");
+        // The statements sent, each a range of the rowids: the first one
+        // open below, the last open above.
+        if let [line] = parted.as_slice() {
+            let rowid = if sql.contains("shadowed") {
+                "_rowid_"
+            } else {
+                "rowid"
+            };
+            let sent = line.split(", sent=").nth(1).unwrap();
+            assert_eq!(sent.matches(&format!("{rowid} <= ")).count(), 1, "{line}");
+            assert_eq!(sent.matches(&format!("{rowid} > ")).count(), 1, "{line}");
+        }
+    }
+    server.stop().await;
+}
