@@ -277,23 +277,30 @@ impl Source {
     /// PostgreSQL hashes and merges, so `None` for every other source, and
     /// for a SQLite table whose indexes cannot be read in time.
     pub async fn indexed_columns(&self, table: &[String]) -> Option<HashSet<String>> {
-        let Driver::Sqlite(sqlite) = &self.driver else {
-            return None;
-        };
-        tokio::time::timeout(self.options.connect_timeout, sqlite.indexed_columns(table))
+        self.sqlite_answer(|sqlite| sqlite.indexed_columns(table))
             .await
-            .ok()
-            .flatten()
     }
 
     /// How `table` numbers its rows, where the source is SQLite and the
     /// table has rowids: its rows can then be read in ranges of rowids,
     /// each a seek and a scan of part of the table.
     pub(crate) async fn rowid(&self, table: &[String]) -> Option<Rowid> {
+        self.sqlite_answer(|sqlite| sqlite.rowid(table)).await
+    }
+
+    /// What `ask` learns of a SQLite source within the connect timeout;
+    /// `None` for every other source, and where it does not answer in time.
+    async fn sqlite_answer<'a, T, F>(
+        &'a self,
+        ask: impl FnOnce(&'a sqlite::SqliteSource) -> F,
+    ) -> Option<T>
+    where
+        F: std::future::Future<Output = Option<T>> + 'a,
+    {
         let Driver::Sqlite(sqlite) = &self.driver else {
             return None;
         };
-        tokio::time::timeout(self.options.connect_timeout, sqlite.rowid(table))
+        tokio::time::timeout(self.options.connect_timeout, ask(sqlite))
             .await
             .ok()
             .flatten()

@@ -1179,24 +1179,33 @@ async fn policies_read_columns_the_product_does_not_publish() {
 /// without indexes, `keyed_parts` with its key as the rowid, `guarded`
 /// the same under a row filter, and `parts_here` and `stock_here` read
 /// without pushdown.
-fn depot_domain() -> String {
-    let mut domain = r#"
-name = "depot"
-owner = "depot@acme.example"
-description = "Parts and stock in SQLite"
+/// Domain `name` over the SQLite file `file` (beside the domains'
+/// directory), read through a storage that pushes work down (`lite`) and
+/// through one that does not (`lite_here`), with `products`.
+fn sqlite_domain(name: &str, file: &str, products: &[(&str, &str, &str)]) -> String {
+    let mut domain = format!(
+        r#"
+name = "{name}"
+owner = "{name}@acme.example"
 
 [storage.lite]
 type = "sqlite"
-path = "../depot.sqlite"
+path = "../{file}"
 
 [storage.lite_here]
 type = "sqlite"
-path = "../depot.sqlite"
+path = "../{file}"
 pushdown = false
 "#
-    .to_string();
-    push_products(
-        &mut domain,
+    );
+    push_products(&mut domain, products);
+    domain
+}
+
+fn depot_domain() -> String {
+    let mut domain = sqlite_domain(
+        "depot",
+        "depot.sqlite",
         &[
             ("parts", "lite", "parts"),
             ("keyed_parts", "lite", "keyed_parts"),
@@ -1311,23 +1320,9 @@ async fn sqlite_is_sent_the_joins_an_index_serves() {
 /// Domain `yard`: SQLite tables of 250 000 rows, each published through a
 /// storage that pushes work down and through one that does not.
 fn yard_domain() -> String {
-    let mut domain = r#"
-name = "yard"
-owner = "yard@acme.example"
-description = "Large SQLite tables"
-
-[storage.lite]
-type = "sqlite"
-path = "../yard.sqlite"
-
-[storage.lite_here]
-type = "sqlite"
-path = "../yard.sqlite"
-pushdown = false
-"#
-    .to_string();
-    push_products(
-        &mut domain,
+    let mut domain = sqlite_domain(
+        "yard",
+        "yard.sqlite",
         &[
             ("readings", "lite", "readings"),
             ("events", "lite", "events"),
