@@ -659,9 +659,9 @@ fn statements_in_parts(
             }
         })
     })?;
-    let narrows =
-        |column: &String| indexed.contains(column) && leaf.rowid_key.as_ref() != Some(column);
-    whole |= columns.iter().any(narrows);
+    whole |= columns
+        .iter()
+        .any(|column| super::table::index_narrows(indexed, leaf.rowid_key.as_deref(), column));
     if whole {
         return Ok(Vec::new());
     }

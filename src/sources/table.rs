@@ -336,16 +336,18 @@ impl TableProvider for RemoteTable {
         // Read in parts where the source is asked for more than columns,
         // and where no index could narrow the rows read: by a filter sent,
         // or by join keys sent later on a column read.
+        let key = stats.rowid.as_ref().and_then(|rowid| rowid.key.as_deref());
+        let filtered: Vec<String> = filters
+            .iter()
+            .flat_map(|filter| filter.column_refs())
+            .map(|column| column.name.clone())
+            .collect();
         let narrowed = stats.indexed.as_deref().is_none_or(|indexed| {
-            let key = stats.rowid.as_ref().and_then(|rowid| rowid.key.as_ref());
-            let read = indices.iter().map(|&i| self.schema.field(i).name());
-            let filtered: Vec<String> = filters
+            indices
                 .iter()
-                .flat_map(|filter| filter.column_refs())
-                .map(|column| column.name.clone())
-                .collect();
-            read.chain(filtered.iter())
-                .any(|column| indexed.contains(column) && key != Some(column))
+                .map(|&i| self.schema.field(i).name())
+                .chain(filtered.iter())
+                .any(|column| index_narrows(indexed, key, column))
         });
         let parts: Vec<String> = if !self.source.options.pushdown || limit.is_some() || narrowed {
             Vec::new()
@@ -414,6 +416,14 @@ impl TableProvider for RemoteTable {
 /// [`RemoteTable::sent_in_parts`]): a part's statement costs a connection
 /// and a thread, worth it when SQLite scans this many rows or more.
 const PART_ROWS: u64 = 100_000;
+
+/// Whether an index could narrow the rows SQLite reads by `column`, of a
+/// table whose `indexed` columns and rowid `key` are these: a column of an
+/// index other than the rowid's own, which a range of rowids would have
+/// SQLite scan the range instead of seek by.
+pub(crate) fn index_narrows(indexed: &HashSet<String>, key: Option<&str>, column: &str) -> bool {
+    indexed.contains(column) && key != Some(column)
+}
 
 /// Parts a table is read in at most: one a core, up to 8.
 fn read_parts() -> u64 {
