@@ -469,6 +469,17 @@ impl Metrics {
         );
         header(
             &mut out,
+            "meshgate_page_cache_bytes",
+            "gauge",
+            "Bytes of decompressed Parquet column chunks kept for scans (see limits.page_cache).",
+        );
+        let _ = writeln!(
+            out,
+            "meshgate_page_cache_bytes {}",
+            crate::catalog::page_cache_bytes()
+        );
+        header(
+            &mut out,
             "meshgate_source_up",
             "gauge",
             "Whether a SQL or Flight SQL source, or a cloud object store, answers (1) or not (0), probed at each scrape.",

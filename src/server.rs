@@ -83,6 +83,7 @@ impl Gateway {
             server_tls(tls)?;
         }
         crate::catalog::set_row_group_cache(config.limits.row_group_cache);
+        crate::catalog::set_page_cache(config.limits.page_cache);
         let (mesh, problems) = Mesh::open(&config).await.map_err(ServerError::Catalog)?;
         for problem in &problems {
             tracing::error!(product = %problem.product, reason = %problem.reason, "product not published");

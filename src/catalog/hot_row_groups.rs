@@ -76,6 +76,7 @@ use datafusion::physical_plan::{
     PlanProperties, Statistics, displayable, replace_children_if_necessary,
 };
 use futures::TryStreamExt;
+use object_store::ObjectMeta;
 use object_store::ObjectStore;
 use object_store::path::Path;
 use parquet::arrow::arrow_reader::ArrowReaderOptions;
@@ -83,6 +84,7 @@ use parquet::arrow::async_reader::AsyncFileReader;
 use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask, parquet_to_arrow_schema};
 use parquet::file::metadata::ParquetMetaData;
 
+use super::decompressed::with_decompressed_chunks;
 use super::parquet::footer;
 use crate::policy::PolicyExec;
 
@@ -101,13 +103,27 @@ const HOT_FILES: usize = 64;
 /// A row group of a file, as the listing saw the file: its location,
 /// size, modification time, e-tag and version, and the row group's index.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct RowGroupKey {
+pub(super) struct RowGroupKey {
     location: Path,
     size: u64,
     last_modified: DateTime<Utc>,
     e_tag: Option<String>,
     version: Option<String>,
     row_group: usize,
+}
+
+impl RowGroupKey {
+    /// `row_group` of `file`, as the listing saw the file.
+    pub(super) fn new(file: &ObjectMeta, row_group: usize) -> Self {
+        Self {
+            location: file.location.clone(),
+            size: file.size,
+            last_modified: file.last_modified,
+            e_tag: file.e_tag.clone(),
+            version: file.version.clone(),
+            row_group,
+        }
+    }
 }
 
 /// A column chunk as read: its row group, the column's name in the file
@@ -183,9 +199,9 @@ pub(super) async fn hot_or_planned(
         Some(hot) if hot.reads.cached() => Arc::new(hot),
         Some(hot) => {
             hot.reads.warm();
-            plan
+            with_decompressed_chunks(plan)
         }
-        None => plan,
+        None => with_decompressed_chunks(plan),
     }
 }
 
@@ -206,15 +222,7 @@ struct FileRead {
 impl FileRead {
     /// `row_group` of this file, as the listing saw the file.
     fn row_group(&self, row_group: usize) -> RowGroupKey {
-        let meta = &self.file.object_meta;
-        RowGroupKey {
-            location: meta.location.clone(),
-            size: meta.size,
-            last_modified: meta.last_modified,
-            e_tag: meta.e_tag.clone(),
-            version: meta.version.clone(),
-            row_group,
-        }
+        RowGroupKey::new(&self.file.object_meta, row_group)
     }
 
     /// The cache's keys of the columns read from `row_group`.
@@ -591,7 +599,7 @@ impl HotReads {
 /// the CPU that queries leave (a lookup that wakes does not wait for a
 /// decode to yield its core). `None` when no runtime could be started;
 /// then the caller's runtime is used, when there is one.
-fn warmer() -> Option<tokio::runtime::Handle> {
+pub(super) fn warmer() -> Option<tokio::runtime::Handle> {
     static WARMER: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
     let started = WARMER.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -625,7 +633,7 @@ fn lowest_priority() {
 /// threads decode them): one a core, and at least the row groups one hot
 /// scan reads. Counted once: finding the cores reads the process's cgroup
 /// files, and this is asked on every lookup planned as DataFusion plans it.
-fn warmers() -> usize {
+pub(super) fn warmers() -> usize {
     static WARMERS: OnceLock<usize> = OnceLock::new();
     *WARMERS.get_or_init(|| {
         std::thread::available_parallelism()

@@ -2,6 +2,7 @@
 //! to callers as catalog `mesh` with one schema per domain and one table per
 //! product.
 
+mod decompressed;
 mod files;
 mod hot_row_groups;
 mod listed_version;
@@ -10,6 +11,7 @@ mod stored_values;
 mod unopened;
 mod views;
 
+pub use decompressed::{page_cache_bytes, set_page_cache};
 pub(crate) use files::{PolicyColumn, check_contract, with_policy_columns};
 pub(crate) use hot_row_groups::SerialHotScans;
 pub use hot_row_groups::{row_group_cache_bytes, set_row_group_cache};

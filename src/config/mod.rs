@@ -104,6 +104,9 @@ pub struct Limits {
     /// Bytes of decoded Parquet column chunks kept for lookups that read
     /// few row groups (0: none). Read when the gateway starts.
     pub row_group_cache: u64,
+    /// Bytes of decompressed Parquet column chunks kept for scans (0:
+    /// none). Read when the gateway starts.
+    pub page_cache: u64,
 }
 
 impl Default for Limits {
@@ -117,6 +120,7 @@ impl Default for Limits {
             max_sql_length: 256 * 1024,
             max_recursion_depth: crate::query::DEFAULT_MAX_RECURSION_DEPTH,
             row_group_cache: 512 << 20,
+            page_cache: 384 << 20,
         }
     }
 }
@@ -609,6 +613,10 @@ fn load_limits(file: &Path, limits: raw::LimitsSection) -> Result<Limits, Config
         Some(size) => bytes("row_group_cache", size)?,
         None => defaults.row_group_cache,
     };
+    let page_cache = match limits.page_cache.as_deref() {
+        Some(size) => bytes("page_cache", size)?,
+        None => defaults.page_cache,
+    };
     let max_concurrent_queries = limits
         .max_concurrent_queries
         .unwrap_or(defaults.max_concurrent_queries);
@@ -641,6 +649,7 @@ fn load_limits(file: &Path, limits: raw::LimitsSection) -> Result<Limits, Config
             .max_recursion_depth
             .unwrap_or(defaults.max_recursion_depth),
         row_group_cache,
+        page_cache,
     })
 }
 

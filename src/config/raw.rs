@@ -81,6 +81,7 @@ pub(crate) struct LimitsSection {
     pub max_sql_length: Option<usize>,
     pub max_recursion_depth: Option<u64>,
     pub row_group_cache: Option<String>,
+    pub page_cache: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -20,6 +20,7 @@ memory_per_query = "1GiB"
 gateway_memory = "3GiB"
 max_recursion_depth = 50
 row_group_cache = "64MiB"
+page_cache = "32MiB"
 "#;
 
 const DOMAIN: &str = r#"
@@ -55,6 +56,7 @@ fn loads_gateway_and_domains_with_typed_values() {
     assert_eq!(config.limits.gateway_memory, 3 << 30);
     assert_eq!(config.limits.max_recursion_depth, 50);
     assert_eq!(config.limits.row_group_cache, 64 << 20);
+    assert_eq!(config.limits.page_cache, 32 << 20);
     let product = &config.domains[0].products[0];
     let ProductSource::Files { url, format, .. } = &product.source else {
         panic!("expected a file product");
