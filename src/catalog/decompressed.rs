@@ -687,32 +687,58 @@ fn decompress(stored: &[u8], codec: Compression, size: u64) -> Option<Decompress
     })
 }
 
-/// Bytes from the system's allocator, zeroed, filled from the start: what
-/// a kept chunk is held in. The system's allocator maps a large block of
-/// its own and unmaps it when it is freed, so the memory of a chunk dropped
-/// from the cache goes back to the system at once (the gateway's allocator
-/// keeps what it frees for reuse), and the pages of its slot that a chunk
-/// does not fill are never touched.
+/// Zeroed memory of its own, filled from the start: what a kept chunk is
+/// held in. On Unix it is mapped for the chunk alone and unmapped when the
+/// chunk is dropped from the cache, so its memory goes back to the system
+/// at once (the gateway's allocator, and the C library's for blocks it
+/// takes from its heap, keep what is freed for reuse), and the pages of its
+/// slot that a chunk does not fill are never touched.
 struct SystemBuffer {
     pointer: std::ptr::NonNull<u8>,
-    layout: std::alloc::Layout,
+    capacity: usize,
     /// How many bytes are filled.
     len: usize,
 }
 
-// SAFETY: the buffer owns its block, written only through `&mut self`.
+// SAFETY: the buffer owns its memory, written only through `&mut self`.
 unsafe impl Send for SystemBuffer {}
 // SAFETY: as above; `&self` only reads.
 unsafe impl Sync for SystemBuffer {}
 
 impl SystemBuffer {
+    #[cfg(unix)]
+    fn zeroed(capacity: usize) -> Option<Self> {
+        let capacity = capacity.max(1);
+        // SAFETY: an anonymous private mapping of `capacity` bytes, which
+        // the kernel fills with zeros; its result is checked.
+        let pointer = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                capacity,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if pointer == libc::MAP_FAILED {
+            return None;
+        }
+        Some(Self {
+            pointer: std::ptr::NonNull::new(pointer.cast())?,
+            capacity,
+            len: 0,
+        })
+    }
+
+    #[cfg(not(unix))]
     fn zeroed(capacity: usize) -> Option<Self> {
         let layout = std::alloc::Layout::from_size_align(capacity.max(1), 64).ok()?;
         // SAFETY: the layout's size is not zero.
-        let pointer = unsafe { std::alloc::GlobalAlloc::alloc_zeroed(&std::alloc::System, layout) };
+        let pointer = unsafe { std::alloc::alloc_zeroed(layout) };
         Some(Self {
             pointer: std::ptr::NonNull::new(pointer)?,
-            layout,
+            capacity: layout.size(),
             len: 0,
         })
     }
@@ -720,7 +746,7 @@ impl SystemBuffer {
     /// The next `length` bytes, not filled yet; `None` past the capacity.
     fn spare(&mut self, length: usize) -> Option<&mut [u8]> {
         let end = self.len.checked_add(length)?;
-        if end > self.layout.size() {
+        if end > self.capacity {
             return None;
         }
         // SAFETY: `len..end` lies within the block, which is initialized
@@ -744,14 +770,21 @@ impl AsRef<[u8]> for SystemBuffer {
 }
 
 impl Drop for SystemBuffer {
+    #[cfg(unix)]
     fn drop(&mut self) {
-        // SAFETY: the block was allocated by the system's allocator with
-        // this layout, and is freed once.
+        // SAFETY: the mapping was made with this address and length, and
+        // is unmapped once.
+        unsafe { libc::munmap(self.pointer.as_ptr().cast(), self.capacity) };
+    }
+
+    #[cfg(not(unix))]
+    fn drop(&mut self) {
+        // SAFETY: the block was allocated with this layout (checked when it
+        // was), and is freed once.
         unsafe {
-            std::alloc::GlobalAlloc::dealloc(
-                &std::alloc::System,
+            std::alloc::dealloc(
                 self.pointer.as_ptr(),
-                self.layout,
+                std::alloc::Layout::from_size_align_unchecked(self.capacity, 64),
             )
         }
     }
