@@ -25,7 +25,7 @@
 //!
 //! A chunk is kept under the version of its file the listing saw (location,
 //! size, modification time, e-tag, version), so a file rewritten is read
-//! afresh. The cache holds at most `limits.page_cache` bytes (384 MiB unless
+//! afresh. The cache holds at most `limits.page_cache` bytes (256 MiB unless
 //! configured; 0 turns it off); the chunks read least go first. Only Snappy
 //! and Zstandard chunks are kept; a chunk whose pages cannot be read (a page
 //! type or header this reader does not know, a size that does not add up)

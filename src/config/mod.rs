@@ -120,7 +120,7 @@ impl Default for Limits {
             max_sql_length: 256 * 1024,
             max_recursion_depth: crate::query::DEFAULT_MAX_RECURSION_DEPTH,
             row_group_cache: 512 << 20,
-            page_cache: 384 << 20,
+            page_cache: 256 << 20,
         }
     }
 }
