@@ -1073,9 +1073,9 @@ mod tests {
     use parquet::basic::ZstdLevel;
     use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
 
+    use super::super::files::parquet_product_context;
     use super::*;
-    use crate::config::{CsvOptions, FileFormat};
-    use crate::query::testing::{plan_and_run, relisting_context};
+    use crate::query::testing::plan_and_run;
 
     #[test]
     fn a_header_is_rewritten_for_its_page_decompressed_without_its_checksum() {
@@ -1145,34 +1145,6 @@ mod tests {
         writer.close().expect("close");
     }
 
-    /// A context with the file of `dir` as the product `rows`, and read by
-    /// DataFusion alone as `plain`.
-    async fn context(dir: &std::path::Path) -> SessionContext {
-        let ctx = relisting_context();
-        let url = url::Url::from_directory_path(dir).expect("url");
-        let product = super::super::files::open_file_product(
-            &ctx.state(),
-            &super::super::files::FileProduct {
-                url,
-                format: FileFormat::Parquet,
-                csv: CsvOptions::default(),
-                declared: Vec::new(),
-                policy_columns: Vec::new(),
-            },
-        )
-        .await
-        .expect("product");
-        ctx.register_table("rows", product).expect("register");
-        ctx.register_parquet(
-            "plain",
-            dir.join("rows.parquet").to_str().expect("path"),
-            Default::default(),
-        )
-        .await
-        .expect("register plain");
-        ctx
-    }
-
     /// Runs `sql`: its rows as a table, and the bytes it read from chunks
     /// kept decompressed.
     async fn run(ctx: &SessionContext, sql: &str) -> (String, usize) {
@@ -1207,7 +1179,7 @@ mod tests {
             for split in [false, true] {
                 let dir = tempfile::tempdir().expect("tempdir");
                 write_rows(dir.path(), codec, version);
-                let ctx = context(dir.path()).await;
+                let (ctx, _) = parquet_product_context(dir.path(), "rows", "rows.parquet").await;
                 let partitions = if split { 3 } else { 1 };
                 for setting in [
                     format!("SET datafusion.execution.target_partitions = {partitions}"),

@@ -616,6 +616,41 @@ pub(crate) fn root_message(error: &DataFusionError) -> String {
     error.find_root().to_string()
 }
 
+/// A context that lists product directories at each scan, with the Parquet
+/// product of `dir` as `name`, and its file `file` read by DataFusion alone
+/// as `plain`.
+#[cfg(test)]
+pub(super) async fn parquet_product_context(
+    dir: &std::path::Path,
+    name: &str,
+    file: &str,
+) -> (datafusion::prelude::SessionContext, Arc<dyn TableProvider>) {
+    let ctx = crate::query::testing::relisting_context();
+    let url = Url::from_directory_path(dir).expect("url");
+    let product = open_file_product(
+        &ctx.state(),
+        &FileProduct {
+            url,
+            format: FileFormat::Parquet,
+            csv: CsvOptions::default(),
+            declared: Vec::new(),
+            policy_columns: Vec::new(),
+        },
+    )
+    .await
+    .expect("product");
+    ctx.register_table(name, Arc::clone(&product))
+        .expect("register");
+    ctx.register_parquet(
+        "plain",
+        dir.join(file).to_str().expect("path"),
+        Default::default(),
+    )
+    .await
+    .expect("register plain");
+    (ctx, product)
+}
+
 #[cfg(test)]
 mod tests {
     use datafusion::prelude::SessionContext;

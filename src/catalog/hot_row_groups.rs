@@ -895,11 +895,11 @@ mod tests {
     use parquet::arrow::ArrowWriter;
     use parquet::file::properties::WriterProperties;
 
+    use super::super::files::parquet_product_context;
     use super::*;
     use crate::catalog::parquet::as_dictionary_scan;
-    use crate::config::{CsvOptions, FileFormat};
     use crate::policy::{CallerProductView, PolicyTable};
-    use crate::query::testing::{physical_plan, plan_and_run, relisting_context, run_plan};
+    use crate::query::testing::{physical_plan, plan_and_run, run_plan};
 
     #[cfg(target_os = "linux")]
     #[test]
@@ -958,30 +958,7 @@ mod tests {
     /// people product in `dir` as `people` and its file read by DataFusion
     /// alone as `plain`.
     async fn context(dir: &std::path::Path) -> (SessionContext, Arc<dyn TableProvider>) {
-        let ctx = relisting_context();
-        let url = url::Url::from_directory_path(dir).expect("url");
-        let product = super::super::files::open_file_product(
-            &ctx.state(),
-            &super::super::files::FileProduct {
-                url,
-                format: FileFormat::Parquet,
-                csv: CsvOptions::default(),
-                declared: Vec::new(),
-                policy_columns: Vec::new(),
-            },
-        )
-        .await
-        .expect("product");
-        ctx.register_table("people", Arc::clone(&product))
-            .expect("register");
-        ctx.register_parquet(
-            "plain",
-            dir.join("people.parquet").to_str().expect("path"),
-            Default::default(),
-        )
-        .await
-        .expect("register plain");
-        (ctx, product)
+        parquet_product_context(dir, "people", "people.parquet").await
     }
 
     /// Runs `sql`: its rows as a sorted table, and the hot scans in its plan
