@@ -344,18 +344,25 @@ impl DecompressedReader {
         // column shown past the end of the file would be read by none. So
         // where the file is split, the row groups this part reads show
         // their first column as stored.
-        let ours = |row_group: usize| {
-            let range = self.file.range.as_ref()?;
-            let first = stored.row_groups().get(row_group)?.columns().first()?;
+        let read_here = |row_group: usize| {
+            let (Some(range), Some(first)) = (
+                self.file.range.as_ref(),
+                stored
+                    .row_groups()
+                    .get(row_group)
+                    .and_then(|group| group.columns().first()),
+            ) else {
+                return false;
+            };
             let offset = first
                 .dictionary_page_offset()
                 .unwrap_or_else(|| first.data_page_offset());
-            (range.start..range.end).contains(&offset).then_some(())
+            (range.start..range.end).contains(&offset)
         };
         let kept: Vec<(&Slot, Arc<Decompressed>)> = slots
             .slots
             .iter()
-            .filter(|slot| slot.column != 0 || ours(slot.row_group).is_none())
+            .filter(|slot| slot.column != 0 || !read_here(slot.row_group))
             .filter_map(|slot| Some((slot, chunks().get(&self.key(slot))?)))
             .collect();
         if kept.is_empty() {
