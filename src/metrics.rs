@@ -480,6 +480,17 @@ impl Metrics {
         );
         header(
             &mut out,
+            "meshgate_page_cache_decompressions_total",
+            "counter",
+            "Parquet column chunks decompressed for the page cache, kept or turned away.",
+        );
+        let _ = writeln!(
+            out,
+            "meshgate_page_cache_decompressions_total {}",
+            crate::catalog::page_cache_decompressions()
+        );
+        header(
+            &mut out,
             "meshgate_source_up",
             "gauge",
             "Whether a SQL or Flight SQL source, or a cloud object store, answers (1) or not (0), probed at each scrape.",

@@ -26,7 +26,11 @@
 //! A chunk is kept under the version of its file the listing saw (location,
 //! size, modification time, e-tag, version), so a file rewritten is read
 //! afresh. The cache holds at most `limits.page_cache` bytes (256 MiB unless
-//! configured; 0 turns it off); the chunks read least go first. Only Snappy
+//! configured; 0 turns it off); the chunks read least go first. A chunk is
+//! kept only if it is read more often than those it would push out, and one
+//! turned away is not decompressed again for a minute: a file larger than
+//! the cache, scanned again and again, keeps the part the cache holds
+//! rather than decompressing the rest at every scan only to drop it. Only Snappy
 //! and Zstandard chunks are kept; a chunk whose pages cannot be read (a page
 //! type or header this reader does not know, a size that does not add up)
 //! is left as stored, and read as it is.
@@ -34,7 +38,9 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use datafusion::datasource::listing::PartitionedFile;
@@ -127,6 +133,33 @@ pub fn page_cache_bytes() -> u64 {
 
 /// The chunks being decompressed into the cache now.
 static WARMING: Mutex<Option<HashSet<ChunkKey>>> = Mutex::new(None);
+
+/// How long a chunk the cache turned away is not decompressed again.
+const TURNED_AWAY_FOR: Duration = Duration::from_secs(60);
+
+/// Chunks the cache turned away lately: it keeps a chunk only if the chunk
+/// is read more often than those it would make room by dropping, and
+/// decompressing a chunk only to see it turned away is work for nothing.
+/// A scan of a file larger than the cache would otherwise decompress, at
+/// every scan, each chunk the cache does not hold, only to drop it again.
+fn turned_away() -> &'static moka::sync::Cache<ChunkKey, ()> {
+    static TURNED_AWAY: OnceLock<moka::sync::Cache<ChunkKey, ()>> = OnceLock::new();
+    TURNED_AWAY.get_or_init(|| {
+        moka::sync::Cache::builder()
+            .max_capacity(1 << 20)
+            .time_to_live(TURNED_AWAY_FOR)
+            .build()
+    })
+}
+
+/// Chunks decompressed into the cache in the background so far, kept or
+/// turned away.
+static DECOMPRESSED: AtomicU64 = AtomicU64::new(0);
+
+/// How many column chunks have been decompressed for the cache so far.
+pub fn page_cache_decompressions() -> u64 {
+    DECOMPRESSED.load(Ordering::Relaxed)
+}
 
 /// `plan`, a Parquet scan, reading its files' chunks from the cache where
 /// they are kept (and keeping those it reads); any other plan as it is.
@@ -465,7 +498,7 @@ impl DecompressedReader {
     /// unless it is kept or being kept.
     fn keep(&self, slot: &Slot) {
         let key = self.key(slot);
-        if chunks().contains_key(&key) {
+        if chunks().contains_key(&key) || turned_away().contains_key(&key) {
             return;
         }
         {
@@ -495,7 +528,14 @@ impl DecompressedReader {
             match stored {
                 Ok(stored) => match decompress(&stored, slot.codec, slot.size) {
                     Some(chunk) if chunk.data.len() as u64 <= slot.size => {
-                        chunks().insert(key, Arc::new(chunk));
+                        DECOMPRESSED.fetch_add(1, Ordering::Relaxed);
+                        chunks().insert(key.clone(), Arc::new(chunk));
+                        // The cache decides whether it keeps the chunk
+                        // when it applies the insertion.
+                        chunks().run_pending_tasks();
+                        if !chunks().contains_key(&key) {
+                            turned_away().insert(key, ());
+                        }
                     }
                     _ => tracing::debug!(?key, "column chunk not kept: its pages were not read"),
                 },
@@ -1223,5 +1263,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_chunk_the_cache_turns_away_is_not_decompressed_again_at_once() {
+        // Room for the small chunks (`region`'s dictionary and indexes)
+        // and not for the others.
+        let capacity = 4 << 10;
+        set_page_cache(capacity);
+        assert_eq!(
+            chunks().policy().max_capacity(),
+            Some(capacity),
+            "the cache was made before this test set it (run one test a process, as nextest does)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_rows(dir.path(), Compression::SNAPPY, WriterVersion::PARQUET_1_0);
+        let (ctx, _) = parquet_product_context(dir.path(), "rows", "rows.parquet").await;
+        let query = "SELECT * FROM {} ORDER BY id";
+        let (plain, _) = run(&ctx, &query.replace("{}", "plain")).await;
+        let mut decompressed = Vec::new();
+        let mut kept_read = Vec::new();
+        for _ in 0..3 {
+            let before = page_cache_decompressions();
+            let (rows, kept_bytes) = run(&ctx, &query.replace("{}", "rows")).await;
+            assert_eq!(rows, plain);
+            kept().await;
+            decompressed.push(page_cache_decompressions() - before);
+            kept_read.push(kept_bytes);
+        }
+        // Three row groups of four chunks: every one decompressed at the
+        // first scan, and none again at the next two, which read the small
+        // chunks the cache kept.
+        assert_eq!(decompressed, [12, 0, 0]);
+        assert_eq!(kept_read[0], 0);
+        assert!(
+            kept_read[1] > 0 && kept_read[1] == kept_read[2],
+            "{kept_read:?}"
+        );
     }
 }

@@ -11,7 +11,7 @@ mod stored_values;
 mod unopened;
 mod views;
 
-pub use decompressed::{page_cache_bytes, set_page_cache};
+pub use decompressed::{page_cache_bytes, page_cache_decompressions, set_page_cache};
 pub(crate) use files::{PolicyColumn, check_contract, with_policy_columns};
 pub(crate) use hot_row_groups::SerialHotScans;
 pub use hot_row_groups::{row_group_cache_bytes, set_row_group_cache};
