@@ -256,7 +256,7 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() {
-    meshgate::allocator::reset_purged_pages();
+    meshgate::allocator::configure();
     let args = match parse_args() {
         Ok(args) => args,
         Err(message) => {

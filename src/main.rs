@@ -125,7 +125,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    meshgate::allocator::reset_purged_pages();
+    meshgate::allocator::configure();
     let cli = Cli::parse();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
