@@ -145,8 +145,10 @@ const TURNED_AWAY_FOR: Duration = Duration::from_secs(60);
 fn turned_away() -> &'static moka::sync::Cache<ChunkKey, ()> {
     static TURNED_AWAY: OnceLock<moka::sync::Cache<ChunkKey, ()>> = OnceLock::new();
     TURNED_AWAY.get_or_init(|| {
+        // At most 65 536 keys (some 20 MiB): past that, the chunks turned
+        // away longest ago may be tried again sooner.
         moka::sync::Cache::builder()
-            .max_capacity(1 << 20)
+            .max_capacity(1 << 16)
             .time_to_live(TURNED_AWAY_FOR)
             .build()
     })
