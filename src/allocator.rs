@@ -53,10 +53,10 @@ fn without_huge_pages() {
     // SAFETY: as in `reset_purged_pages`.
     unsafe { libmimalloc_sys::mi_option_set(ALLOW_THP, 0) }
     #[cfg(target_os = "linux")]
-    // SAFETY: `PR_SET_THP_DISABLE` takes plain integers and only sets a
-    // flag of the process; a failure (an old kernel) leaves it unset.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    {
+        // SAFETY: `PR_SET_THP_DISABLE` takes plain integers and only sets a
+        // flag of the process; a failure (an old kernel) leaves it unset.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     }
 }
 

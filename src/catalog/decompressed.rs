@@ -30,10 +30,10 @@
 //! kept only if it is read more often than those it would push out, and one
 //! turned away is not decompressed again for a minute: a file larger than
 //! the cache, scanned again and again, keeps the part the cache holds
-//! rather than decompressing the rest at every scan only to drop it. Only Snappy
-//! and Zstandard chunks are kept; a chunk whose pages cannot be read (a page
-//! type or header this reader does not know, a size that does not add up)
-//! is left as stored, and read as it is.
+//! rather than decompressing the rest at every scan only to drop it. Only
+//! Snappy and Zstandard chunks are kept; a chunk whose pages cannot be read
+//! (a page type or header this reader does not know, a size that does not
+//! add up) is left as stored, and read as it is.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -137,11 +137,11 @@ static WARMING: Mutex<Option<HashSet<ChunkKey>>> = Mutex::new(None);
 /// How long a chunk the cache turned away is not decompressed again.
 const TURNED_AWAY_FOR: Duration = Duration::from_secs(60);
 
-/// Chunks the cache turned away lately: it keeps a chunk only if the chunk
-/// is read more often than those it would make room by dropping, and
-/// decompressing a chunk only to see it turned away is work for nothing.
-/// A scan of a file larger than the cache would otherwise decompress, at
-/// every scan, each chunk the cache does not hold, only to drop it again.
+/// Chunks the cache turned away lately (it keeps a chunk only if the chunk
+/// is read more often than those it would push out): decompressing one
+/// again only to see it turned away again is work for nothing. A scan of a
+/// file larger than the cache would otherwise decompress, at every scan,
+/// each chunk the cache does not hold, and drop it.
 fn turned_away() -> &'static moka::sync::Cache<ChunkKey, ()> {
     static TURNED_AWAY: OnceLock<moka::sync::Cache<ChunkKey, ()>> = OnceLock::new();
     TURNED_AWAY.get_or_init(|| {
