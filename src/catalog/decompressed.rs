@@ -61,6 +61,7 @@ use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData};
 use parquet::file::page_index::offset_index::{OffsetIndexMetaData, PageLocation};
 
 use super::hot_row_groups::{RowGroupKey, warmer, warmers};
+use super::listed_version::one_part;
 
 /// A column chunk of a file, as the listing saw the file.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -1087,13 +1088,7 @@ fn write_field_header(out: &mut Vec<u8>, id: i16, kind: u8, last: i16) {
 
 impl AsyncFileReader for DecompressedReader {
     fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
-        async move {
-            let mut parts = self.read(vec![range]).await?;
-            parts
-                .pop()
-                .ok_or_else(|| ParquetError::General("a read returned nothing".into()))
-        }
-        .boxed()
+        async move { one_part(self.read(vec![range]).await?) }.boxed()
     }
 
     fn get_byte_ranges(

@@ -275,15 +275,16 @@ fn read_at(_: &File, _: &mut [u8], _: u64) -> std::io::Result<()> {
     Err(ErrorKind::Unsupported.into())
 }
 
+/// The one part a read of one range returned.
+pub(super) fn one_part(mut parts: Vec<Bytes>) -> parquet::errors::Result<Bytes> {
+    parts
+        .pop()
+        .ok_or_else(|| ParquetError::General("a read returned nothing".into()))
+}
+
 impl AsyncFileReader for ListedVersionReader {
     fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
-        async move {
-            let mut parts = self.read(std::slice::from_ref(&range)).await?;
-            parts
-                .pop()
-                .ok_or_else(|| ParquetError::General("a read returned nothing".into()))
-        }
-        .boxed()
+        async move { one_part(self.read(std::slice::from_ref(&range)).await?) }.boxed()
     }
 
     fn get_byte_ranges(
