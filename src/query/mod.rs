@@ -701,10 +701,11 @@ impl CallerSession {
     /// and writes the audit record when it ends or is dropped.
     pub async fn execute(&self, query: PreparedQuery) -> Result<QueryStream, QueryError> {
         let started = Instant::now();
+        let schema = query.result_schema();
         let result = match self.admit().await {
             Ok(_) if self.draining.load(Ordering::SeqCst) => Err(QueryError::ShuttingDown),
             Ok(permit) => self
-                .start(&query, started)
+                .start(&query, &schema, started)
                 .await
                 .map(|inner| (inner, permit)),
             Err(error) => Err(error),
@@ -714,7 +715,7 @@ impl CallerSession {
                 _permit: permit,
                 _active: ActiveQuery::start(Arc::clone(&self.metrics)),
                 inner,
-                schema: query.result_schema(),
+                schema,
                 deadline: tokio::time::Instant::from_std(started + self.limits.query_timeout),
                 timeout: self.limits.query_timeout,
                 sleep: None,
@@ -773,9 +774,12 @@ impl CallerSession {
         })
     }
 
+    /// Plans `query` (or takes the plan made ahead) and runs it, its rows
+    /// converted to `schema`, the wire schema.
     async fn start(
         &self,
         query: &PreparedQuery,
+        schema: &SchemaRef,
         started: Instant,
     ) -> Result<SendableRecordBatchStream, QueryError> {
         if query.parameter_count() > 0 {
@@ -793,7 +797,7 @@ impl CallerSession {
             self.metrics.physical_plan_made(ahead.is_some());
             if let Some(made) = ahead {
                 return Ok(datafusion::physical_plan::execute_stream(
-                    made.plan,
+                    wire::converted_in_partitions(made.plan, schema),
                     self.task_context(made.context),
                 )?);
             }
@@ -801,7 +805,7 @@ impl CallerSession {
             let physical = state.create_physical_plan(&query.plan).await?;
             match &query.explain {
                 None => Ok(datafusion::physical_plan::execute_stream(
-                    physical,
+                    wire::converted_in_partitions(physical, schema),
                     self.task_context(TaskContext::from(&state)),
                 )?),
                 Some((mode, schema)) => {

@@ -3,6 +3,7 @@
 //! encoding) are converted at this boundary, and metadata is stripped, so the
 //! schema in FlightInfo equals the schema of every streamed batch.
 
+use std::fmt;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -12,6 +13,16 @@ use arrow::buffer::{Buffer, MutableBuffer, NullBuffer, OffsetBuffer, ScalarBuffe
 use arrow::compute::{CastOptions, cast_with_options};
 use arrow::datatypes::{DataType, Field, FieldRef, Fields, Schema, SchemaRef};
 use arrow::error::ArrowError;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::{DataFusionError, Result as DataFusionResult};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
+};
+use futures::StreamExt;
 
 /// The type a value of `data_type` has on the wire.
 pub fn wire_type(data_type: &DataType) -> DataType {
@@ -183,6 +194,118 @@ fn concatenate_views(
     ))
 }
 
+/// `plan`, run so that its rows are converted to `schema` (see
+/// [`to_wire_batch`]) in each of its partitions where it has several, before
+/// they are merged into the one stream sent to the client: the conversion
+/// (copying every string out of its views) then runs on every core, beside
+/// the scans, rather than on the one task that sends.
+pub(crate) fn converted_in_partitions(
+    plan: Arc<dyn ExecutionPlan>,
+    schema: &SchemaRef,
+) -> Arc<dyn ExecutionPlan> {
+    let converts = plan
+        .schema()
+        .fields()
+        .iter()
+        .zip(schema.fields())
+        .any(|(from, to)| from.data_type() != to.data_type());
+    if !converts || plan.schema().fields().len() != schema.fields().len() {
+        return plan;
+    }
+    if plan.output_partitioning().partition_count() > 1 {
+        return Arc::new(CoalescePartitionsExec::new(ToWire::over(plan, schema)));
+    }
+    match plan.downcast_ref::<CoalescePartitionsExec>() {
+        Some(merge) if merge.input().output_partitioning().partition_count() > 1 => Arc::new(
+            CoalescePartitionsExec::new(ToWire::over(Arc::clone(merge.input()), schema))
+                .with_fetch(merge.fetch()),
+        ),
+        _ => plan,
+    }
+}
+
+/// Converts each partition's batches to the wire schema.
+#[derive(Debug)]
+struct ToWire {
+    input: Arc<dyn ExecutionPlan>,
+    schema: SchemaRef,
+    properties: Arc<PlanProperties>,
+}
+
+impl ToWire {
+    fn over(input: Arc<dyn ExecutionPlan>, schema: &SchemaRef) -> Arc<dyn ExecutionPlan> {
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(Arc::clone(schema)),
+            input.output_partitioning().clone(),
+            input.pipeline_behavior(),
+            input.boundedness(),
+        );
+        Arc::new(Self {
+            input,
+            schema: Arc::clone(schema),
+            properties: Arc::new(properties),
+        })
+    }
+}
+
+impl DisplayAs for ToWire {
+    fn fmt_as(&self, _format: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ToWire")
+    }
+}
+
+impl ExecutionPlan for ToWire {
+    fn name(&self) -> &str {
+        "ToWire"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DataFusionResult<TreeNodeRecursion>,
+    ) -> DataFusionResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DataFusionResult<Arc<dyn ExecutionPlan>> {
+        if children.len() != 1 {
+            return Err(DataFusionError::Internal(
+                "ToWire takes exactly one input".into(),
+            ));
+        }
+        Ok(Self::over(children.swap_remove(0), &self.schema))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> DataFusionResult<SendableRecordBatchStream> {
+        let input = self.input.execute(partition, context)?;
+        let schema = Arc::clone(&self.schema);
+        let stream = input.map(move |batch| {
+            batch.and_then(|batch| {
+                to_wire_batch(batch, &schema)
+                    .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))
+            })
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            stream,
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,5 +438,97 @@ mod tests {
             (7..2507).filter(|i| i % 6 == 0).count()
         );
         converted.column(0).to_data().validate_full().unwrap();
+    }
+
+    #[tokio::test]
+    async fn each_partition_converts_its_own_rows_before_they_are_merged() {
+        use datafusion::datasource::memory::MemorySourceConfig;
+        use datafusion::physical_plan::collect;
+        use datafusion::prelude::SessionContext;
+
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("s", DataType::Utf8View, true),
+        ]));
+        let batch = |ids: Vec<i64>| {
+            let strings: Vec<Option<String>> = ids
+                .iter()
+                .map(|id| (id % 3 != 0).then(|| format!("value {id} of more than twelve bytes")))
+                .collect();
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![
+                    Arc::new(arrow::array::Int64Array::from(ids)),
+                    Arc::new(StringViewArray::from_iter(strings)),
+                ],
+            )
+            .unwrap()
+        };
+        let partitions = vec![vec![batch(vec![1, 2, 3])], vec![batch(vec![4, 5, 6, 7])]];
+        let wire = wire_schema(&schema);
+        let context = SessionContext::new().task_ctx();
+
+        let scan =
+            MemorySourceConfig::try_new_exec(&partitions, Arc::clone(&schema), None).unwrap();
+        let plan = converted_in_partitions(scan, &wire);
+        assert_eq!(plan.name(), "CoalescePartitionsExec");
+        assert_eq!(plan.children()[0].name(), "ToWire");
+        assert_eq!(plan.schema(), wire);
+        let mut rows: Vec<(i64, Option<String>)> = Vec::new();
+        for batch in collect(plan, Arc::clone(&context)).await.unwrap() {
+            assert_eq!(batch.schema(), wire);
+            let ids = batch
+                .column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>();
+            let strings = batch.column(1).as_string::<i32>();
+            for row in 0..batch.num_rows() {
+                rows.push((
+                    ids.value(row),
+                    strings
+                        .is_valid(row)
+                        .then(|| strings.value(row).to_string()),
+                ));
+            }
+        }
+        rows.sort();
+        let expected: Vec<(i64, Option<String>)> = (1..=7)
+            .map(|id| {
+                (
+                    id,
+                    (id % 3 != 0).then(|| format!("value {id} of more than twelve bytes")),
+                )
+            })
+            .collect();
+        assert_eq!(rows, expected);
+
+        // Merged already: the conversion goes below the merge.
+        let scan =
+            MemorySourceConfig::try_new_exec(&partitions, Arc::clone(&schema), None).unwrap();
+        let merged: Arc<dyn ExecutionPlan> =
+            Arc::new(CoalescePartitionsExec::new(scan).with_fetch(Some(5)));
+        let plan = converted_in_partitions(merged, &wire);
+        assert_eq!(plan.children()[0].name(), "ToWire");
+        let fetched: usize = collect(plan, Arc::clone(&context))
+            .await
+            .unwrap()
+            .iter()
+            .map(RecordBatch::num_rows)
+            .sum();
+        assert_eq!(fetched, 5);
+
+        // One partition, or nothing to convert: the plan as it is (the rows
+        // are converted as they are sent).
+        let single =
+            MemorySourceConfig::try_new_exec(&partitions[..1], Arc::clone(&schema), None).unwrap();
+        let plan = converted_in_partitions(Arc::clone(&single) as _, &wire);
+        assert!(Arc::ptr_eq(&plan, &(single as Arc<dyn ExecutionPlan>)));
+        let plain = MemorySourceConfig::try_new_exec(
+            &[vec![to_wire_batch(batch(vec![1]), &wire).unwrap()], vec![]],
+            Arc::clone(&wire),
+            None,
+        )
+        .unwrap();
+        let plan = converted_in_partitions(Arc::clone(&plain) as _, &wire);
+        assert!(Arc::ptr_eq(&plan, &(plain as Arc<dyn ExecutionPlan>)));
     }
 }
