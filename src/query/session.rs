@@ -53,7 +53,10 @@ pub fn engine_config() -> SessionConfig {
     // the core. On 2 cores, 4 partitions took 0.95 of the TPC-H time of 2.
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     options.execution.target_partitions = 2 * cores;
-    // Plain Utf8/Binary: what Flight SQL clients read, with no conversion cost.
+    // Plain Utf8/Binary: what Flight SQL clients read, with no conversion
+    // cost. (A file whose own Arrow schema records views, as tpchgen's
+    // files do, is still read as views; they are converted for the wire in
+    // each partition of the plan, see `wire::converted_in_partitions`.)
     options.execution.parquet.schema_force_view_types = false;
     options.sql_parser.map_string_types_to_utf8view = false;
     // Filters run above the Parquet scan: evaluating them while decoding
