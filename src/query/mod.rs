@@ -1334,6 +1334,10 @@ impl Stream for QueryStream {
                     if batch.num_rows() == 0 {
                         continue;
                     }
+                    // Every batch leaves in the wire schema, whatever the
+                    // plan's operators put on it. A batch converted in its
+                    // partition (`wire::converted_in_partitions`) carries
+                    // this very schema and passes as it is.
                     let schema = Arc::clone(&self.schema);
                     let converted = to_wire_batch(batch, &schema).map_err(|e| classify_arrow(&e));
                     return Poll::Ready(Some(match converted {

@@ -203,13 +203,15 @@ pub(crate) fn converted_in_partitions(
     plan: Arc<dyn ExecutionPlan>,
     schema: &SchemaRef,
 ) -> Arc<dyn ExecutionPlan> {
-    let converts = plan
-        .schema()
-        .fields()
-        .iter()
-        .zip(schema.fields())
-        .any(|(from, to)| from.data_type() != to.data_type());
-    if !converts || plan.schema().fields().len() != schema.fields().len() {
+    // Types to convert, column by column (a plan of other columns is left
+    // to fail where its batches are sent).
+    let fields = plan.schema().fields().clone();
+    let converts = fields.len() == schema.fields().len()
+        && fields
+            .iter()
+            .zip(schema.fields())
+            .any(|(from, to)| from.data_type() != to.data_type());
+    if !converts {
         return plan;
     }
     if plan.output_partitioning().partition_count() > 1 {
