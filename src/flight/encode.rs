@@ -1,6 +1,6 @@
 //! Record batches as Flight data: a schema message, then each batch as one
 //! or more record-batch messages of at most [`MAX_MESSAGE_BYTES`] of Arrow
-//! buffers (the size gRPC clients accept by default with room to spare).
+//! buffers (under the size gRPC clients accept by default).
 //!
 //! A message's body is kept as the Arrow buffers it is made of, shared with
 //! the batch rather than copied into one buffer, with the IPC padding
@@ -10,16 +10,19 @@
 
 use std::collections::VecDeque;
 
-use arrow::array::RecordBatch;
+use arrow::array::{ArrayRef, AsArray, RecordBatch};
 use arrow::buffer::Buffer;
-use arrow::datatypes::Schema;
+use arrow::datatypes::{DataType, Schema};
 use arrow::error::ArrowError;
 use arrow::ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteOptions, StreamEncoder};
 use arrow_flight::FlightData;
 use bytes::{Bytes, BytesMut};
 
-/// Arrow buffer bytes per message before a batch is split by rows.
-pub(super) const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+/// Arrow buffer bytes per message before a batch is split by rows: under
+/// the 4 MiB gRPC clients (grpc-go, tonic, grpc-java) accept by default,
+/// with room for the IPC header and padding. Fewer, larger messages cost
+/// the ADBC client less.
+pub(super) const MAX_MESSAGE_BYTES: usize = 7 * 512 * 1024;
 
 /// A Flight message: its IPC header, app metadata, and body.
 #[derive(Debug, Clone)]
@@ -203,33 +206,131 @@ impl AsRef<[u8]> for Shared {
     }
 }
 
-/// `batch` cut by rows into parts of about [`MAX_MESSAGE_BYTES`] or less;
-/// none for an empty batch.
+/// `batch` cut by rows into parts whose buffers hold about the same
+/// number of bytes, none more than [`MAX_MESSAGE_BYTES`] (but for a row
+/// larger than that, which is a part of its own); none for an empty batch.
+/// Strings and binaries are counted where they lie, so that a few long
+/// values among many short ones cannot make one part many times the limit.
 fn split(batch: &RecordBatch) -> Vec<RecordBatch> {
-    // What the rows hold, not the buffers a slice shares with others.
-    let bytes: usize = batch
-        .columns()
-        .iter()
-        .map(|c| {
-            c.to_data()
-                .get_slice_memory_size()
-                .unwrap_or_else(|_| c.get_buffer_memory_size())
-        })
-        .sum();
-    let parts = bytes.div_ceil(MAX_MESSAGE_BYTES).max(1);
     let rows = batch.num_rows();
     if rows == 0 {
         // An empty result is its schema message alone.
         return Vec::new();
     }
-    if parts == 1 || rows == 1 {
+    let sizes = RowBytes::of(batch);
+    if sizes.before(rows) <= MAX_MESSAGE_BYTES || rows == 1 {
         return vec![batch.clone()];
     }
-    let per_part = rows.div_ceil(parts);
-    (0..rows)
-        .step_by(per_part)
-        .map(|offset| batch.slice(offset, per_part.min(rows - offset)))
-        .collect()
+    let mut cut = Vec::new();
+    let mut start = 0;
+    while start < rows {
+        // An even share of what is left among as few parts as the limit
+        // allows, which is never more than the limit.
+        let taken = sizes.before(start);
+        let left = sizes.before(rows) - taken;
+        let share = left.div_ceil(left.div_ceil(MAX_MESSAGE_BYTES).max(1));
+        let end = sizes.last_end_within(start, taken + share).max(start + 1);
+        cut.push(batch.slice(start, end - start));
+        start = end;
+    }
+    cut
+}
+
+/// The bytes a batch's rows take in a message, row by row.
+struct RowBytes<'a> {
+    /// What the columns of fixed width (and, evenly spread, nested columns)
+    /// hold for all the rows.
+    spread: usize,
+    rows: usize,
+    /// The offsets of the string and binary columns.
+    offsets: Vec<Offsets<'a>>,
+}
+
+enum Offsets<'a> {
+    Small(&'a [i32]),
+    Large(&'a [i64]),
+}
+
+impl<'a> Offsets<'a> {
+    fn of(column: &'a ArrayRef) -> Option<Self> {
+        Some(match column.data_type() {
+            DataType::Utf8 => Self::Small(column.as_string::<i32>().value_offsets()),
+            DataType::Binary => Self::Small(column.as_binary::<i32>().value_offsets()),
+            DataType::LargeUtf8 => Self::Large(column.as_string::<i64>().value_offsets()),
+            DataType::LargeBinary => Self::Large(column.as_binary::<i64>().value_offsets()),
+            _ => return None,
+        })
+    }
+
+    /// Bytes an offset takes.
+    fn width(&self) -> usize {
+        match self {
+            Self::Small(_) => 4,
+            Self::Large(_) => 8,
+        }
+    }
+
+    /// Bytes of the values before `row`.
+    fn before(&self, row: usize) -> usize {
+        match self {
+            Self::Small(o) => (o[row] - o[0]) as usize,
+            Self::Large(o) => (o[row] - o[0]) as usize,
+        }
+    }
+}
+
+impl<'a> RowBytes<'a> {
+    fn of(batch: &'a RecordBatch) -> Self {
+        let rows = batch.num_rows();
+        let mut spread = 0;
+        let mut offsets = Vec::new();
+        for column in batch.columns() {
+            match Offsets::of(column) {
+                Some(own) => {
+                    let nulls = column.nulls().map_or(0, |n| n.len().div_ceil(8));
+                    spread += own.width() * rows + nulls;
+                    offsets.push(own);
+                }
+                // What the rows hold, not the buffers a slice shares with
+                // others.
+                None => {
+                    spread += column
+                        .to_data()
+                        .get_slice_memory_size()
+                        .unwrap_or_else(|_| column.get_buffer_memory_size())
+                }
+            }
+        }
+        Self {
+            spread,
+            rows,
+            offsets,
+        }
+    }
+
+    /// The bytes of the rows before `row`.
+    fn before(&self, row: usize) -> usize {
+        let spread = (self.spread as u128 * row as u128 / self.rows.max(1) as u128) as usize;
+        let values: usize = self.offsets.iter().map(|o| o.before(row)).sum();
+        spread + values
+    }
+
+    /// The last row boundary after `start` up to which the rows take at
+    /// most `limit` bytes; `start` if the next row alone goes past it.
+    fn last_end_within(&self, start: usize, limit: usize) -> usize {
+        // The first boundary past the limit, by bisection: bytes only grow
+        // with the rows.
+        let (mut low, mut high) = (start + 1, self.rows + 1);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            if self.before(middle) <= limit {
+                low = middle + 1;
+            } else {
+                high = middle;
+            }
+        }
+        low - 1
+    }
 }
 
 #[cfg(test)]
@@ -299,6 +400,67 @@ mod tests {
         // An empty batch sends nothing: the schema message carries an
         // empty result.
         assert!(encoder.batch(&batch.slice(0, 0)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_few_long_values_among_many_short_ones_do_not_make_a_message_past_the_limit() {
+        // Ten values of a mebibyte each at the front of 200 000 short ones:
+        // cut into parts of equal rows, the first part would hold all ten.
+        let long = "x".repeat(1024 * 1024);
+        let words: ArrayRef = Arc::new(StringArray::from_iter_values((0..200_000).map(|i| {
+            if i < 10 {
+                long.clone()
+            } else {
+                format!("w{i}")
+            }
+        })));
+        let numbers: ArrayRef = Arc::new(Int64Array::from_iter_values(0..200_000));
+        let batch = RecordBatch::try_from_iter([("w", words), ("n", numbers)]).unwrap();
+        let mut encoder = FlightEncoder::new(&batch.schema()).unwrap();
+        let schema_message = encoder.schema(&batch.schema(), None);
+        let messages = encoder.batch(&batch).unwrap();
+        for message in &messages {
+            assert!(
+                message.body_len() <= MAX_MESSAGE_BYTES + 1024,
+                "a message of {} bytes",
+                message.body_len()
+            );
+        }
+        // No more messages than the limit calls for, and one for the rows'
+        // edges.
+        let total: usize = messages.iter().map(Message::body_len).sum();
+        assert!(
+            messages.len() <= total.div_ceil(MAX_MESSAGE_BYTES) + 1,
+            "{} messages of {total} bytes",
+            messages.len()
+        );
+        let decoded = decode(schema_message, &messages);
+        let whole = arrow::compute::concat_batches(&batch.schema(), &decoded).unwrap();
+        assert_eq!(whole, batch);
+    }
+
+    #[test]
+    fn a_row_larger_than_the_limit_is_a_message_of_its_own() {
+        let huge = "y".repeat(MAX_MESSAGE_BYTES + 1);
+        let words: ArrayRef = Arc::new(StringArray::from_iter_values(["a", &huge, "b", "c"]));
+        let batch = RecordBatch::try_from_iter([("w", words)]).unwrap();
+        let mut encoder = FlightEncoder::new(&batch.schema()).unwrap();
+        let schema_message = encoder.schema(&batch.schema(), None);
+        let messages = encoder.batch(&batch).unwrap();
+        let decoded = decode(schema_message, &messages);
+        let alone: Vec<usize> = decoded
+            .iter()
+            .filter(|part| {
+                part.column(0)
+                    .as_string::<i32>()
+                    .iter()
+                    .any(|v| v == Some(huge.as_str()))
+            })
+            .map(RecordBatch::num_rows)
+            .collect();
+        assert_eq!(alone, [1]);
+        let whole = arrow::compute::concat_batches(&batch.schema(), &decoded).unwrap();
+        assert_eq!(whole, batch);
     }
 
     #[test]
