@@ -218,7 +218,8 @@ fn split(batch: &RecordBatch) -> Vec<RecordBatch> {
         return Vec::new();
     }
     let sizes = RowBytes::of(batch);
-    if sizes.before(rows) <= MAX_MESSAGE_BYTES || rows == 1 {
+    let total = sizes.before(rows);
+    if total <= MAX_MESSAGE_BYTES || rows == 1 {
         return vec![batch.clone()];
     }
     let mut cut = Vec::new();
@@ -227,7 +228,7 @@ fn split(batch: &RecordBatch) -> Vec<RecordBatch> {
         // An even share of what is left among as few parts as the limit
         // allows, which is never more than the limit.
         let taken = sizes.before(start);
-        let left = sizes.before(rows) - taken;
+        let left = total - taken;
         let share = left.div_ceil(left.div_ceil(MAX_MESSAGE_BYTES).max(1));
         let end = sizes.last_end_within(start, taken + share).max(start + 1);
         cut.push(batch.slice(start, end - start));
