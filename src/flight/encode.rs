@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 
-use arrow::array::{ArrayRef, AsArray, RecordBatch};
+use arrow::array::{ArrayData, ArrayRef, AsArray, RecordBatch};
 use arrow::buffer::Buffer;
 use arrow::datatypes::{DataType, Schema};
 use arrow::error::ArrowError;
@@ -219,7 +219,12 @@ fn split(batch: &RecordBatch) -> Vec<RecordBatch> {
     }
     let sizes = RowBytes::of(batch);
     let total = sizes.before(rows);
-    if total <= MAX_MESSAGE_BYTES || rows == 1 {
+    // What is left of a message for the rows once each of its many columns
+    // has taken its share.
+    let limit = MAX_MESSAGE_BYTES
+        .saturating_sub(per_message(batch))
+        .max(MAX_MESSAGE_BYTES / 16);
+    if total <= limit || rows == 1 {
         return vec![batch.clone()];
     }
     let mut cut = Vec::new();
@@ -229,12 +234,25 @@ fn split(batch: &RecordBatch) -> Vec<RecordBatch> {
         // allows, which is never more than the limit.
         let taken = sizes.before(start);
         let left = total - taken;
-        let share = left.div_ceil(left.div_ceil(MAX_MESSAGE_BYTES).max(1));
+        let share = left.div_ceil(left.div_ceil(limit).max(1));
         let end = sizes.last_end_within(start, taken + share).max(start + 1);
         cut.push(batch.slice(start, end - start));
         start = end;
     }
     cut
+}
+
+/// What a message of `batch`'s columns takes whatever rows it carries: in
+/// its header a node for each array and a locator for each buffer, and in
+/// its body each buffer padded to 64 bytes.
+fn per_message(batch: &RecordBatch) -> usize {
+    fn of(data: &ArrayData) -> usize {
+        // The buffers, and the validity bitmap the IPC format gives each
+        // array.
+        let buffers = data.buffers().len() + 1;
+        16 + buffers * (16 + 63) + data.child_data().iter().map(of).sum::<usize>()
+    }
+    batch.columns().iter().map(|c| of(&c.to_data())).sum()
 }
 
 /// The bytes a batch's rows take in a message, row by row.
@@ -338,7 +356,7 @@ impl<'a> RowBytes<'a> {
 mod tests {
     use std::sync::Arc;
 
-    use arrow::array::{ArrayRef, DictionaryArray, Int64Array, StringArray};
+    use arrow::array::{ArrayRef, DictionaryArray, Int32Array, Int64Array, StringArray};
     use arrow::datatypes::Int32Type;
     use arrow_flight::utils::flight_data_to_arrow_batch;
 
@@ -460,6 +478,33 @@ mod tests {
             .map(RecordBatch::num_rows)
             .collect();
         assert_eq!(alone, [1]);
+        let whole = arrow::compute::concat_batches(&batch.schema(), &decoded).unwrap();
+        assert_eq!(whole, batch);
+    }
+
+    #[test]
+    fn a_message_of_thousands_of_columns_stays_under_what_clients_accept() {
+        // Each column's header entries and padding add to every message:
+        // 8 000 nullable columns in messages of 3.5 MiB of rows would pass
+        // the 4 MiB gRPC clients accept by default.
+        let rows = 2_000;
+        let columns: Vec<(String, ArrayRef)> = (0..8_000)
+            .map(|c| {
+                let values =
+                    Int32Array::from_iter((0..rows).map(|r| (r % 7 != c % 7).then_some(r)));
+                (format!("c{c}"), Arc::new(values) as ArrayRef)
+            })
+            .collect();
+        let batch = RecordBatch::try_from_iter(columns).unwrap();
+        let mut encoder = FlightEncoder::new(&batch.schema()).unwrap();
+        let schema_message = encoder.schema(&batch.schema(), None);
+        let messages = encoder.batch(&batch).unwrap();
+        assert!(messages.len() > 1, "{} messages", messages.len());
+        for message in &messages {
+            let size = message.header.len() + message.body_len();
+            assert!(size < 4 * 1024 * 1024 - 1024, "a message of {size} bytes");
+        }
+        let decoded = decode(schema_message, &messages);
         let whole = arrow::compute::concat_batches(&batch.schema(), &decoded).unwrap();
         assert_eq!(whole, batch);
     }
