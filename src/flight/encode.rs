@@ -222,7 +222,7 @@ fn split(batch: &RecordBatch) -> Vec<RecordBatch> {
     // What is left of a message for the rows once each of its many columns
     // has taken its share.
     let limit = MAX_MESSAGE_BYTES
-        .saturating_sub(per_message(batch))
+        .saturating_sub(sizes.per_message)
         .max(MAX_MESSAGE_BYTES / 16);
     if total <= limit || rows == 1 {
         return vec![batch.clone()];
@@ -242,25 +242,16 @@ fn split(batch: &RecordBatch) -> Vec<RecordBatch> {
     cut
 }
 
-/// What a message of `batch`'s columns takes whatever rows it carries: in
-/// its header a node for each array and a locator for each buffer, and in
-/// its body each buffer padded to 64 bytes.
-fn per_message(batch: &RecordBatch) -> usize {
-    fn of(data: &ArrayData) -> usize {
-        // The buffers, and the validity bitmap the IPC format gives each
-        // array.
-        let buffers = data.buffers().len() + 1;
-        16 + buffers * (16 + 63) + data.child_data().iter().map(of).sum::<usize>()
-    }
-    batch.columns().iter().map(|c| of(&c.to_data())).sum()
-}
-
 /// The bytes a batch's rows take in a message, row by row.
 struct RowBytes<'a> {
     /// What the columns of fixed width (and, evenly spread, nested columns)
     /// hold for all the rows.
     spread: usize,
     rows: usize,
+    /// What a message of these columns takes whatever rows it carries: in
+    /// its header a node for each array and a locator for each buffer, and
+    /// in its body each buffer padded to 64 bytes.
+    per_message: usize,
     /// The offsets of the string and binary columns.
     offsets: Vec<Offsets<'a>>,
 }
@@ -300,10 +291,18 @@ impl<'a> Offsets<'a> {
 
 impl<'a> RowBytes<'a> {
     fn of(batch: &'a RecordBatch) -> Self {
+        fn per_message(data: &ArrayData) -> usize {
+            // The buffers, and the validity bitmap the IPC format gives each
+            // array.
+            let buffers = data.buffers().len() + 1;
+            16 + buffers * (16 + 63) + data.child_data().iter().map(per_message).sum::<usize>()
+        }
         let rows = batch.num_rows();
-        let mut spread = 0;
+        let (mut spread, mut per_message_bytes) = (0, 0);
         let mut offsets = Vec::new();
         for column in batch.columns() {
+            let data = column.to_data();
+            per_message_bytes += per_message(&data);
             match Offsets::of(column) {
                 Some(own) => {
                     let nulls = column.nulls().map_or(0, |n| n.len().div_ceil(8));
@@ -313,8 +312,7 @@ impl<'a> RowBytes<'a> {
                 // What the rows hold, not the buffers a slice shares with
                 // others.
                 None => {
-                    spread += column
-                        .to_data()
+                    spread += data
                         .get_slice_memory_size()
                         .unwrap_or_else(|_| column.get_buffer_memory_size())
                 }
@@ -323,6 +321,7 @@ impl<'a> RowBytes<'a> {
         Self {
             spread,
             rows,
+            per_message: per_message_bytes,
             offsets,
         }
     }
