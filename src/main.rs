@@ -11,10 +11,10 @@ use meshgate::config::MeshConfig;
 use meshgate::demo;
 use meshgate::server::Gateway;
 
-/// mimalloc gives freed memory back to the system, when the system needs it
-/// (see `meshgate::allocator`): with the system allocator, memory freed by
-/// short-lived worker threads (argon2's 19 MiB per login, query buffers)
-/// stays resident in per-thread arenas.
+/// mimalloc gives freed memory back to the system a few milliseconds after
+/// it is freed (see `meshgate::allocator`): with the system allocator,
+/// memory freed by short-lived worker threads (argon2's 19 MiB per login,
+/// query buffers) stays resident in per-thread arenas.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -754,6 +754,23 @@ def run_stream(gateway: Gateway, data: pathlib.Path, runs: int) -> dict:
     return result
 
 
+def stream_peak(gateway: Gateway) -> int:
+    """The gateway's peak RSS over one stream of the whole lineitem product
+    to ADBC, counted from the RSS it holds when the stream starts: on the
+    gateway that ran the TPC-H rounds, what a gateway in service reaches."""
+    connection = gateway.connect()
+    cursor = connection.cursor()
+    try:
+        gateway.reset_peak()
+        cursor.execute("SELECT * FROM sales.lineitem")
+        for _ in cursor.fetch_record_batch():
+            pass
+        return gateway.peak
+    finally:
+        cursor.close()
+        connection.close()
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User and system CPU time process `pid` has used so far."""
     with open(f"/proc/{pid}/stat") as stat:
@@ -1050,6 +1067,7 @@ def main() -> None:
         governed_mesh = write_mesh(out / "mesh-governed", data, args.meshgate, policies=True)
 
     tpch = {}
+    after_tpch_peak = None
     if parts & {"tpch", "policy", "federated"}:
         print(
             f"TPC-H SF{scale_label}, {len(names)} queries, {args.runs} runs each after a warm-up,"
@@ -1092,6 +1110,8 @@ def main() -> None:
             tpch = run_interleaved(subjects, names, args.runs)
             for subject, gateway in gateways.items():
                 tpch[subject]["_peak_rss"] = gateway.peak
+            if "stream" in parts:
+                after_tpch_peak = stream_peak(gateways["meshgate"])
         finally:
             for close in closers:
                 close()
@@ -1165,6 +1185,8 @@ def main() -> None:
             report["stream"] = run_stream(gateway, data, args.runs)
         finally:
             gateway.stop()
+        if after_tpch_peak is not None:
+            report["stream"]["peak_rss_after_tpch"] = after_tpch_peak
         for key in STREAM_SUBJECTS:
             for measure, unit in (
                 ("rows_per_s", "rows/s"),
@@ -1247,6 +1269,11 @@ def print_report(report: dict) -> None:
         print(
             f"  meshgate -> ADBC {remote['rows_per_s']['median'] / 1e6:.2f} M rows/s, {of_local(remote)},"
             f" peak RSS {stream['peak_rss'] / 2**20:.0f} MiB"
+            + (
+                f" ({stream['peak_rss_after_tpch'] / 2**20:.0f} MiB on the gateway that ran the TPC-H rounds)"
+                if "peak_rss_after_tpch" in stream
+                else ""
+            )
         )
         native = stream["meshgate_pyarrow_flight"]
         print(
