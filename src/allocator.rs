@@ -99,6 +99,10 @@ mod tests {
     fn purged_pages_leave_the_resident_set() {
         let size = 256 << 20;
         if std::env::var_os("MIMALLOC_PURGE_DECOMMITS").is_none() {
+            // From the opposite setting, so that only the call sets it.
+            // SAFETY: the test runs alone in its process (nextest), so no
+            // other thread reads the option.
+            unsafe { libmimalloc_sys::mi_option_set(PURGE_DECOMMITS, 0) };
             decommit_purged_pages();
             assert!(
                 resident_after_purge(size) < size / 10,
