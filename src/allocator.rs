@@ -98,20 +98,21 @@ mod tests {
     #[test]
     fn purged_pages_leave_the_resident_set() {
         let size = 256 << 20;
+        // SAFETY: the test runs alone in its process (nextest), so no other
+        // thread reads the option.
+        let decommit = |on: bool| unsafe {
+            libmimalloc_sys::mi_option_set(PURGE_DECOMMITS, on.into());
+        };
         if std::env::var_os("MIMALLOC_PURGE_DECOMMITS").is_none() {
             // From the opposite setting, so that only the call sets it.
-            // SAFETY: the test runs alone in its process (nextest), so no
-            // other thread reads the option.
-            unsafe { libmimalloc_sys::mi_option_set(PURGE_DECOMMITS, 0) };
+            decommit(false);
             decommit_purged_pages();
             assert!(
                 resident_after_purge(size) < size / 10,
                 "decommitted pages should leave the resident set"
             );
         }
-        // SAFETY: the test runs alone in its process (nextest), so no other
-        // thread reads the option.
-        unsafe { libmimalloc_sys::mi_option_set(PURGE_DECOMMITS, 0) };
+        decommit(false);
         assert!(
             resident_after_purge(size) >= size / 10 * 9,
             "reset pages should stay resident until the system needs them"
