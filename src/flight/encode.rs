@@ -389,6 +389,22 @@ mod tests {
         batches
     }
 
+    /// `batch` on a stream of its own: the schema message, then the
+    /// batch's messages.
+    fn encode_alone(batch: &RecordBatch) -> (Message, Vec<Message>) {
+        let mut encoder = FlightEncoder::new(&batch.schema()).unwrap();
+        let schema_message = encoder.schema(&batch.schema(), None);
+        let messages = encoder.batch(batch).unwrap();
+        (schema_message, messages)
+    }
+
+    /// The rows of `messages`, decoded and joined into one batch.
+    fn decode_whole(schema_message: Message, messages: &[Message]) -> RecordBatch {
+        let decoded = decode(schema_message, messages);
+        let schema = decoded[0].schema();
+        arrow::compute::concat_batches(&schema, &decoded).unwrap()
+    }
+
     #[test]
     fn a_large_batch_is_split_and_every_message_decodes_to_its_rows() {
         let rows = 300_000;
@@ -434,9 +450,7 @@ mod tests {
         })));
         let numbers: ArrayRef = Arc::new(Int64Array::from_iter_values(0..200_000));
         let batch = RecordBatch::try_from_iter([("w", words), ("n", numbers)]).unwrap();
-        let mut encoder = FlightEncoder::new(&batch.schema()).unwrap();
-        let schema_message = encoder.schema(&batch.schema(), None);
-        let messages = encoder.batch(&batch).unwrap();
+        let (schema_message, messages) = encode_alone(&batch);
         for message in &messages {
             assert!(
                 message.body_len() <= MAX_MESSAGE_BYTES + 1024,
@@ -452,9 +466,7 @@ mod tests {
             "{} messages of {total} bytes",
             messages.len()
         );
-        let decoded = decode(schema_message, &messages);
-        let whole = arrow::compute::concat_batches(&batch.schema(), &decoded).unwrap();
-        assert_eq!(whole, batch);
+        assert_eq!(decode_whole(schema_message, &messages), batch);
     }
 
     #[test]
@@ -462,10 +474,8 @@ mod tests {
         let huge = "y".repeat(MAX_MESSAGE_BYTES + 1);
         let words: ArrayRef = Arc::new(StringArray::from_iter_values(["a", &huge, "b", "c"]));
         let batch = RecordBatch::try_from_iter([("w", words)]).unwrap();
-        let mut encoder = FlightEncoder::new(&batch.schema()).unwrap();
-        let schema_message = encoder.schema(&batch.schema(), None);
-        let messages = encoder.batch(&batch).unwrap();
-        let decoded = decode(schema_message, &messages);
+        let (schema_message, messages) = encode_alone(&batch);
+        let decoded = decode(schema_message.clone(), &messages);
         let alone: Vec<usize> = decoded
             .iter()
             .filter(|part| {
@@ -477,8 +487,7 @@ mod tests {
             .map(RecordBatch::num_rows)
             .collect();
         assert_eq!(alone, [1]);
-        let whole = arrow::compute::concat_batches(&batch.schema(), &decoded).unwrap();
-        assert_eq!(whole, batch);
+        assert_eq!(decode_whole(schema_message, &messages), batch);
     }
 
     #[test]
@@ -495,26 +504,20 @@ mod tests {
             })
             .collect();
         let batch = RecordBatch::try_from_iter(columns).unwrap();
-        let mut encoder = FlightEncoder::new(&batch.schema()).unwrap();
-        let schema_message = encoder.schema(&batch.schema(), None);
-        let messages = encoder.batch(&batch).unwrap();
+        let (schema_message, messages) = encode_alone(&batch);
         assert!(messages.len() > 1, "{} messages", messages.len());
         for message in &messages {
             let size = message.header.len() + message.body_len();
             assert!(size < 4 * 1024 * 1024 - 1024, "a message of {size} bytes");
         }
-        let decoded = decode(schema_message, &messages);
-        let whole = arrow::compute::concat_batches(&batch.schema(), &decoded).unwrap();
-        assert_eq!(whole, batch);
+        assert_eq!(decode_whole(schema_message, &messages), batch);
     }
 
     #[test]
     fn dictionaries_are_sent_before_the_batches_that_use_them() {
         let keys: DictionaryArray<Int32Type> = vec!["a", "b", "a"].into_iter().collect();
         let batch = RecordBatch::try_from_iter([("d", Arc::new(keys) as ArrayRef)]).unwrap();
-        let mut encoder = FlightEncoder::new(&batch.schema()).unwrap();
-        let schema_message = encoder.schema(&batch.schema(), None);
-        let messages = encoder.batch(&batch).unwrap();
+        let (schema_message, messages) = encode_alone(&batch);
         assert_eq!(messages.len(), 2);
         assert_eq!(decode(schema_message, &messages), vec![batch]);
     }
@@ -532,9 +535,7 @@ mod tests {
             ("f", Arc::new(flags) as ArrayRef),
         ])
         .unwrap();
-        let mut encoder = FlightEncoder::new(&batch.schema()).unwrap();
-        let schema_message = encoder.schema(&batch.schema(), None);
-        let messages = encoder.batch(&batch).unwrap();
+        let (schema_message, messages) = encode_alone(&batch);
         assert_eq!(messages.len(), 1);
         // The 400 kB of numbers are a piece of the body as they are.
         assert!(
